@@ -1,0 +1,81 @@
+"""What a merged folder carries besides weights: config, tokenizer, and a model card with lineage.
+
+The card's YAML front matter uses the hub's fields (base_model, tags, library_name) so a published
+merge is indexed as one; its body holds the exact recipe and a fingerprint of every input, so anyone
+can tell what the model was made from and re-run it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from moerge import __version__
+from moerge.io.fingerprint import fingerprint
+
+if TYPE_CHECKING:
+    from moerge.io.writer import ShardedWriter
+    from moerge.engine.plan import Plan
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
+)
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def lineage(plan: "Plan") -> list[dict]:
+    return [{"model": m.ref, "fingerprint": fingerprint(m.source)} for m in plan.models]
+
+
+def card_text(plan: "Plan", inputs: list[dict]) -> str:
+    r = plan.recipe
+    front = {
+        "base_model": [m["model"] for m in inputs],
+        "library_name": "transformers",
+        "tags": ["merge", "moerge", r.merge_method],
+    }
+    rows = "\n".join(f"| `{m['model']}` | `{m['fingerprint']}` |" for m in inputs)
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# {r.name or 'Merged model'}\n\n"
+        f"Merged with [moerge](https://pypi.org/project/moerge/) {__version__} using **{plan.method.pretty or plan.method.name}**"
+        + (f" ({plan.method.reference})" if plan.method.reference else "") + ".\n\n"
+        "## Inputs\n\n| model | fingerprint |\n|---|---|\n" + rows + "\n\n"
+        "## Recipe\n\nRe-run with `moerge merge moerge_recipe.yaml OUT_DIR`.\n\n```yaml\n" + r.to_yaml() + "```\n"
+    )
+
+
+def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
+    if plan.config is not None:
+        writer.add_file("config.json", json.dumps(plan.config, indent=2) + "\n")
+    src = plan.config_from.folder
+    if src.is_dir() and (src / "generation_config.json").is_file():
+        writer.copy_file(src / "generation_config.json")
+    tok = plan.tokenizer_from.folder if plan.tokenizer_from else None
+    if tok is not None and tok.is_dir():
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                writer.copy_file(tok / name)
+    if plan.recipe.chat_template:
+        _set_chat_template(writer, plan.recipe.chat_template)
+    inputs = lineage(plan)
+    writer.add_file("moerge_recipe.yaml", plan.recipe.to_yaml())
+    writer.add_file("README.md", card_text(plan, inputs))
+
+
+def _set_chat_template(writer: "ShardedWriter", template: str) -> None:
+    if template == "chatml":  # the recipe validator allows only this name or a Jinja text
+        template = CHATML
+    path: Path = writer.tmp / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    cfg["chat_template"] = template
+    writer.add_file("tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+    if (writer.tmp / "chat_template.jinja").exists():  # newer transformers prefer the file
+        writer.add_file("chat_template.jinja", template)

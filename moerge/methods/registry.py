@@ -1,0 +1,122 @@
+"""One registry of merge methods: a name, a pure tensor function, and the parameters it takes.
+
+A method is a plain function ``fn(base, tensors, **params) -> tensor`` over the aligned tensors of one
+parameter. ``base`` is the base model's tensor (or None), ``tensors`` the other inputs in recipe order,
+already in the compute dtype (float32, or float64 when an input is float64) and owned by the call, so
+a method may overwrite them. Per-input parameters arrive as lists aligned with ``tensors``; shared
+ones as scalars. Random methods get a ``generator`` seeded per tensor, so results do not depend on
+thread scheduling. The recipe layer resolves and range-checks parameters from the specs declared here;
+methods never parse configuration.
+"""
+
+from __future__ import annotations
+
+import keyword
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any = REQUIRED
+    per_input: bool = False  # one value per non-base input, else one shared value
+    low: float | None = None  # inclusive unless open_low
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> Any:
+        """Coerce ``value`` to this parameter's type; raise ValueError with the reason."""
+        if self.type is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            raise ValueError("must be true or false")
+        if self.type in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError(f"must be a number, not {value!r}")
+            try:
+                value = self.type(float(value)) if self.type is int else float(value)
+            except ValueError:
+                raise ValueError(f"must be a number, not {value!r}") from None
+            lo_bad = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+            hi_bad = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+            if lo_bad or hi_bad:
+                lo = "(" if self.open_low else "["
+                hi = ")" if self.open_high else "]"
+                a = "-inf" if self.low is None else f"{self.low:g}"
+                b = "inf" if self.high is None else f"{self.high:g}"
+                raise ValueError(f"must be in {lo}{a}, {b}{hi}, got {value:g}")
+            return value
+        return self.type(value)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: Callable[..., torch.Tensor]
+    params: tuple[Param, ...] = ()
+    base: Literal["required", "optional", "ignored"] = "ignored"
+    min_inputs: int = 1  # non-base inputs
+    max_inputs: int | None = None
+    random: bool = False
+    pretty: str = ""
+    reference: str = ""
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def __call__(self, base: torch.Tensor | None, tensors: list[torch.Tensor], generator=None, **params):
+        kwargs = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}
+        if self.random:
+            kwargs["generator"] = generator
+        return self.fn(base, tensors, **kwargs)
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    _METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    from moerge.errors import MoergeError
+
+    _load_builtins()
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise MoergeError(f"unknown merge_method {name!r}; known: {', '.join(names())}") from None
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(_METHODS)
+
+
+def _load_builtins() -> None:
+    # importing the modules registers their methods
+    from moerge.methods import karcher, linear, model_stock, multislerp, passthrough, slerp, task_arithmetic  # noqa: F401
+
+
+def compute_dtype(dtypes) -> torch.dtype:
+    """Methods work in float32 (float64 if any input is float64), whatever the storage dtype."""
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32

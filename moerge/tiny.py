@@ -1,0 +1,76 @@
+"""Tiny Llama checkpoints made in-process: the offline stand-ins for hub models in tests, the demo
+and the benchmarks.
+
+``make_base`` writes a real transformers folder (config, safetensors, a character tokenizer);
+``make_finetune`` writes base + a structured perturbation, the way a fine-tune differs from its base.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CHARS = list(string.printable[:95])
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def save_char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (the `tokenizers` library, wrapped for AutoTokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+
+
+def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None, tie: bool = False):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        intermediate_size=intermediate, vocab_size=vocab or len(SPECIALS) + len(CHARS), max_position_embeddings=256,
+        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def make_base(folder: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True, **config) -> Path:
+    """A random Llama saved with save_pretrained (safetensors)."""
+    from transformers import LlamaForCausalLM
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_config(**config)).to(dtype)
+    model.save_pretrained(folder)
+    if tokenizer:
+        save_char_tokenizer(folder)
+    return folder
+
+
+def make_finetune(base: str | Path, folder: str | Path, *, seed: int, scale: float = 0.02, rank: int = 4) -> Path:
+    """base + a low-rank-plus-noise change to every floating tensor, saved like a full fine-tune."""
+    from safetensors.torch import load_file, save_file
+
+    base, folder = Path(base), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, t in load_file(base / "model.safetensors").items():
+        w = t.float()
+        if w.dim() == 2:
+            a = torch.randn(w.shape[0], rank, generator=g)
+            b = torch.randn(rank, w.shape[1], generator=g)
+            delta = (a @ b) / rank**0.5 + 0.3 * torch.randn(w.shape, generator=g)
+        else:
+            delta = torch.randn(w.shape, generator=g)
+        out[name] = (w + scale * delta * (w.std() if w.numel() > 1 and w.std() > 0 else 1)).to(t.dtype).contiguous()
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    for f in base.iterdir():
+        if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "model.safetensors.index.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    return folder
