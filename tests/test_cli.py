@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from moerge.cli import app
+
+runner = CliRunner()
+
+
+def write_recipe(tmp_path, tiny, method="ties", extra=""):
+    text = (f"merge_method: {method}\nbase_model: {tiny['base']}\nmodels:\n"
+            f"  - model: {tiny['ft1']}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            f"  - model: {tiny['ft2']}\n    parameters: {{weight: 0.5, density: 0.5}}\n" + extra)
+    p = tmp_path / "recipe.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_merge_dry_run_and_merge(tiny, tmp_path):
+    recipe = write_recipe(tmp_path, tiny)
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert "output tensors:" in res.output and not (tmp_path / "out").exists()
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 1 and "already exists" in res.output
+
+
+def test_bad_input_is_one_error_line_and_exit_1(tiny, tmp_path):
+    recipe = write_recipe(tmp_path, tiny, extra="parameters: {lambda: oops}\n")
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "merge", str(recipe), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "parameters.lambda" in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "merge", str(tmp_path / "none.yaml"), str(tmp_path / "o")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "no such recipe file" in proc.stderr
+
+
+def test_methods_and_help():
+    res = runner.invoke(app, ["methods"])
+    assert res.exit_code == 0 and "dare_ties" in res.output and "model_stock" in res.output
+    for cmd in ("merge", "methods", "demo"):
+        assert runner.invoke(app, [cmd, "--help"]).exit_code == 0
+
+
+def test_demo_quick(tmp_path):
+    res = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d")])
+    assert res.exit_code == 0, res.output
+    for m in ("linear", "task_arithmetic", "ties", "dare_ties"):
+        assert (tmp_path / "d" / f"merge-{m}" / "model.safetensors").exists()

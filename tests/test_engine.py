@@ -1,0 +1,208 @@
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import moerge
+from moerge.errors import MoergeError
+from moerge.methods import names
+
+
+def sd(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def recipe_for(method, tiny):
+    base, f1, f2, f3 = (str(tiny[k]) for k in ("base", "ft1", "ft2", "ft3"))
+    params = {
+        "linear": {"weight": 1.0}, "multislerp": {"weight": 1.0}, "nuslerp": {"weight": 1.0},
+        "karcher": {}, "model_stock": {}, "passthrough": {}, "slerp": {},
+    }.get(method, {"weight": 0.5, "density": 0.6})
+    models = [f1] if method in ("slerp", "passthrough") else ([f1, f2] if method == "nuslerp" else [f1, f2, f3])
+    r = {"merge_method": method, "base_model": base,
+         "models": [{"model": m, **({"parameters": params} if params else {})} for m in models]}
+    if method == "slerp":
+        r["parameters"] = {"t": 0.4}
+    return r
+
+
+@pytest.mark.parametrize("method", names())
+def test_every_method_writes_a_loadable_generating_model(method, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    res = moerge.merge(recipe_for(method, tiny), tmp_path / "out")
+    out = sd(res.out_dir)
+    base = sd(tiny["base"])
+    assert set(out) == set(base)
+    assert all(out[k].shape == base[k].shape and torch.isfinite(out[k]).all() for k in out)
+    model = AutoModelForCausalLM.from_pretrained(res.out_dir)
+    tok = AutoTokenizer.from_pretrained(res.out_dir)
+    for k, v in model.state_dict().items():  # what transformers loaded is what we wrote
+        if k in out:
+            assert torch.equal(v, out[k])
+    ids = tok("ab", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert gen.shape[1] == ids.shape[1] + 3
+    card = (res.out_dir / "README.md").read_text()
+    assert method in card and "sha256:" in card and str(tiny["ft1"]) in card
+    again = moerge.load_recipe(res.out_dir / "moerge_recipe.yaml")
+    assert again.merge_method == method
+
+
+def test_gradient_and_filter_parameters_follow_mergekit(tiny, tmp_path):
+    """weight [0, 1] over 3 layers gives 0, 0.5, 1; a filter overrides by tensor name; t = 0 outside layers."""
+    r = {
+        "merge_method": "task_arithmetic", "base_model": str(tiny["base"]),
+        "models": [{"model": str(tiny["ft1"]), "parameters": {
+            "weight": [{"filter": "mlp", "value": 2.0}, {"value": [0.0, 1.0]}]}}],
+    }
+    out = sd(moerge.merge(r, tmp_path / "o").out_dir)
+    b, f = sd(tiny["base"]), sd(tiny["ft1"])
+    for k in b:
+        if ".mlp." in k:
+            w = 2.0
+        elif "layers." in k:
+            w = int(k.split("layers.")[1].split(".")[0]) / 2
+        else:
+            w = 0.0
+        torch.testing.assert_close(out[k], b[k] + w * (f[k] - b[k]), msg=k)
+
+
+def test_slices_passthrough_depth_upscaling(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    r = {"merge_method": "passthrough", "dtype": "float32", "slices": [
+        {"sources": [{"model": str(tiny["base"]), "layer_range": [0, 2]}]},
+        {"sources": [{"model": str(tiny["ft1"]), "layer_range": [1, 3]}]},
+    ]}
+    res = moerge.merge(r, tmp_path / "up")
+    cfg = json.loads((res.out_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4
+    out, b, f = sd(res.out_dir), sd(tiny["base"]), sd(tiny["ft1"])
+    assert torch.equal(out["model.layers.1.self_attn.q_proj.weight"], b["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(out["model.layers.2.self_attn.q_proj.weight"], f["model.layers.1.self_attn.q_proj.weight"])
+    assert torch.equal(out["model.layers.3.mlp.up_proj.weight"], f["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(out["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    assert torch.equal(out["model.norm.weight"], f["model.norm.weight"])
+    model = AutoModelForCausalLM.from_pretrained(res.out_dir)
+    assert len(model.model.layers) == 4
+
+
+def test_slices_with_gradient_slerp(tiny, tmp_path):
+    r = {"merge_method": "slerp", "base_model": str(tiny["base"]),
+         "slices": [{"sources": [{"model": str(tiny["base"]), "layer_range": [0, 3]},
+                                 {"model": str(tiny["ft1"]), "layer_range": [0, 3]}]}],
+         "parameters": {"t": [{"filter": "self_attn", "value": [0, 1]}, {"value": 0.5}]}}
+    out, b, f = sd(moerge.merge(r, tmp_path / "s").out_dir), sd(tiny["base"]), sd(tiny["ft1"])
+    k0, k2 = "model.layers.0.self_attn.k_proj.weight", "model.layers.2.self_attn.k_proj.weight"
+    torch.testing.assert_close(out[k0], b[k0])
+    torch.testing.assert_close(out[k2], f[k2])
+
+
+def test_lora_reference_matches_peft_merge_and_unload(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False,
+                     use_rslora=True, alpha_pattern={"down_proj": 16})
+    peft_model = get_peft_model(model, cfg)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    want = peft_model.merge_and_unload().state_dict()
+    r = {"merge_method": "linear", "models": [{"model": f"{tiny['base']}+{tmp_path / 'adapter'}", "parameters": {"weight": 1.0}}]}
+    out = sd(moerge.merge(r, tmp_path / "m").out_dir)
+    changed = 0
+    for k, v in out.items():
+        torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=k)
+        changed += not torch.equal(v, sd(tiny["base"])[k])
+    assert changed == 3 * 3  # three adapted modules in each of three layers
+
+
+def test_dtype_out_dtype_and_shards(tiny, tmp_path):
+    r = recipe_for("ties", tiny) | {"dtype": "bfloat16", "out_dtype": "float16"}
+    res = moerge.merge(r, tmp_path / "o", shard_size=20_000)
+    files = list(res.out_dir.glob("model-*-of-*.safetensors"))
+    assert len(files) > 1 and (res.out_dir / "model.safetensors.index.json").exists()
+    assert {v.dtype for v in sd(res.out_dir).values()} == {torch.float16}
+    assert json.loads((res.out_dir / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_random_methods_are_reproducible_by_seed(tiny, tmp_path):
+    r = recipe_for("dare_ties", tiny)
+    a = sd(moerge.merge(r, tmp_path / "a", seed=3).out_dir)
+    b = sd(moerge.merge(r, tmp_path / "b", seed=3, workers=1).out_dir)
+    c = sd(moerge.merge(r, tmp_path / "c", seed=4).out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_shape_mismatch_names_tensor_and_shapes_and_leaves_nothing(tiny, tmp_path):
+    from moerge.tiny import make_base
+
+    other = make_base(tmp_path / "wide", hidden=48, layers=3, intermediate=64, tokenizer=False)
+    r = {"merge_method": "ties", "base_model": str(tiny["base"]),
+         "models": [{"model": str(other), "parameters": {"weight": 1, "density": 0.5}}]}
+    with pytest.raises(MoergeError, match=r"shape \[.*48.*\] in .*wide but \[.*32.*\]"):
+        moerge.merge(r, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_model_missing_a_tensor(tiny, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny["ft1"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors")
+    r = {"merge_method": "task_arithmetic", "base_model": str(tiny["base"]),
+         "models": [{"model": str(broken), "parameters": {"weight": 1}}]}
+    with pytest.raises(MoergeError, match=r"broken: lacks tensor 'model.layers.1.mlp.up_proj.weight'"):
+        moerge.plan(r)
+
+
+def test_missing_parameter_and_input_counts(tiny):
+    r = {"merge_method": "ties", "base_model": str(tiny["base"]), "models": [{"model": str(tiny["ft1"])}]}
+    with pytest.raises(MoergeError, match="needs parameter 'weight'"):
+        moerge.plan(r)
+    r = {"merge_method": "ties", "models": [{"model": str(tiny["ft1"]), "parameters": {"weight": 1}}]}
+    with pytest.raises(MoergeError, match="needs a base_model"):
+        moerge.plan(r)
+    r = {"merge_method": "slerp", "base_model": str(tiny["base"]), "parameters": {"t": 0.5},
+         "models": [{"model": str(tiny["ft1"])}, {"model": str(tiny["ft2"])}]}
+    with pytest.raises(MoergeError, match="exactly 1 model"):
+        moerge.plan(r)
+
+
+def test_output_must_not_be_an_input_and_inputs_untouched(tiny, tmp_path):
+    before = {p.name: p.read_bytes() for p in tiny["ft1"].iterdir()}
+    r = recipe_for("ties", tiny)
+    with pytest.raises(MoergeError, match="is \\(or contains\\) the input"):
+        moerge.merge(r, tiny["ft1"], overwrite=True)
+    assert {p.name: p.read_bytes() for p in tiny["ft1"].iterdir()} == before
+
+
+def test_existing_output_refused_unless_overwrite(tiny, tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MoergeError, match="already exists.*--overwrite"):
+        moerge.merge(recipe_for("linear", tiny), tmp_path / "out")
+    moerge.merge(recipe_for("linear", tiny), tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_bin_input_and_plan_summary(tiny, tmp_path):
+    bin_dir = tmp_path / "binmodel"
+    bin_dir.mkdir()
+    torch.save(sd(tiny["ft2"]), bin_dir / "pytorch_model.bin")
+    shutil.copy(tiny["ft2"] / "config.json", bin_dir)
+    r = {"merge_method": "task_arithmetic", "base_model": str(tiny["base"]),
+         "models": [{"model": str(bin_dir), "parameters": {"weight": 1.0}}]}
+    plan = moerge.plan(r)
+    summary = plan.summary()
+    assert "output tensors:" in summary and "output size:" in summary
+    out = sd(moerge.merge(r, tmp_path / "o").out_dir)
+    f2 = sd(tiny["ft2"])
+    assert all(torch.allclose(out[k], f2[k], atol=1e-6) for k in f2)

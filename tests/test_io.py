@@ -1,0 +1,152 @@
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from moerge.errors import MoergeError
+from moerge.io.hub import resolve
+from moerge.io.source import open_source
+from moerge.io.writer import ShardedWriter, parse_size
+
+
+def test_source_reads_headers_then_exact_tensors(tmp_path):
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.randn(5).to(torch.bfloat16),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.tensor([True, False]),
+        "e": torch.zeros(0, 4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    src = open_source(tmp_path)
+    assert sorted(src.names()) == sorted(tensors)
+    assert src.info("b").dtype == torch.bfloat16 and src.info("b").shape == (5,)
+    for k, v in tensors.items():
+        assert torch.equal(src.get(k), v)
+
+
+def test_sharded_folder_with_index(tmp_path):
+    save_file({"x": torch.ones(2)}, tmp_path / "model-00001-of-00002.safetensors")
+    save_file({"y": torch.zeros(3)}, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))
+    src = open_source(tmp_path)
+    assert torch.equal(src.get("y"), torch.zeros(3))
+    os.remove(tmp_path / "model-00002-of-00002.safetensors")
+    with pytest.raises(MoergeError, match="missing"):
+        open_source(tmp_path)
+
+
+@pytest.mark.parametrize("cut", [4, 20, -1])
+def test_truncated_safetensors_is_refused_naming_the_file(tmp_path, cut):
+    save_file({"w": torch.randn(64, 64)}, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:cut])
+    with pytest.raises(MoergeError, match=r"model\.safetensors: not a valid safetensors file"):
+        open_source(tmp_path)
+
+
+def test_garbage_header_is_refused(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes((10).to_bytes(8, "little") + b"not json!!" + b"\0" * 10)
+    with pytest.raises(MoergeError, match="header is not JSON"):
+        open_source(tmp_path / "model.safetensors")
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(MoergeError, match="no such file or folder"):
+        open_source(tmp_path / "nope")
+    with pytest.raises(MoergeError, match="no model.safetensors"):
+        open_source(tmp_path)
+
+
+def test_bin_checkpoint_is_loaded_weights_only(tmp_path):
+    sd = {"w": torch.randn(3, 3), "b": torch.randn(3)}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    src = open_source(tmp_path)
+    assert torch.equal(src.get("w"), sd["w"])
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"w": Evil()}, tmp_path / "evil.bin", _use_new_zipfile_serialization=True)
+    with pytest.raises(MoergeError, match="weights-only"):
+        open_source(tmp_path / "evil.bin")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_writer_out_of_order_shards_and_index(tmp_path):
+    tensors = {f"t{i}": torch.randn(100, 10).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(6)}
+    w = ShardedWriter(tmp_path / "out", [(k, tuple(v.shape), v.dtype) for k, v in tensors.items()], max_shard_bytes=5000)
+    assert len(w.files) > 1
+    assert not (tmp_path / "out").exists()
+    for k in reversed(list(tensors)):
+        w.write(k, tensors[k])
+    w.commit()
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    for f in set(index["weight_map"].values()):
+        with safe_open(tmp_path / "out" / f, "pt") as fh:  # the reference reader accepts our files
+            for k in fh.keys():
+                assert torch.equal(fh.get_tensor(k), tensors[k])
+    assert not list(tmp_path.glob(".out.*"))
+
+
+def test_writer_refuses_existing_and_abort_leaves_nothing(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MoergeError, match="already exists"):
+        ShardedWriter(tmp_path / "out", [("a", (1,), torch.float32)])
+    w = ShardedWriter(tmp_path / "new", [("a", (1,), torch.float32), ("b", (2,), torch.float32)])
+    w.write("a", torch.ones(1))
+    with pytest.raises(RuntimeError, match="never written"):
+        w.commit()
+    w.abort()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_overwrite_replaces_only_when_complete(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    w = ShardedWriter(out, [("a", (2,), torch.float32)], overwrite=True)
+    assert (out / "keep.txt").exists()  # untouched until commit
+    w.write("a", torch.ones(2))
+    w.commit()
+    assert not (out / "keep.txt").exists()
+    assert torch.equal(load_file(out / "model.safetensors")["a"], torch.ones(2))
+
+
+def test_parse_size():
+    assert parse_size("5B") == 5_000_000_000
+    assert parse_size("500M") == 500_000_000
+    assert parse_size("1.5G") == 1_500_000_000
+    assert parse_size("1234") == 1234
+    with pytest.raises(MoergeError, match="shard size"):
+        parse_size("lots")
+
+
+def test_hub_id_resolves_from_local_cache_offline(tmp_path, monkeypatch):
+    """The real huggingface_hub code path, against a cache laid out as the hub client writes it."""
+    cache = tmp_path / "hub"
+    snap = cache / "models--someorg--tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, snap / "model.safetensors")
+    (snap / "config.json").write_text("{}")
+    (cache / "models--someorg--tiny" / "refs").mkdir()
+    (cache / "models--someorg--tiny" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    folder = resolve("someorg/tiny")
+    assert folder == snap
+    assert torch.equal(open_source(folder).get("w"), torch.ones(2))
+    with pytest.raises(MoergeError, match="HF_HUB_OFFLINE"):
+        resolve("someorg/absent")
+    with pytest.raises(MoergeError, match="not a hub id"):
+        resolve(str(tmp_path / "no" / "such" / "dir"))
