@@ -41,11 +41,13 @@ def build_models(work: Path) -> dict[str, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     paths = {k: work / k for k in ("base", "ft1", "ft2")}
-    if all((p / "model.safetensors").exists() for p in paths.values()):
-        return paths
     cfg = LlamaConfig(hidden_size=SHAPE["hidden"], intermediate_size=SHAPE["intermediate"], num_hidden_layers=SHAPE["layers"],
                       num_attention_heads=SHAPE["heads"], num_key_value_heads=SHAPE["heads"], vocab_size=SHAPE["vocab"],
-                      tie_word_embeddings=False, torch_dtype="bfloat16")
+                      tie_word_embeddings=False, torch_dtype="bfloat16", architectures=["LlamaForCausalLM"])
+    if all((p / "model.safetensors").exists() for p in paths.values()):
+        for p in paths.values():
+            cfg.save_pretrained(p)
+        return paths
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     g = torch.Generator().manual_seed(0)
