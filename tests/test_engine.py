@@ -206,3 +206,47 @@ def test_bin_input_and_plan_summary(tiny, tmp_path):
     out = sd(moerge.merge(r, tmp_path / "o").out_dir)
     f2 = sd(tiny["ft2"])
     assert all(torch.allclose(out[k], f2[k], atol=1e-6) for k in f2)
+
+
+def test_scheduler_keeps_big_tasks_apart_and_workers_busy():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moerge.engine.executor import schedule
+
+    sizes = [100, 90, 10, 10, 10, 10, 5, 5]
+    live, peak, ran, lock = [0], [0], [], threading.Lock()
+    overlapped_small = []
+
+    def job(size):
+        with lock:
+            live[0] += size
+            peak[0] = max(peak[0], live[0])
+            if size >= 90 and live[0] > size:
+                overlapped_small.append(size)
+        time.sleep(0.02 if size < 90 else 0.1)
+        with lock:
+            live[0] -= size
+            ran.append(size)
+
+    with ThreadPoolExecutor(2) as pool:
+        schedule(pool, job, sizes, workers=2, cost=lambda s: s, budget=120)
+    assert sorted(ran) == sorted(sizes)
+    assert peak[0] <= 120  # 100 and 90 never together
+    assert ran.index(10) < ran.index(90)  # small tasks ran beside the biggest instead of waiting
+
+
+def test_scheduler_runs_a_task_larger_than_the_budget_alone_and_reraises():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moerge.engine.executor import schedule
+
+    def job(size):
+        if size == 3:
+            raise RuntimeError("boom")
+
+    with ThreadPoolExecutor(2) as pool:
+        schedule(pool, lambda s: None, [500, 1, 2], workers=2, cost=lambda s: s, budget=100)
+        with pytest.raises(RuntimeError, match="boom"):
+            schedule(pool, job, [1, 2, 3, 4], workers=2, cost=lambda s: s, budget=100)

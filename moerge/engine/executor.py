@@ -2,7 +2,7 @@
 
 Peak memory is a few tensors times the number of inputs, never a model. Worker threads overlap
 reading (positioned reads release the GIL), math (torch kernels release the GIL) and writing
-(positioned writes into pre-laid-out shards), and at most ``2 * workers`` tensors are in flight.
+(positioned writes into pre-laid-out shards), under a memory budget (see ``schedule``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from moerge.errors import MoergeError
 from moerge.io.writer import ShardedWriter, parse_size
 from moerge.engine.card import write_extras
 from moerge.engine.plan import Plan, TensorTask
+from moerge.methods.blocks import DEFAULT_BLOCK
 from moerge.methods.registry import compute_dtype
 
 
@@ -42,7 +43,7 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def run_task(plan: Plan, task: TensorTask) -> torch.Tensor:
+def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.Tensor:
     """Compute one output tensor (pure function of the plan and the inputs' bytes)."""
     models = plan.models
     if not task.floating:
@@ -55,6 +56,16 @@ def run_task(plan: Plan, task: TensorTask) -> torch.Tensor:
             t = t.to(plan.cast)  # the recipe's dtype: inputs are rounded to it, as in mergekit
         return t
 
+    gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
+    if plan.method.blockwise:
+        # inputs stay in their storage dtype; blocks are widened (and rounded to the recipe dtype) as they go
+        raw = [models[i].source.get(n) for i, n in task.inputs]
+        base = models[task.base[0]].source.get(task.base[1]) if task.base else None
+        dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in raw] + ([base.dtype] if base is not None else [])
+        work = compute_dtype(dtypes)
+        return _guarded(task, plan, lambda: plan.method.stream(
+            base, raw, work=work, out_dtype=task.out_dtype, cast=plan.cast, block=block, generator=gen,
+            **task.shared, **task.per_input))
     raw = [load(i, n) for i, n in task.inputs]
     base = load(*task.base) if task.base else None
     work = compute_dtype([t.dtype for t in raw] + ([base.dtype] if base is not None else []))
@@ -62,14 +73,49 @@ def run_task(plan: Plan, task: TensorTask) -> torch.Tensor:
     del raw
     if base is not None and base.dtype != work:
         base = base.to(work)
-    gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
+    return _guarded(task, plan, lambda: plan.method(base, tensors, generator=gen, **task.shared, **task.per_input)).to(task.out_dtype)
+
+
+def _guarded(task: TensorTask, plan: Plan, compute) -> torch.Tensor:
     try:
-        out = plan.method(base, tensors, generator=gen, **task.shared, **task.per_input)
+        return compute()
     except MoergeError as e:
         raise MoergeError(f"tensor {task.name}: {e}") from None
     except (ValueError, RuntimeError) as e:
         raise MoergeError(f"tensor {task.name}: {plan.method.name} failed ({e})") from None
-    return out.to(task.out_dtype)
+
+
+def working_bytes(task: TensorTask) -> int:
+    """What a task holds at its peak, roughly: its inputs and output widened to float32, plus
+    whole-tensor statistics (a float32 copy for selection by rank, masks)."""
+    numel = task.nbytes // max(1, task.out_dtype.itemsize)
+    return numel * 4 * (len(task.inputs) + (task.base is not None) + 2)
+
+
+def schedule(pool: ThreadPoolExecutor, job, tasks: list, workers: int, cost=working_bytes, budget: int | None = None) -> None:
+    """Run ``job`` on every task, biggest first, at most ``workers`` at once, and only as many as fit
+    a memory budget: the largest tasks (embeddings, LM head) run beside small ones, not beside each
+    other, which bounds peak memory without idling a worker."""
+    remaining = sorted(tasks, key=cost, reverse=True)
+    if not remaining:
+        return
+    costs = {id(t): cost(t) for t in remaining}
+    budget = budget or max(512 << 20, int(1.25 * costs[id(remaining[0])]))
+    running: dict[Future, int] = {}
+    used = 0
+    while remaining or running:
+        i = 0
+        while len(running) < workers and i < len(remaining):
+            c = costs[id(remaining[i])]
+            if used + c <= budget or not running:
+                running[pool.submit(job, remaining.pop(i))] = c
+                used += c
+            else:
+                i += 1
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for f in finished:
+            used -= running.pop(f)
+            f.result()
 
 
 def _check_output(plan: Plan, out_dir: Path) -> None:
@@ -110,21 +156,10 @@ def execute(
                 advance(task.nbytes)
 
             pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="moerge")
-            pending: set[Future] = set()
             try:
-                # biggest first: a long tensor started last would leave the other workers idle
-                for task in sorted(plan.tasks, key=lambda t: -t.nbytes):
-                    if len(pending) >= 2 * workers:
-                        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for f in finished:
-                            f.result()
-                    pending.add(pool.submit(job, task))
-                for f in pending:
-                    f.result()
+                schedule(pool, job, plan.tasks, workers)
             finally:
-                for f in pending:
-                    f.cancel()
-                pool.shutdown(wait=True)
+                pool.shutdown(wait=True, cancel_futures=True)
         write_extras(plan, writer)
         writer.commit()
     except BaseException:

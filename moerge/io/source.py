@@ -31,7 +31,26 @@ class TensorSource(Protocol):
     def __contains__(self, name: str) -> bool: ...
 
 
-class SafetensorsSource:
+class _Catalog:
+    """Name lookups shared by the sources: ``path`` and ``_infos`` are set by the subclass."""
+
+    path: Path
+    _infos: dict[str, TensorInfo]
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._infos
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise MoergeError(f"{self.path}: has no tensor {name!r}") from None
+
+
+class SafetensorsSource(_Catalog):
     """One or several safetensors files, read a tensor at a time with positioned reads."""
 
     def __init__(self, path: Path, files: list[Path]):
@@ -50,18 +69,6 @@ class SafetensorsSource:
                 self._infos[name] = info
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise MoergeError(f"{self.path}: has no tensor {name!r}") from None
 
     def _fd(self, path: Path) -> int:
         with self._lock:
@@ -87,7 +94,7 @@ class SafetensorsSource:
             pass
 
 
-class TorchBinSource:
+class TorchBinSource(_Catalog):
     """A ``pytorch_model.bin``: loaded with ``weights_only=True`` (never arbitrary unpickling) and
     memory-mapped where the file's format allows it."""
 
@@ -114,18 +121,6 @@ class TorchBinSource:
                     self._tensors[name] = t
                     nbytes = t.numel() * t.element_size()
                     self._infos[name] = TensorInfo(name, t.dtype, tuple(t.shape), f, 0, nbytes)
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._infos
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise MoergeError(f"{self.path}: has no tensor {name!r}") from None
 
     def get(self, name: str) -> torch.Tensor:
         self.info(name)

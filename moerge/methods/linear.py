@@ -23,5 +23,5 @@ def linear(base, tensors: list[torch.Tensor], weight: list[float], normalize: bo
 register(Method(
     "linear", linear,
     params=(Param("weight", float, per_input=True), Param("normalize", bool, True)),
-    pretty="Linear (model soup)", reference="https://arxiv.org/abs/2203.05482",
+    pretty="Linear (model soup)", reference="https://arxiv.org/abs/2203.05482", blockwise=True,
 ))

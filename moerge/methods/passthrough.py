@@ -15,5 +15,5 @@ def passthrough(base, tensors: list[torch.Tensor], scale: list[float | None] | N
 register(Method(
     "passthrough", passthrough,
     params=(Param("scale", float, None, per_input=True),),
-    max_inputs=1, pretty="Passthrough", reference="https://arxiv.org/abs/2312.15166",
+    max_inputs=1, pretty="Passthrough", reference="https://arxiv.org/abs/2312.15166", blockwise=True,
 ))

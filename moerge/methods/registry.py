@@ -7,6 +7,12 @@ a method may overwrite them. Per-input parameters arrive as lists aligned with `
 ones as scalars. Random methods get a ``generator`` seeded per tensor, so results do not depend on
 thread scheduling. The recipe layer resolves and range-checks parameters from the specs declared here;
 methods never parse configuration.
+
+A *blockwise* method's ``fn`` is elementwise once whole-tensor statistics are known: its optional
+``prepare(blocks, generator=, **params) -> extras`` computes them (thresholds, masks, norms) from a
+:class:`~moerge.methods.blocks.Blocks`, and ``fn(base_block, blocks, **params, **extras)`` then runs
+on aligned flat blocks, so the executor never widens whole tensors to float32. Called directly, the
+same two functions run on one block: the whole tensor.
 """
 
 from __future__ import annotations
@@ -76,15 +82,39 @@ class Method:
     reference: str = ""
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    blockwise: bool = False
+    prepare: Callable[..., dict] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
     def __call__(self, base: torch.Tensor | None, tensors: list[torch.Tensor], generator=None, **params):
-        kwargs = {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}
+        """Merge whole tensors already in the compute dtype (the method may overwrite them)."""
+        if self.blockwise:
+            work = compute_dtype([t.dtype for t in tensors] + ([base.dtype] if base is not None else []))
+            return self.stream(base, tensors, work=work, out_dtype=work, generator=generator, **params)
+        kwargs = _kwargs(params)
         if self.random:
             kwargs["generator"] = generator
         return self.fn(base, tensors, **kwargs)
+
+    def stream(self, base: torch.Tensor | None, tensors: list[torch.Tensor], *, work: torch.dtype, out_dtype: torch.dtype,
+               cast: torch.dtype | None = None, block: int | None = None, generator=None, **params) -> torch.Tensor:
+        """Run a blockwise method over inputs in any storage dtype, ``block`` entries at a time
+        (None: one block), writing into a fresh tensor of ``out_dtype``."""
+        from moerge.methods.blocks import Blocks, cut
+
+        blocks = Blocks(base, tensors, work, cast, block)
+        kwargs = _kwargs(params)
+        extras = self.prepare(blocks, generator=generator, **kwargs) if self.prepare else {}
+        out = torch.empty(blocks.numel, dtype=out_dtype)
+        for sl, b, ts in blocks:
+            out[sl].copy_(self.fn(b, ts, **kwargs, **cut(extras, sl, blocks.whole)))
+        return out.reshape(blocks.shape)
+
+
+def _kwargs(params: dict) -> dict:
+    return {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}
 
 
 _METHODS: dict[str, Method] = {}

@@ -7,29 +7,34 @@ import math
 
 import torch
 
+from moerge.methods.blocks import Blocks
 from moerge.methods.registry import Method, Param, register
 
 
-def slerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> torch.Tensor:
-    """Interpolate along the great circle between the directions of two flattened tensors.
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float]:
+    """(c0, c1) with slerp(v0, v1) = c0 v0 + c1 v1, from the squared norms and the inner product.
 
     Nearly colinear (or antipodal) pairs fall back to linear interpolation, where the spherical
     formula is numerically meaningless."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
-    dot = float(torch.dot(a / na, b / nb).clamp(-1, 1))
+    na, nb = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = min(1.0, max(-1.0, ab / (na * nb)))
     if abs(dot) > dot_threshold:
-        return v0.mul_(1 - t).add_(v1, alpha=t)
+        return 1 - t, t
     theta = math.acos(dot)
     s = math.sin(theta)
-    return v0.mul_(math.sin((1 - t) * theta) / s).add_(v1, alpha=math.sin(t * theta) / s)
+    return math.sin((1 - t) * theta) / s, math.sin(t * theta) / s
 
 
-def slerp(base: torch.Tensor, tensors: list[torch.Tensor], t: float) -> torch.Tensor:
-    """t = 0 gives the base model, t = 1 the other model."""
-    return slerp_vectors(t, base.clone(), tensors[0])
+def slerp_prepare(blocks: Blocks, *, t: float, generator=None) -> dict:
+    d = blocks.dots([(-1, -1), (0, 0), (-1, 0)])
+    c0, c1 = slerp_coefficients(t, d[(-1, -1)], d[(0, 0)], d[(-1, 0)])
+    return {"c0": c0, "c1": c1}
+
+
+def slerp(base: torch.Tensor, tensors: list[torch.Tensor], t: float, c0: float, c1: float) -> torch.Tensor:
+    """t = 0 gives the base model, t = 1 the other model; blockwise once the angle is known."""
+    return tensors[0].mul_(c1).add_(base, alpha=c0)
 
 
 def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int = -1, flatten: bool = False, eps: float = 1e-8) -> torch.Tensor:
@@ -62,6 +67,7 @@ def nuslerp(base, tensors: list[torch.Tensor], weight: list[float], nuslerp_row_
 register(Method(
     "slerp", slerp, params=(Param("t", float, low=0, high=1, help="0 = base, 1 = the other model"),),
     base="required", min_inputs=1, max_inputs=1, pretty="SLERP", reference="https://en.wikipedia.org/wiki/Slerp",
+    blockwise=True, prepare=slerp_prepare,
 ))
 register(Method(
     "nuslerp", nuslerp,

@@ -8,78 +8,104 @@ defaults and edge cases follow mergekit so that existing recipes produce the sam
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from moerge.methods import sparsify
+from moerge.methods.blocks import Blocks, PerElement
 from moerge.methods.registry import Method, Param, register
 
 Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"] | None
 
 
-def _sparsify(kind: Sparsifier, delta, density, gamma, epsilon, rescale, generator):
-    if kind is None:
-        return delta
-    if kind == "magnitude":
-        return sparsify.magnitude(delta, density, rescale)
-    if kind == "magnitude_outliers":
-        return sparsify.magnitude_outliers(delta, density, gamma, rescale)
-    if kind == "random":
-        return sparsify.bernoulli(delta, density, rescale, generator)
-    return sparsify.della_magprune(delta, density, epsilon, rescale, generator)
-
-
-def sign_consensus_mask(deltas: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: per entry, the sign of the (weighted) sum wins; 0 counts as positive.
-    Returns where each delta agrees with the elected sign (a zero entry never agrees)."""
-    elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-    return deltas.sign() == elected
+def sparsify_prepare(
+    blocks: Blocks,
+    *,
+    sparsifier: Sparsifier,
+    density: list[float] | None = None,
+    gamma: list[float] | None = None,
+    epsilon: list[float] | None = None,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+    **_,
+) -> dict:
+    """Each input's keep mask and L1 rescale factor, from whole-tensor magnitudes of its delta."""
+    if sparsifier is None:
+        return {}
+    keep, scale = PerElement(), []
+    for i in range(blocks.n):
+        d = density[i] if density else 1.0
+        if d >= 1:
+            keep.append(None)
+            scale.append(1.0)
+            continue
+        mag = blocks.magnitudes(i) if (rescale or sparsifier != "random") else None
+        if sparsifier == "magnitude":
+            mask = sparsify.top_k_mask(mag, d)
+        elif sparsifier == "magnitude_outliers":
+            mask = sparsify.outlier_mask(mag, d, gamma[i] if gamma else 0.0)
+        elif sparsifier == "random":
+            mask = sparsify.bernoulli_mask(blocks.numel, d, generator)
+        else:
+            mask = sparsify.della_mask(mag, blocks.shape, d, epsilon[i] if epsilon else 0.0, generator)
+        keep.append(mask)
+        scale.append(sparsify.l1_scale(mag, mask) if rescale else 1.0)
+    return {"keep": keep, "scale": scale}
 
 
 def task_vector_merge(
     base: torch.Tensor,
     tensors: list[torch.Tensor],
     *,
-    sparsifier: Sparsifier,
     consensus: bool,
     weight: list[float],
-    density: list[float] | None = None,
-    gamma: list[float] | None = None,
-    epsilon: list[float] | None = None,
+    keep: list[torch.Tensor | None] | None = None,
+    scale: list[float] | None = None,
     lambda_: float = 1.0,
     normalize: bool = False,
-    rescale: bool = False,
-    int8_mask: bool = False,  # accepted for mergekit recipes; masks here are bool already
-    generator: torch.Generator | None = None,
+    **_,
 ) -> torch.Tensor:
-    n = len(tensors)
-    deltas = torch.empty((n, *base.shape), dtype=base.dtype)
+    """``base + lambda * combine(w_i * s_i * mask_i * (theta_i - base))`` on aligned blocks.
+
+    With ``consensus`` (TIES) only deltas agreeing with the elected sign (that of the sum; zero
+    counts as positive) contribute, and ``normalize`` divides by the weights that did."""
+    deltas = []
     for i, t in enumerate(tensors):
         d = t.sub_(base)
-        d = _sparsify(
-            sparsifier, d,
-            density[i] if density else 1.0, gamma[i] if gamma else 0.0, epsilon[i] if epsilon else 0.0,
-            rescale, generator,
-        )
-        torch.mul(d, weight[i], out=deltas[i])
-        del d
-        tensors[i] = None  # free the input early
-    w = torch.tensor(weight, dtype=base.dtype).reshape((n,) + (1,) * base.dim())
+        if keep is not None and keep[i] is not None:
+            d.mul_(keep[i].view(torch.uint8))  # (torch's bool x float kernel is several times slower)
+        c = weight[i] * (scale[i] if scale else 1.0)
+        if c != 1:
+            d.mul_(c)
+        deltas.append(d)
     if consensus:
-        mask = sign_consensus_mask(deltas)
-        mixed = deltas.mul_(mask).sum(dim=0)
-        if normalize:
-            divisor = (w * mask).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+        total = deltas[0].clone()
+        for d in deltas[1:]:
+            total.add_(d)
+        # elected sign s = ±1 (+1 for a zero sum); a delta agrees when d * s > 0, so
+        # max(d * s, 0) * s keeps exactly the agreeing deltas, with float kernels only
+        s = torch.ones_like(total).copysign_(total)
+        mixed = total.zero_()
+        divisor = torch.zeros_like(base) if normalize else None
+        for d, w in zip(deltas, weight):
+            agreeing = d.mul_(s).clamp_min_(0)
+            mixed.add_(agreeing)
+            if divisor is not None:
+                divisor.add_(agreeing.sign_(), alpha=w)
+        mixed.mul_(s)
+        if divisor is not None:
+            divisor.masked_fill_(divisor.abs() < 1e-8, 1)
+            mixed.div_(divisor)
     else:
-        mixed = deltas.sum(dim=0)
+        mixed = deltas[0]
+        for d in deltas[1:]:
+            mixed.add_(d)
         if normalize:
             total = float(sum(weight))
-            mixed /= total if abs(total) >= 1e-8 else 1.0
+            mixed.div_(total if abs(total) >= 1e-8 else 1.0)
     if lambda_ != 1:
-        mixed *= lambda_
+        mixed.mul_(lambda_)
     return mixed.add_(base)
 
 
@@ -96,10 +122,10 @@ def _family(name: str, sparsifier: Sparsifier, consensus: bool, normalize: bool,
         params.append(Param("gamma", float, 0.01, per_input=True, low=0, high=1, open_high=True, help="fraction of largest entries dropped"))
     if sparsifier == "della":
         params.append(Param("epsilon", float, 0.15, per_input=True, low=0, high=0.5, open_high=True, help="spread of keep probabilities"))
-    fn: Callable = partial(task_vector_merge, sparsifier=sparsifier, consensus=consensus)
     return Method(
-        name, fn, params=tuple(params), base="required", random=sparsifier in ("random", "della"),
-        pretty=pretty, reference=ref,
+        name, partial(task_vector_merge, consensus=consensus), params=tuple(params), base="required",
+        random=sparsifier in ("random", "della"), pretty=pretty, reference=ref,
+        blockwise=True, prepare=partial(sparsify_prepare, sparsifier=sparsifier) if sparsifier else None,
     )
 
 
