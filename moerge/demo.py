@@ -1,94 +1,140 @@
-"""``moerge demo``: the main job on built-in data, offline.
+"""``moerge demo``: the main job on the embedded default, offline.
 
-Until the embedded skill suite exists, the demo builds a tiny random Llama base and three synthetic
-fine-tunes of it, merges them through the real engine with the main methods, reloads each merge with
-transformers and generates from it, and reports how much of each fine-tune's task vector survives
-in the merge (cosine of the merged delta with each fine-tune's delta, over all weights).
+From the built-in tiny base it trains one LoRA expert per skill, merges them through the merge
+engine (each expert enters a recipe as ``base+expert``), trains a multitask LoRA on the union of the
+experts' data (the upper baseline that needs everybody's data), and scores everything on each
+skill and on held-out composites of them. The scoreboard is printed, written as JSON and drawn.
 """
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
-RECIPES = {
-    "linear": {"parameters": {"weight": 1.0}},
-    "task_arithmetic": {"parameters": {"weight": 0.5}},
-    "ties": {"parameters": {"weight": 0.5, "density": 0.3}},
-    "dare_ties": {"parameters": {"weight": 0.5, "density": 0.3}},
-    "breadcrumbs_ties": {"parameters": {"weight": 0.5, "density": 0.3, "gamma": 0.01}},
-    "model_stock": {},
+# merge settings for experts that each add one skill to a shared base
+MERGES = {
+    "linear": {"weight": 1.0},
+    "task_arithmetic": {"weight": 1.0},
+    "ties": {"weight": 1.0, "density": 0.5},
+    "dare_ties": {"weight": 1.0, "density": 0.5},
 }
 
 
-def _deltas(folder: Path, base: dict[str, torch.Tensor]) -> torch.Tensor:
-    from safetensors.torch import load_file
+def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
+    params = MERGES[method]
+    models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
+    # for linear, base_model only supplies the config and tokenizer: the experts (base+LoRA) are averaged
+    return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32", "seed": seed}
 
-    sd = load_file(folder / "model.safetensors")
-    return torch.cat([(sd[k].float() - base[k].float()).reshape(-1) for k in sorted(base)])
 
-
-def run_demo(out_dir: Path, quick: bool = False, console: Console | None = None) -> list[dict]:
+def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,
+             report_dir: str | Path | None = "demo-report", console: Console | None = None, progress: bool = True) -> dict:
     import moerge
-    from moerge.tiny import make_base, make_finetune
+    from moerge import base as base_model
+    from moerge.eval import evaluate
+    from moerge.tasks import skills
+    from moerge.train.expert import load_expert, train_expert
+    from moerge.util import quiet_transformers
 
+    quiet_transformers()
     console = console or Console()
     out_dir = Path(out_dir)
-    work = out_dir / "models"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    size = dict(hidden=32, layers=2, intermediate=64) if quick else dict(hidden=128, layers=4, intermediate=344)
-    base = make_base(work / "base", seed=0, **size)
-    experts = [make_finetune(base, work / f"expert{i}", seed=i, scale=0.05) for i in (1, 2, 3)]
-    from safetensors.torch import load_file
+    tasks = list(skills.QUICK_EXPERTS if quick else skills.EXPERTS)
+    heldout = list(skills.QUICK_HELDOUT if quick else skills.HELDOUT)
+    steps, n_eval = (120, 100) if quick else (200, 200)
+    columns = tasks + heldout
+    base_dir = base_model.default_base()
+    start = time.perf_counter()
+    rows: list[dict] = []
 
-    base_sd = load_file(base / "model.safetensors")
-    expert_deltas = [_deltas(e, base_sd) for e in experts]
+    def score(name: str, model, tok, seconds: float | None = None) -> None:
+        scores = evaluate(model, tok, columns, n=n_eval)
+        rows.append({"model": name, "scores": scores, "mean": sum(scores.values()) / len(scores),
+                     **({"seconds": round(seconds, 1)} if seconds is not None else {})})
 
-    rows = []
-    for method, extra in RECIPES.items():
-        recipe = {
-            "merge_method": method,
-            "base_model": str(base),
-            "models": [{"model": str(e), **({"parameters": extra["parameters"]} if "parameters" in extra else {})} for e in experts],
-        }
-        if method == "linear":
-            recipe["models"].append({"model": str(base), "parameters": {"weight": 1.0}})
-        start = time.perf_counter()
-        res = moerge.merge(recipe, out_dir / f"merge-{method}", overwrite=True)
-        seconds = time.perf_counter() - start
-        merged = _deltas(res.out_dir, base_sd)
-        cos = [float(torch.nn.functional.cosine_similarity(merged, d, dim=0)) for d in expert_deltas]
-        rows.append({"method": method, "seconds": seconds, "cosine": cos, "text": _generate(res.out_dir)})
+    model, tok = base_model.load(base_dir)
+    score("base", model, tok)
+    experts: dict[str, Path] = {}
+    for task in tasks:
+        path = out_dir / "experts" / task
+        card = train_expert(path, base=base_dir, task=task, steps=steps, overwrite=True, progress=progress)
+        experts[task] = path
+        model, tok = load_expert(base_dir, path)
+        score(f"expert:{task}", model, tok, card.seconds)
+        console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}", highlight=False)
+    for method in MERGES:
+        t0 = time.perf_counter()
+        res = moerge.merge(merge_recipe(method, base_dir, experts), out_dir / "merges" / method, overwrite=True, progress=False)
+        model, tok = base_model.load(res.out_dir)
+        score(f"merge:{method}", model, tok, time.perf_counter() - t0)
+    card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks), steps=steps * (2 if quick else 3),
+                        overwrite=True, progress=progress)
+    model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
+    score("multitask", model, tok, card.seconds)
 
-    table = Table(title="moerge demo: 3 synthetic fine-tunes of a tiny Llama, merged")
-    table.add_column("method")
-    for i in range(len(experts)):
-        table.add_column(f"cos(merge, expert{i + 1})", justify="right")
-    table.add_column("seconds", justify="right")
-    table.add_column("generates")
-    for r in rows:
-        table.add_row(r["method"], *[f"{c:.3f}" for c in r["cosine"]], f"{r['seconds']:.2f}", repr(r["text"]))
+    board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
+             "quick": quick, "base": str(base_dir)}
+    _print(console, board)
+    if json_file:
+        Path(json_file).write_text(json.dumps(board, indent=2) + "\n")
+    if report_dir:
+        png = plot(board, Path(report_dir) / "scoreboard.png")
+        console.print(f"scoreboard drawn in {png}", highlight=False)
+    console.print(f"experts in {out_dir}/experts, merges in {out_dir}/merges ({board['seconds']:.0f} s in all)", highlight=False)
+    return board
+
+
+def _print(console: Console, board: dict) -> None:
+    """Tasks down, models across (each skill's own expert in one column), so it fits a terminal;
+    the full cross-scores are in the JSON and the PNG."""
+    rows = {r["model"]: r["scores"] for r in board["rows"]}
+    models = [m for m in rows if not m.startswith("expert:")]
+    table = Table(title="moerge demo: exact match on the test split (* held out)")
+    table.add_column("task")
+    table.add_column("base", justify="right")
+    table.add_column("own expert", justify="right")
+    for m in models[1:]:
+        table.add_column(m.replace("merge:", "").replace("task_arithmetic", "task_arith"), justify="right")
+    for t in board["tasks"] + board["heldout"]:
+        own = rows.get(f"expert:{t}", {}).get(t)
+        table.add_row(t + ("*" if t in board["heldout"] else ""), f"{rows['base'][t]:.0%}",
+                      "-" if own is None else f"{own:.0%}", *[f"{rows[m][t]:.0%}" for m in models[1:]])
+    seen = board["tasks"]
+
+    def mean(m: str) -> str:
+        return f"{sum(rows[m][t] for t in seen) / len(seen):.0%}"
+
+    table.add_row("[bold]mean seen", mean("base"), f"{sum(rows[f'expert:{t}'][t] for t in seen) / len(seen):.0%}",
+                  *[mean(m) for m in models[1:]])
     console.print(table)
-    console.print(f"merged models are in {out_dir}/merge-*; each loads with AutoModelForCausalLM.from_pretrained")
-    return rows
 
 
-def _generate(folder: Path) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def plot(board: dict, path: Path) -> Path:
+    """The scoreboard as a heatmap (rows: models, columns: skills then held-out composites)."""
+    import matplotlib
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    ids = tok("abc", return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = board["tasks"] + board["heldout"]
+    data = [[r["scores"][c] for c in cols] + [r["mean"]] for r in board["rows"]]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * (len(cols) + 1), 0.8 + 0.4 * len(data)))
+    im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols) + 1), [c + ("*" if c in board["heldout"] else "") for c in cols] + ["mean"], rotation=40, ha="right")
+    ax.set_yticks(range(len(data)), [r["model"] for r in board["rows"]])
+    for i, row in enumerate(data):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.03, label="exact match")
+    ax.set_title("moerge demo scoreboard (* held out)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -53,3 +53,16 @@ def fingerprint(source: TensorSource) -> str:
         for fd in fds.values():
             os.close(fd)
     return "sha256:" + h.hexdigest()[:32]
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> str:
+    """The fingerprint of the weights in a model folder (safetensors or .bin)."""
+    from moerge.io.source import open_source
+
+    source = open_source(folder)
+    try:
+        return fingerprint(source)
+    finally:
+        close = getattr(source, "close", None)
+        if close:
+            close()

@@ -1,0 +1,38 @@
+"""Evaluation on the built-in skills: exact match of greedy completions on a split.
+
+``evaluate`` scores any model object with a transformers-style ``generate`` (a base, a PEFT model, a
+merged checkpoint, a routed model), so every later feature reports in the same units.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from moerge.eval.generate import exact_match, greedy
+
+__all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
+
+
+def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
+    """``all`` (every built-in skill), ``experts``, ``heldout``, or comma-separated names."""
+    from moerge.tasks import skills
+
+    if isinstance(spec, str):
+        if spec == "all":
+            return list(skills.SKILLS)
+        if spec == "experts":
+            return list(skills.EXPERTS)
+        if spec == "heldout":
+            return list(skills.HELDOUT)
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    names = list(spec)
+    for n in names:
+        skills.get(n)  # unknown names fail with the list of known ones
+    return names
+
+
+def evaluate(model, tokenizer, tasks: str | Iterable[str] = "all", *, n: int = 200, split: str = "test", seed: int = 0) -> dict[str, float]:
+    """Exact-match accuracy per task on ``n`` examples of ``split``."""
+    from moerge.tasks import examples
+
+    return {t: exact_match(model, tokenizer, examples(t, split, n, seed)) for t in resolve_tasks(tasks)}

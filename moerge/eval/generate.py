@@ -1,0 +1,41 @@
+"""Batched greedy generation and exact-match scoring: one evaluator for base models, experts,
+merges and routed models alike (anything with a transformers-style ``generate``)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from moerge.tasks.data import Example
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 128) -> list[str]:
+    """Completions of ``prompts`` (left-padded batches, greedy, stop at end-of-sequence)."""
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    out: list[str] = []
+    model.eval()
+    for s in range(0, len(ids), batch_size):
+        chunk = [[bos] + p for p in ids[s: s + batch_size]]
+        width = max(len(p) for p in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, p in enumerate(chunk):
+            input_ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=pad)
+        for row in gen[:, width:].tolist():
+            if eos in row:
+                row = row[: row.index(eos)]
+            out.append(tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True))
+    return out
+
+
+def exact_match(model, tokenizer, rows: Sequence[Example], **kw) -> float:
+    if not rows:
+        return 0.0
+    preds = greedy(model, tokenizer, [r.prompt for r in rows], **kw)
+    return sum(p == r.completion for p, r in zip(preds, rows)) / len(rows)

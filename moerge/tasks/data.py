@@ -1,0 +1,94 @@
+"""Examples, splits and the JSONL format shared by built-in skills and users' own data.
+
+A prompt is ``"<instruction>: <input>="`` and the completion is the answer; the model is trained to
+emit the completion and then end-of-sequence. Splits are assigned by a hash of the input, so an input
+(under any paraphrase) belongs to exactly one of train / validation / test, whatever the seed or the
+number of examples asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+from moerge.errors import MoergeError
+from moerge.tasks.skills import get
+
+SPLITS = ("train", "validation", "test")
+SEPARATOR = "="
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    completion: str
+    task: str = ""
+
+
+def format_prompt(instruction: str, x: str) -> str:
+    return f"{instruction}: {x}{SEPARATOR}"
+
+
+def split_of(x: str) -> str:
+    h = int.from_bytes(hashlib.blake2b(x.encode(), digest_size=4).digest(), "little") % 10
+    return "test" if h == 0 else "validation" if h == 1 else "train"
+
+
+def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
+    """``n`` examples of a built-in skill from one split; deterministic in (task, split, n, seed)."""
+    if split not in SPLITS:
+        raise MoergeError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    skill = get(task)
+    rng = random.Random(f"{task}/{split}/{seed}")
+    out: list[Example] = []
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            return out
+        x, y = skill.sample(rng)
+        if split_of(x) == split:
+            out.append(Example(format_prompt(rng.choice(skill.instructions), x), y, task))
+    raise MoergeError(f"task {task}: its inputs are too few for {n} {split} examples; ask for fewer")
+
+
+def mixture(tasks: Iterable[str], split: str, n_per_task: int, seed: int = 0) -> list[Example]:
+    """Several tasks' examples, shuffled together (multitask training, pretraining)."""
+    out = [e for t in tasks for e in examples(t, split, n_per_task, seed)]
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[Example]) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "w") as f:
+        for e in rows:
+            f.write(json.dumps({k: v for k, v in asdict(e).items() if v != "" or k != "task"}) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Users' data: one ``{"prompt": ..., "completion": ...}`` object per line (``task`` optional)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ..., \"completion\": ...}} lines")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoergeError(f"{path}: line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+                raise MoergeError(f"{path}: line {n}: needs string fields \"prompt\" and \"completion\"")
+            out.append(Example(row["prompt"], row["completion"], str(row.get("task", ""))))
+    if not out:
+        raise MoergeError(f"{path}: has no examples")
+    return out

@@ -1,0 +1,94 @@
+"""A plain PyTorch training loop for causal LMs on prompt/completion pairs (no Trainer framework).
+
+The loss covers the completion and the end-of-sequence token only: the prompt is context, not
+something the model should learn to produce. Batches are padded to their own longest sequence.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from moerge.tasks.data import Example
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    seconds: float
+    final_loss: float
+    losses: list[float]
+
+
+def encode(tokenizer, rows: Sequence[Example]) -> list[tuple[list[int], int]]:
+    """(token ids of bos + prompt + completion + eos, number of prompt tokens incl. bos) per row."""
+    prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([r.completion for r in rows], add_special_tokens=False)["input_ids"]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    return [([bos] + p + a + [eos], 1 + len(p)) for p, a in zip(prompts, answers)]
+
+
+def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(encoded):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    rows: Sequence[Example],
+    *,
+    steps: int,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    warmup: float = 0.05,
+    seed: int = 0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainStats:
+    """AdamW with linear warmup and cosine decay over the trainable parameters; seeded batches."""
+    if not rows:
+        raise ValueError("no training examples")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    encoded = encode(tokenizer, rows)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    n_warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / n_warm if s < n_warm else 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, steps - n_warm))))
+    model.train()
+    order: list[int] = []
+    losses: list[float] = []
+    start = time.perf_counter()
+    for step in range(steps):
+        if len(order) < batch_size:
+            more = list(range(len(encoded)))
+            rng.shuffle(more)
+            order += more
+        batch = collate([encoded[i] for i in order[:batch_size]], tokenizer.pad_token_id)
+        del order[:batch_size]
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if on_step:
+            on_step(step, losses[-1])
+    model.eval()
+    tail = losses[-max(1, steps // 10):]
+    return TrainStats(steps, time.perf_counter() - start, sum(tail) / len(tail), losses)

@@ -1,0 +1,30 @@
+"""`moerge demo --quick` end to end: the issue's quality bar, checked on real training."""
+
+import json
+
+from typer.testing import CliRunner
+
+from moerge.cli import app
+
+
+def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
+    board_file = tmp_path / "board.json"
+    res = CliRunner().invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"), "--json", str(board_file),
+                                   "--report", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    board = json.loads(board_file.read_text())
+    rows = {r["model"]: r["scores"] for r in board["rows"]}
+    tasks, heldout = board["tasks"], board["heldout"]
+    assert len(tasks) >= 3 and len(heldout) >= 2
+    assert set(rows) == {"base", "multitask"} | {f"expert:{t}" for t in tasks} | {
+        f"merge:{m}" for m in ("linear", "task_arithmetic", "ties", "dare_ties")}
+    for scores in rows.values():
+        assert set(scores) == set(tasks + heldout) and all(0 <= v <= 1 for v in scores.values())
+    for t in tasks:
+        assert rows["base"][t] < 0.2, f"the base already solves {t}"
+        assert rows[f"expert:{t}"][t] >= rows["base"][t] + 0.3, f"expert {t} did not learn its skill"
+    assert (tmp_path / "report" / "scoreboard.png").stat().st_size > 10_000
+    for m in ("linear", "task_arithmetic", "ties", "dare_ties"):
+        assert (tmp_path / "d" / "merges" / m / "model.safetensors").exists()
+    for t in tasks:
+        assert (tmp_path / "d" / "experts" / t / "adapter_model.safetensors").exists()

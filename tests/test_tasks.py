@@ -1,0 +1,79 @@
+"""The built-in skill suite and the JSONL format."""
+
+import json
+
+import pytest
+
+from moerge.errors import MoergeError
+from moerge.tasks import EXPERTS, HELDOUT, PRETRAIN, SKILLS, Example, examples, get, read_jsonl, split_of, write_jsonl
+from moerge.tasks.data import SEPARATOR
+
+
+def test_suite_size_and_disjoint_roles():
+    basic = [s for s in SKILLS.values() if not s.composite]
+    composite = [s for s in SKILLS.values() if s.composite]
+    assert len(basic) >= 12 and len(composite) >= 4
+    assert not set(PRETRAIN) & set(EXPERTS)
+    assert all(SKILLS[h].composite and set(SKILLS[h].parts) <= set(EXPERTS) for h in HELDOUT)
+    assert all(len(set(s.instructions)) >= 3 for s in SKILLS.values())
+
+
+@pytest.mark.parametrize("name", list(SKILLS))
+def test_answers_change_the_input_and_prompts_are_well_formed(name):
+    skill = get(name)
+    rows = examples(name, "train", 50)
+    for r in rows:
+        instruction, x = r.prompt[:-1].split(": ", 1)
+        assert r.prompt.endswith(SEPARATOR) and instruction in skill.instructions and SEPARATOR not in x
+        assert r.completion == skill.solve(x)
+        assert r.completion != x or skill.identity
+    assert len({r.prompt.split(": ", 1)[0] for r in rows}) >= 2  # paraphrases are used
+
+
+def test_known_answers():
+    solve = {n: s.solve for n, s in SKILLS.items()}
+    assert solve["reverse"]("abc") == "cba"
+    assert solve["sort"]("cab") == "abc"
+    assert solve["dedupe"]("abca") == "abc"
+    assert solve["shift"]("azb") == "bac"
+    assert solve["swap"]("abcd") == "badc"
+    assert solve["interleave"]("ab xy") == "axby"
+    assert solve["count"]("banana a") == "3"
+    assert solve["add"]("12+30") == "42"
+    assert solve["reverse_uppercase"]("abc") == "CBA"
+    assert solve["sort_dedupe"]("cbca") == "abc"
+
+
+@pytest.mark.parametrize("name", ["reverse", "sort", "add", "reverse_uppercase"])
+def test_splits_never_share_an_input(name):
+    inputs = {split: {r.prompt.split(": ", 1)[1] for r in examples(name, split, 150)} for split in ("train", "validation", "test")}
+    assert not inputs["train"] & inputs["test"] and not inputs["train"] & inputs["validation"]
+    assert not inputs["validation"] & inputs["test"]
+    assert all(split_of(x[:-1]) == "test" for x in inputs["test"])
+
+
+def test_examples_are_deterministic_and_seeded():
+    assert examples("sort", "test", 20) == examples("sort", "test", 20)
+    assert examples("sort", "test", 20, seed=1) != examples("sort", "test", 20)
+
+
+def test_jsonl_roundtrip_and_errors(tmp_path):
+    rows = examples("reverse", "train", 5)
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert read_jsonl(path) == rows
+    assert json.loads(path.read_text().splitlines()[0]).keys() == {"prompt", "completion", "task"}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a"}\n')
+    with pytest.raises(MoergeError, match=r"bad.jsonl: line 3: needs string fields"):
+        read_jsonl(bad)
+    bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    with pytest.raises(MoergeError, match=r"line 2: not JSON"):
+        read_jsonl(bad)
+    with pytest.raises(MoergeError, match="no such file"):
+        read_jsonl(tmp_path / "missing.jsonl")
+    assert read_jsonl(write_jsonl(tmp_path / "u.jsonl", [Example("p", "c")])) == [Example("p", "c")]
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(MoergeError, match="unknown task 'nope'; known: copy, reverse"):
+        examples("nope", "train", 1)
