@@ -18,7 +18,7 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.io.hub import resolve as resolve_ref
-from moerge.io.lora import LoraAppliedSource
+from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
 from moerge.io.source import TensorSource, open_source
 from moerge.engine import params as P
 from moerge.engine.recipe import Parameters, Recipe, split_ref
@@ -125,7 +125,7 @@ def open_model(ref: str) -> Model:
     if lora:
         lname, lrev, _ = split_ref(lora)
         lora_dir = resolve_ref(lname, lrev)
-        source = LoraAppliedSource(source, lora_dir)
+        source = ExpertAppliedSource(source, load_adapter(lora_dir, source), str(lora_dir))
     config: dict[str, Any] = {}
     cfg = folder / "config.json" if folder.is_dir() else None
     if cfg is not None and cfg.is_file():

@@ -30,10 +30,8 @@ def _sample_file_tensor(fds: dict, info) -> bytes:
 def fingerprint(source: TensorSource) -> str:
     h = hashlib.sha256()
     base = getattr(source, "base", None)
-    if base is not None:  # LoraAppliedSource
-        h.update(fingerprint(base).encode())
-        for name, (a, b, scale, _) in sorted(source.updates.items()):
-            h.update(name.encode() + a.float().numpy().tobytes() + b.float().numpy().tobytes() + str(scale).encode())
+    if base is not None:  # a base with an expert applied
+        h.update(fingerprint(base).encode() + source.expert.digest().encode())
         return "sha256:" + h.hexdigest()[:32]
     fds: dict = {}
     try:
