@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +30,15 @@ def _fail(e: MoergeError) -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _user_errors():
+    """A user-caused failure becomes one error line and exit code 1."""
+    try:
+        yield
+    except MoergeError as e:
+        _fail(e)
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="A merge recipe (mergekit YAML is accepted unchanged)."),
@@ -43,7 +53,7 @@ def merge(
     """Merge the models a recipe names into OUT_DIR."""
     import moerge
 
-    try:
+    with _user_errors():
         plan = moerge.plan(recipe, seed=seed)
         if dry_run:
             out.print(plan.summary(), highlight=False)
@@ -52,8 +62,6 @@ def merge(
 
         res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
                       progress=not quiet and sys.stderr.isatty())
-    except MoergeError as e:
-        _fail(e)
     if not quiet:
         out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s", highlight=False)
 
@@ -85,10 +93,8 @@ def demo(
     """Train one expert per built-in skill, merge them, train a multitask baseline, score everything (offline)."""
     from moerge.demo import run_demo
 
-    try:
+    with _user_errors():
         run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=sys.stderr.isatty())
-    except MoergeError as e:
-        _fail(e)
 
 
 base_app = typer.Typer(no_args_is_help=True, help="The built-in tiny base model.")
@@ -97,6 +103,120 @@ tasks_app = typer.Typer(no_args_is_help=True, help="The built-in skill suite and
 app.add_typer(base_app, name="base")
 app.add_typer(expert_app, name="expert")
 app.add_typer(tasks_app, name="tasks")
+library_app = typer.Typer(no_args_is_help=True, help="The versioned expert library (SQLite catalog + deduplicated blobs).")
+app.add_typer(library_app, name="library")
+LIBRARY = typer.Option(None, "--library", help="Library folder (default: $MOERGE_LIBRARY, else the current folder).")
+
+
+def _library(path: Optional[Path]):
+    from moerge.library import Library
+
+    return Library.open(path)
+
+
+@library_app.command("init")
+def library_init(
+    root: Path = typer.Argument(..., help="Folder for the new library."),
+    base: str = typer.Option(..., "--base", help="The base model every expert must fit (folder or hub id)."),
+) -> None:
+    """Create a library bound to one base model."""
+    from moerge.library import Library
+
+    with _user_errors():
+        lib = Library.init(root, base)
+    out.print(f"created library {root} for base {base} ({lib.meta['base_fingerprint']})", highlight=False)
+
+
+@library_app.command("add")
+def library_add(
+    adapter_dir: Path = typer.Argument(..., help="A PEFT adapter folder (LoRA, DoRA or (IA)3)."),
+    name: str = typer.Option(..., "--name", help="Expert name; adding it again creates the next version."),
+    task: Optional[str] = typer.Option(None, "--task", help="Task (default: the expert card's)."),
+    tags: str = typer.Option("", "--tags", help="Comma-separated tags."),
+    contributor: Optional[str] = typer.Option(None, "--contributor"),
+    license: Optional[str] = typer.Option(None, "--license"),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """Check an adapter against the library's base and store it as NAME@<next version>."""
+    with _user_errors():
+        entry = _library(library).add(adapter_dir, name, task=task, tags=[t for t in tags.split(",") if t],
+                                      contributor=contributor, license=license)
+    out.print(f"added {entry.ref} ({entry.kind}, {entry.nbytes / 1e6:.2f} MB)", highlight=False)
+
+
+@library_app.command("list")
+def library_list(
+    task: Optional[str] = typer.Option(None, "--task"),
+    tag: Optional[str] = typer.Option(None, "--tag"),
+    kind: Optional[str] = typer.Option(None, "--kind", help="lora, dora or ia3."),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """The experts, every version."""
+    with _user_errors():
+        entries = _library(library).experts(task=task, tag=tag, kind=kind)
+    table = Table("expert", "kind", "task", "tags", "MB", "contributor", "validation", title="expert library")
+    for e in entries:
+        val = e.card.get("validation_accuracy")
+        table.add_row(e.ref, e.kind, e.task or "-", ",".join(e.tags) or "-", f"{e.nbytes / 1e6:.2f}", e.contributor or "-",
+                      "-" if val is None else f"{val:.0%}")
+    out.print(table)
+
+
+@library_app.command("show")
+def library_show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION."), library: Optional[Path] = LIBRARY) -> None:
+    """Everything the catalog knows about one expert version."""
+    import json
+    from dataclasses import asdict
+
+    with _user_errors():
+        entry = _library(library).get(ref)
+    out.print_json(json.dumps(asdict(entry) | {"ref": entry.ref}))
+
+
+@library_app.command("export")
+def library_export(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION."),
+    out_dir: Path = typer.Argument(..., help="PEFT adapter folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """Write an expert as a PEFT adapter folder (PeftModel.from_pretrained loads it)."""
+    with _user_errors():
+        path = _library(library).export(ref, out_dir, overwrite=overwrite)
+    out.print(f"wrote {path}", highlight=False)
+
+
+@library_app.command("rm")
+def library_rm(ref: str = typer.Argument(..., help="NAME (every version) or NAME@VERSION."), library: Optional[Path] = LIBRARY) -> None:
+    """Remove experts from the catalog (`gc` frees their blobs)."""
+    with _user_errors():
+        gone = _library(library).remove(ref)
+    out.print(f"removed {', '.join(gone)}", highlight=False)
+
+
+@library_app.command("verify")
+def library_verify(library: Optional[Path] = LIBRARY) -> None:
+    """Re-hash every blob; report corruption by expert and tensor (exit 1 if any)."""
+    with _user_errors():
+        problems, orphans = _library(library).verify()
+    for p in problems:
+        err.print(f"corrupt: {p}", highlight=False)
+    if orphans:
+        out.print(f"{len(orphans)} unreferenced blobs (left by an interrupted add or by rm; `moerge library gc` frees them)", highlight=False)
+    if problems:
+        raise typer.Exit(1)
+    out.print("ok: every expert's tensors match their hashes", highlight=False)
+
+
+@library_app.command("gc")
+def library_gc(
+    min_age: float = typer.Option(3600, "--min-age", help="Only blobs unreferenced and older than this many seconds."),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """Delete blobs no expert references."""
+    with _user_errors():
+        n = _library(library).gc(min_age)
+    out.print(f"removed {n} blobs", highlight=False)
 
 
 @base_app.command("build")
@@ -109,10 +229,8 @@ def base_build(
     """Pretrain the tiny base deterministically (about a minute on 2 cores)."""
     from moerge.base import build_base
 
-    try:
+    with _user_errors():
         path = build_base(out_dir, seed=seed, steps=steps, overwrite=overwrite, progress=sys.stderr.isatty())
-    except MoergeError as e:
-        _fail(e)
     out.print(f"built {path}", highlight=False)
 
 
@@ -121,10 +239,8 @@ def base_path() -> None:
     """Print the folder of the base that commands use by default."""
     from moerge.base import default_base
 
-    try:
+    with _user_errors():
         out.print(str(default_base()), highlight=False)
-    except MoergeError as e:
-        _fail(e)
 
 
 @expert_app.command("train")
@@ -144,11 +260,9 @@ def expert_train(
     """Train one expert from the base with PEFT (or fully) and write its card."""
     from moerge.train.expert import train_expert
 
-    try:
+    with _user_errors():
         card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
                             batch_size=batch_size, seed=seed, overwrite=overwrite, progress=sys.stderr.isatty())
-    except MoergeError as e:
-        _fail(e)
     acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
     out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
@@ -162,10 +276,8 @@ def expert_show(expert_dir: Path = typer.Argument(..., help="An expert folder.")
 
     from moerge.train.expert import ExpertCard
 
-    try:
+    with _user_errors():
         out.print_json(json.dumps(asdict(ExpertCard.read(expert_dir))))
-    except MoergeError as e:
-        _fail(e)
 
 
 @tasks_app.command("list")
@@ -192,10 +304,8 @@ def tasks_export(
     """Write a split of a skill as JSONL, the format `expert train --data` reads."""
     from moerge.tasks import examples, write_jsonl
 
-    try:
+    with _user_errors():
         write_jsonl(out_file, examples(task, split, n, seed))
-    except MoergeError as e:
-        _fail(e)
     out.print(f"wrote {n} examples to {out_file}", highlight=False)
 
 
@@ -214,12 +324,10 @@ def eval_cmd(
     from moerge.eval import evaluate, resolve_tasks
     from moerge.train.expert import load_expert
 
-    try:
+    with _user_errors():
         names = resolve_tasks(tasks)
         model, tok = load_expert(model_dir, adapter) if adapter else base_model.load(model_dir)
         scores = evaluate(model, tok, names, n=n)
-    except MoergeError as e:
-        _fail(e)
     table = Table("task", "exact match", title=f"{model_dir or 'built-in base'}" + (f" + {adapter}" if adapter else ""))
     for t, v in scores.items():
         table.add_row(t, f"{v:.1%}")

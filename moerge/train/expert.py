@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -55,7 +55,13 @@ class ExpertCard:
         path = Path(folder) / CARD
         if not path.is_file():
             raise MoergeError(f"{folder}: has no {CARD}; train it with `moerge expert train` or add a card")
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        extra = dict(data.pop("extra", {}) or {}) | {k: data.pop(k) for k in list(data) if k not in known}
+        try:
+            return cls(**data, extra=extra)
+        except TypeError as e:
+            raise MoergeError(f"{path}: not a complete expert card ({e})") from None
 
 
 def peft_config(adapter: str, rank: int = 8):

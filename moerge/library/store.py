@@ -1,0 +1,375 @@
+"""The expert library: a SQLite catalog over a content-addressed blob store, bound to one base.
+
+Layout of a library folder::
+
+    library.json         the base it is bound to (reference and fingerprint)
+    catalog.sqlite       experts (name, version, kind, task, tags, card) and their tensors (key -> blob)
+    blobs/ab/cdef...     one file per distinct tensor content (sha256 of its bytes)
+    tmp/                 blobs being written
+
+Why it cannot lose or mix up an expert:
+- blobs are written to ``tmp/`` and renamed into place, so a blob file is always complete, and the
+  same content is stored once across experts and versions;
+- an expert becomes visible only when one SQLite transaction (``BEGIN IMMEDIATE``, WAL) inserts it
+  with all its tensor rows; concurrent writers queue on that lock and each gets its own version;
+- a writer killed before its commit leaves at most unreferenced blobs, which ``verify`` reports as
+  such (not as corruption) and ``gc`` removes; ``rm`` only drops catalog rows for the same reason;
+- every adapter is checked against the library's base (names, shapes, and the expert card's base
+  fingerprint) before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from moerge.errors import MoergeError
+
+FORMAT = 1
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experts (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    task TEXT,
+    tags TEXT NOT NULL DEFAULT '[]',
+    contributor TEXT,
+    license TEXT,
+    card TEXT NOT NULL DEFAULT '{}',
+    adapter_config TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (name, version)
+);
+CREATE TABLE IF NOT EXISTS tensors (
+    expert_id INTEGER NOT NULL REFERENCES experts(id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    PRIMARY KEY (expert_id, key)
+);
+CREATE INDEX IF NOT EXISTS tensors_blob ON tensors (blob);
+CREATE INDEX IF NOT EXISTS experts_task ON experts (task);
+"""
+DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+                              torch.int8, torch.uint8, torch.bool)}
+
+
+def _crash_point(where: str) -> None:
+    """Fault injection for the tests: MOERGE_CRASH_AT=<where> kills the process here, as a power cut would."""
+    if os.environ.get("MOERGE_CRASH_AT") == where:
+        os._exit(137)
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME@VERSION`` -> (name, version or None for the latest)."""
+    name, _, version = ref.partition("@")
+    check_name(name)
+    if version and not version.isdigit():
+        raise MoergeError(f"{ref!r}: the version after @ must be a number (NAME@2)")
+    return name, int(version) if version else None
+
+
+def check_name(name: str) -> str:
+    if not NAME.match(name) or ".." in name:
+        raise MoergeError(f"{name!r} is not a valid expert name: use letters, digits, '.', '_' and '-' (at most 128), "
+                          "starting with a letter or digit")
+    return name
+
+
+@dataclass
+class Entry:
+    """One expert version in the catalog."""
+
+    id: int
+    name: str
+    version: int
+    kind: str
+    task: str | None
+    tags: list[str]
+    contributor: str | None
+    license: str | None
+    card: dict
+    adapter_config: dict
+    digest: str
+    nbytes: int
+    created: float
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class Library:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        meta = self.root / "library.json"
+        if not meta.is_file():
+            raise MoergeError(f"{self.root}: not an expert library (no library.json); create one with `moerge library init`")
+        self.meta = json.loads(meta.read_text())
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+
+    # ------------------------------------------------------------------ creation and access
+
+    @classmethod
+    def init(cls, root: str | os.PathLike, base: str | os.PathLike) -> "Library":
+        from moerge.io.fingerprint import folder_fingerprint
+        from moerge.io.hub import resolve
+
+        root = Path(root)
+        if (root / "library.json").exists():
+            raise MoergeError(f"{root}: already holds a library")
+        base_dir = resolve(str(base))
+        meta = {"format": FORMAT, "base": str(base), "base_path": str(Path(base_dir).resolve()),
+                "base_fingerprint": folder_fingerprint(base_dir), "created": time.time()}
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(exist_ok=True)
+        with sqlite3.connect(root / "catalog.sqlite") as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(SCHEMA)
+        tmp = root / f".library.json.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(tmp, root / "library.json")  # the library exists once this file does
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: str | os.PathLike | None = None) -> "Library":
+        return cls(Path(root or os.environ.get("MOERGE_LIBRARY") or "."))
+
+    @contextmanager
+    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.root / "catalog.sqlite", timeout=60, isolation_level=None)
+        try:
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=60000")
+            if write:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            else:
+                yield db
+        finally:
+            db.close()
+
+    def base_source(self):
+        from moerge.io.source import open_source
+
+        path = Path(self.meta["base_path"])
+        if not path.exists():
+            raise MoergeError(f"{self.root}: its base {self.meta['base']} is no longer at {path}; restore it there")
+        return open_source(path)
+
+    # ------------------------------------------------------------------ blobs
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.blobs / digest[:2] / digest[2:]
+
+    def _put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._blob_path(digest)
+        if path.exists() and path.stat().st_size == len(data):
+            os.utime(path)  # dedup; a fresh mtime keeps a concurrent `gc` from taking it before our commit
+            return digest
+        path.parent.mkdir(exist_ok=True)
+        tmp = self.tmp / f"{digest}.{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return digest
+
+    def _get_blob(self, digest: str, dtype: str, shape: list[int]) -> torch.Tensor:
+        data = self._blob_path(digest).read_bytes()
+        t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return t.view(DTYPES[dtype]).reshape(shape)
+
+    # ------------------------------------------------------------------ experts
+
+    def add(self, adapter_dir: str | os.PathLike, name: str, *, task: str | None = None, tags: list[str] | tuple = (),
+            contributor: str | None = None, license: str | None = None) -> Entry:
+        """Store a PEFT adapter folder as the next version of ``name``."""
+        from moerge.experts.peft_format import parse_adapter, read_adapter
+        from moerge.train.expert import CARD
+
+        check_name(name)
+        adapter_dir = Path(adapter_dir)
+        config, tensors = read_adapter(adapter_dir)
+        card = {}
+        if (adapter_dir / CARD).is_file():
+            card = json.loads((adapter_dir / CARD).read_text())
+            fp = card.get("base_fingerprint")
+            if fp and fp != self.meta["base_fingerprint"]:
+                raise MoergeError(f"{adapter_dir}: was trained on a base with fingerprint {fp}, but this library's base "
+                                  f"({self.meta['base']}) has {self.meta['base_fingerprint']}; add it to a library of its own base")
+        expert = parse_adapter(config, tensors, self.base_source(), str(adapter_dir))  # names and shapes fit the base
+        rows = []
+        for key, t in sorted(tensors.items()):
+            t = t.contiguous()
+            data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            rows.append((key, self._put_blob(data), str(t.dtype), json.dumps(list(t.shape)), len(data)))
+        _crash_point("after-blobs")
+        with self._db(write=True) as db:
+            (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM experts WHERE name = ?", (name,)).fetchone()
+            cur = db.execute(
+                "INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config, digest,"
+                " nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (name, version, expert.kind, task or card.get("task"), json.dumps(sorted(set(tags))), contributor, license,
+                 json.dumps(card), json.dumps(config), expert.digest(), sum(r[4] for r in rows), time.time()))
+            db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
+                           [(cur.lastrowid, *r) for r in rows])
+            _crash_point("before-commit")
+        return self.get(f"{name}@{version}")
+
+    def _entry(self, row) -> Entry:
+        return Entry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], json.loads(row[8]),
+                     json.loads(row[9]), row[10], row[11], row[12])
+
+    _COLUMNS = "id, name, version, kind, task, tags, contributor, license, card, adapter_config, digest, nbytes, created"
+
+    def get(self, ref: str) -> Entry:
+        name, version = split_ref(ref)
+        with self._db() as db:
+            if version is None:
+                row = db.execute(f"SELECT {self._COLUMNS} FROM experts WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)).fetchone()
+            else:
+                row = db.execute(f"SELECT {self._COLUMNS} FROM experts WHERE name = ? AND version = ?", (name, version)).fetchone()
+        if row is None:
+            raise MoergeError(f"{self.root}: no expert {ref!r}; see `moerge library list`")
+        return self._entry(row)
+
+    def experts(self, *, task: str | None = None, tag: str | None = None, kind: str | None = None, latest: bool = False) -> list[Entry]:
+        where, args = [], []
+        if task:
+            where.append("task = ?")
+            args.append(task)
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if latest:
+            where.append("version = (SELECT MAX(version) FROM experts e2 WHERE e2.name = experts.name)")
+        sql = f"SELECT {self._COLUMNS} FROM experts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY name, version"
+        with self._db() as db:
+            entries = [self._entry(r) for r in db.execute(sql, args)]
+        return [e for e in entries if tag is None or tag in e.tags]
+
+    def tensors(self, ref: str) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as they were added (original PEFT keys)."""
+        entry = self.get(ref)
+        with self._db() as db:
+            rows = db.execute("SELECT key, blob, dtype, shape FROM tensors WHERE expert_id = ?", (entry.id,)).fetchall()
+        out = {}
+        for key, blob, dtype, shape in rows:
+            try:
+                out[key] = self._get_blob(blob, dtype, json.loads(shape))
+            except FileNotFoundError:
+                raise MoergeError(f"{self.root}: blob of {entry.ref} tensor {key} is missing; run `moerge library verify`") from None
+        return out
+
+    def load(self, ref: str):
+        """The expert as an Expert (updates keyed by base tensor names), checked against the base."""
+        from moerge.experts.peft_format import parse_adapter
+
+        entry = self.get(ref)
+        expert = parse_adapter(entry.adapter_config, self.tensors(ref), self.base_source(), f"library:{entry.ref}")
+        return expert
+
+    def export(self, ref: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a PEFT adapter folder (``PeftModel.from_pretrained`` loads it) plus the expert card."""
+        from safetensors.torch import save_file
+
+        from moerge.train.expert import CARD
+        from moerge.util import atomic_dir
+
+        entry = self.get(ref)
+        tensors = self.tensors(entry.ref)
+        with atomic_dir(Path(out_dir), overwrite) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(entry.adapter_config, indent=2) + "\n")
+            card = dict(entry.card) | {"library_ref": entry.ref, "base_fingerprint": self.meta["base_fingerprint"]}
+            (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
+        return Path(out_dir)
+
+    def remove(self, ref: str) -> list[str]:
+        """Drop ``NAME@V`` (or every version of ``NAME``) from the catalog; ``gc`` frees the blobs."""
+        name, version = split_ref(ref)
+        with self._db(write=True) as db:
+            if version is None:
+                rows = db.execute("SELECT version FROM experts WHERE name = ?", (name,)).fetchall()
+                db.execute("DELETE FROM experts WHERE name = ?", (name,))
+            else:
+                rows = db.execute("SELECT version FROM experts WHERE name = ? AND version = ?", (name, version)).fetchall()
+                db.execute("DELETE FROM experts WHERE name = ? AND version = ?", (name, version))
+        if not rows:
+            raise MoergeError(f"{self.root}: no expert {ref!r}; see `moerge library list`")
+        return [f"{name}@{v}" for (v,) in rows]
+
+    # ------------------------------------------------------------------ integrity
+
+    def _referenced(self) -> dict[str, list[tuple[str, str, int]]]:
+        with self._db() as db:
+            rows = db.execute("SELECT t.blob, e.name || '@' || e.version, t.key, t.nbytes FROM tensors t JOIN experts e"
+                              " ON e.id = t.expert_id").fetchall()
+        refs: dict[str, list[tuple[str, str, int]]] = {}
+        for blob, ref, key, n in rows:
+            refs.setdefault(blob, []).append((ref, key, n))
+        return refs
+
+    def _stored(self) -> set[str]:
+        return {p.parent.name + p.name for p in self.blobs.glob("??/*")}
+
+    def verify(self) -> tuple[list[str], list[str]]:
+        """Re-hash every referenced blob. Returns (problems naming expert and tensor, unreferenced blobs)."""
+        problems = []
+        refs = self._referenced()
+        for blob, users in sorted(refs.items()):
+            path = self._blob_path(blob)
+            ok = path.is_file() and path.stat().st_size == users[0][2] and hashlib.sha256(path.read_bytes()).hexdigest() == blob
+            if not ok:
+                state = "missing" if not path.is_file() else "corrupt"
+                problems += [f"{ref} tensor {key}: blob {blob[:12]} is {state}" for ref, key, _ in users]
+        return problems, sorted(self._stored() - set(refs))
+
+    def gc(self, min_age_seconds: float = 3600) -> int:
+        """Delete unreferenced blobs (and stale temporary files) older than ``min_age_seconds``: younger
+        ones may belong to an add that has not committed yet."""
+        now = time.time()
+        removed = 0
+        referenced = set(self._referenced())
+        for blob in self._stored() - referenced:
+            path = self._blob_path(blob)
+            if now - path.stat().st_mtime >= min_age_seconds:
+                path.unlink(missing_ok=True)
+                removed += 1
+        for p in self.tmp.iterdir():
+            if now - p.stat().st_mtime >= min_age_seconds:
+                p.unlink(missing_ok=True)
+        return removed
+
+    def stats(self) -> dict:
+        stored = self._stored()
+        with self._db() as db:
+            n_experts, logical = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM experts").fetchone()
+        return {"experts": n_experts, "logical_bytes": logical, "blobs": len(stored),
+                "stored_bytes": sum(self._blob_path(b).stat().st_size for b in stored)}
