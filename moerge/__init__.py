@@ -39,22 +39,24 @@ def load_recipe(recipe: "str | os.PathLike | dict | Recipe") -> "Recipe":
     return _load(Path(text))
 
 
-def plan(recipe, *, seed: int | None = None) -> "Plan":
-    """Validate a recipe against its inputs (headers only) and return the per-tensor plan."""
+def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None) -> "Plan":
+    """Validate a recipe against its inputs (headers only) and return the per-tensor plan.
+    ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".")."""
     from moerge.engine.plan import build_plan
 
     r = load_recipe(recipe)
     if seed is not None:
         r = r.model_copy(update={"seed": seed})
-    return build_plan(r)
+    return build_plan(r, library)
 
 
 def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
-          workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False) -> "MergeResult":
+          workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
+          library: "str | os.PathLike | None" = None) -> "MergeResult":
     """Merge the models a recipe names into ``out_dir`` (created atomically)."""
     from moerge.engine.executor import execute
 
-    return execute(plan(recipe, seed=seed), out_dir, overwrite=overwrite, workers=workers,
+    return execute(plan(recipe, seed=seed, library=library), out_dir, overwrite=overwrite, workers=workers,
                    shard_size=shard_size, progress=progress)
 
 

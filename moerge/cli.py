@@ -49,12 +49,13 @@ def merge(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe's."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (default: cores, at most 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    library: Optional[Path] = typer.Option(None, "--library", help="Where library://NAME@V models live (default: $MOERGE_LIBRARY, else .)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR."""
     import moerge
 
     with _user_errors():
-        plan = moerge.plan(recipe, seed=seed)
+        plan = moerge.plan(recipe, seed=seed, library=library)
         if dry_run:
             out.print(plan.summary(), highlight=False)
             return

@@ -143,3 +143,27 @@ def test_rm_then_gc_frees_blobs_and_cli_flow(lib, experts, tmp_path):
     assert res.returncode == 1 and "no expert 'r'" in res.stderr
     res = cli("library", "list", "--library", str(tmp_path))
     assert res.returncode == 1 and "not an expert library" in res.stderr
+
+
+def test_recipes_name_library_experts(lib, experts, tmp_path):
+    import moerge
+    from safetensors.torch import load_file
+
+    lib.add(experts["rev"], "rev")
+    lib.add(experts["srt"], "srt")
+    lib.add(experts["up"], "srt")  # srt@2: the (IA)3 one; srt@1 stays the DoRA one
+    base = base_model.default_base()
+
+    def recipe(a, b):
+        return {"merge_method": "task_arithmetic", "base_model": str(base),
+                "models": [{"model": a, "parameters": {"weight": 0.7}}, {"model": b, "parameters": {"weight": 0.5}}]}
+
+    got = moerge.merge(recipe("library://rev", "library://srt@1"), tmp_path / "a", library=lib.root)
+    want = moerge.merge(recipe(f"{base}+{experts['rev']}", f"{base}+{experts['srt']}"), tmp_path / "b")
+    a, b = load_file(got.out_dir / "model.safetensors"), load_file(want.out_dir / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "library://srt@1" in (got.out_dir / "README.md").read_text()
+    with pytest.raises(MoergeError, match="no expert 'srt@3'"):
+        moerge.plan(recipe("library://rev", "library://srt@3"), library=lib.root)
+    res = cli("merge", "-", str(tmp_path / "c"), "--library", str(lib.root))  # unknown path: one error line
+    assert res.returncode == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,22 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def open_model(ref: str) -> Model:
+LIBRARY_SCHEME = "library://"
+
+
+def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
+    """A model reference as a lazy source: a folder or hub id, ``base+adapter``, or
+    ``library://NAME[@VERSION]`` (an expert of the library at ``library``, else ``$MOERGE_LIBRARY``,
+    else the current folder, applied to that library's base)."""
+    if ref.startswith(LIBRARY_SCHEME):
+        from moerge.library import Library
+
+        lib = Library.open(library)
+        entry = lib.get(ref[len(LIBRARY_SCHEME):])
+        base = lib.base_source()
+        source = ExpertAppliedSource(base, lib.load(entry.ref), f"{LIBRARY_SCHEME}{entry.ref}")
+        folder = Path(lib.meta["base_path"])
+        return Model(ref, folder, source, _read_config(folder), None)
     name, rev, lora = split_ref(ref)
     folder = resolve_ref(name, rev)
     source: TensorSource = open_source(folder)
@@ -126,14 +142,17 @@ def open_model(ref: str) -> Model:
         lname, lrev, _ = split_ref(lora)
         lora_dir = resolve_ref(lname, lrev)
         source = ExpertAppliedSource(source, load_adapter(lora_dir, source), str(lora_dir))
-    config: dict[str, Any] = {}
+    return Model(ref, folder, source, _read_config(folder), lora_dir)
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
     cfg = folder / "config.json" if folder.is_dir() else None
-    if cfg is not None and cfg.is_file():
-        try:
-            config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
-            raise MoergeError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
-    return Model(ref, folder, source, config, lora_dir)
+    if cfg is None or not cfg.is_file():
+        return {}
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise MoergeError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -149,8 +168,9 @@ def _layer_key(name: str):
 
 
 class Planner:
-    def __init__(self, recipe: Recipe, models: dict[str, Model] | None = None):
+    def __init__(self, recipe: Recipe, models: dict[str, Model] | None = None, library: str | os.PathLike | None = None):
         self.recipe = recipe
+        self.library = library
         self.method = registry.get(recipe.merge_method)
         self._models: dict[str, Model] = dict(models or {})
         self.order: list[str] = []
@@ -160,7 +180,7 @@ class Planner:
 
     def model(self, ref: str) -> int:
         if ref not in self._models:
-            self._models[ref] = open_model(ref)
+            self._models[ref] = open_model(ref, self.library)
         if ref not in self.order:
             self.order.append(ref)
         return self.order.index(ref)
@@ -341,5 +361,5 @@ def _relayer(config: dict, layout: dict, planner: Planner) -> None:
             break
 
 
-def build_plan(recipe: Recipe) -> Plan:
-    return Planner(recipe).build()
+def build_plan(recipe: Recipe, library: str | os.PathLike | None = None) -> Plan:
+    return Planner(recipe, library=library).build()
