@@ -269,6 +269,27 @@ def expert_train(
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
 
 
+@expert_app.command("extract")
+def expert_extract(
+    finetune: str = typer.Argument(..., help="A full fine-tune (folder or hub id)."),
+    base: str = typer.Option(..., "--base", help="The base it was fine-tuned from."),
+    out_dir: Path = typer.Option(..., "--out", help="PEFT LoRA folder to write."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank per layer."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Compress a fine-tune into a LoRA by truncated SVD; report the energy each layer keeps."""
+    from moerge.experts.extract import extract_lora
+
+    with _user_errors():
+        res = extract_lora(finetune, base, out_dir, rank=rank, overwrite=overwrite)
+    worst = min(res.layers, key=lambda r: r["energy"])
+    out.print(f"wrote {out_dir}: {len(res.layers)} layers at rank {rank}, mean energy kept {res.mean_energy:.1%} "
+              f"(lowest {worst['energy']:.1%} in {worst['module']}); details in moerge_extract.json", highlight=False)
+    if res.skipped:
+        out.print(f"not representable as LoRA and left out: {len(res.skipped)} changed tensors "
+                  f"(e.g. {res.skipped[0]['tensor']}, max change {res.skipped[0]['max_abs_change']:.2e})", highlight=False)
+
+
 @expert_app.command("show")
 def expert_show(expert_dir: Path = typer.Argument(..., help="An expert folder.")) -> None:
     """Print an expert's card."""
