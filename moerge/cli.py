@@ -209,6 +209,22 @@ def library_verify(library: Optional[Path] = LIBRARY) -> None:
     out.print("ok: every expert's tensors match their hashes", highlight=False)
 
 
+@library_app.command("push")
+def library_push(dest: str = typer.Argument(..., help="Another library location (path or fsspec URL)."), library: Optional[Path] = LIBRARY) -> None:
+    """Copy the experts DEST lacks, sending only missing blobs (DEST is created if needed)."""
+    with _user_errors():
+        copied = _library(library).push(dest)
+    out.print(f"pushed {len(copied)} expert versions" + (f": {', '.join(copied)}" if copied else ""), highlight=False)
+
+
+@library_app.command("pull")
+def library_pull(src: str = typer.Argument(..., help="Another library location (path or fsspec URL)."), library: Optional[Path] = LIBRARY) -> None:
+    """Copy the experts SRC has and this library lacks."""
+    with _user_errors():
+        copied = _library(library).pull(src)
+    out.print(f"pulled {len(copied)} expert versions" + (f": {', '.join(copied)}" if copied else ""), highlight=False)
+
+
 @library_app.command("gc")
 def library_gc(
     min_age: float = typer.Option(3600, "--min-age", help="Only blobs unreferenced and older than this many seconds."),

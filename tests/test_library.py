@@ -167,3 +167,25 @@ def test_recipes_name_library_experts(lib, experts, tmp_path):
         moerge.plan(recipe("library://rev", "library://srt@3"), library=lib.root)
     res = cli("merge", "-", str(tmp_path / "c"), "--library", str(lib.root))  # unknown path: one error line
     assert res.returncode == 1
+
+
+def test_push_and_pull_send_only_what_is_missing(lib, experts, tmp_path, tiny):
+    lib.add(experts["rev"], "rev")
+    lib.add(experts["rev"], "rev")  # rev@2: same blobs
+    lib.add(experts["up"], "up")
+    assert lib.push(tmp_path / "mirror") == ["rev@1", "rev@2", "up@1"]
+    mirror = Library(tmp_path / "mirror")
+    assert mirror.stats()["stored_bytes"] == lib.stats()["stored_bytes"] and mirror.verify() == ([], [])
+    assert lib.push(tmp_path / "mirror") == []
+    mirror.add(experts["srt"], "srt")
+    assert lib.pull(tmp_path / "mirror") == ["srt@1"]
+    assert [e.ref for e in lib.experts()] == [e.ref for e in mirror.experts()]
+    other = Library.init(tmp_path / "other", base_model.default_base())
+    other.add(experts["rev2"], "rev")  # rev@1 with other contents
+    with pytest.raises(MoergeError, match="already has rev@1 with other contents"):
+        lib.push(other.root)
+    foreign = Library.init(tmp_path / "foreign", tiny["base"])
+    with pytest.raises(MoergeError, match="is a library of another base"):
+        lib.push(foreign.root)
+    res = cli("library", "push", str(tmp_path / "mirror2"), "--library", str(lib.root))
+    assert res.returncode == 0 and "pushed 4 expert versions" in res.stdout

@@ -325,6 +325,73 @@ class Library:
             raise MoergeError(f"{self.root}: no expert {ref!r}; see `moerge library list`")
         return [f"{name}@{v}" for (v,) in rows]
 
+    # ------------------------------------------------------------------ transfer
+
+    def push(self, dest: str | os.PathLike) -> list[str]:
+        """Copy every expert version that ``dest`` lacks, sending only the blobs it lacks.
+
+        ``dest`` is an fsspec URL or path; a missing library there is created for the same base. The
+        blobs travel through fsspec; the catalog rows are then committed in ``dest``'s own SQLite
+        transaction, so a transfer cut short leaves ``dest`` with unreferenced blobs only. A name and
+        version that exist on both sides with different contents are a conflict: nothing is copied.
+        """
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(dest))
+        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            raise MoergeError(f"{dest}: only local library locations are supported so far (got {fs.protocol})")
+        target = Path(root)
+        if not (target / "library.json").exists():
+            target.mkdir(parents=True, exist_ok=True)
+            (target / "blobs").mkdir(exist_ok=True)
+            (target / "tmp").mkdir(exist_ok=True)
+            with sqlite3.connect(target / "catalog.sqlite") as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript(SCHEMA)
+            fs.pipe_file(str(target / "library.json"), json.dumps(self.meta, indent=2).encode() + b"\n")
+        other = Library(target)
+        if other.meta["base_fingerprint"] != self.meta["base_fingerprint"]:
+            raise MoergeError(f"{dest}: is a library of another base ({other.meta['base']}, "
+                              f"{other.meta['base_fingerprint']}); push only between libraries of one base")
+        theirs = {e.ref: e.digest for e in other.experts()}
+        todo = []
+        for e in self.experts():
+            if e.ref in theirs:
+                if theirs[e.ref] != e.digest:
+                    raise MoergeError(f"{dest}: already has {e.ref} with other contents; rename one of them before syncing")
+                continue
+            todo.append(e)
+        copied = []
+        for e in todo:
+            with self._db() as db:
+                rows = db.execute("SELECT key, blob, dtype, shape, nbytes FROM tensors WHERE expert_id = ?", (e.id,)).fetchall()
+            for _, blob, _, _, n in rows:
+                remote = other._blob_path(blob)
+                if not fs.exists(str(remote)) or fs.size(str(remote)) != n:
+                    fs.makedirs(str(remote.parent), exist_ok=True)
+                    part = other.tmp / f"{blob}.{uuid.uuid4().hex}"
+                    fs.put_file(str(self._blob_path(blob)), str(part))
+                    fs.mv(str(part), str(remote))
+            with other._db(write=True) as db:
+                if db.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (e.name, e.version)).fetchone():
+                    raise MoergeError(f"{dest}: {e.ref} appeared there during the transfer; run it again")
+                cur = db.execute(
+                    "INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config, digest,"
+                    " nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (e.name, e.version, e.kind, e.task, json.dumps(e.tags), e.contributor, e.license, json.dumps(e.card),
+                     json.dumps(e.adapter_config), e.digest, e.nbytes, e.created))
+                db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
+                               [(cur.lastrowid, *r) for r in rows])
+            copied.append(e.ref)
+        return copied
+
+    def pull(self, src: str | os.PathLike) -> list[str]:
+        """Copy what ``src`` (another library of the same base) has and this one lacks."""
+        import fsspec
+
+        _, root = fsspec.core.url_to_fs(str(src))
+        return Library(Path(root)).push(self.root)
+
     # ------------------------------------------------------------------ integrity
 
     def _referenced(self) -> dict[str, list[tuple[str, str, int]]]:
