@@ -130,7 +130,7 @@ def library_init(
 
 @library_app.command("add")
 def library_add(
-    adapter_dir: Path = typer.Argument(..., help="A PEFT adapter folder (LoRA, DoRA or (IA)3)."),
+    adapter_dir: Path = typer.Argument(..., help="A PEFT adapter folder (LoRA, DoRA, (IA)3) or a full fine-tune."),
     name: str = typer.Option(..., "--name", help="Expert name; adding it again creates the next version."),
     task: Optional[str] = typer.Option(None, "--task", help="Task (default: the expert card's)."),
     tags: str = typer.Option("", "--tags", help="Comma-separated tags."),
@@ -149,7 +149,7 @@ def library_add(
 def library_list(
     task: Optional[str] = typer.Option(None, "--task"),
     tag: Optional[str] = typer.Option(None, "--tag"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="lora, dora or ia3."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="lora, dora, ia3 or dense."),
     library: Optional[Path] = LIBRARY,
 ) -> None:
     """The experts, every version."""
@@ -304,6 +304,46 @@ def expert_extract(
     if res.skipped:
         out.print(f"not representable as LoRA and left out: {len(res.skipped)} changed tensors "
                   f"(e.g. {res.skipped[0]['tensor']}, max change {res.skipped[0]['max_abs_change']:.2e})", highlight=False)
+
+
+@expert_app.command("combine")
+def expert_combine(
+    adapters: list[Path] = typer.Argument(..., help="PEFT LoRA folders of one base."),
+    base: Path = typer.Option(..., "--base", help="The base they were trained on."),
+    out_dir: Path = typer.Option(..., "--out", help="PEFT LoRA folder to write."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per adapter (default 1 each)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Re-factorise to at most this rank (default: exact, ranks add up)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Sum LoRA adapters into one, exactly (concatenated factors) or at a chosen rank (SVD)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from moerge.experts.lowrank import combine_adapters
+    from moerge.experts.peft_format import load_adapter
+    from moerge.io.source import open_source
+    from moerge.util import atomic_dir
+
+    with _user_errors():
+        if not base.exists():
+            raise MoergeError(f"{base}: no such base folder")
+        src = open_source(base)
+        ws = None
+        if weights:
+            try:
+                ws = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise MoergeError(f"--weights {weights!r}: give numbers separated by commas") from None
+        config, tensors, kept = combine_adapters([load_adapter(a, src) for a in adapters], ws, rank)
+        with atomic_dir(out_dir, overwrite) as tmp:
+            save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+            (tmp / "moerge_combine.json").write_text(json.dumps({"adapters": [str(a) for a in adapters], "weights": ws,
+                                                                  "rank": rank, "energy_kept": kept}, indent=2) + "\n")
+    low = min(kept.values())
+    out.print(f"wrote {out_dir}: {len(kept)} modules, rank {config['r']}" +
+              (f", lowest energy kept {low:.1%}" if rank else " (exact)"), highlight=False)
 
 
 @expert_app.command("show")

@@ -189,3 +189,31 @@ def test_push_and_pull_send_only_what_is_missing(lib, experts, tmp_path, tiny):
         lib.push(foreign.root)
     res = cli("library", "push", str(tmp_path / "mirror2"), "--library", str(lib.root))
     assert res.returncode == 0 and "pushed 4 expert versions" in res.stdout
+
+
+def test_full_fine_tunes_are_dense_experts(lib, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    import moerge
+
+    train_expert(tmp_path / "full", task="sort", adapter="none", steps=2, n_train=16, batch_size=8, progress=False)
+    ft = load_file(tmp_path / "full" / "model.safetensors")
+    base = load_file(base_model.default_base() / "model.safetensors")
+    # a fine-tune that left some tensors untouched: only the changed ones are stored
+    untouched = "model.norm.weight"
+    ft[untouched] = base[untouched].clone()
+    save_file(ft, tmp_path / "full" / "model.safetensors", metadata={"format": "pt"})
+    entry = lib.add(tmp_path / "full", "sort-full")
+    assert entry.kind == "dense" and untouched not in lib.tensors("sort-full")
+    lib.export("sort-full", tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    got = model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ft.items() if k in got)
+    r = {"merge_method": "passthrough", "models": [{"model": "library://sort-full"}]}
+    merged = load_file(moerge.merge(r, tmp_path / "m", library=lib.root).out_dir / "model.safetensors")
+    assert all(torch.equal(merged[k], ft[k]) for k in merged)
+    (tmp_path / "bad").mkdir()
+    save_file({"model.norm.weight": torch.ones(3)}, tmp_path / "bad" / "model.safetensors")
+    with pytest.raises(MoergeError, match="lacks tensor"):
+        lib.add(tmp_path / "bad", "bad")

@@ -83,3 +83,41 @@ def test_extract_lora_from_a_fine_tune(tiny, tmp_path):
         from moerge.experts.extract import extract_lora
 
         extract_lora(tmp_path / "ft", tiny["base"], tmp_path / "y", rank=0)
+
+
+def test_combine_lora_adapters_exactly_and_at_a_rank(tiny, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from moerge.cli import app
+
+    torch.manual_seed(0)
+    for name, targets in (("a", ["q_proj", "v_proj"]), ("b", ["q_proj", "down_proj"])):
+        m = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["base"]),
+                           LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+        m.save_pretrained(tmp_path / name)
+
+    def merged(folder):
+        return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["base"]), folder).merge_and_unload().state_dict()
+
+    base = load_file(tiny["base"] / "model.safetensors")
+    sa, sb = merged(tmp_path / "a"), merged(tmp_path / "b")
+    want = {k: base[k] + 0.5 * (sa[k] - base[k]) + 2.0 * (sb[k] - base[k]) for k in base}
+    run = CliRunner().invoke(app, ["expert", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(tiny["base"]),
+                                   "--weights", "0.5,2", "--out", str(tmp_path / "c")])
+    assert run.exit_code == 0, run.output
+    got = merged(tmp_path / "c")
+    for k in base:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    run = CliRunner().invoke(app, ["expert", "combine", str(tmp_path / "a"), str(tmp_path / "b"), "--base", str(tiny["base"]),
+                                   "--rank", "1", "--out", str(tmp_path / "r1")])
+    assert run.exit_code == 0 and "lowest energy kept" in run.output
+    kept = json.loads((tmp_path / "r1" / "moerge_combine.json").read_text())["energy_kept"]
+    q = "model.layers.0.self_attn.q_proj.weight"  # rank 4 (2 + 2) cut to 1; v_proj (rank 2) too
+    assert 0 < kept[q] < 1
+    delta = merged(tmp_path / "r1")[q] - base[q]
+    assert torch.linalg.matrix_rank(delta.double(), atol=1e-5) == 1
+    run = CliRunner().invoke(app, ["expert", "combine", str(tmp_path / "a"), "--base", str(tiny["base"]), "--weights", "1,2",
+                                   "--out", str(tmp_path / "x")])
+    assert run.exit_code == 1 and "one weight per adapter" in run.output

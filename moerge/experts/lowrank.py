@@ -60,3 +60,43 @@ def refactor(update: LowRank, rank: int) -> tuple[LowRank, float]:
     kept = float(s[:k].square().sum()) / total if total > 0 else 1.0
     new_a, new_b = _split(qb @ u[:, :k], s[:k], vh[:k] @ qa.T)
     return LowRank(new_a.float(), new_b.float(), 1.0, update.transpose), min(1.0, kept)
+
+
+def combine_adapters(adapters: list, weights: list[float] | None = None, rank: int | None = None) -> tuple[dict, dict, dict]:
+    """Σ wᵢ · adapterᵢ as one PEFT LoRA: (adapter_config, tensors, kept energy per module).
+
+    ``adapters`` are LoRA ``Expert``s of one base. Without ``rank`` the result is exact (concatenated
+    factors); with it, each module is re-factorised to at most that rank."""
+    from moerge.errors import MoergeError
+
+    weights = weights or [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise MoergeError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    for e in adapters:
+        if e.kind != "lora" or any(not isinstance(u, LowRank) or type(u) is not LowRank for u in e.updates.values()):
+            raise MoergeError(f"{e.path}: a {e.kind} expert (or one with modules_to_save); only plain LoRA adapters combine "
+                              "without materialising; merge the others with `moerge merge`")
+    if len({bool(e.config.get("fan_in_fan_out")) for e in adapters}) > 1:
+        raise MoergeError("the adapters disagree on fan_in_fan_out; they cannot be combined")
+    tensors, ranks, kept = {}, {}, {}
+    for target in sorted({t for e in adapters for t in e.updates}):
+        parts = [(e.updates[target], w) for e, w in zip(adapters, weights) if target in e.updates]
+        u = concat([p for p, _ in parts], [w for _, w in parts])
+        if rank is not None and u.rank > rank:
+            u, kept[target] = refactor(u, rank)
+        else:
+            kept[target] = 1.0
+        module = target[: -len(".weight")]
+        emb = u.transpose and not adapters[0].config.get("fan_in_fan_out")
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A.weight", "lora_B.weight")
+        tensors[f"base_model.model.{module}.{a_key}"] = u.a.contiguous()
+        tensors[f"base_model.model.{module}.{b_key}"] = u.b.contiguous()
+        ranks[module] = u.rank
+    top = max(ranks.values())
+    config = dict(adapters[0].config) | {
+        "r": top, "lora_alpha": top, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {m: r for m, r in ranks.items() if r != top},
+        "alpha_pattern": {m: r for m, r in ranks.items() if r != top},  # every scale is 1: factors carry it
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+    }
+    return config, tensors, kept

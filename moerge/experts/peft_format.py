@@ -79,6 +79,11 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSource, where: str = "adapter") -> Expert:
     """Turn PEFT's config and tensors into an Expert, checked against the base's names and shapes."""
     ptype = config.get("peft_type", "LORA")
+    if ptype == "DENSE":  # a full fine-tune, stored as the tensors it changed
+        for name, t in tensors.items():
+            if name not in base or tuple(base.info(name).shape) != tuple(t.shape):
+                raise MoergeError(f"{where}: tensor {name} does not fit {base.path}; was it made for another base?")
+        return Expert("dense", {n: Replace(t) for n, t in tensors.items()}, config, tensors)
     if ptype not in ("LORA", "IA3"):
         raise MoergeError(f"{where}: a {ptype} adapter; moerge reads LoRA, DoRA and (IA)3 adapters")
     kind = "ia3" if ptype == "IA3" else "dora" if config.get("use_dora") else "lora"
@@ -136,6 +141,37 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
         if not ok:
             raise another_base(f"the update for {target} has shape {got} but the base tensor is {want}")
     return Expert(kind, updates, config, tensors)
+
+
+def load_finetune(folder: str | Path, base: TensorSource) -> Expert:
+    """A full fine-tune as a dense expert: the tensors that differ from the base (all must fit it)."""
+    ft = open_source(folder)
+    missing = [n for n in base.names() if n not in ft]
+    if missing:
+        raise MoergeError(f"{folder}: lacks tensor {missing[0]!r} that the base {base.path} has; is it a fine-tune of that base?")
+    changed = {}
+    for name in ft.names():
+        if name not in base:
+            raise MoergeError(f"{folder}: has tensor {name!r} that the base {base.path} lacks; was it made for another base?")
+        if tuple(ft.info(name).shape) != tuple(base.info(name).shape):
+            raise MoergeError(f"{folder}: tensor {name} has shape {tuple(ft.info(name).shape)} but the base has "
+                              f"{tuple(base.info(name).shape)}; was it made for another base?")
+        t = ft.get(name)
+        if not torch.equal(t, base.get(name)):
+            changed[name] = t
+    expert = parse_adapter({"peft_type": "DENSE"}, changed, base, str(folder))
+    expert.path = Path(folder)
+    return expert
+
+
+def load_expert_folder(folder: str | Path, base: TensorSource) -> Expert:
+    """A PEFT adapter folder, or a full fine-tune (a model folder)."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise MoergeError(f"{folder}: no such folder")
+    if (folder / "adapter_config.json").is_file():
+        return load_adapter(folder, base)
+    return load_finetune(folder, base)
 
 
 def load_adapter(folder: str | Path, base: TensorSource) -> Expert:

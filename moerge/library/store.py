@@ -209,13 +209,12 @@ class Library:
 
     def add(self, adapter_dir: str | os.PathLike, name: str, *, task: str | None = None, tags: list[str] | tuple = (),
             contributor: str | None = None, license: str | None = None) -> Entry:
-        """Store a PEFT adapter folder as the next version of ``name``."""
-        from moerge.experts.peft_format import parse_adapter, read_adapter
+        """Store a PEFT adapter folder (or a full fine-tune's changed tensors) as the next version of ``name``."""
+        from moerge.experts.peft_format import load_expert_folder
         from moerge.train.expert import CARD
 
         check_name(name)
         adapter_dir = Path(adapter_dir)
-        config, tensors = read_adapter(adapter_dir)
         card = {}
         if (adapter_dir / CARD).is_file():
             card = json.loads((adapter_dir / CARD).read_text())
@@ -223,7 +222,10 @@ class Library:
             if fp and fp != self.meta["base_fingerprint"]:
                 raise MoergeError(f"{adapter_dir}: was trained on a base with fingerprint {fp}, but this library's base "
                                   f"({self.meta['base']}) has {self.meta['base_fingerprint']}; add it to a library of its own base")
-        expert = parse_adapter(config, tensors, self.base_source(), str(adapter_dir))  # names and shapes fit the base
+        expert = load_expert_folder(adapter_dir, self.base_source())  # names and shapes must fit the base
+        config, tensors = expert.config, expert.tensors
+        card["lineage"] = {"source": str(adapter_dir.resolve()), "digest": expert.digest(),
+                           "base_fingerprint": self.meta["base_fingerprint"], "added": time.time()}
         rows = []
         for key, t in sorted(tensors.items()):
             t = t.contiguous()
@@ -304,12 +306,33 @@ class Library:
 
         entry = self.get(ref)
         tensors = self.tensors(entry.ref)
+        if entry.kind == "dense":
+            return self._export_model(entry, tensors, Path(out_dir), overwrite)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(json.dumps(entry.adapter_config, indent=2) + "\n")
             card = dict(entry.card) | {"library_ref": entry.ref, "base_fingerprint": self.meta["base_fingerprint"]}
             (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
         return Path(out_dir)
+
+    def _export_model(self, entry: Entry, changed: dict[str, torch.Tensor], out: Path, overwrite: bool) -> Path:
+        """A dense expert as a whole model folder: the base's tensors with the expert's changes, and
+        the base's config and tokenizer files."""
+        from safetensors.torch import save_file
+
+        from moerge.train.expert import CARD
+        from moerge.util import atomic_dir
+
+        base = self.base_source()
+        base_dir = Path(self.meta["base_path"])
+        with atomic_dir(out, overwrite) as tmp:
+            save_file({n: changed[n] if n in changed else base.get(n) for n in base.names()},
+                      tmp / "model.safetensors", metadata={"format": "pt"})
+            for f in base_dir.iterdir() if base_dir.is_dir() else []:
+                if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and not f.name.endswith(".index.json"):
+                    (tmp / f.name).write_bytes(f.read_bytes())
+            (tmp / CARD).write_text(json.dumps(dict(entry.card) | {"library_ref": entry.ref}, indent=2) + "\n")
+        return out
 
     def remove(self, ref: str) -> list[str]:
         """Drop ``NAME@V`` (or every version of ``NAME``) from the catalog; ``gc`` frees the blobs."""
