@@ -415,6 +415,86 @@ def eval_cmd(
         json_file.write_text(json.dumps({"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None, "scores": scores}, indent=2) + "\n")
 
 
+route_app = typer.Typer(no_args_is_help=True, help="Route each input among experts (one batched forward pass).")
+app.add_typer(route_app, name="route")
+EXPERTS_OPT = typer.Option(None, "--experts", help="Expert folders (comma-separated) instead of a library; or NAME@V refs with --library.")
+
+
+def _routed(router: str, library: Optional[Path], experts: Optional[str], base: Optional[Path], top_k: Optional[int],
+            temperature: Optional[float]):
+    from moerge.routing import load_routed
+
+    refs = [e for e in (experts or "").split(",") if e]
+    if library is None and not refs:
+        library = Path(os.environ["MOERGE_LIBRARY"]) if os.environ.get("MOERGE_LIBRARY") else None
+    return load_routed(router, experts=refs or None, library=library, base=base, top_k=top_k, temperature=temperature)
+
+
+@route_app.command("list")
+def route_list() -> None:
+    """The routers."""
+    from moerge.routing.registry import get, names
+
+    table = Table("router", "level", "what it does", title="routers")
+    for n in names():
+        cls = get(n)
+        table.add_row(n, cls.level, cls.help)
+    out.print(table)
+
+
+@route_app.command("eval")
+def route_eval(
+    router: str = typer.Option(..., "--router", help="See `moerge route list`."),
+    library: Optional[Path] = typer.Option(None, "--library", help="Route among the library's latest experts."),
+    experts: Optional[str] = EXPERTS_OPT,
+    base: Optional[Path] = typer.Option(None, "--base", help="Base for expert folders (default: the built-in base)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    tasks: str = typer.Option("experts", "--tasks", help="all, experts, heldout, or names separated by commas."),
+    n: int = typer.Option(200, "--n", help="Test examples per task."),
+    json_file: Optional[Path] = typer.Option(None, "--json"),
+) -> None:
+    """Exact match of the routed model on the test split of each task, and where the router sent each task."""
+    import json
+
+    from moerge.eval import evaluate, resolve_tasks
+    from moerge.tasks import examples
+
+    with _user_errors():
+        names = resolve_tasks(tasks)
+        model = _routed(router, library, experts, base, top_k, temperature)
+        scores = evaluate(model, model.tokenizer, names, n=n)
+        usage = {t: model.usage([e.prompt for e in examples(t, "test", min(n, 50))]).tolist() for t in names}
+    table = Table("task", "exact match", *model.names, title=f"router {router}: accuracy and mean expert weight")
+    for t in names:
+        table.add_row(t, f"{scores[t]:.1%}", *[f"{w:.2f}" for w in usage[t]])
+    out.print(table)
+    if json_file:
+        json_file.write_text(json.dumps({"router": router, "experts": model.names, "scores": scores, "usage": usage}, indent=2) + "\n")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(..., help='A prompt, e.g. "reverse: abc="'),
+    router: str = typer.Option("centroid", "--router"),
+    library: Optional[Path] = typer.Option(None, "--library"),
+    experts: Optional[str] = EXPERTS_OPT,
+    base: Optional[Path] = typer.Option(None, "--base"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+) -> None:
+    """Answer one prompt with the routed model; print the answer and the experts it used."""
+    from moerge.eval import greedy
+
+    with _user_errors():
+        model = _routed(router, library, experts, base, top_k, None)
+        answer = greedy(model, model.tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
+        weights = model.usage([prompt]).tolist()
+    out.print(answer, highlight=False)
+    used = ", ".join(f"{n} {w:.2f}" for n, w in sorted(zip(model.names, weights), key=lambda x: -x[1]) if w >= 0.01)
+    err.print(f"experts: {used}", highlight=False)
+
+
 def main() -> None:  # console_scripts entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -24,6 +24,10 @@ MERGES = {
 }
 
 
+# routers compared in the demo (top-k); "oracle" knows each prompt's task
+ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("arrow", 1)]
+
+
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
     params = MERGES[method]
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
@@ -36,7 +40,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     import moerge
     from moerge import base as base_model
     from moerge.eval import evaluate
-    from moerge.tasks import skills
+    from moerge.routing import load_routed
+    from moerge.tasks import examples, skills
     from moerge.train.expert import load_expert, train_expert
     from moerge.util import quiet_transformers
 
@@ -75,15 +80,22 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
                         overwrite=True, progress=progress)
     model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
     score("multitask", model, tok, card.seconds)
+    routing = {}
+    for router, top_k in ROUTERS:
+        t0 = time.perf_counter()
+        routed = load_routed(router, experts=list(experts.values()), base=base_dir, top_k=top_k)
+        score("oracle" if router == "oracle" else f"route:{router}", routed, routed.tokenizer, time.perf_counter() - t0)
+        routing[router] = {t: routed.usage([e.prompt for e in examples(t, "test", 50)]).tolist() for t in columns}
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
-             "quick": quick, "base": str(base_dir)}
+             "quick": quick, "base": str(base_dir), "experts": list(experts), "routing": routing}
     _print(console, board)
     if json_file:
         Path(json_file).write_text(json.dumps(board, indent=2) + "\n")
     if report_dir:
         png = plot(board, Path(report_dir) / "scoreboard.png")
-        console.print(f"scoreboard drawn in {png}", highlight=False)
+        plot_routing(board, Path(report_dir) / "routing.png")
+        console.print(f"scoreboard and routing weights drawn in {png.parent}", highlight=False)
     console.print(f"experts in {out_dir}/experts, merges in {out_dir}/merges ({board['seconds']:.0f} s in all)", highlight=False)
     return board
 
@@ -98,7 +110,7 @@ def _print(console: Console, board: dict) -> None:
     table.add_column("base", justify="right")
     table.add_column("own expert", justify="right")
     for m in models[1:]:
-        table.add_column(m.replace("merge:", "").replace("task_arithmetic", "task_arith"), justify="right")
+        table.add_column(m.replace("merge:", "").replace("route:", "→").replace("task_arithmetic", "task_arith"), justify="right")
     for t in board["tasks"] + board["heldout"]:
         own = rows.get(f"expert:{t}", {}).get(t)
         table.add_row(t + ("*" if t in board["heldout"] else ""), f"{rows['base'][t]:.0%}",
@@ -135,6 +147,31 @@ def plot(board: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.png")
     fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_routing(board: dict, path: Path) -> Path:
+    """Mean routing weight per task (rows) and expert (columns), one panel per router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    routers = list(board["routing"])
+    cols = board["tasks"] + board["heldout"]
+    fig, axes = plt.subplots(1, len(routers), figsize=(3.2 * len(routers), 0.6 + 0.35 * len(cols)), squeeze=False)
+    for ax, r in zip(axes[0], routers):
+        data = [board["routing"][r][t] for t in cols]
+        ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        ax.set_title(r)
+        ax.set_xticks(range(len(board["experts"])), board["experts"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(cols)), [c + ("*" if c in board["heldout"] else "") for c in cols], fontsize=7)
+    fig.suptitle("routing weight: task (rows) -> expert (columns)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
     return path

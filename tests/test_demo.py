@@ -16,14 +16,20 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
     rows = {r["model"]: r["scores"] for r in board["rows"]}
     tasks, heldout = board["tasks"], board["heldout"]
     assert len(tasks) >= 3 and len(heldout) >= 2
-    assert set(rows) == {"base", "multitask"} | {f"expert:{t}" for t in tasks} | {
-        f"merge:{m}" for m in ("linear", "task_arithmetic", "ties", "dare_ties")}
+    assert set(rows) == {"base", "multitask", "oracle"} | {f"expert:{t}" for t in tasks} | {
+        f"merge:{m}" for m in ("linear", "task_arithmetic", "ties", "dare_ties")} | {
+        f"route:{r}" for r in ("uniform", "centroid", "arrow")}
     for scores in rows.values():
         assert set(scores) == set(tasks + heldout) and all(0 <= v <= 1 for v in scores.values())
     for t in tasks:
         assert rows["base"][t] < 0.2, f"the base already solves {t}"
         assert rows[f"expert:{t}"][t] >= rows["base"][t] + 0.3, f"expert {t} did not learn its skill"
+        # the oracle routes each prompt to its task's expert through the mixture runtime: the expert's score
+        assert abs(rows["oracle"][t] - rows[f"expert:{t}"][t]) <= 0.03
     assert (tmp_path / "report" / "scoreboard.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "routing.png").stat().st_size > 10_000
+    for t in tasks:
+        assert board["routing"]["oracle"][t][board["experts"].index(t)] == 1.0
     for m in ("linear", "task_arithmetic", "ties", "dare_ties"):
         assert (tmp_path / "d" / "merges" / m / "model.safetensors").exists()
     for t in tasks:

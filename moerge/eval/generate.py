@@ -10,21 +10,27 @@ import torch
 from moerge.tasks.data import Example
 
 
+def encode_left_padded(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """bos + prompt, left-padded (as generation sees them)."""
+    ids = [[tokenizer.bos_token_id] + p for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    width = max(len(p) for p in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, p in enumerate(ids):
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return input_ids, mask
+
+
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 128) -> list[str]:
     """Completions of ``prompts`` (left-padded batches, greedy, stop at end-of-sequence)."""
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: list[str] = []
     model.eval()
-    for s in range(0, len(ids), batch_size):
-        chunk = [[bos] + p for p in ids[s: s + batch_size]]
-        width = max(len(p) for p in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, p in enumerate(chunk):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
+    for s in range(0, len(prompts), batch_size):
+        input_ids, mask = encode_left_padded(tokenizer, prompts[s: s + batch_size])
+        width = input_ids.shape[1]
         gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)
         for row in gen[:, width:].tolist():

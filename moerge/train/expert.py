@@ -45,6 +45,7 @@ class ExpertCard:
     seconds: float
     final_loss: float
     validation_accuracy: float | None
+    centroid: list[float] | None = None  # mean base embedding of training prompts (task-level routing)
     extra: dict = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
@@ -133,6 +134,9 @@ def train_expert(
         task, source = Path(data).stem, str(data)
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
+    from moerge.routing.embed import prompt_centroid
+
+    centroid = prompt_centroid(model, tok, [r.prompt for r in train_rows[:256]])
     torch.manual_seed(seed)
     if adapter == "none":
         model.train()
@@ -158,7 +162,7 @@ def train_expert(
             trainable_params=trainable, adapter_bytes=sum(f.stat().st_size for f in weights), data=source,
             data_sha256=_data_hash(train_rows), examples=len(train_rows), steps=steps, lr=lr, batch_size=batch_size,
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
-            final_loss=round(stats.final_loss, 4), validation_accuracy=val,
+            final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=[round(c, 5) for c in centroid],
         )
         card.write(tmp)
     return card

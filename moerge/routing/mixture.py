@@ -1,0 +1,101 @@
+"""A bank of LoRA experts inside a transformers model, mixed per example or per token in one pass.
+
+``attach`` wraps each targeted ``nn.Linear`` in a ``MixtureLinear`` holding every expert's factors,
+stacked once and zero-padded to the largest rank (an expert that does not touch a module has zero
+factors there). Its forward adds ``Σ_e w_e · B_e A_e x`` for the whole batch with two einsums, never a
+Python loop over experts or examples:
+
+    h = einsum("bti,eri->bter", x, A)          # every expert's down-projection
+    y = einsum("bter,eor->bto", h * w, B)      # weighted, up-projected, summed over experts
+
+Weights come from a shared ``RoutingState``: per example ``(batch, E)`` (task-level routers: set once
+before ``generate``, so they hold for every generated token and work with the KV cache), or per token,
+computed inside each layer from the layer's own input by a ``TokenRouter`` (Arrow, PHATGOOSE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moerge.errors import MoergeError
+from moerge.experts.kinds import LowRank
+
+
+@dataclass
+class RoutingState:
+    """What the mixture layers read at each forward."""
+
+    example_weights: torch.Tensor | None = None  # (batch, E)
+    token_router: "Callable[[str, torch.Tensor], torch.Tensor] | None" = None  # (module, x) -> (b, t, E)
+    usage: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> summed weights (E,), for reports
+    record: bool = False
+
+
+class MixtureLinear(nn.Module):
+    def __init__(self, base: nn.Linear, name: str, a: torch.Tensor, b: torch.Tensor, state: RoutingState):
+        super().__init__()
+        self.base = base
+        self.name = name
+        self.register_buffer("a", a, persistent=False)  # (E, r, in)
+        self.register_buffer("b", b, persistent=False)  # (E, out, r), scales folded in
+        self.state = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        st = self.state
+        if st.token_router is not None:
+            w = st.token_router(self.name, x)  # (b, t, E)
+        elif st.example_weights is not None:
+            w = st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
+        else:
+            return y
+        if st.record:
+            st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
+        h = torch.einsum("bti,eri->bter", x, self.a.to(x.dtype))
+        return y + torch.einsum("bter,eor->bto", h * w.unsqueeze(-1), self.b.to(x.dtype))
+
+
+def stack_experts(experts: list, module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module: (A (E, r, in), B (E, out, r)) with each expert's scale folded into B."""
+    out = {}
+    for module in module_names:
+        target = module + ".weight"
+        ups = [e.updates.get(target) for e in experts]
+        present = [u for u in ups if u is not None]
+        if not present:
+            continue
+        for e, u in zip(experts, ups):
+            if u is not None and (type(u) is not LowRank or u.transpose):
+                raise MoergeError(f"expert {getattr(e, 'path', '?')}: a {e.kind} update on {module}; the mixture runtime "
+                                  "routes plain LoRA experts on linear layers (merge DoRA/(IA)3 experts instead)")
+        r = max(u.rank for u in present)
+        out_f, in_f = present[0].b.shape[0], present[0].a.shape[1]
+        a = torch.zeros(len(experts), r, in_f)
+        b = torch.zeros(len(experts), out_f, r)
+        for i, u in enumerate(ups):
+            if u is not None:
+                a[i, : u.rank] = u.a.float()
+                b[i, :, : u.rank] = u.b.float() * u.scale
+        out[module] = (a, b)
+    return out
+
+
+def attach(model: nn.Module, experts: list, state: RoutingState) -> dict[str, MixtureLinear]:
+    """Wrap every linear layer that some expert adapts; returns the wrappers by module name."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = sorted({t[: -len(".weight")] for e in experts for t in e.updates})
+    missing = [t for t in targets if t not in linears]
+    if missing:
+        raise MoergeError(f"the experts adapt {missing[0]!r}, which is not a linear layer of this model")
+    wrapped = {}
+    for module, (a, b) in stack_experts(experts, targets).items():
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = MixtureLinear(linears[module], module, a, b, state)
+        setattr(parent, child, layer)
+        wrapped[module] = layer
+    return wrapped

@@ -1,0 +1,126 @@
+"""A base model with a bank of experts and a router: what ``moerge route`` evaluates and serves.
+
+``RoutedModel`` quacks like a causal LM where the evaluator needs it (``eval``, ``generate``,
+``__call__``), so the same exact-match evaluation scores base models, merges and routed models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from moerge.errors import MoergeError
+from moerge.routing.mixture import RoutingState, attach
+from moerge.routing.registry import Router
+
+
+class RoutedModel:
+    def __init__(self, model, tokenizer, experts: list, cards: list[dict], router: Router):
+        if not experts:
+            raise MoergeError("routing needs at least one expert")
+        self.model, self.tokenizer, self.cards, self.router = model, tokenizer, cards, router
+        self.state = RoutingState()
+        self.layers = attach(model, experts, self.state)
+        router.fit(self)
+
+    def eval(self) -> "RoutedModel":
+        self.model.eval()
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [c.get("name", f"expert{i}") for i, c in enumerate(self.cards)]
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Base-model prompt embeddings (routing switched off while they are computed)."""
+        from moerge.routing.embed import mean_pooled
+
+        saved = (self.state.example_weights, self.state.token_router)
+        self.state.example_weights = self.state.token_router = None
+        try:
+            return mean_pooled(self.model, input_ids, attention_mask)
+        finally:
+            self.state.example_weights, self.state.token_router = saved
+
+    def _route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.router.level == "token":
+            self.state.example_weights, self.state.token_router = None, self.router.token_weights
+            return
+        pad = self.tokenizer.pad_token_id
+        prompts = [self.tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in input_ids.tolist()]
+        self.state.token_router = None
+        self.state.example_weights = self.router.example_weights(self, prompts, input_ids, attention_mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+        self._route(input_ids, attention_mask)
+        try:
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        finally:
+            self.state.example_weights = self.state.token_router = None
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+        self._route(input_ids, attention_mask)
+        try:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        finally:
+            self.state.example_weights = self.state.token_router = None
+
+    @torch.no_grad()
+    def usage(self, prompts: list[str]) -> torch.Tensor:
+        """Average weight each expert receives on ``prompts`` (over examples, or tokens and layers)."""
+        from moerge.eval.generate import encode_left_padded
+
+        ids, mask = encode_left_padded(self.tokenizer, prompts)
+        if self.router.level == "example":
+            self._route(ids, mask)
+            w = self.state.example_weights.mean(0)
+            self.state.example_weights = None
+            return w
+        self.state.usage, self.state.record = {}, True
+        try:
+            self(ids, mask)
+        finally:
+            self.state.record = False
+        total = sum(self.state.usage.values())
+        return total / total.sum()
+
+
+def _card(folder: Path) -> dict:
+    p = folder / "expert.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, library: str | os.PathLike | None = None,
+                base: str | os.PathLike | None = None, top_k: int | None = None, temperature: float | None = None) -> RoutedModel:
+    """A routed model from expert folders (on ``base``, default the built-in base) or from a library's
+    latest expert versions (or the refs given in ``experts``), with the named router."""
+    from moerge import base as base_model
+    from moerge.experts.peft_format import load_adapter
+    from moerge.io.source import open_source
+    from moerge.routing.registry import get
+
+    cls = get(router)
+    kwargs = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
+    if library is not None:
+        from moerge.library import Library
+
+        lib = Library.open(library)
+        entries = [lib.get(r) for r in experts] if experts else lib.experts(latest=True)
+        loaded = [lib.load(e.ref) for e in entries]
+        cards = [dict(e.card) | {"task": e.task, "name": e.ref} for e in entries]
+        base_dir = Path(lib.meta["base_path"])
+    else:
+        if not experts:
+            raise MoergeError("give expert folders or --library")
+        base_dir = Path(base) if base else base_model.default_base()
+        src = open_source(base_dir)
+        loaded = [load_adapter(Path(d), src) for d in experts]
+        cards = [_card(Path(d)) | {"name": Path(d).name} for d in experts]
+    model, tok = base_model.load(base_dir)
+    return RoutedModel(model, tok, loaded, cards, cls(**kwargs))

@@ -1,0 +1,71 @@
+"""One registry of routers. A router turns inputs into expert weights, at one of two levels:
+
+- ``example``: ``example_weights(routed, prompts, input_ids, attention_mask) -> (batch, E)``, once per
+  generate call (task-level routing: centroid, oracle, uniform);
+- ``token``: ``token_weights(module, x) -> (batch, tokens, E)`` inside every adapted layer (Arrow).
+
+``fit(routed)`` precomputes what the router needs from the experts (prototypes, centroids) once.
+A new router is one file in ``routers/`` that calls ``register``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from moerge.errors import MoergeError
+
+
+class Router:
+    name: str = ""
+    level: Literal["example", "token"] = "example"
+    help: str = ""
+
+    def __init__(self, top_k: int | None = None, temperature: float = 1.0):
+        self.top_k = top_k
+        self.temperature = temperature
+
+    def fit(self, routed) -> None:
+        pass
+
+    def example_weights(self, routed, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0) -> torch.Tensor:
+    """Softmax over the k best scores of the last dimension; the others get weight 0."""
+    if k is not None and k < scores.shape[-1]:
+        kth = scores.topk(k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return torch.softmax(scores / temperature, dim=-1)
+
+
+_ROUTERS: dict[str, type[Router]] = {}
+
+
+def register(cls: type[Router]) -> type[Router]:
+    if cls.name in _ROUTERS:
+        raise ValueError(f"router {cls.name!r} is registered twice")
+    _ROUTERS[cls.name] = cls
+    return cls
+
+
+def names() -> list[str]:
+    _load()
+    return sorted(_ROUTERS)
+
+
+def get(name: str) -> type[Router]:
+    _load()
+    try:
+        return _ROUTERS[name]
+    except KeyError:
+        raise MoergeError(f"unknown router {name!r}; known: {', '.join(names())}") from None
+
+
+def _load() -> None:
+    from moerge.routing.routers import arrow, centroid, oracle  # noqa: F401  (importing registers)

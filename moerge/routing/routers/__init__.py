@@ -1,0 +1,1 @@
+"""Routers, one file each; importing a module registers its routers."""

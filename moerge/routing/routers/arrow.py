@@ -1,0 +1,45 @@
+"""Arrow (Ostapenko et al. 2024): zero-shot routing per layer and per token. Each expert's prototype
+at a layer is the top right singular vector of its B·A (the input direction it amplifies most); a
+token's score for an expert is |<h, v_e>|, and the top k scores go through a softmax."""
+
+from __future__ import annotations
+
+import torch
+
+from moerge.routing.registry import Router, register, top_k_softmax
+
+
+def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Of B·A, through QR of the factors: O((in + out) r²), never the full matrix."""
+    qb, rb = torch.linalg.qr(b.double())
+    qa, ra = torch.linalg.qr(a.double().T)
+    _, _, vh = torch.linalg.svd(rb @ ra.T)
+    return (vh[0] @ qa.T).float()
+
+
+@register
+class ArrowRouter(Router):
+    name = "arrow"
+    level = "token"
+    help = "Arrow: per-token |<h, top singular vector of B·A>|, top-k softmax, per layer"
+
+    def __init__(self, top_k: int | None = 1, temperature: float = 1.0):
+        super().__init__(top_k, temperature)
+
+    def fit(self, routed) -> None:
+        self.protos: dict[str, torch.Tensor] = {}
+        self.present: dict[str, torch.Tensor] = {}
+        for module, layer in routed.layers.items():
+            vs, present = [], []
+            for e in range(layer.a.shape[0]):
+                a, b = layer.a[e], layer.b[e]
+                has = bool(b.any()) and bool(a.any())
+                vs.append(top_right_singular_vector(a, b) if has else torch.zeros(a.shape[1]))
+                present.append(has)
+            self.protos[module] = torch.stack(vs)  # (E, in)
+            self.present[module] = torch.tensor(present)
+
+    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        scores = (x @ self.protos[module].to(x.dtype).T).abs()
+        scores = scores.masked_fill(~self.present[module], float("-inf"))
+        return top_k_softmax(scores, self.top_k, self.temperature)

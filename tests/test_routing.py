@@ -1,0 +1,131 @@
+"""The mixture runtime against merged weights, the routers' weights, and the route CLI."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moerge import base as base_model
+from moerge.cli import app
+from moerge.errors import MoergeError
+from moerge.routing import RoutedModel, load_routed
+from moerge.routing.registry import Router, get
+from moerge.train.expert import train_expert
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rexperts")
+    for task, rank in (("reverse", 4), ("uppercase", 2), ("novowels", 8)):  # different ranks in one bank
+        train_expert(root / task, task=task, steps=3, rank=rank, n_train=64, batch_size=16, progress=False)
+    return [root / t for t in ("reverse", "uppercase", "novowels")]
+
+
+class Fixed(Router):
+    """Per-example weights given by the test."""
+    name = "fixed"
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def example_weights(self, routed, prompts, input_ids, attention_mask):
+        return self.w
+
+
+def merged_model(experts, weights):
+    """The base with W + Σ w_e ΔW_e written into its weights: what the mixture must equal."""
+    from moerge.experts import load_adapter
+    from moerge.io.source import open_source
+
+    model, tok = base_model.load()
+    src = open_source(base_model.default_base())
+    sd = model.state_dict()
+    with torch.no_grad():
+        for folder, w in zip(experts, weights):
+            for name, u in load_adapter(folder, src).updates.items():
+                sd[name] += w * u.delta(sd[name])
+    model.load_state_dict(sd)
+    return model, tok
+
+
+def routed(experts, router):
+    from moerge.experts import load_adapter
+    from moerge.io.source import open_source
+
+    model, tok = base_model.load()
+    src = open_source(base_model.default_base())
+    return RoutedModel(model, tok, [load_adapter(f, src) for f in experts], [{"task": f.name} for f in experts], router)
+
+
+def test_batched_mixture_equals_each_rows_merged_model(experts):
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
+    rm = routed(experts, Fixed(rows))
+    ids, mask = rm.tokenizer(["reverse: abc=", "flip: xyzw=", "shout: q="], add_special_tokens=False,
+                             return_tensors="pt", padding=True).values()
+    with torch.no_grad():
+        got = rm(ids, mask).logits
+        for i in range(3):
+            ref, _ = merged_model(experts, rows[i].tolist())
+            want = ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits
+            torch.testing.assert_close(got[i: i + 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_kv_cache_matches_the_merged_model(experts):
+    from moerge.eval import greedy
+
+    w = torch.tensor([[0.0, 1.0, 0.0]] * 4)
+    rm = routed(experts, Fixed(w))
+    prompts = ["reverse: abc=", "uppercase: hello=", "drop vowels: banana=", "sort: dcba="]
+    ref, tok = merged_model(experts, [0.0, 1.0, 0.0])
+    assert greedy(rm, tok, prompts) == greedy(ref, tok, prompts)
+
+
+def test_routers_weights(experts):
+    from moerge.eval.generate import encode_left_padded
+
+    prompts = ["reverse: abc=", "capitalize: hey=", "no vowels: audio=", "flip then shout: abc=", "sort: cba="]
+    oracle = load_routed("oracle", experts=experts)
+    ids, mask = encode_left_padded(oracle.tokenizer, prompts)
+    w = oracle.router.example_weights(oracle, prompts, ids, mask)
+    torch.testing.assert_close(w, torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0], [1 / 3] * 3]))
+    uni = load_routed("uniform", experts=experts)
+    assert torch.allclose(uni.router.example_weights(uni, prompts, ids, mask), torch.full((5, 3), 1 / 3))
+    cen = load_routed("centroid", experts=experts, top_k=1)
+    cw = cen.router.example_weights(cen, prompts, ids, mask)
+    assert torch.equal((cw > 0).sum(1), torch.ones(5, dtype=torch.long)) and torch.allclose(cw.sum(1), torch.ones(5))
+    arrow = load_routed("arrow", experts=experts, top_k=2)
+    x = torch.randn(2, 7, arrow.layers["model.layers.0.self_attn.q_proj"].a.shape[2])
+    aw = arrow.router.token_weights("model.layers.0.self_attn.q_proj", x)
+    assert aw.shape == (2, 7, 3) and torch.allclose(aw.sum(-1), torch.ones(2, 7)) and bool(((aw > 0).sum(-1) <= 2).all())
+    usage = arrow.usage(prompts)
+    assert usage.shape == (3,) and abs(float(usage.sum()) - 1) < 1e-5
+
+
+def test_refusals(experts, tmp_path):
+    train_expert(tmp_path / "dora", task="sort", adapter="dora", steps=1, n_train=8, batch_size=4, progress=False)
+    with pytest.raises(MoergeError, match="routes plain LoRA experts"):
+        load_routed("uniform", experts=[experts[0], tmp_path / "dora"])
+    with pytest.raises(MoergeError, match="unknown router 'nope'; known: arrow, centroid"):
+        get("nope")
+    card = json.loads((experts[0] / "expert.json").read_text())
+    assert len(card["centroid"]) == base_model.CONFIG["hidden"]
+
+
+def test_route_cli_with_a_library(experts, tmp_path):
+    from moerge.library import Library
+
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    for f in experts:
+        lib.add(f, f.name)
+    res = CliRunner().invoke(app, ["route", "eval", "--library", str(lib.root), "--router", "oracle", "--tasks",
+                                   "reverse,novowels", "--n", "10", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["experts"] == ["novowels@1", "reverse@1", "uppercase@1"]
+    assert data["usage"]["reverse"] == [0.0, 1.0, 0.0] and set(data["scores"]) == {"reverse", "novowels"}
+    res = CliRunner().invoke(app, ["generate", "reverse: abc=", "--library", str(lib.root), "--router", "oracle"])
+    assert res.exit_code == 0 and "reverse@1 1.00" in res.output
+    res = CliRunner().invoke(app, ["route", "eval", "--router", "oracle"])
+    assert res.exit_code == 1 and "give expert folders or --library" in res.output
