@@ -346,6 +346,21 @@ def expert_combine(
               (f", lowest energy kept {low:.1%}" if rank else " (exact)"), highlight=False)
 
 
+@expert_app.command("gate")
+def expert_gate(
+    expert_dir: Path = typer.Argument(..., help="An expert folder trained by `moerge expert train`."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Its base (default: the built-in base)."),
+    steps: int = typer.Option(100, "--steps"),
+    lr: float = typer.Option(1e-2, "--lr"),
+) -> None:
+    """Train the expert's PHATGOOSE gates on its own data (expert and base frozen)."""
+    from moerge.routing.routers.phatgoose import train_gates
+
+    with _user_errors():
+        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=sys.stderr.isatty())
+    out.print(f"wrote {expert_dir / 'gates.safetensors'} ({len(gates)} modules)", highlight=False)
+
+
 @expert_app.command("show")
 def expert_show(expert_dir: Path = typer.Argument(..., help="An expert folder.")) -> None:
     """Print an expert's card."""

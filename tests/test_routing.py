@@ -129,3 +129,37 @@ def test_route_cli_with_a_library(experts, tmp_path):
     assert res.exit_code == 0 and "reverse@1 1.00" in res.output
     res = CliRunner().invoke(app, ["route", "eval", "--router", "oracle"])
     assert res.exit_code == 1 and "give expert folders or --library" in res.output
+
+
+def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from moerge.library import Library
+
+    folders = []
+    for f in experts[:2]:
+        shutil.copytree(f, tmp_path / f.name)
+        folders.append(tmp_path / f.name)
+    with pytest.raises(MoergeError, match="has no gates; train them with `moerge expert gate"):
+        load_routed("phatgoose", experts=folders)
+    res = CliRunner().invoke(app, ["expert", "gate", str(folders[0]), "--steps", "3"])
+    assert res.exit_code == 0, res.output
+    from moerge.routing.routers.phatgoose import train_gates
+
+    gates = train_gates(folders[1], steps=3)
+    assert set(gates) == set(load_file(folders[1] / "gates.safetensors")) and all(bool(g.any()) for g in gates.values())
+    rm = load_routed("phatgoose", experts=folders, top_k=1)
+    x = torch.randn(2, 5, rm.layers["model.layers.1.mlp.down_proj"].a.shape[2])
+    w = rm.router.token_weights("model.layers.1.mlp.down_proj", x)
+    assert torch.allclose(w.sum(-1), torch.ones(2, 5)) and bool(((w > 0).sum(-1) == 1).all())
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    for f in folders:
+        lib.add(f, f.name)
+    assert set(lib.gates(f"{folders[0].name}@1")) == set(gates) and lib.load(f"{folders[0].name}@1").kind == "lora"
+    via_lib = load_routed("phatgoose", library=lib.root, top_k=1)
+    assert torch.allclose(via_lib.router.gates["model.layers.1.mlp.down_proj"].sort(0).values,
+                          rm.router.gates["model.layers.1.mlp.down_proj"].sort(0).values)
+    lib.export(f"{folders[0].name}@1", tmp_path / "exported")
+    assert (tmp_path / "exported" / "gates.safetensors").is_file()

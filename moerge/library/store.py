@@ -37,6 +37,7 @@ import torch
 from moerge.errors import MoergeError
 
 FORMAT = 1
+GATE_PREFIX = "moerge_gate::"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experts (
@@ -226,6 +227,11 @@ class Library:
         config, tensors = expert.config, expert.tensors
         card["lineage"] = {"source": str(adapter_dir.resolve()), "digest": expert.digest(),
                            "base_fingerprint": self.meta["base_fingerprint"], "added": time.time()}
+        gates_file = adapter_dir / "gates.safetensors"  # PHATGOOSE gates travel with their expert
+        if gates_file.is_file():
+            from safetensors.torch import load_file
+
+            tensors = dict(tensors) | {GATE_PREFIX + k: v for k, v in load_file(gates_file).items()}
         rows = []
         for key, t in sorted(tensors.items()):
             t = t.contiguous()
@@ -276,13 +282,20 @@ class Library:
             entries = [self._entry(r) for r in db.execute(sql, args)]
         return [e for e in entries if tag is None or tag in e.tags]
 
-    def tensors(self, ref: str) -> dict[str, torch.Tensor]:
-        """The adapter's tensors as they were added (original PEFT keys)."""
+    def gates(self, ref: str) -> dict[str, torch.Tensor] | None:
+        """The expert's PHATGOOSE gates by module, if it was added with them."""
+        g = {k[len(GATE_PREFIX):]: v for k, v in self.tensors(ref, gates=True).items() if k.startswith(GATE_PREFIX)}
+        return g or None
+
+    def tensors(self, ref: str, gates: bool = False) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as they were added (original PEFT keys); gates only when asked."""
         entry = self.get(ref)
         with self._db() as db:
             rows = db.execute("SELECT key, blob, dtype, shape FROM tensors WHERE expert_id = ?", (entry.id,)).fetchall()
         out = {}
         for key, blob, dtype, shape in rows:
+            if key.startswith(GATE_PREFIX) and not gates:
+                continue
             try:
                 out[key] = self._get_blob(blob, dtype, json.loads(shape))
             except FileNotFoundError:
@@ -310,6 +323,9 @@ class Library:
             return self._export_model(entry, tensors, Path(out_dir), overwrite)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+            g = self.gates(entry.ref)
+            if g:
+                save_file(g, tmp / "gates.safetensors")
             (tmp / "adapter_config.json").write_text(json.dumps(entry.adapter_config, indent=2) + "\n")
             card = dict(entry.card) | {"library_ref": entry.ref, "base_fingerprint": self.meta["base_fingerprint"]}
             (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")

@@ -113,7 +113,7 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
         lib = Library.open(library)
         entries = [lib.get(r) for r in experts] if experts else lib.experts(latest=True)
         loaded = [lib.load(e.ref) for e in entries]
-        cards = [dict(e.card) | {"task": e.task, "name": e.ref} for e in entries]
+        cards = [dict(e.card) | {"task": e.task, "name": e.ref, "gates": lib.gates(e.ref)} for e in entries]
         base_dir = Path(lib.meta["base_path"])
     else:
         if not experts:
@@ -121,6 +121,6 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
         base_dir = Path(base) if base else base_model.default_base()
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]
-        cards = [_card(Path(d)) | {"name": Path(d).name} for d in experts]
+        cards = [_card(Path(d)) | {"name": Path(d).name, "gates_path": str(Path(d) / "gates.safetensors")} for d in experts]
     model, tok = base_model.load(base_dir)
     return RoutedModel(model, tok, loaded, cards, cls(**kwargs))

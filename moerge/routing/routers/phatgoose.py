@@ -1,0 +1,128 @@
+"""PHATGOOSE (Muqeeth et al. 2024): per-token, per-layer routing by gates trained after the fact.
+
+Each expert gets, at every module it adapts, a gate vector g trained on the expert's own data with
+the expert and the base frozen: during that training the expert's update is scaled per token by
+sigmoid(⟨x, g⟩), so g learns which inputs the expert is for. At inference, gate vectors and token
+activations are both standardised (zero mean, unit variance over features), a token's score for an
+expert is their dot product, and the top k scores go through a softmax. Gates are stored beside the
+adapter (``gates.safetensors``), so routing needs no access to the data later.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moerge.errors import MoergeError
+from moerge.routing.registry import Router, register, top_k_softmax
+
+GATES = "gates.safetensors"
+
+
+def _standardise(v: torch.Tensor) -> torch.Tensor:
+    return (v - v.mean(-1, keepdim=True)) / v.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+class _GateTrainer(nn.Module):
+    """The routed model with one expert and trainable gates: what the plain training loop optimises."""
+
+    def __init__(self, routed, modules: list[str]):
+        super().__init__()
+        self.routed = routed
+        self.keys = {m: m.replace(".", "__") for m in modules}
+        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(routed.layers[m].a.shape[2])) for m, k in self.keys.items()})
+
+    def route(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
+
+    def forward(self, **batch):
+        self.routed.state.token_router = self.route
+        try:
+            return self.routed.model(**batch)
+        finally:
+            self.routed.state.token_router = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        return self
+
+
+def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None = None, steps: int = 100, lr: float = 1e-2,
+                batch_size: int = 32, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Train and save an expert's gates (``gates.safetensors`` in its folder) on its card's task."""
+    from safetensors.torch import save_file
+
+    from moerge import base as base_model
+    from moerge.experts.peft_format import load_adapter
+    from moerge.io.source import open_source
+    from moerge.routing.model import RoutedModel
+    from moerge.tasks import mixture, read_jsonl
+    from moerge.train.expert import ExpertCard
+    from moerge.train.loop import train
+    from moerge.util import progress_bar
+
+    expert_dir = Path(expert_dir)
+    card = ExpertCard.read(expert_dir)
+    if card.data.startswith("moerge:"):
+        rows = mixture(card.task.split(","), "train", 1000, seed)
+    else:
+        rows = read_jsonl(card.data)
+    base_dir = Path(base) if base else base_model.default_base()
+    model, tok = base_model.load(base_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    routed = RoutedModel(model, tok, [load_adapter(expert_dir, open_source(base_dir))], [{"task": card.task}], _Passive())
+    trainer = _GateTrainer(routed, list(routed.layers))
+    with progress_bar(progress, f"training gates: {card.task}", steps) as advance:
+        train(trainer, tok, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_step=lambda s, loss: advance(loss))
+    gates = {m: trainer.gates[k].detach().clone().contiguous() for m, k in trainer.keys.items()}
+    tmp = expert_dir / f".{GATES}.partial"
+    save_file(gates, tmp, metadata={"steps": str(steps), "lr": str(lr)})
+    tmp.replace(expert_dir / GATES)
+    return gates
+
+
+class _Passive(Router):
+    name = "_passive"
+
+
+def load_gates(card: dict) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    if card.get("gates") is not None:
+        return card["gates"]
+    path = card.get("gates_path")
+    return load_file(path) if path and Path(path).is_file() else None
+
+
+@register
+class PhatgooseRouter(Router):
+    name = "phatgoose"
+    level = "token"
+    help = "PHATGOOSE: per-token standardised <h, gate_e> with gates trained post hoc per expert, top-k softmax"
+
+    def __init__(self, top_k: int | None = 2, temperature: float = 1.0):
+        super().__init__(top_k, temperature)
+
+    def fit(self, routed) -> None:
+        gates = []
+        for card in routed.cards:
+            g = load_gates(card)
+            if g is None:
+                raise MoergeError(f"expert {card.get('name', '?')} has no gates; train them with `moerge expert gate DIR`")
+            gates.append(g)
+        self.gates: dict[str, torch.Tensor] = {}
+        self.present: dict[str, torch.Tensor] = {}
+        for module, layer in routed.layers.items():
+            dim = layer.a.shape[2]
+            rows = [g.get(module, torch.zeros(dim)) for g in gates]
+            self.gates[module] = _standardise(torch.stack(rows).float())
+            self.present[module] = torch.tensor([module in g for g in gates])
+
+    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
+        scores = _standardise(x.float()) @ self.gates[module].T / x.shape[-1] ** 0.5
+        scores = scores.masked_fill(~self.present[module], float("-inf"))
+        return top_k_softmax(scores, self.top_k, self.temperature).to(x.dtype)
