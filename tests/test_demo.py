@@ -26,6 +26,12 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
         assert rows[f"expert:{t}"][t] >= rows["base"][t] + 0.3, f"expert {t} did not learn its skill"
         # the oracle routes each prompt to its task's expert through the mixture runtime: the expert's score
         assert abs(rows["oracle"][t] - rows[f"expert:{t}"][t]) <= 0.03
+    def mean(row):
+        return sum(rows[row][t] for t in tasks) / len(tasks)
+
+    # routing by k-means task centroids recovers (nearly) the oracle, far above every static merge
+    assert mean("route:centroid") >= 0.9 * mean("oracle")
+    assert mean("route:centroid") > max(mean(f"merge:{m}") for m in ("linear", "task_arithmetic", "ties", "dare_ties")) + 0.3
     assert (tmp_path / "report" / "scoreboard.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "routing.png").stat().st_size > 10_000
     for t in tasks:

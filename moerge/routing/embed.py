@@ -18,11 +18,28 @@ def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
 
-def prompt_centroid(model, tokenizer, prompts: Sequence[str], batch_size: int = 128) -> list[float]:
-    """The mean embedding of ``prompts``: an expert's task centroid."""
-    total = None
-    for s in range(0, len(prompts), batch_size):
-        ids, mask = encode_left_padded(tokenizer, prompts[s: s + batch_size])
-        e = mean_pooled(model, ids, mask).sum(0)
-        total = e if total is None else total + e
-    return (total / len(prompts)).tolist()
+def embed_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+    return torch.cat([mean_pooled(model, *encode_left_padded(tokenizer, prompts[s: s + batch_size]))
+                      for s in range(0, len(prompts), batch_size)])
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """k unit-norm centroids of the rows of ``x`` by cosine (deterministic for a seed)."""
+    x = torch.nn.functional.normalize(x.float(), dim=-1)
+    k = min(k, len(x))
+    c = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:k]].clone()
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = torch.nn.functional.normalize(members.mean(0), dim=0)
+    return c
+
+
+def task_centroids(model, tokenizer, prompts: Sequence[str], k: int = 8) -> tuple[list[float], list[list[float]]]:
+    """An expert's task embedding: the mean of its prompts' embeddings, and ``k`` spherical k-means
+    centroids. A task's prompts are rarely one cluster (each paraphrase of an instruction forms its
+    own), so the nearest of several centroids routes far better than one mean (see README)."""
+    e = embed_prompts(model, tokenizer, prompts)
+    return e.mean(0).tolist(), spherical_kmeans(e, k).tolist()

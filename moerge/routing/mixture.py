@@ -2,11 +2,11 @@
 
 ``attach`` wraps each targeted ``nn.Linear`` in a ``MixtureLinear`` holding every expert's factors,
 stacked once and zero-padded to the largest rank (an expert that does not touch a module has zero
-factors there). Its forward adds ``Σ_e w_e · B_e A_e x`` for the whole batch with two einsums, never a
-Python loop over experts or examples:
+factors there). Its forward adds ``Σ_e w_e · B_e A_e x`` for the whole batch with two plain matrix
+products over the concatenated factors, never a Python loop over experts or examples:
 
-    h = einsum("bti,eri->bter", x, A)          # every expert's down-projection
-    y = einsum("bter,eor->bto", h * w, B)      # weighted, up-projected, summed over experts
+    h = x @ A_cat                    # (b, t, E·r): every expert's down-projection at once
+    y = (h ⊙ w per expert) @ B_cat   # weighted, up-projected, summed over experts
 
 Weights come from a shared ``RoutingState``: per example ``(batch, E)`` (task-level routers: set once
 before ``generate``, so they hold for every generated token and work with the KV cache), or per token,
@@ -42,6 +42,9 @@ class MixtureLinear(nn.Module):
         self.name = name
         self.register_buffer("a", a, persistent=False)  # (E, r, in)
         self.register_buffer("b", b, persistent=False)  # (E, out, r), scales folded in
+        e, r, i = a.shape
+        self.register_buffer("a_cat", a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
+        self.register_buffer("b_cat", b.permute(0, 2, 1).reshape(e * r, -1).contiguous(), persistent=False)  # (E·r, out)
         self.state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +58,9 @@ class MixtureLinear(nn.Module):
             return y
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
-        h = torch.einsum("bti,eri->bter", x, self.a.to(x.dtype))
-        return y + torch.einsum("bter,eor->bto", h * w.unsqueeze(-1), self.b.to(x.dtype))
+        e, r = self.a.shape[0], self.a.shape[1]
+        h = (x @ self.a_cat.to(x.dtype)).unflatten(-1, (e, r)) * w.unsqueeze(-1)
+        return y + h.flatten(-2) @ self.b_cat.to(x.dtype)
 
 
 def stack_experts(experts: list, module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

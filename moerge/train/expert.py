@@ -46,6 +46,7 @@ class ExpertCard:
     final_loss: float
     validation_accuracy: float | None
     centroid: list[float] | None = None  # mean base embedding of training prompts (task-level routing)
+    centroids: list[list[float]] | None = None  # k-means centroids of those embeddings (one per cluster)
     extra: dict = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
@@ -134,9 +135,9 @@ def train_expert(
         task, source = Path(data).stem, str(data)
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
-    from moerge.routing.embed import prompt_centroid
+    from moerge.routing.embed import task_centroids
 
-    centroid = prompt_centroid(model, tok, [r.prompt for r in train_rows[:256]])
+    centroid, centroids = task_centroids(model, tok, [r.prompt for r in train_rows[:256]])
     torch.manual_seed(seed)
     if adapter == "none":
         model.train()
@@ -163,6 +164,7 @@ def train_expert(
             data_sha256=_data_hash(train_rows), examples=len(train_rows), steps=steps, lr=lr, batch_size=batch_size,
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
             final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=[round(c, 5) for c in centroid],
+            centroids=[[round(c, 5) for c in row] for row in centroids],
         )
         card.write(tmp)
     return card

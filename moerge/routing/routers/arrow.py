@@ -38,8 +38,10 @@ class ArrowRouter(Router):
                 present.append(has)
             self.protos[module] = torch.stack(vs)  # (E, in)
             self.present[module] = torch.tensor(present)
+        self.all_present = {m: bool(p.all()) for m, p in self.present.items()}
 
     def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
         scores = (x @ self.protos[module].to(x.dtype).T).abs()
-        scores = scores.masked_fill(~self.present[module], float("-inf"))
+        if not self.all_present[module]:
+            scores = scores.masked_fill(~self.present[module], float("-inf"))
         return top_k_softmax(scores, self.top_k, self.temperature)

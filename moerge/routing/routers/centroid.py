@@ -1,7 +1,8 @@
-"""Task-level routing by task embeddings: each expert's card carries the centroid of its training
-prompts' embeddings (mean-pooled final hidden states of the base), so routing needs no access to the
-expert's data; an input goes to the experts whose centroids are nearest (cosine), softmax with a
-temperature over the top k."""
+"""Task-level routing by task embeddings: each expert's card carries centroids of its training
+prompts' embeddings (mean-pooled final hidden states of the base): k-means centroids, since a task's
+prompts form several clusters (one per phrasing), else their single mean. Routing needs no access to
+the expert's data: an input's score for an expert is its best cosine to that expert's centroids,
+and the top k scores go through a softmax with a temperature."""
 
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ class CentroidRouter(Router):
         super().__init__(top_k, temperature)
 
     def fit(self, routed) -> None:
-        rows = []
+        self.centroids = []
         for card in routed.cards:
-            c = card.get("centroid") if card else None
+            c = (card.get("centroids") or ([card["centroid"]] if card.get("centroid") else None)) if card else None
             if not c:
                 raise MoergeError(f"expert {card.get('name', '?') if card else '?'} has no centroid in its card; "
-                                  "retrain it with `moerge expert train` (which records one) to route by task embeddings")
-            rows.append(torch.tensor(c, dtype=torch.float32))
-        self.centroids = torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+                                  "retrain it with `moerge expert train` (which records them) to route by task embeddings")
+            self.centroids.append(torch.nn.functional.normalize(torch.tensor(c, dtype=torch.float32), dim=-1))
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
         emb = torch.nn.functional.normalize(routed.embed(input_ids, attention_mask), dim=-1)
-        return top_k_softmax(emb @ self.centroids.T, self.top_k, self.temperature)
+        scores = torch.stack([(emb @ c.T).max(dim=1).values for c in self.centroids], dim=1)
+        return top_k_softmax(scores, self.top_k, self.temperature)
