@@ -468,6 +468,8 @@ def route_eval(
     tasks: str = typer.Option("experts", "--tasks", help="all, experts, heldout, or names separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
     json_file: Optional[Path] = typer.Option(None, "--json"),
+    shots: int = typer.Option(5, "--shots", help="lorahub: training examples of each task its weights are searched on."),
+    budget: int = typer.Option(40, "--budget", help="lorahub: loss evaluations of the gradient-free search."),
 ) -> None:
     """Exact match of the routed model on the test split of each task, and where the router sent each task."""
     import json
@@ -478,8 +480,14 @@ def route_eval(
     with _user_errors():
         names = resolve_tasks(tasks)
         model = _routed(router, library, experts, base, top_k, temperature)
-        scores = evaluate(model, model.tokenizer, names, n=n)
-        usage = {t: model.usage([e.prompt for e in examples(t, "test", min(n, 50))]).tolist() for t in names}
+        scores, usage = {}, {}
+        for t in names:
+            if router == "lorahub":  # a composition per task, searched on a few of its training examples
+                from moerge.routing.routers.lorahub import search
+
+                model.router.weights = search(model, examples(t, "train", shots), budget=budget)
+            scores[t] = evaluate(model, model.tokenizer, [t], n=n)[t]
+            usage[t] = model.usage([e.prompt for e in examples(t, "test", min(n, 50))]).tolist()
     table = Table("task", "exact match", *model.names, title=f"router {router}: accuracy and mean expert weight")
     for t in names:
         table.add_row(t, f"{scores[t]:.1%}", *[f"{w:.2f}" for w in usage[t]])

@@ -25,7 +25,7 @@ MERGES = {
 
 
 # routers compared in the demo (top-k); "oracle" knows each prompt's task
-ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("arrow", 1)]
+ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("smear", None), ("arrow", 1)]
 
 
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:

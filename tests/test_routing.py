@@ -163,3 +163,23 @@ def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp
                           rm.router.gates["model.layers.1.mlp.down_proj"].sort(0).values)
     lib.export(f"{folders[0].name}@1", tmp_path / "exported")
     assert (tmp_path / "exported" / "gates.safetensors").is_file()
+
+
+def test_smear_is_soft_and_lorahub_searches_weights(experts):
+    from moerge.eval.generate import encode_left_padded
+    from moerge.routing.routers.lorahub import search
+    from moerge.tasks import examples
+
+    prompts = ["reverse: abc=", "capitalize: hey="]
+    smear = load_routed("smear", experts=experts)
+    ids, mask = encode_left_padded(smear.tokenizer, prompts)
+    w = smear.router.example_weights(smear, prompts, ids, mask)
+    assert bool((w > 0).all()) and torch.allclose(w.sum(1), torch.ones(2))
+    hub = load_routed("lorahub", experts=experts)
+    with pytest.raises(MoergeError, match="needs a few examples"):
+        hub.router.example_weights(hub, prompts, ids, mask)
+    weights = search(hub, examples("reverse", "train", 3), budget=6)
+    assert weights.shape == (1, 3) and bool((weights.abs() <= 1.5).all())
+    res = CliRunner().invoke(app, ["route", "eval", "--router", "lorahub", "--experts", ",".join(map(str, experts)),
+                                   "--tasks", "reverse", "--n", "5", "--shots", "3", "--budget", "4"])
+    assert res.exit_code == 0, res.output

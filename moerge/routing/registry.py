@@ -68,4 +68,4 @@ def get(name: str) -> type[Router]:
 
 
 def _load() -> None:
-    from moerge.routing.routers import arrow, centroid, oracle, phatgoose  # noqa: F401  (importing registers)
+    from moerge.routing.routers import arrow, centroid, lorahub, oracle, phatgoose, smear  # noqa: F401  (importing registers)

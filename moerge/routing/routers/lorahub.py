@@ -1,0 +1,65 @@
+"""LoraHub (Huang et al. 2023): for a new task, find composition weights of the experts by
+gradient-free search (nevergrad) on a handful of its examples, then use them as one merged adapter.
+
+The objective is LoraHub's: the mean token loss of the completions under Σ w_e ΔW_e, plus 0.05 · |w|₁,
+with w in [-1.5, 1.5]^E, starting from zero. The search only needs forwards of the few examples."""
+
+from __future__ import annotations
+
+import torch
+
+from moerge.errors import MoergeError
+from moerge.routing.registry import Router, register
+
+
+@register
+class LorahubRouter(Router):
+    name = "lorahub"
+    level = "example"
+    help = "LoraHub: composition weights found by gradient-free search (nevergrad) on a few examples of the task"
+
+    def __init__(self, top_k: int | None = None, temperature: float = 1.0, examples: list | None = None,
+                 budget: int = 40, seed: int = 0):
+        super().__init__(top_k, temperature)
+        self.examples, self.budget, self.seed = examples, budget, seed
+        self.weights: torch.Tensor | None = None
+
+    def fit(self, routed) -> None:
+        if self.examples:
+            self.weights = search(routed, self.examples, self.budget, self.seed)
+
+    def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
+        if self.weights is None:
+            raise MoergeError("the lorahub router needs a few examples of the task (route eval --shots N, or examples=...)")
+        return self.weights.expand(input_ids.shape[0], -1)
+
+
+@torch.no_grad()
+def search(routed, examples: list, budget: int = 40, seed: int = 0) -> torch.Tensor:
+    try:
+        import nevergrad as ng
+    except ImportError:
+        raise MoergeError("the lorahub router needs nevergrad: pip install 'moerge[lorahub]' (or pip install nevergrad)") from None
+    from moerge.train.loop import collate, encode
+
+    batch = collate(encode(routed.tokenizer, examples), routed.tokenizer.pad_token_id)
+    n = len(routed.cards)
+
+    def loss(w) -> float:
+        routed.state.token_router = None
+        routed.state.example_weights = torch.tensor(w, dtype=torch.float32).expand(batch["input_ids"].shape[0], -1)
+        try:
+            value = float(routed.model(**batch).loss)
+        finally:
+            routed.state.example_weights = None
+        return value + 0.05 * float(sum(abs(x) for x in w))
+
+    param = ng.p.Array(init=[0.0] * n, lower=-1.5, upper=1.5)
+    opt = ng.optimizers.NGOpt(parametrization=param, budget=budget)
+    opt.parametrization.random_state.seed(seed)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the optimisers' advisory warnings about their own settings
+        best = opt.minimize(loss)
+    return torch.tensor(best.value, dtype=torch.float32).unsqueeze(0)
