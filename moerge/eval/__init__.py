@@ -14,18 +14,17 @@ __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
-    """``all`` (every built-in skill), ``experts``, ``heldout``, or comma-separated names."""
+    """Comma-separated task names and groups: ``all`` (every built-in skill), ``experts``, ``heldout``."""
     from moerge.tasks import skills
 
+    groups = {"all": list(skills.SKILLS), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT)}
     if isinstance(spec, str):
-        if spec == "all":
-            return list(skills.SKILLS)
-        if spec == "experts":
-            return list(skills.EXPERTS)
-        if spec == "heldout":
-            return list(skills.HELDOUT)
         spec = [s.strip() for s in spec.split(",") if s.strip()]
-    names = list(spec)
+    names: list[str] = []
+    for item in spec:  # a group name expands in place, so "experts,heldout" works
+        for n in groups.get(item, [item]):
+            if n not in names:
+                names.append(n)
     for n in names:
         skills.get(n)  # unknown names fail with the list of known ones
     return names
