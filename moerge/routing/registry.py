@@ -38,10 +38,12 @@ class Router:
 
 def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0) -> torch.Tensor:
     """Softmax over the k best scores of the last dimension; the others get weight 0."""
-    if k is not None and k < scores.shape[-1]:
-        kth = scores.topk(k, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    return torch.softmax(scores / temperature, dim=-1)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if k is None or k >= scores.shape[-1]:
+        return torch.softmax(scores, dim=-1)
+    values, index = scores.topk(k, dim=-1)
+    return torch.zeros_like(scores).scatter_(-1, index, torch.softmax(values, dim=-1))
 
 
 _ROUTERS: dict[str, type[Router]] = {}
