@@ -46,7 +46,10 @@ def test_bad_input_is_one_error_line_and_exit_1(tiny, tmp_path):
 def test_methods_and_help():
     res = runner.invoke(app, ["methods"])
     assert res.exit_code == 0 and "dare_ties" in res.output and "model_stock" in res.output
-    for cmd in ("merge", "methods", "demo", "eval", "base build", "expert train", "tasks export"):
+    for cmd in ("merge", "methods", "demo", "eval", "generate", "base build", "base path", "expert train", "expert gate",
+                "expert extract", "expert combine", "expert show", "tasks list", "tasks export", "library init",
+                "library add", "library list", "library show", "library export", "library rm", "library verify",
+                "library gc", "library push", "library pull", "route list", "route eval"):
         assert runner.invoke(app, [*cmd.split(), "--help"]).exit_code == 0
 
 
