@@ -217,3 +217,5 @@ def test_full_fine_tunes_are_dense_experts(lib, tmp_path):
     save_file({"model.norm.weight": torch.ones(3)}, tmp_path / "bad" / "model.safetensors")
     with pytest.raises(MoergeError, match="lacks tensor"):
         lib.add(tmp_path / "bad", "bad")
+    with pytest.raises(MoergeError, match="every tensor equals the base's"):
+        lib.add(base_model.default_base(), "the-base-itself")

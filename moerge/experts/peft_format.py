@@ -159,6 +159,8 @@ def load_finetune(folder: str | Path, base: TensorSource) -> Expert:
         t = ft.get(name)
         if not torch.equal(t, base.get(name)):
             changed[name] = t
+    if not changed:
+        raise MoergeError(f"{folder}: every tensor equals the base's ({base.path}); there is no expert to add")
     expert = parse_adapter({"peft_type": "DENSE"}, changed, base, str(folder))
     expert.path = Path(folder)
     return expert
