@@ -60,7 +60,9 @@ class MixtureLinear(nn.Module):
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
         e, r = self.a.shape[0], self.a.shape[1]
         h = (x @ self.a_cat.to(x.dtype)).unflatten(-1, (e, r)) * w.unsqueeze(-1)
-        return y + h.flatten(-2) @ self.b_cat.to(x.dtype)
+        # y is the base layer's fresh output: accumulate into it in place (one fused multiply-add)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, e * r), self.b_cat.to(x.dtype))
+        return y
 
 
 def stack_experts(experts: list, module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
