@@ -127,10 +127,7 @@ def _print(console: Console, board: dict) -> None:
 
 def plot(board: dict, path: Path) -> Path:
     """The scoreboard as a heatmap (rows: models, columns: skills then held-out composites)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cols = board["tasks"] + board["heldout"]
     data = [[r["scores"][c] for c in cols] + [r["mean"]] for r in board["rows"]]
@@ -144,20 +141,12 @@ def plot(board: dict, path: Path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.03, label="exact match")
     ax.set_title("moerge demo scoreboard (* held out)")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def plot_routing(board: dict, path: Path) -> Path:
     """Mean routing weight per task (rows) and expert (columns), one panel per router."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     routers = list(board["routing"])
     cols = board["tasks"] + board["heldout"]
@@ -170,8 +159,23 @@ def plot_routing(board: dict, path: Path) -> Path:
         ax.set_yticks(range(len(cols)), [c + ("*" if c in board["heldout"] else "") for c in cols], fontsize=7)
     fig.suptitle("routing weight: task (rows) -> expert (columns)")
     fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    """Write a figure under a temporary name and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    fig.savefig(tmp, dpi=120)
+    _pyplot().close(fig)
     tmp.replace(path)
     return path

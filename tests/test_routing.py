@@ -10,7 +10,7 @@ from moerge import base as base_model
 from moerge.cli import app
 from moerge.errors import MoergeError
 from moerge.routing import RoutedModel, load_routed
-from moerge.routing.registry import Router, get
+from moerge.routing.registry import ExampleRouter, get
 from moerge.train.expert import train_expert
 
 
@@ -22,7 +22,7 @@ def experts(tmp_path_factory):
     return [root / t for t in ("reverse", "uppercase", "novowels")]
 
 
-class Fixed(Router):
+class Fixed(ExampleRouter):
     """Per-example weights given by the test."""
     name = "fixed"
 

@@ -57,9 +57,6 @@ class Scaling:
     vector: torch.Tensor  # (out, 1) or, for feed-forward layers, (1, in)
     transpose: bool = False
 
-    def shape(self) -> None:  # any weight the vector broadcasts against
-        return None
-
     def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
         if base is None:
             raise ValueError("an (IA)3 update needs the base weight")

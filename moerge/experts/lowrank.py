@@ -73,7 +73,7 @@ def combine_adapters(adapters: list, weights: list[float] | None = None, rank: i
     if len(weights) != len(adapters):
         raise MoergeError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
     for e in adapters:
-        if e.kind != "lora" or any(not isinstance(u, LowRank) or type(u) is not LowRank for u in e.updates.values()):
+        if e.kind != "lora" or any(type(u) is not LowRank for u in e.updates.values()):
             raise MoergeError(f"{e.path}: a {e.kind} expert (or one with modules_to_save); only plain LoRA adapters combine "
                               "without materialising; merge the others with `moerge merge`")
     if len({bool(e.config.get("fan_in_fan_out")) for e in adapters}) > 1:

@@ -94,6 +94,14 @@ def check_name(name: str) -> str:
     return name
 
 
+def _insert(db: sqlite3.Connection, expert: tuple, tensors: list[tuple]) -> None:
+    """One expert row and its tensor rows (key, blob, dtype, shape, nbytes), inside the caller's transaction."""
+    cur = db.execute("INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config,"
+                     " digest, nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", expert)
+    db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
+                   [(cur.lastrowid, *r) for r in tensors])
+
+
 @dataclass
 class Entry:
     """One expert version in the catalog."""
@@ -140,6 +148,11 @@ class Library:
         base_dir = resolve(str(base))
         meta = {"format": FORMAT, "base": str(base), "base_path": str(Path(base_dir).resolve()),
                 "base_fingerprint": folder_fingerprint(base_dir), "created": time.time()}
+        return cls._create(root, meta)
+
+    @classmethod
+    def _create(cls, root: Path, meta: dict) -> "Library":
+        """Lay out an empty library; it exists once ``library.json`` is renamed into place, last."""
         (root / "blobs").mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
         with sqlite3.connect(root / "catalog.sqlite") as db:
@@ -147,7 +160,7 @@ class Library:
             db.executescript(SCHEMA)
         tmp = root / f".library.json.{uuid.uuid4().hex}"
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
-        os.replace(tmp, root / "library.json")  # the library exists once this file does
+        os.replace(tmp, root / "library.json")
         return cls(root)
 
     @classmethod
@@ -240,13 +253,8 @@ class Library:
         _crash_point("after-blobs")
         with self._db(write=True) as db:
             (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM experts WHERE name = ?", (name,)).fetchone()
-            cur = db.execute(
-                "INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config, digest,"
-                " nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (name, version, expert.kind, task or card.get("task"), json.dumps(sorted(set(tags))), contributor, license,
-                 json.dumps(card), json.dumps(config), expert.digest(), sum(r[4] for r in rows), time.time()))
-            db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
-                           [(cur.lastrowid, *r) for r in rows])
+            _insert(db, (name, version, expert.kind, task or card.get("task"), json.dumps(sorted(set(tags))), contributor,
+                         license, json.dumps(card), json.dumps(config), expert.digest(), sum(r[4] for r in rows), time.time()), rows)
             _crash_point("before-commit")
         return self.get(f"{name}@{version}")
 
@@ -284,17 +292,18 @@ class Library:
 
     def gates(self, ref: str) -> dict[str, torch.Tensor] | None:
         """The expert's PHATGOOSE gates by module, if it was added with them."""
-        g = {k[len(GATE_PREFIX):]: v for k, v in self.tensors(ref, gates=True).items() if k.startswith(GATE_PREFIX)}
+        g = {k[len(GATE_PREFIX):]: v for k, v in self.tensors(ref, gates=True).items()}
         return g or None
 
     def tensors(self, ref: str, gates: bool = False) -> dict[str, torch.Tensor]:
-        """The adapter's tensors as they were added (original PEFT keys); gates only when asked."""
+        """The adapter's tensors as they were added (original PEFT keys), or with ``gates`` only its
+        PHATGOOSE gates (prefixed keys): only the blobs asked for are read."""
         entry = self.get(ref)
         with self._db() as db:
             rows = db.execute("SELECT key, blob, dtype, shape FROM tensors WHERE expert_id = ?", (entry.id,)).fetchall()
         out = {}
         for key, blob, dtype, shape in rows:
-            if key.startswith(GATE_PREFIX) and not gates:
+            if key.startswith(GATE_PREFIX) != gates:
                 continue
             try:
                 out[key] = self._get_blob(blob, dtype, json.loads(shape))
@@ -380,15 +389,7 @@ class Library:
         if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
             raise MoergeError(f"{dest}: only local library locations are supported so far (got {fs.protocol})")
         target = Path(root)
-        if not (target / "library.json").exists():
-            target.mkdir(parents=True, exist_ok=True)
-            (target / "blobs").mkdir(exist_ok=True)
-            (target / "tmp").mkdir(exist_ok=True)
-            with sqlite3.connect(target / "catalog.sqlite") as db:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.executescript(SCHEMA)
-            fs.pipe_file(str(target / "library.json"), json.dumps(self.meta, indent=2).encode() + b"\n")
-        other = Library(target)
+        other = Library(target) if (target / "library.json").exists() else Library._create(target, self.meta)
         if other.meta["base_fingerprint"] != self.meta["base_fingerprint"]:
             raise MoergeError(f"{dest}: is a library of another base ({other.meta['base']}, "
                               f"{other.meta['base_fingerprint']}); push only between libraries of one base")
@@ -414,13 +415,8 @@ class Library:
             with other._db(write=True) as db:
                 if db.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (e.name, e.version)).fetchone():
                     raise MoergeError(f"{dest}: {e.ref} appeared there during the transfer; run it again")
-                cur = db.execute(
-                    "INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config, digest,"
-                    " nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (e.name, e.version, e.kind, e.task, json.dumps(e.tags), e.contributor, e.license, json.dumps(e.card),
-                     json.dumps(e.adapter_config), e.digest, e.nbytes, e.created))
-                db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
-                               [(cur.lastrowid, *r) for r in rows])
+                _insert(db, (e.name, e.version, e.kind, e.task, json.dumps(e.tags), e.contributor, e.license,
+                             json.dumps(e.card), json.dumps(e.adapter_config), e.digest, e.nbytes, e.created), rows)
             copied.append(e.ref)
         return copied
 

@@ -10,6 +10,7 @@ A new router is one file in ``routers/`` that calls ``register``.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -17,9 +18,11 @@ import torch
 from moerge.errors import MoergeError
 
 
-class Router:
+class Router(ABC):
+    """What every router has; subclass ``ExampleRouter`` or ``TokenRouter``, not this."""
+
     name: str = ""
-    level: Literal["example", "token"] = "example"
+    level: Literal["example", "token"]
     help: str = ""
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0):
@@ -27,13 +30,23 @@ class Router:
         self.temperature = temperature
 
     def fit(self, routed) -> None:
-        pass
+        """Precompute from the experts (prototypes, centroids); nothing by default."""
 
+
+class ExampleRouter(Router):
+    level = "example"
+
+    @abstractmethod
     def example_weights(self, routed, prompts: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(batch, E) weights, once per generate call."""
 
+
+class TokenRouter(Router):
+    level = "token"
+
+    @abstractmethod
     def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(batch, tokens, E) weights inside layer ``module`` from its input ``x``."""
 
 
 def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0) -> torch.Tensor:

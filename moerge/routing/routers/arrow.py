@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moerge.routing.registry import Router, register, top_k_softmax
+from moerge.routing.registry import TokenRouter, register, top_k_softmax
 
 
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -18,9 +18,8 @@ def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class ArrowRouter(Router):
+class ArrowRouter(TokenRouter):
     name = "arrow"
-    level = "token"
     help = "Arrow: per-token |<h, top singular vector of B·A>|, top-k softmax, per layer"
 
     def __init__(self, top_k: int | None = 1, temperature: float = 1.0):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
-from moerge.routing.registry import Router, register, top_k_softmax
+from moerge.routing.registry import ExampleRouter, register, top_k_softmax
 
 
 @register
-class CentroidRouter(Router):
+class CentroidRouter(ExampleRouter):
     name = "centroid"
-    level = "example"
     help = "task embeddings: cosine to each expert's training-prompt centroid, top-k softmax"
 
     def __init__(self, top_k: int | None = 1, temperature: float = 0.05):

@@ -9,13 +9,12 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
-from moerge.routing.registry import Router, register
+from moerge.routing.registry import ExampleRouter, register
 
 
 @register
-class LorahubRouter(Router):
+class LorahubRouter(ExampleRouter):
     name = "lorahub"
-    level = "example"
     help = "LoraHub: composition weights found by gradient-free search (nevergrad) on a few examples of the task"
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0, examples: list | None = None,

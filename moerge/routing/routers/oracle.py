@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from moerge.routing.registry import Router, register
+from moerge.routing.registry import ExampleRouter, register
 
 
 def task_of(prompt: str) -> str | None:
@@ -20,9 +20,8 @@ def task_of(prompt: str) -> str | None:
 
 
 @register
-class OracleRouter(Router):
+class OracleRouter(ExampleRouter):
     name = "oracle"
-    level = "example"
     help = "knows the task of each built-in prompt and picks its expert (composites: their parts' experts)"
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
@@ -42,9 +41,8 @@ class OracleRouter(Router):
 
 
 @register
-class UniformRouter(Router):
+class UniformRouter(ExampleRouter):
     name = "uniform"
-    level = "example"
     help = "every expert at weight 1/E"
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moerge.errors import MoergeError
-from moerge.routing.registry import Router, register, top_k_softmax
+from moerge.routing.registry import TokenRouter, register, top_k_softmax
 
 GATES = "gates.safetensors"
 
@@ -27,27 +27,23 @@ def _standardise(v: torch.Tensor) -> torch.Tensor:
 
 
 class _GateTrainer(nn.Module):
-    """The routed model with one expert and trainable gates: what the plain training loop optimises."""
+    """The base with one expert attached and trainable gates: what the plain training loop optimises."""
 
-    def __init__(self, routed, modules: list[str]):
+    def __init__(self, model, layers: dict, state):
         super().__init__()
-        self.routed = routed
-        self.keys = {m: m.replace(".", "__") for m in modules}
-        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(routed.layers[m].a.shape[2])) for m, k in self.keys.items()})
+        self.model, self.state = model, state  # the model is frozen; only the gates are parameters here
+        self.keys = {m: m.replace(".", "__") for m in layers}
+        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].a.shape[2])) for m, k in self.keys.items()})
 
     def route(self, module: str, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
 
     def forward(self, **batch):
-        self.routed.state.token_router = self.route
+        self.state.token_router = self.route
         try:
-            return self.routed.model(**batch)
+            return self.model(**batch)
         finally:
-            self.routed.state.token_router = None
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        return self
+            self.state.token_router = None
 
 
 def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None = None, steps: int = 100, lr: float = 1e-2,
@@ -58,7 +54,7 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     from moerge import base as base_model
     from moerge.experts.peft_format import load_adapter
     from moerge.io.source import open_source
-    from moerge.routing.model import RoutedModel
+    from moerge.routing.mixture import RoutingState, attach
     from moerge.tasks import mixture, read_jsonl
     from moerge.train.expert import ExpertCard
     from moerge.train.loop import train
@@ -74,8 +70,9 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     model, tok = base_model.load(base_dir)
     for p in model.parameters():
         p.requires_grad_(False)
-    routed = RoutedModel(model, tok, [load_adapter(expert_dir, open_source(base_dir))], [{"task": card.task}], _Passive())
-    trainer = _GateTrainer(routed, list(routed.layers))
+    state = RoutingState()
+    layers = attach(model, [load_adapter(expert_dir, open_source(base_dir))], state)
+    trainer = _GateTrainer(model, layers, state)
     with progress_bar(progress, f"training gates: {card.task}", steps) as advance:
         train(trainer, tok, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_step=lambda s, loss: advance(loss))
     gates = {m: trainer.gates[k].detach().clone().contiguous() for m, k in trainer.keys.items()}
@@ -85,7 +82,7 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     return gates
 
 
-class _Passive(Router):
+class _Passive(TokenRouter):
     name = "_passive"
 
 
@@ -99,9 +96,8 @@ def load_gates(card: dict) -> dict[str, torch.Tensor] | None:
 
 
 @register
-class PhatgooseRouter(Router):
+class PhatgooseRouter(TokenRouter):
     name = "phatgoose"
-    level = "token"
     help = "PHATGOOSE: per-token standardised <h, gate_e> with gates trained post hoc per expert, top-k softmax"
 
     def __init__(self, top_k: int | None = 2, temperature: float = 1.0):

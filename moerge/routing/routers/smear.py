@@ -13,7 +13,6 @@ from moerge.routing.routers.centroid import CentroidRouter
 @register
 class SmearRouter(CentroidRouter):
     name = "smear"
-    level = "example"
     help = "SMEAR: per-example soft average of all experts by centroid-softmax probabilities (no top-k)"
 
     def __init__(self, top_k: int | None = None, temperature: float = 0.02):
