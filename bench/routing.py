@@ -12,7 +12,12 @@ on every linear layer. 64 prompts each generate exactly 16 tokens, greedily, in 
   ``set_adapter`` to its expert (the issue's path (b));
 - peft-grouped: the same, but each expert's examples generated together (one batch per adapter, the
   usual serving workaround, kinder to PEFT);
-- peft-mixed: PEFT's mixed-batch path, ``generate(adapter_names=[...])``, one adapter per example.
+- peft-mixed: PEFT's mixed-batch path, ``generate(adapter_names=[...])``, one adapter per example;
+- peft-arrow: PEFT's own Arrow (``create_arrow_model``, top-2 per token): the same routing as ours.
+
+It also prints how many of PEFT's Arrow prototypes agree with ours (|cos| > 0.99): PEFT finds them by 15
+power iterations, which do not converge when an expert's top two singular values are close, as they are
+for random adapters.
 
 Prints seconds, tokens/s and ratios. The machine is shared and noisy: compare ratios from one run.
 """
@@ -109,6 +114,14 @@ def main() -> None:
     results["peft-mixed (adapter_names)"] = best(
         lambda: peft.generate(input_ids=ids, attention_mask=mask, adapter_names=[names[a] for a in assign], **gen))
 
+    from peft import ArrowConfig, create_arrow_model
+
+    parrow = create_arrow_model(LlamaForCausalLM.from_pretrained(work / "base"), [str(work / n) for n in names],
+                                ArrowConfig(top_k=2, rng_seed=0)).eval()
+    results["peft-arrow (create_arrow_model, top-2)"] = best(lambda: parrow.generate(input_ids=ids, attention_mask=mask, **gen))
+    cos = torch.cat([(m.lora_arrow["arrow_router"].prototypes * routed.router.protos[name.removeprefix("base_model.model.")]).sum(-1).abs()
+                     for name, m in parrow.named_modules() if hasattr(m, "lora_arrow") and "arrow_router" in m.lora_arrow])
+
     tokens = len(prompts) * args.new_tokens
     ours = results["moerge (arrow, top-2 per token)"]
     print(f"{len(prompts)} prompts x {args.new_tokens} new tokens, {args.experts} rank-{args.rank} LoRA experts on every "
@@ -117,6 +130,7 @@ def main() -> None:
     for k, s in results.items():
         print(f"{k:<40} {s:>8.2f} {tokens / s:>9.0f} {s / ours:>15.2f}x")
     print(f"moerge time / base time: {ours / results['base']:.2f}")
+    print(f"PEFT's Arrow prototypes within |cos| > 0.99 of ours (exact): {int((cos > 0.99).sum())} of {len(cos)}")
 
 
 if __name__ == "__main__":

@@ -103,6 +103,80 @@ def test_routers_weights(experts):
     assert usage.shape == (3,) and abs(float(usage.sum()) - 1) < 1e-5
 
 
+def test_arrow_prototypes_are_the_top_right_singular_vectors_and_route_aligned_tokens():
+    from moerge.routing.routers.arrow import top_right_singular_vector
+
+    g = torch.Generator().manual_seed(0)
+    for r, i, o in ((1, 16, 8), (4, 32, 64), (8, 40, 24)):
+        a, b = torch.randn(r, i, generator=g), torch.randn(o, r, generator=g)
+        v = top_right_singular_vector(a, b)
+        want = torch.linalg.svd((b @ a).double())[2][0].float()
+        assert abs(float(v @ want)) == pytest.approx(1.0, abs=1e-5) and float(v.norm()) == pytest.approx(1.0, abs=1e-5)
+
+    # three experts whose updates read orthogonal input directions: a token along one routes to it
+    from moerge.routing.routers.arrow import ArrowRouter
+
+    dirs = torch.eye(6)[:3]
+    class Layer:  # what fit() reads: a (E, r, in), b (E, out, r)
+        a = torch.stack([torch.cat([d[None], torch.zeros(1, 6)]) for d in dirs])  # rank 2, second row empty
+        b = torch.randn(3, 5, 2, generator=g)
+    class Routed:
+        layers = {"m": Layer}
+    router = ArrowRouter(top_k=1)
+    router.fit(Routed)
+    x = torch.stack([-3 * dirs[2], 2 * dirs[0] + 0.1 * dirs[1], dirs[1]])[None]  # sign does not matter
+    assert router.token_weights("m", x).argmax(-1).tolist() == [[2, 0, 1]]
+    fused = x @ router.score_map("m")
+    assert torch.equal(router.token_weights("m", x, fused), router.token_weights("m", x))
+
+
+def test_arrow_equals_peft_arrow(tmp_path):
+    """PEFT's own Arrow (create_arrow_model) on the same adapters gives the same logits. PEFT finds the
+    prototypes by 15 power iterations, which converge only with a clear gap between the top two singular
+    values, so the adapters here have one (ours are exact: QR + SVD of the r×r core)."""
+    from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from moerge.experts import load_adapter
+    from moerge.io.source import open_source
+    from moerge.tiny import make_base
+
+    base = make_base(tmp_path / "base", hidden=32, layers=2, heads=4, intermediate=64)
+    for i in range(3):
+        torch.manual_seed(i)
+        m = get_peft_model(LlamaForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_A" in n:
+                    p[0] *= 4
+        m.save_pretrained(tmp_path / f"e{i}")
+    tok = AutoTokenizer.from_pretrained(base)
+    ids, mask = tok(["abc=", "hello world="], return_tensors="pt", padding=True).values()
+    src = open_source(base)
+    ours = RoutedModel(LlamaForCausalLM.from_pretrained(base).eval(), tok, [load_adapter(tmp_path / f"e{i}", src) for i in range(3)],
+                       [{}] * 3, get("arrow")(top_k=2))
+    theirs = create_arrow_model(LlamaForCausalLM.from_pretrained(base), [str(tmp_path / f"e{i}") for i in range(3)],
+                                ArrowConfig(top_k=2, rng_seed=0)).eval()
+    with torch.no_grad():
+        got, want = ours(ids, mask).logits, theirs(input_ids=ids, attention_mask=mask).logits
+        plain = LlamaForCausalLM.from_pretrained(base)(input_ids=ids, attention_mask=mask).logits
+    assert float((want - plain).abs().max()) > 0.1  # the experts matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_token_routers_fused_scores_equal_the_separate_path(experts):
+    arrow = load_routed("arrow", experts=experts, top_k=2)
+    ids, mask = arrow.tokenizer(["reverse: abc=", "shout: xyz="], return_tensors="pt", padding=True).values()
+    with torch.no_grad():
+        fused = arrow(ids, mask).logits
+        for layer in arrow.layers.values():
+            layer.fuse(None)
+        separate = arrow(ids, mask).logits
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(fused, load_routed("uniform", experts=experts)(ids, mask).logits, atol=1e-4)
+
+
 def test_refusals(experts, tmp_path):
     train_expert(tmp_path / "dora", task="sort", adapter="dora", steps=1, n_train=8, batch_size=4, progress=False)
     with pytest.raises(MoergeError, match="routes plain LoRA experts"):
@@ -154,6 +228,14 @@ def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp
     x = torch.randn(2, 5, rm.layers["model.layers.1.mlp.down_proj"].a.shape[2])
     w = rm.router.token_weights("model.layers.1.mlp.down_proj", x)
     assert torch.allclose(w.sum(-1), torch.ones(2, 5)) and bool(((w > 0).sum(-1) == 1).all())
+    # the paper's score: standardised activations · standardised gates / sqrt(d), top-1 here
+    from moerge.routing.routers.phatgoose import _standardise
+
+    g = torch.stack([load_file(f / "gates.safetensors")["model.layers.1.mlp.down_proj"] for f in folders])
+    paper = _standardise(x) @ _standardise(g).T / x.shape[-1] ** 0.5
+    assert torch.equal(w.argmax(-1), paper.argmax(-1))
+    fused = x @ rm.router.score_map("model.layers.1.mlp.down_proj")
+    torch.testing.assert_close(rm.router.token_weights("model.layers.1.mlp.down_proj", x, fused), w)
     lib = Library.init(tmp_path / "lib", base_model.default_base())
     for f in folders:
         lib.add(f, f.name)

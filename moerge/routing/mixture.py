@@ -10,7 +10,9 @@ products over the concatenated factors, never a Python loop over experts or exam
 
 Weights come from a shared ``RoutingState``: per example ``(batch, E)`` (task-level routers: set once
 before ``generate``, so they hold for every generated token and work with the KV cache), or per token,
-computed inside each layer from the layer's own input by a ``TokenRouter`` (Arrow, PHATGOOSE).
+computed inside each layer from the layer's own input by a ``TokenRouter`` (Arrow, PHATGOOSE). A
+token router's scores are a linear map of the input (prototypes, gates): ``fuse`` appends that map's
+columns to ``A_cat``, so one matrix product yields both the experts' down-projections and the scores.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class RoutingState:
     """What the mixture layers read at each forward."""
 
     example_weights: torch.Tensor | None = None  # (batch, E)
-    token_router: "Callable[[str, torch.Tensor], torch.Tensor] | None" = None  # (module, x) -> (b, t, E)
+    # (module, x, fused scores or None) -> (b, t, E)
+    token_router: "Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor] | None" = None
     usage: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> summed weights (E,), for reports
     record: bool = False
 
@@ -46,20 +49,28 @@ class MixtureLinear(nn.Module):
         self.register_buffer("a_cat", a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
         self.register_buffer("b_cat", b.permute(0, 2, 1).reshape(e * r, -1).contiguous(), persistent=False)  # (E·r, out)
         self.state = state
+        self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
+
+    def fuse(self, scores_map: torch.Tensor | None) -> None:
+        """Append a token router's (in, P) score map to A_cat (None: route from x separately)."""
+        self.a_fused = None if scores_map is None else torch.cat([self.a_cat, scores_map.to(self.a_cat.dtype)], 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         st = self.state
-        if st.token_router is not None:
-            w = st.token_router(self.name, x)  # (b, t, E)
+        e, r = self.a.shape[0], self.a.shape[1]
+        if st.token_router is not None and self.a_fused is not None:
+            z = x @ self.a_fused.to(x.dtype)
+            h, w = z[..., : e * r], st.token_router(self.name, x, z[..., e * r:])  # (b, t, E)
+        elif st.token_router is not None:
+            h, w = x @ self.a_cat.to(x.dtype), st.token_router(self.name, x, None)
         elif st.example_weights is not None:
-            w = st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
+            h, w = x @ self.a_cat.to(x.dtype), st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
         else:
             return y
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
-        e, r = self.a.shape[0], self.a.shape[1]
-        h = (x @ self.a_cat.to(x.dtype)).unflatten(-1, (e, r)) * w.unsqueeze(-1)
+        h = h.unflatten(-1, (e, r)) * w.unsqueeze(-1)
         # y is the base layer's fresh output: accumulate into it in place (one fused multiply-add)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, e * r), self.b_cat.to(x.dtype))
         return y

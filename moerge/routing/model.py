@@ -25,6 +25,9 @@ class RoutedModel:
         self.state = RoutingState()
         self.layers = attach(model, experts, self.state)
         router.fit(self)
+        if router.level == "token":
+            for name, layer in self.layers.items():
+                layer.fuse(router.score_map(name))
 
     def eval(self) -> "RoutedModel":
         self.model.eval()

@@ -2,7 +2,10 @@
 
 - ``example``: ``example_weights(routed, prompts, input_ids, attention_mask) -> (batch, E)``, once per
   generate call (task-level routing: centroid, oracle, uniform);
-- ``token``: ``token_weights(module, x) -> (batch, tokens, E)`` inside every adapted layer (Arrow).
+- ``token``: ``token_weights(module, x, scores) -> (batch, tokens, E)`` inside every adapted layer
+  (Arrow, PHATGOOSE). A token router whose raw scores are a linear map of ``x`` returns that map from
+  ``score_map``; the runtime then computes ``scores = x @ map`` in the same matrix product as the
+  experts' down-projections and passes them in (``None`` when it did not).
 
 ``fit(routed)`` precomputes what the router needs from the experts (prototypes, centroids) once.
 A new router is one file in ``routers/`` that calls ``register``.
@@ -44,9 +47,13 @@ class ExampleRouter(Router):
 class TokenRouter(Router):
     level = "token"
 
+    def score_map(self, module: str) -> torch.Tensor | None:
+        """An (in, P) matrix M whose product x @ M the router needs at ``module``, or None."""
+        return None
+
     @abstractmethod
-    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        """(batch, tokens, E) weights inside layer ``module`` from its input ``x``."""
+    def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, tokens, E) weights inside layer ``module`` from its input ``x`` (and x @ score_map)."""
 
 
 def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0) -> torch.Tensor:

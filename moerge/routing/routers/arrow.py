@@ -39,8 +39,11 @@ class ArrowRouter(TokenRouter):
             self.present[module] = torch.tensor(present)
         self.all_present = {m: bool(p.all()) for m, p in self.present.items()}
 
-    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        scores = (x @ self.protos[module].to(x.dtype).T).abs()
+    def score_map(self, module: str) -> torch.Tensor:
+        return self.protos[module].T
+
+    def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        scores = (x @ self.protos[module].to(x.dtype).T if scores is None else scores).abs()
         if not self.all_present[module]:
             scores = scores.masked_fill(~self.present[module], float("-inf"))
         return top_k_softmax(scores, self.top_k, self.temperature)

@@ -35,7 +35,7 @@ class _GateTrainer(nn.Module):
         self.keys = {m: m.replace(".", "__") for m in layers}
         self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].a.shape[2])) for m, k in self.keys.items()})
 
-    def route(self, module: str, x: torch.Tensor) -> torch.Tensor:
+    def route(self, module: str, x: torch.Tensor, scores=None) -> torch.Tensor:
         return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
 
     def forward(self, **batch):
@@ -82,10 +82,6 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     return gates
 
 
-class _Passive(TokenRouter):
-    name = "_passive"
-
-
 def load_gates(card: dict) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
@@ -118,7 +114,13 @@ class PhatgooseRouter(TokenRouter):
             self.gates[module] = _standardise(torch.stack(rows).float())
             self.present[module] = torch.tensor([module in g for g in gates])
 
-    def token_weights(self, module: str, x: torch.Tensor) -> torch.Tensor:
-        scores = _standardise(x.float()) @ self.gates[module].T / x.shape[-1] ** 0.5
+    def score_map(self, module: str) -> torch.Tensor:
+        return self.gates[module].T
+
+    def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        # the gates are standardised (zero mean), so standardising x reduces to dividing by its std
+        if scores is None:
+            scores = x @ self.gates[module].T.to(x.dtype)
+        scores = scores.float() / (x.float().std(-1, keepdim=True).clamp(min=1e-6) * x.shape[-1] ** 0.5)
         scores = scores.masked_fill(~self.present[module], float("-inf"))
         return top_k_softmax(scores, self.top_k, self.temperature).to(x.dtype)
