@@ -42,10 +42,11 @@ def merged_model(experts, weights):
     model, tok = base_model.load()
     src = open_source(base_model.default_base())
     sd = model.state_dict()
+    base = {k: v.clone() for k, v in sd.items()}  # every delta is taken against the base (DoRA's, (IA)3's depend on it)
     with torch.no_grad():
         for folder, w in zip(experts, weights):
             for name, u in load_adapter(folder, src).updates.items():
-                sd[name] += w * u.delta(sd[name])
+                sd[name] += w * u.delta(base[name])
     model.load_state_dict(sd)
     return model, tok
 
@@ -121,7 +122,7 @@ def test_arrow_prototypes_are_the_top_right_singular_vectors_and_route_aligned_t
         a = torch.stack([torch.cat([d[None], torch.zeros(1, 6)]) for d in dirs])  # rank 2, second row empty
         b = torch.randn(3, 5, 2, generator=g)
     class Routed:
-        layers = {"m": Layer}
+        layers, kinds, cards = {"m": Layer}, ["lora"] * 3, [{}] * 3
     router = ArrowRouter(top_k=1)
     router.fit(Routed)
     x = torch.stack([-3 * dirs[2], 2 * dirs[0] + 0.1 * dirs[1], dirs[1]])[None]  # sign does not matter
@@ -177,10 +178,85 @@ def test_token_routers_fused_scores_equal_the_separate_path(experts):
     assert not torch.allclose(fused, load_routed("uniform", experts=experts)(ids, mask).logits, atol=1e-4)
 
 
+def test_mixture_linear_equals_merged_weights_for_every_kind():
+    """LoRA, DoRA, (IA)3 output and input scalings (bias included) and an absent expert on one biased
+    layer: per example and per token, the mixture equals the layer with W + Σ w_e ΔW_e, b + Σ w_e Δb_e."""
+    from types import SimpleNamespace
+
+    from moerge.experts.kinds import Dora, LowRank, Scaling
+    from moerge.routing.mixture import MixtureLinear, RoutingState, stack_bank
+
+    g = torch.Generator().manual_seed(0)
+
+    def rn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    lin = torch.nn.Linear(6, 5, bias=True)
+    out_scale = Scaling(1 + 0.3 * rn(5, 1))
+    updates = [{"m.weight": LowRank(rn(2, 6), rn(5, 2), 0.5)},
+               {"m.weight": Dora(rn(3, 6), rn(5, 3), 2.0, magnitude=rn(5).abs() + 0.5)},
+               {"m.weight": out_scale, "m.bias": out_scale},
+               {"m.weight": Scaling(1 + 0.3 * rn(1, 6))},
+               {}]
+    experts = [SimpleNamespace(updates=u, kind="?") for u in updates]
+    state = RoutingState()
+    layer = MixtureLinear(lin, "m", stack_bank(experts, "m", lin), state)
+    x, w, wt = rn(3, 4, 6), rn(3, 5), rn(3, 4, 5)  # weights need not sum to one
+
+    def merged(weights: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        wgt, bias = lin.weight.detach().clone(), lin.bias.detach().clone()
+        for we, u in zip(weights.tolist(), updates):
+            wgt += we * u["m.weight"].delta(lin.weight.detach()) if "m.weight" in u else 0
+            bias += we * u["m.bias"].delta(lin.bias.detach()) if "m.bias" in u else 0
+        return torch.nn.functional.linear(xi, wgt, bias)
+
+    with torch.no_grad():
+        state.example_weights = w
+        got = layer(x)
+        for i in range(3):
+            torch.testing.assert_close(got[i], merged(w[i], x[i]), rtol=1e-5, atol=1e-5)
+        state.example_weights, state.token_router = None, lambda module, xx, scores: wt
+        got = layer(x)
+        for i, t in ((0, 0), (1, 3), (2, 2)):
+            torch.testing.assert_close(got[i, t], merged(wt[i, t], x[i, t]), rtol=1e-5, atol=1e-5)
+        assert float((got - lin(x)).abs().max()) > 0.1
+
+
+def test_dora_and_ia3_experts_route_like_their_merges(experts, tmp_path):
+    train_expert(tmp_path / "dora", task="sort", adapter="dora", steps=4, n_train=16, batch_size=4, progress=False)
+    train_expert(tmp_path / "ia3", task="shift", adapter="ia3", steps=4, n_train=16, batch_size=4, progress=False)
+    bank = [experts[0], tmp_path / "dora", tmp_path / "ia3"]
+    ids, mask = base_model.load()[1](["reverse: abc=", "sort: dcba=", "shift: xyz="], add_special_tokens=False,
+                                      return_tensors="pt", padding=True).values()
+    rows = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
+    rm = routed(bank, Fixed(rows))
+    with torch.no_grad():
+        got = rm(ids, mask).logits
+        for i in range(3):
+            ref, _ = merged_model(bank, rows[i].tolist())
+            torch.testing.assert_close(got[i: i + 1], ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits,
+                                       rtol=1e-4, atol=1e-4)
+        plain, _ = merged_model(bank, [0.0, 0.0, 0.0])
+        assert float((got[1:2] - plain(input_ids=ids[1:2], attention_mask=mask[1:2]).logits).abs().max()) > 1e-3
+    assert load_routed("uniform", experts=bank).kinds == ["lora", "dora", "ia3"]
+
+
 def test_refusals(experts, tmp_path):
-    train_expert(tmp_path / "dora", task="sort", adapter="dora", steps=1, n_train=8, batch_size=4, progress=False)
-    with pytest.raises(MoergeError, match="routes plain LoRA experts"):
-        load_routed("uniform", experts=[experts[0], tmp_path / "dora"])
+    train_expert(tmp_path / "ia3", task="sort", adapter="ia3", steps=1, n_train=8, batch_size=4, progress=False)
+    with pytest.raises(MoergeError, match=r"is \(IA\)3: Arrow routes by the singular vectors"):
+        load_routed("arrow", experts=[experts[0], tmp_path / "ia3"])
+    from types import SimpleNamespace
+
+    from moerge.experts import load_adapter
+    from moerge.experts.kinds import Replace
+    from moerge.io.source import open_source
+
+    model, tok = base_model.load()
+    lora = load_adapter(experts[0], open_source(base_model.default_base()))
+    for name, what in (("model.layers.0.mlp.down_proj.weight", "cannot route"), ("model.embed_tokens.weight", "not the weight of a linear")):
+        dense = SimpleNamespace(updates={name: Replace(torch.zeros(1))}, kind="dense", path="ft/")
+        with pytest.raises(MoergeError, match=f"expert ft/.*{what}"):
+            RoutedModel(model, tok, [lora, dense], [{}, {}], get("uniform")())
     with pytest.raises(MoergeError, match="unknown router 'nope'; known: arrow, centroid"):
         get("nope")
     card = json.loads((experts[0] / "expert.json").read_text())

@@ -1,12 +1,22 @@
-"""A bank of LoRA experts inside a transformers model, mixed per example or per token in one pass.
+"""A bank of experts inside a transformers model, mixed per example or per token in one pass.
 
-``attach`` wraps each targeted ``nn.Linear`` in a ``MixtureLinear`` holding every expert's factors,
-stacked once and zero-padded to the largest rank (an expert that does not touch a module has zero
-factors there). Its forward adds ``Σ_e w_e · B_e A_e x`` for the whole batch with two plain matrix
-products over the concatenated factors, never a Python loop over experts or examples:
+``attach`` wraps each targeted ``nn.Linear`` in a ``MixtureLinear`` holding every expert's parameters
+for it, stacked once. With routing weights w (per example or per token) it computes exactly the output
+of the weights ``W + Σ_e w_e ΔW_e``, where ΔW_e is what expert e's merge would add to W, without
+forming any of them and without a Python loop over experts or examples:
 
-    h = x @ A_cat                    # (b, t, E·r): every expert's down-projection at once
-    y = (h ⊙ w per expert) @ B_cat   # weighted, up-projected, summed over experts
+- LoRA: ΔW_e x = B_e A_e x. The factors are concatenated (zero-padded to the largest rank), so
+
+      h = x @ A_cat                    # (b, t, E·r): every expert's down-projection at once
+      y += (h ⊙ w per expert) @ B_cat  # weighted, up-projected, summed over experts
+
+- DoRA: W' = m ⊙ (W + BA) / ‖W + BA‖ (row norms), so ΔW_e x = (c_e − 1) ⊙ Wx + c_e ⊙ B_e A_e x with the
+  constant c_e = m_e / ‖W + B_e A_e‖: c_e is folded into B_e and (c_e − 1) becomes an output scaling;
+- (IA)³: ΔW_e x = (l_e − 1) ⊙ Wx (output scaling; the bias too) or W((l_e − 1) ⊙ x) (feed-forward input
+  scaling): y = (1 + w·S_out) ⊙ Wx, or W((1 + w·S_in) ⊙ x).
+
+So SMEAR's "average the experts' parameters per example" and every example-level router work for all
+three kinds (for several kinds on one module it is the task-arithmetic average of their deltas).
 
 Weights come from a shared ``RoutingState``: per example ``(batch, E)`` (task-level routers: set once
 before ``generate``, so they hold for every generated token and work with the KV cache), or per token,
@@ -24,7 +34,7 @@ import torch
 from torch import nn
 
 from moerge.errors import MoergeError
-from moerge.experts.kinds import LowRank
+from moerge.experts.kinds import Dora, LowRank, Scaling
 
 
 @dataclass
@@ -38,81 +48,138 @@ class RoutingState:
     record: bool = False
 
 
+@dataclass
+class Bank:
+    """Every expert's parameters for one linear layer (None: no expert has that kind there)."""
+
+    a: torch.Tensor | None = None  # (E, r, in) low-rank down-projections
+    b: torch.Tensor | None = None  # (E, out, r) up-projections, LoRA scale and DoRA's c_e folded in
+    s_out: torch.Tensor | None = None  # (E, out) output scalings minus 1, on Wx ((IA)3, DoRA)
+    s_bias: torch.Tensor | None = None  # (E, out) scalings minus 1 of the bias ((IA)3 only)
+    s_in: torch.Tensor | None = None  # (E, in) feed-forward input scalings minus 1 ((IA)3)
+
+
 class MixtureLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, a: torch.Tensor, b: torch.Tensor, state: RoutingState):
+    def __init__(self, base: nn.Linear, name: str, bank: Bank, state: RoutingState):
         super().__init__()
         self.base = base
         self.name = name
-        self.register_buffer("a", a, persistent=False)  # (E, r, in)
-        self.register_buffer("b", b, persistent=False)  # (E, out, r), scales folded in
-        e, r, i = a.shape
-        self.register_buffer("a_cat", a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
-        self.register_buffer("b_cat", b.permute(0, 2, 1).reshape(e * r, -1).contiguous(), persistent=False)  # (E·r, out)
         self.state = state
+        self.n_experts = next(t.shape[0] for t in (bank.a, bank.s_out, bank.s_in) if t is not None)
+        for k in ("a", "b", "s_out", "s_bias", "s_in"):
+            self.register_buffer(k, getattr(bank, k), persistent=False)
+        if bank.a is not None:
+            e, r, i = bank.a.shape
+            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
+            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).contiguous(), persistent=False)
+        else:
+            self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
 
     def fuse(self, scores_map: torch.Tensor | None) -> None:
         """Append a token router's (in, P) score map to A_cat (None: route from x separately)."""
-        self.a_fused = None if scores_map is None else torch.cat([self.a_cat, scores_map.to(self.a_cat.dtype)], 1).contiguous()
+        if scores_map is None or self.a_cat is None:
+            self.a_fused = None
+        else:
+            self.a_fused = torch.cat([self.a_cat, scores_map.to(self.a_cat.dtype)], 1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         st = self.state
-        e, r = self.a.shape[0], self.a.shape[1]
+        if st.token_router is None and st.example_weights is None:
+            return self.base(x)
+        h = None
+        er = 0 if self.a is None else self.a.shape[0] * self.a.shape[1]
         if st.token_router is not None and self.a_fused is not None:
             z = x @ self.a_fused.to(x.dtype)
-            h, w = z[..., : e * r], st.token_router(self.name, x, z[..., e * r:])  # (b, t, E)
+            h, w = z[..., :er], st.token_router(self.name, x, z[..., er:])  # (b, t, E)
         elif st.token_router is not None:
-            h, w = x @ self.a_cat.to(x.dtype), st.token_router(self.name, x, None)
-        elif st.example_weights is not None:
-            h, w = x @ self.a_cat.to(x.dtype), st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
+            w = st.token_router(self.name, x, None)
         else:
-            return y
+            w = st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
-        h = h.unflatten(-1, (e, r)) * w.unsqueeze(-1)
-        # y is the base layer's fresh output: accumulate into it in place (one fused multiply-add)
-        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, e * r), self.b_cat.to(x.dtype))
+        y = self._scaled_base(x, w)
+        if self.a is not None:
+            if h is None:
+                h = x @ self.a_cat.to(x.dtype)
+            h = h.unflatten(-1, (self.a.shape[0], self.a.shape[1])) * w.unsqueeze(-1)
+            # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
+            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, er), self.b_cat.to(x.dtype))
+        return y
+
+    def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""
+        if self.s_in is not None and self.s_out is None:
+            return self.base(x * (1 + w @ self.s_in.to(x.dtype)))
+        y = self.base(x)
+        if self.s_out is not None:
+            bias = self.base.bias
+            wx = y if bias is None else y - bias
+            y = y + (w @ self.s_out.to(x.dtype)) * wx
+            if self.s_bias is not None:
+                y = y + (w @ self.s_bias.to(x.dtype)) * bias
+        if self.s_in is not None:  # both kinds of scaling on one layer: the input one is a separate term
+            y = y + nn.functional.linear(x * (w @ self.s_in.to(x.dtype)), self.base.weight)
         return y
 
 
-def stack_experts(experts: list, module_names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module: (A (E, r, in), B (E, out, r)) with each expert's scale folded into B."""
-    out = {}
-    for module in module_names:
-        target = module + ".weight"
-        ups = [e.updates.get(target) for e in experts]
-        present = [u for u in ups if u is not None]
-        if not present:
-            continue
-        for e, u in zip(experts, ups):
-            if u is not None and (type(u) is not LowRank or u.transpose):
-                raise MoergeError(f"expert {getattr(e, 'path', '?')}: a {e.kind} update on {module}; the mixture runtime "
-                                  "routes plain LoRA experts on linear layers (merge DoRA/(IA)3 experts instead)")
-        r = max(u.rank for u in present)
-        out_f, in_f = present[0].b.shape[0], present[0].a.shape[1]
-        a = torch.zeros(len(experts), r, in_f)
-        b = torch.zeros(len(experts), out_f, r)
-        for i, u in enumerate(ups):
-            if u is not None:
-                a[i, : u.rank] = u.a.float()
-                b[i, :, : u.rank] = u.b.float() * u.scale
-        out[module] = (a, b)
-    return out
+def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
+    """Every expert's parameters for ``module`` (None when no expert adapts it)."""
+    ups = [e.updates.get(module + ".weight") for e in experts]
+    if all(u is None for u in ups):
+        return None
+    n, (out_f, in_f) = len(experts), linear.weight.shape
+    w = linear.weight.detach().float()
+    bank = Bank()
+    for e, u in zip(experts, ups):
+        if u is not None and (not isinstance(u, (LowRank, Scaling)) or u.transpose):
+            raise MoergeError(f"expert {getattr(e, 'path', '?')}: a {e.kind} update on {module} that the mixture runtime cannot "
+                              "route (it routes LoRA, DoRA and (IA)3 updates of linear layers); merge this expert instead")
+    low = [(i, u) for i, u in enumerate(ups) if isinstance(u, LowRank)]
+    if low:
+        r = max(u.rank for _, u in low)
+        bank.a, bank.b = torch.zeros(n, r, in_f), torch.zeros(n, out_f, r)
+        for i, u in low:
+            a, b = u.a.float(), u.b.float() * u.scale
+            if isinstance(u, Dora):
+                c = u.magnitude.float().reshape(-1) / torch.linalg.vector_norm(w + b @ a, dim=1)
+                b = c[:, None] * b
+                bank.s_out = torch.zeros(n, out_f) if bank.s_out is None else bank.s_out
+                bank.s_out[i] = c - 1
+            bank.a[i, : u.rank], bank.b[i, :, : u.rank] = a, b
+    for i, u in enumerate(ups):
+        if isinstance(u, Scaling):
+            v = u.vector.float()
+            if v.shape[-1] == 1:  # (out, 1): scales the layer's outputs, bias included
+                bank.s_out = torch.zeros(n, out_f) if bank.s_out is None else bank.s_out
+                bank.s_out[i] = v.reshape(-1) - 1
+                if linear.bias is not None:
+                    bank.s_bias = torch.zeros(n, out_f) if bank.s_bias is None else bank.s_bias
+                    bank.s_bias[i] = v.reshape(-1) - 1
+            else:  # (1, in): scales a feed-forward layer's inputs
+                bank.s_in = torch.zeros(n, in_f) if bank.s_in is None else bank.s_in
+                bank.s_in[i] = v.reshape(-1) - 1
+    return bank
 
 
 def attach(model: nn.Module, experts: list, state: RoutingState) -> dict[str, MixtureLinear]:
     """Wrap every linear layer that some expert adapts; returns the wrappers by module name."""
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = sorted({t[: -len(".weight")] for e in experts for t in e.updates})
-    missing = [t for t in targets if t not in linears]
-    if missing:
-        raise MoergeError(f"the experts adapt {missing[0]!r}, which is not a linear layer of this model")
+    for e in experts:
+        for t, u in e.updates.items():
+            module, _, kind = t.rpartition(".")
+            if module not in linears or kind not in ("weight", "bias") or (kind == "bias" and not isinstance(u, Scaling)):
+                raise MoergeError(f"expert {getattr(e, 'path', '?')} changes {t!r}, which is not the weight of a linear layer of "
+                                  "this model; the mixture runtime routes LoRA, DoRA and (IA)3 updates of linear layers")
+    targets = sorted({t.rpartition(".")[0] for e in experts for t in e.updates})
     wrapped = {}
-    for module, (a, b) in stack_experts(experts, targets).items():
+    for module in targets:
+        bank = stack_bank(experts, module, linears[module])
+        if bank is None:
+            continue
         parent_name, _, child = module.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MixtureLinear(linears[module], module, a, b, state)
+        layer = MixtureLinear(linears[module], module, bank, state)
         setattr(parent, child, layer)
         wrapped[module] = layer
     return wrapped

@@ -22,6 +22,7 @@ class RoutedModel:
         if not experts:
             raise MoergeError("routing needs at least one expert")
         self.model, self.tokenizer, self.cards, self.router = model, tokenizer, cards, router
+        self.kinds = [e.kind for e in experts]
         self.state = RoutingState()
         self.layers = attach(model, experts, self.state)
         router.fit(self)

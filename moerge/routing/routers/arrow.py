@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from moerge.errors import MoergeError
 from moerge.routing.registry import TokenRouter, register, top_k_softmax
 
 
@@ -26,6 +27,10 @@ class ArrowRouter(TokenRouter):
         super().__init__(top_k, temperature)
 
     def fit(self, routed) -> None:
+        for kind, card in zip(routed.kinds, routed.cards):
+            if kind == "ia3":
+                raise MoergeError(f"expert {card.get('name', '?')} is (IA)3: Arrow routes by the singular vectors of each "
+                                  "expert's B·A, which (IA)3 has none of; use an example-level router (centroid, smear, ...) or phatgoose")
         self.protos: dict[str, torch.Tensor] = {}
         self.present: dict[str, torch.Tensor] = {}
         for module, layer in routed.layers.items():

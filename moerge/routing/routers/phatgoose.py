@@ -33,7 +33,7 @@ class _GateTrainer(nn.Module):
         super().__init__()
         self.model, self.state = model, state  # the model is frozen; only the gates are parameters here
         self.keys = {m: m.replace(".", "__") for m in layers}
-        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].a.shape[2])) for m, k in self.keys.items()})
+        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].base.in_features)) for m, k in self.keys.items()})
 
     def route(self, module: str, x: torch.Tensor, scores=None) -> torch.Tensor:
         return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
@@ -109,7 +109,7 @@ class PhatgooseRouter(TokenRouter):
         self.gates: dict[str, torch.Tensor] = {}
         self.present: dict[str, torch.Tensor] = {}
         for module, layer in routed.layers.items():
-            dim = layer.a.shape[2]
+            dim = layer.base.in_features
             rows = [g.get(module, torch.zeros(dim)) for g in gates]
             self.gates[module] = _standardise(torch.stack(rows).float())
             self.present[module] = torch.tensor([module in g for g in gates])
