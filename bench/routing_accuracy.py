@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Do per-token routers send tokens to the right expert? A diagnostic for the demo's experts.
+
+    python bench/routing_accuracy.py demo-output/experts/{reverse,sort,uppercase,shift,dedupe,novowels}
+
+For each built-in task whose expert is given, the test prompts and their answers go through the routed
+model (teacher forcing); at every adapted layer we record which expert each token's largest weight
+went to. Printed per router: the share of tokens whose top expert is the task's own (all tokens, and
+answer tokens only), and the share of sequences whose top expert, after averaging the scores over the
+sequence, is the right one. Chance is 1/E. Routers: arrow, and phatgoose when every expert has gates.
+
+The last row is a probe of what a token router could know at best from a layer's input: nearest
+class mean (cosine, centred) of the base model's token activations, fitted on the training split.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experts", nargs="+", type=Path, help="expert folders named after built-in tasks")
+    ap.add_argument("--n", type=int, default=40, help="test prompts per task")
+    args = ap.parse_args()
+
+    from moerge.routing import load_routed
+    from moerge.tasks import examples
+    from moerge.util import quiet_transformers
+
+    quiet_transformers()
+    tasks = [p.name for p in args.experts]
+    routers = ["arrow"] + (["phatgoose"] if all((p / "gates.safetensors").is_file() for p in args.experts) else [])
+
+    def batch(tok, task: str, split: str, n: int):
+        rows = examples(task, split, n)
+        enc = tok([r.prompt + r.completion for r in rows], return_tensors="pt", padding=True)
+        mask = enc.attention_mask.bool()
+        n_prompt = torch.tensor([len(tok(r.prompt).input_ids) for r in rows])  # with any leading special tokens
+        start = (mask.shape[1] - mask.sum(1)) * (tok.padding_side == "left")
+        answer = mask & (torch.arange(mask.shape[1])[None] >= (start + n_prompt)[:, None])
+        return enc.input_ids, mask, answer
+
+    print(f"{len(tasks)} experts ({', '.join(tasks)}); chance = {1 / len(tasks):.2f}")
+    print(f"{'router':<28} {'tokens':>7} {'answer tokens':>14} {'sequences':>10}")
+    for name in routers:
+        routed = load_routed(name, experts=args.experts, top_k=1)
+        inner = routed.router.token_weights
+        scores: dict[str, torch.Tensor] = {}
+
+        def spy(module, x, fused=None, inner=inner, scores=scores):
+            w = inner(module, x, fused)
+            scores[module] = w
+            return w
+
+        hits = defaultdict(list)
+        for i, task in enumerate(tasks):
+            ids, mask, answer = batch(routed.tokenizer, task, "test", args.n)
+            routed.state.token_router = spy
+            with torch.no_grad():
+                routed.model(input_ids=ids, attention_mask=mask)
+            routed.state.token_router = None
+            for w in scores.values():
+                top = w.argmax(-1)
+                hits["tokens"].append((top[mask] == i).float().mean())
+                hits["answer"].append((top[answer] == i).float().mean())
+                seq = (w * mask[..., None]).sum(1).argmax(-1)
+                hits["seq"].append((seq == i).float().mean())
+        mean = {k: float(torch.stack(v).mean()) for k, v in hits.items()}
+        print(f"{name + ' (top expert)':<28} {mean['tokens']:>7.2f} {mean['answer']:>14.2f} {mean['seq']:>10.2f}")
+
+    # the probe: nearest class mean of the base's token activations at every adapted layer
+    routed = load_routed("uniform", experts=args.experts)
+    acts: dict[str, torch.Tensor] = {}
+    hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: acts.__setitem__(name, inp[0].detach()))
+             for name, layer in routed.layers.items()]
+
+    def collect(split: str, n: int):
+        out = defaultdict(lambda: defaultdict(list))
+        for i, task in enumerate(tasks):
+            ids, mask, answer = batch(routed.tokenizer, task, split, n)
+            with torch.no_grad():
+                routed.model(input_ids=ids, attention_mask=mask)
+            for module, x in acts.items():
+                out[module]["tokens"].append((x[mask].float(), torch.full((int(mask.sum()),), i)))
+                out[module]["answer"].append((x[answer].float(), torch.full((int(answer.sum()),), i)))
+        return out
+
+    train, test = collect("train", 2 * args.n), collect("test", args.n)
+    probe = defaultdict(list)
+    for module in train:
+        x = torch.cat([a for a, _ in train[module]["tokens"]])
+        y = torch.cat([b for _, b in train[module]["tokens"]])
+        centre = x.mean(0)
+        means = torch.nn.functional.normalize(torch.stack([(x[y == k] - centre).mean(0) for k in range(len(tasks))]), dim=-1)
+        for part in ("tokens", "answer"):
+            xt = torch.cat([a for a, _ in test[module][part]])
+            yt = torch.cat([b for _, b in test[module][part]])
+            probe[part].append(float(((torch.nn.functional.normalize(xt - centre, dim=-1) @ means.T).argmax(-1) == yt).float().mean()))
+    for h in hooks:
+        h.remove()
+    print(f"{'probe (nearest class mean)':<28} {sum(probe['tokens']) / len(probe['tokens']):>7.2f} "
+          f"{sum(probe['answer']) / len(probe['answer']):>14.2f} {'':>10}")
+
+
+if __name__ == "__main__":
+    main()
