@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from moerge.errors import MoergeError
+from moerge.util import console
 
 app = typer.Typer(
     name="moerge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Merge, route and version specialist experts built from one base model.",
 )
-err = Console(stderr=True)
-out = Console()
+err = console(stderr=True)
+out = console()
 
 
 def _fail(e: MoergeError) -> None:

@@ -25,7 +25,7 @@ MERGES = {
 
 
 # routers compared in the demo (top-k); "oracle" knows each prompt's task
-ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("smear", None), ("arrow", 1)]
+ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("smear", None), ("arrow", 1), ("phatgoose", 2)]
 
 
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
@@ -41,16 +41,18 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     from moerge import base as base_model
     from moerge.eval import evaluate
     from moerge.routing import load_routed
+    from moerge.routing.routers.phatgoose import train_gates
     from moerge.tasks import examples, skills
     from moerge.train.expert import load_expert, train_expert
+    from moerge.util import console as util_console
     from moerge.util import quiet_transformers
 
     quiet_transformers()
-    console = console or Console()
+    console = console or util_console()
     out_dir = Path(out_dir)
     tasks = list(skills.QUICK_EXPERTS if quick else skills.EXPERTS)
     heldout = list(skills.QUICK_HELDOUT if quick else skills.HELDOUT)
-    steps, n_eval = (120, 100) if quick else (200, 200)
+    steps, n_eval, gate_steps = (120, 100, 30) if quick else (200, 200, 100)
     columns = tasks + heldout
     base_dir = base_model.default_base()
     start = time.perf_counter()
@@ -70,7 +72,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         experts[task] = path
         model, tok = load_expert(base_dir, path)
         score(f"expert:{task}", model, tok, card.seconds)
-        console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}", highlight=False)
+        t0 = time.perf_counter()
+        train_gates(path, base=base_dir, steps=gate_steps, progress=progress)  # PHATGOOSE's gates, expert frozen
+        console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}; "
+                      f"its PHATGOOSE gates: {time.perf_counter() - t0:.0f} s", highlight=False)
     for method in MERGES:
         t0 = time.perf_counter()
         res = moerge.merge(merge_recipe(method, base_dir, experts), out_dir / "merges" / method, overwrite=True, progress=False)

@@ -37,6 +37,18 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def console(stderr: bool = False):
+    """A rich console; when writing to a file or pipe (logs, CI) it is 200 columns wide rather than
+    rich's 80, so wide tables (the demo's scoreboard) stay readable. $COLUMNS still wins."""
+    import sys
+
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not stream.isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, width=200 if wide else None)
+
+
 @contextmanager
 def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[float], None]]:
     """A rich bar over ``total`` steps; the callback advances it and shows the latest loss."""

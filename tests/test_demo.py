@@ -18,7 +18,7 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
     assert len(tasks) >= 3 and len(heldout) >= 2
     assert set(rows) == {"base", "multitask", "oracle"} | {f"expert:{t}" for t in tasks} | {
         f"merge:{m}" for m in ("linear", "task_arithmetic", "ties", "dare_ties")} | {
-        f"route:{r}" for r in ("uniform", "centroid", "smear", "arrow")}
+        f"route:{r}" for r in ("uniform", "centroid", "smear", "arrow", "phatgoose")}
     for scores in rows.values():
         assert set(scores) == set(tasks + heldout) and all(0 <= v <= 1 for v in scores.values())
     for t in tasks:

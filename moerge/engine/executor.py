@@ -59,12 +59,12 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
     if plan.method.blockwise:
         # inputs stay in their storage dtype; blocks are widened (and rounded to the recipe dtype) as they go
-        raw = [models[i].source.get(n) for i, n in task.inputs]
+        stored = [models[i].source.get(n) for i, n in task.inputs]
         base = models[task.base[0]].source.get(task.base[1]) if task.base else None
-        dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in raw] + ([base.dtype] if base is not None else [])
+        dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in stored] + ([base.dtype] if base is not None else [])
         work = compute_dtype(dtypes)
         return _guarded(task, plan, lambda: plan.method.stream(
-            base, raw, work=work, out_dtype=task.out_dtype, cast=plan.cast, block=block, generator=gen,
+            base, stored, work=work, out_dtype=task.out_dtype, cast=plan.cast, block=block, generator=gen,
             **task.shared, **task.per_input))
     raw = [load(i, n) for i, n in task.inputs]
     base = load(*task.base) if task.base else None

@@ -8,7 +8,7 @@ of ``{filter, value}`` conditions matched against tensor names.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -244,7 +244,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         path = _error_path(tuple(err["loc"]))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = f"unknown key (moerge refuses keys it does not understand rather than ignore them)"
+            msg = "unknown key (moerge refuses keys it does not understand rather than ignore them)"
         elif err["type"] == "missing":
             msg = "required key is missing"
         line = lines.get(path) or lines.get(path[:-1])
