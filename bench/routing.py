@@ -8,6 +8,7 @@ on every linear layer. 64 prompts each generate exactly 16 tokens, greedily, in 
 
 - base: the model alone;
 - moerge: the mixture runtime with Arrow routing, top-2 experts per token and layer (routing included);
+- moerge-per-example: the same runtime given each example's one expert (the work PEFT's mixed batch does);
 - peft-one-at-a-time: PEFT with the 8 adapters loaded, each example generated alone after
   ``set_adapter`` to its expert (the issue's path (b));
 - peft-grouped: the same, but each expert's examples generated together (one batch per adapter, the
@@ -50,7 +51,7 @@ def main() -> None:
     from moerge.experts import load_adapter
     from moerge.io.source import open_source
     from moerge.routing import RoutedModel
-    from moerge.routing.registry import get
+    from moerge.routing.registry import ExampleRouter, get
     from moerge.tasks import EXPERTS, mixture
     from moerge.tiny import save_char_tokenizer, tiny_config
     from moerge.util import quiet_transformers
@@ -91,6 +92,16 @@ def main() -> None:
     routed = RoutedModel(LlamaForCausalLM.from_pretrained(work / "base").eval(), tok,
                          [load_adapter(work / n, src) for n in names], [{"name": n} for n in names], get("arrow")(top_k=2))
     results["moerge (arrow, top-2 per token)"] = best(lambda: routed.generate(ids, mask, **gen))
+
+    class Assigned(ExampleRouter):
+        name = "assigned"
+
+        def example_weights(self, routed, prompts, input_ids, attention_mask):
+            return torch.nn.functional.one_hot(torch.tensor(assign), args.experts).float()
+
+    one = RoutedModel(LlamaForCausalLM.from_pretrained(work / "base").eval(), tok,
+                      [load_adapter(work / n, src) for n in names], [{"name": n} for n in names], Assigned())
+    results["moerge (one expert per example)"] = best(lambda: one.generate(ids, mask, **gen))
 
     peft = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(work / "base"), work / names[0], adapter_name=names[0])
     for n in names[1:]:

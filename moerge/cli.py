@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 err = console(stderr=True)
 out = console()
+EMBEDDER_OPT = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or hub id) "
+                            "for task embeddings instead of the base model; needs moerge[embed].")
 
 
 def _fail(e: MoergeError) -> None:
@@ -272,6 +274,7 @@ def expert_train(
     rank: int = typer.Option(8, "--rank", help="LoRA/DoRA rank."),
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
+    embedder: Optional[str] = EMBEDDER_OPT,
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Train one expert from the base with PEFT (or fully) and write its card."""
@@ -279,7 +282,8 @@ def expert_train(
 
     with _user_errors():
         card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
-                            batch_size=batch_size, seed=seed, overwrite=overwrite, progress=sys.stderr.isatty())
+                            batch_size=batch_size, seed=seed, embedder=embedder, overwrite=overwrite,
+                            progress=sys.stderr.isatty())
     acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
     out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
@@ -361,6 +365,20 @@ def expert_gate(
     out.print(f"wrote {expert_dir / 'gates.safetensors'} ({len(gates)} modules)", highlight=False)
 
 
+@expert_app.command("embed")
+def expert_embed(
+    expert_dir: Path = typer.Argument(..., help="An expert folder trained by `moerge expert train`."),
+    embedder: str = typer.Option(..., "--embedder", help="A sentence-embedding model: a sentence-transformers folder or hub id."),
+) -> None:
+    """Record a sentence-embedding model's task centroids of the expert's training prompts in its card."""
+    from moerge.train.expert import embed_expert
+
+    with _user_errors():
+        entry = embed_expert(expert_dir, embedder)
+    out.print(f"wrote {len(entry['centroids'])} centroids ({len(entry['centroid'])}-dim) from {embedder} "
+              f"into {expert_dir / 'expert.json'}", highlight=False)
+
+
 @expert_app.command("show")
 def expert_show(expert_dir: Path = typer.Argument(..., help="An expert folder.")) -> None:
     """Print an expert's card."""
@@ -436,13 +454,14 @@ EXPERTS_OPT = typer.Option(None, "--experts", help="Expert folders (comma-separa
 
 
 def _routed(router: str, library: Optional[Path], experts: Optional[str], base: Optional[Path], top_k: Optional[int],
-            temperature: Optional[float]):
+            temperature: Optional[float], embedder: Optional[str] = None):
     from moerge.routing import load_routed
 
     refs = [e for e in (experts or "").split(",") if e]
     if library is None and not refs:
         library = Path(os.environ["MOERGE_LIBRARY"]) if os.environ.get("MOERGE_LIBRARY") else None
-    return load_routed(router, experts=refs or None, library=library, base=base, top_k=top_k, temperature=temperature)
+    return load_routed(router, experts=refs or None, library=library, base=base, top_k=top_k, temperature=temperature,
+                       embedder=embedder)
 
 
 @route_app.command("list")
@@ -465,6 +484,7 @@ def route_eval(
     base: Optional[Path] = typer.Option(None, "--base", help="Base for expert folders (default: the built-in base)."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
+    embedder: Optional[str] = EMBEDDER_OPT,
     tasks: str = typer.Option("experts", "--tasks", help="all, experts, heldout, or names separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
     json_file: Optional[Path] = typer.Option(None, "--json"),
@@ -479,7 +499,7 @@ def route_eval(
 
     with _user_errors():
         names = resolve_tasks(tasks)
-        model = _routed(router, library, experts, base, top_k, temperature)
+        model = _routed(router, library, experts, base, top_k, temperature, embedder)
         scores, usage = {}, {}
         for t in names:
             if router == "lorahub":  # a composition per task, searched on a few of its training examples
@@ -504,13 +524,14 @@ def generate_cmd(
     experts: Optional[str] = EXPERTS_OPT,
     base: Optional[Path] = typer.Option(None, "--base"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
+    embedder: Optional[str] = EMBEDDER_OPT,
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
 ) -> None:
     """Answer one prompt with the routed model; print the answer and the experts it used."""
     from moerge.eval import greedy
 
     with _user_errors():
-        model = _routed(router, library, experts, base, top_k, None)
+        model = _routed(router, library, experts, base, top_k, None, embedder)
         answer = greedy(model, model.tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
         weights = model.usage([prompt]).tolist()
     out.print(answer, highlight=False)

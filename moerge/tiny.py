@@ -74,3 +74,23 @@ def make_finetune(base: str | Path, folder: str | Path, *, seed: int, scale: flo
         if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "model.safetensors.index.json":
             (folder / f.name).write_bytes(f.read_bytes())
     return folder
+
+
+def make_sentence_embedder(folder: str | Path, *, seed: int = 0, hidden: int = 32) -> Path:
+    """A random tiny BERT saved as a sentence-transformers model (mean pooling): the offline stand-in
+    for a hub sentence-embedding model such as all-MiniLM-L6-v2."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel
+
+    folder = Path(folder)
+    raw = folder.parent / f".{folder.name}.bert"
+    torch.manual_seed(seed)
+    BertModel(BertConfig(vocab_size=len(SPECIALS) + len(CHARS), hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0)).save_pretrained(raw)
+    save_char_tokenizer(raw)
+    word = models.Transformer(str(raw), max_seq_length=128)
+    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device="cpu").save(str(folder))
+    import shutil
+
+    shutil.rmtree(raw)
+    return folder

@@ -323,6 +323,45 @@ def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp
     assert (tmp_path / "exported" / "gates.safetensors").is_file()
 
 
+def test_centroid_routing_with_a_sentence_embedder(experts, tmp_path):
+    import shutil
+
+    from moerge.eval.generate import encode_left_padded
+    from moerge.routing.embed import SentenceEmbedder
+    from moerge.tasks import examples
+    from moerge.tiny import make_sentence_embedder
+
+    st = make_sentence_embedder(tmp_path / "st")
+    folders = []
+    for f in experts:
+        shutil.copytree(f, tmp_path / f.name)
+        folders.append(tmp_path / f.name)
+    for f in folders[:2]:
+        res = CliRunner().invoke(app, ["expert", "embed", str(f), "--embedder", str(st)])
+        assert res.exit_code == 0, res.output
+    card = json.loads((folders[0] / "expert.json").read_text())
+    entry = card["embeddings"][SentenceEmbedder(st).id]
+    assert entry["model"] == str(st) and len(entry["centroids"]) == 8 and len(entry["centroid"]) == 32
+    assert card["centroid"] == json.loads((experts[0] / "expert.json").read_text())["centroid"]  # the base's kept
+    with pytest.raises(MoergeError, match=f"expert novowels has no centroids for the embedder {st}; record them with "
+                                          "`moerge expert embed"):
+        load_routed("centroid", experts=folders, embedder=st)
+    with pytest.raises(MoergeError, match="router 'arrow' does not embed prompts"):
+        load_routed("arrow", experts=folders, embedder=st)
+    rm = load_routed("centroid", experts=folders[:2], embedder=st, top_k=1)
+    prompts = [e.prompt for t in ("reverse", "uppercase") for e in examples(t, "test", 30)]
+    w = rm.router.example_weights(rm, prompts, *encode_left_padded(rm.tokenizer, prompts))
+    right = (w.argmax(1) == torch.tensor([0] * 30 + [1] * 30)).float().mean()
+    assert right >= 0.9, f"only {right:.0%} of prompts routed to their task's expert"
+    res = CliRunner().invoke(app, ["route", "eval", "--router", "smear", "--experts", ",".join(map(str, folders[:2])),
+                                   "--embedder", str(st), "--tasks", "reverse", "--n", "4"])
+    assert res.exit_code == 0, res.output
+    card = train_expert(tmp_path / "sort", task="sort", steps=1, n_train=8, batch_size=4, embedder=st, progress=False)
+    assert len(card.embeddings[SentenceEmbedder(st).id]["centroids"]) == 8
+    res = CliRunner().invoke(app, ["expert", "embed", str(folders[2]), "--embedder", str(tmp_path / "sort")])
+    assert res.exit_code == 1 and "not a sentence-embedding model folder" in res.output
+
+
 def test_smear_is_soft_and_lorahub_searches_weights(experts):
     from moerge.eval.generate import encode_left_padded
     from moerge.routing.routers.lorahub import search

@@ -1,11 +1,21 @@
-"""Prompt embeddings from the base model: mean-pooled final hidden states over the real tokens.
-Used for task centroids (stored in expert cards at training time) and by the centroid router."""
+"""Prompt embeddings for task-level routing, and the task centroids expert cards carry.
+
+By default an embedding is the base model's mean-pooled final hidden states over the real tokens
+(``centroid``/``centroids`` in the card, recorded by ``expert train``). A sentence-embedding model
+(any sentence-transformers folder or hub id) can stand in: its centroids live in the card under
+``embeddings[<embedder id>]``, recorded by ``expert train --embedder`` or ``expert embed``, and the
+id (a fingerprint of the model's weights) makes sure routing embeds prompts with the same model.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from moerge.errors import MoergeError
 
 from moerge.eval.generate import encode_left_padded
 
@@ -41,5 +51,42 @@ def task_centroids(model, tokenizer, prompts: Sequence[str], k: int = 8) -> tupl
     """An expert's task embedding: the mean of its prompts' embeddings, and ``k`` spherical k-means
     centroids. A task's prompts are rarely one cluster (each paraphrase of an instruction forms its
     own), so the nearest of several centroids routes far better than one mean (see README)."""
-    e = embed_prompts(model, tokenizer, prompts)
-    return e.mean(0).tolist(), spherical_kmeans(e, k).tolist()
+    return centroids_of(embed_prompts(model, tokenizer, prompts), k)
+
+
+class SentenceEmbedder:
+    """A sentence-transformers model (needs ``pip install 'moerge[embed]'``); unit-norm embeddings."""
+
+    def __init__(self, name_or_path: str | os.PathLike):
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError:
+            raise MoergeError("a sentence-embedding model needs sentence-transformers: pip install 'moerge[embed]'") from None
+        from moerge.io.fingerprint import folder_fingerprint
+
+        self.name = str(name_or_path)
+        local = Path(name_or_path)
+        if local.exists() and not (local / "modules.json").is_file() and not (local / "config.json").is_file():
+            raise MoergeError(f"{local}: not a sentence-embedding model folder (no modules.json or config.json)")
+        try:
+            self.model = SentenceTransformer(self.name, device="cpu")
+        except Exception as e:  # hub errors, unreadable folders: one line, with the cause
+            raise MoergeError(f"{self.name}: cannot load it as a sentence-embedding model ({type(e).__name__}: {e})") from None
+        self.id = "st:" + (folder_fingerprint(local) if local.is_dir() else self.name)
+
+    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.model.encode(list(prompts), convert_to_tensor=True, normalize_embeddings=True, batch_size=128,
+                                 show_progress_bar=False).float().cpu()
+
+
+def centroids_of(embeddings: torch.Tensor, k: int = 8) -> tuple[list[float], list[list[float]]]:
+    """(mean, k spherical k-means centroids) of a task's prompt embeddings, rounded for the card."""
+    return ([round(c, 5) for c in embeddings.mean(0).tolist()],
+            [[round(c, 5) for c in row] for row in spherical_kmeans(embeddings, k).tolist()])
+
+
+def record_embedding(card: dict, embedder: SentenceEmbedder, prompts: Sequence[str]) -> dict:
+    """The card with the embedder's centroids of ``prompts`` under ``embeddings[embedder.id]``."""
+    mean, cents = centroids_of(embedder(prompts))
+    entry = {"model": embedder.name, "centroid": mean, "centroids": cents}
+    return card | {"embeddings": dict(card.get("embeddings") or {}) | {embedder.id: entry}}

@@ -101,9 +101,11 @@ def _card(folder: Path) -> dict:
 
 
 def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, library: str | os.PathLike | None = None,
-                base: str | os.PathLike | None = None, top_k: int | None = None, temperature: float | None = None) -> RoutedModel:
+                base: str | os.PathLike | None = None, top_k: int | None = None, temperature: float | None = None,
+                embedder: str | os.PathLike | None = None) -> RoutedModel:
     """A routed model from expert folders (on ``base``, default the built-in base) or from a library's
-    latest expert versions (or the refs given in ``experts``), with the named router."""
+    latest expert versions (or the refs given in ``experts``), with the named router. ``embedder``: a
+    sentence-embedding model for the task-embedding routers (centroid, smear) instead of the base."""
     from moerge import base as base_model
     from moerge.experts.peft_format import load_adapter
     from moerge.io.source import open_source
@@ -111,6 +113,12 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
 
     cls = get(router)
     kwargs = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
+    if embedder is not None:
+        import inspect
+
+        if "embedder" not in inspect.signature(cls.__init__).parameters:
+            raise MoergeError(f"router {router!r} does not embed prompts; --embedder is for centroid and smear")
+        kwargs["embedder"] = str(embedder)
     if library is not None:
         from moerge.library import Library
 

@@ -47,6 +47,7 @@ class ExpertCard:
     validation_accuracy: float | None
     centroid: list[float] | None = None  # mean base embedding of training prompts (task-level routing)
     centroids: list[list[float]] | None = None  # k-means centroids of those embeddings (one per cluster)
+    embeddings: dict = field(default_factory=dict)  # sentence-embedding model id -> {model, centroid, centroids}
     extra: dict = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
@@ -107,6 +108,7 @@ def train_expert(
     batch_size: int = 64,
     n_train: int = 3000,
     seed: int = 0,
+    embedder: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExpertCard:
@@ -135,9 +137,11 @@ def train_expert(
         task, source = Path(data).stem, str(data)
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
-    from moerge.routing.embed import task_centroids
+    from moerge.routing.embed import SentenceEmbedder, record_embedding, task_centroids
 
-    centroid, centroids = task_centroids(model, tok, [r.prompt for r in train_rows[:256]])
+    prompts = [r.prompt for r in train_rows[:256]]
+    centroid, centroids = task_centroids(model, tok, prompts)
+    embeddings = record_embedding({}, SentenceEmbedder(embedder), prompts)["embeddings"] if embedder else {}
     torch.manual_seed(seed)
     if adapter == "none":
         model.train()
@@ -163,8 +167,8 @@ def train_expert(
             trainable_params=trainable, adapter_bytes=sum(f.stat().st_size for f in weights), data=source,
             data_sha256=_data_hash(train_rows), examples=len(train_rows), steps=steps, lr=lr, batch_size=batch_size,
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
-            final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=[round(c, 5) for c in centroid],
-            centroids=[[round(c, 5) for c in row] for row in centroids],
+            final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=centroid, centroids=centroids,
+            embeddings=embeddings,
         )
         card.write(tmp)
     return card
@@ -190,3 +194,29 @@ def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLik
 
     model, tok = base_model.load(base_dir)
     return PeftModel.from_pretrained(model, expert_dir).eval(), tok
+
+
+def training_rows(card: ExpertCard, n: int = 1000, seed: int = 0) -> list:
+    """Examples of the data an expert was trained on, from its card (built-in tasks are regenerated)."""
+    from moerge.tasks import mixture, read_jsonl
+
+    if card.data.startswith("moerge:"):
+        return mixture(card.task.split(","), "train", n, seed)
+    if not Path(card.data).is_file():
+        raise MoergeError(f"the expert's training data {card.data} is not here; run this where the expert was trained")
+    return read_jsonl(card.data)
+
+
+def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike) -> dict:
+    """Record a sentence-embedding model's task centroids in an expert's card (from its training data)."""
+    from moerge.routing.embed import SentenceEmbedder, record_embedding
+
+    expert_dir = Path(expert_dir)
+    card = ExpertCard.read(expert_dir)
+    model = SentenceEmbedder(embedder)
+    data = json.loads((expert_dir / CARD).read_text())
+    updated = record_embedding(data, model, [r.prompt for r in training_rows(card)[:256]])
+    tmp = expert_dir / f".{CARD}.partial"
+    tmp.write_text(json.dumps(updated, indent=2) + "\n")
+    tmp.replace(expert_dir / CARD)
+    return updated["embeddings"][model.id]

@@ -55,17 +55,13 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     from moerge.experts.peft_format import load_adapter
     from moerge.io.source import open_source
     from moerge.routing.mixture import RoutingState, attach
-    from moerge.tasks import mixture, read_jsonl
-    from moerge.train.expert import ExpertCard
+    from moerge.train.expert import ExpertCard, training_rows
     from moerge.train.loop import train
     from moerge.util import progress_bar
 
     expert_dir = Path(expert_dir)
     card = ExpertCard.read(expert_dir)
-    if card.data.startswith("moerge:"):
-        rows = mixture(card.task.split(","), "train", 1000, seed)
-    else:
-        rows = read_jsonl(card.data)
+    rows = training_rows(card, 1000, seed)
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
     for p in model.parameters():

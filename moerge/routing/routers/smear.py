@@ -15,5 +15,5 @@ class SmearRouter(CentroidRouter):
     name = "smear"
     help = "SMEAR: per-example soft average of all experts by centroid-softmax probabilities (no top-k)"
 
-    def __init__(self, top_k: int | None = None, temperature: float = 0.02):
-        super().__init__(top_k, temperature)
+    def __init__(self, top_k: int | None = None, temperature: float = 0.02, embedder: str | None = None):
+        super().__init__(top_k, temperature, embedder)
