@@ -356,6 +356,13 @@ def test_centroid_routing_with_a_sentence_embedder(experts, tmp_path):
     res = CliRunner().invoke(app, ["route", "eval", "--router", "smear", "--experts", ",".join(map(str, folders[:2])),
                                    "--embedder", str(st), "--tasks", "reverse", "--n", "4"])
     assert res.exit_code == 0, res.output
+    from moerge.library import Library
+
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    for f in folders[:2]:
+        lib.add(f, f.name)
+    via_lib = load_routed("centroid", library=lib.root, embedder=st, top_k=1)
+    assert torch.equal(via_lib.router.example_weights(via_lib, prompts, *encode_left_padded(rm.tokenizer, prompts)), w)
     card = train_expert(tmp_path / "sort", task="sort", steps=1, n_train=8, batch_size=4, embedder=st, progress=False)
     assert len(card.embeddings[SentenceEmbedder(st).id]["centroids"]) == 8
     res = CliRunner().invoke(app, ["expert", "embed", str(folders[2]), "--embedder", str(tmp_path / "sort")])
