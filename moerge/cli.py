@@ -92,12 +92,15 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="3 skills, fewer steps (about a minute; used by the tests)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the scoreboard as JSON."),
     report_dir: Path = typer.Option(Path("demo-report"), "--report", help="Where scoreboard.png is drawn."),
+    skills: Optional[str] = typer.Option(None, "--skills", help="Built-in skills to train experts on, comma-separated "
+                                         "(default: the six expert skills; see `moerge tasks list`)."),
 ) -> None:
     """Train one expert per built-in skill, merge them, train a multitask baseline, score everything (offline)."""
     from moerge.demo import run_demo
 
     with _user_errors():
-        run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=sys.stderr.isatty())
+        run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=sys.stderr.isatty(),
+                 skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None)
 
 
 base_app = typer.Typer(no_args_is_help=True, help="The built-in tiny base model.")

@@ -36,22 +36,34 @@ def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,
-             report_dir: str | Path | None = "demo-report", console: Console | None = None, progress: bool = True) -> dict:
+             report_dir: str | Path | None = "demo-report", console: Console | None = None, progress: bool = True,
+             skills: list[str] | None = None) -> dict:
     import moerge
     from moerge import base as base_model
+    from moerge.errors import MoergeError
     from moerge.eval import evaluate
     from moerge.routing import load_routed
     from moerge.routing.routers.phatgoose import train_gates
-    from moerge.tasks import examples, skills
+    from moerge.tasks import examples
+    from moerge.tasks import skills as suite
     from moerge.train.expert import load_expert, train_expert
     from moerge.util import console as util_console
     from moerge.util import quiet_transformers
 
     quiet_transformers()
+    chosen = skills
     console = console or util_console()
     out_dir = Path(out_dir)
-    tasks = list(skills.QUICK_EXPERTS if quick else skills.EXPERTS)
-    heldout = list(skills.QUICK_HELDOUT if quick else skills.HELDOUT)
+    if chosen:  # the given skills; held out: the composites of two of them
+        unknown = [t for t in chosen if t not in suite.SKILLS or suite.SKILLS[t].parts]
+        if unknown or len(chosen) < 2:
+            raise MoergeError(f"--skills: {', '.join(unknown) or 'give at least two'}; pick two or more skills (not composites) "
+                              "from `moerge tasks list`")
+        tasks = list(dict.fromkeys(chosen))
+        heldout = [h for h in suite.HELDOUT if all(p in tasks for p in suite.SKILLS[h].parts)]
+    else:
+        tasks = list(suite.QUICK_EXPERTS if quick else suite.EXPERTS)
+        heldout = list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
     steps, n_eval, gate_steps = (120, 100, 30) if quick else (200, 200, 100)
     columns = tasks + heldout
     base_dir = base_model.default_base()
