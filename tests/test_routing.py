@@ -259,6 +259,10 @@ def test_refusals(experts, tmp_path):
             RoutedModel(model, tok, [lora, dense], [{}, {}], get("uniform")())
     with pytest.raises(MoergeError, match="unknown router 'nope'; known: arrow, centroid"):
         get("nope")
+    with pytest.raises(MoergeError, match="--top-k 0: a router keeps at least one expert"):
+        load_routed("centroid", experts=experts, top_k=0)
+    with pytest.raises(MoergeError, match="--temperature -1.0: must be positive"):
+        get("arrow")(temperature=-1.0)
     card = json.loads((experts[0] / "expert.json").read_text())
     assert len(card["centroid"]) == base_model.CONFIG["hidden"]
 

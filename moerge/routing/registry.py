@@ -29,6 +29,10 @@ class Router(ABC):
     help: str = ""
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0):
+        if top_k is not None and top_k < 1:
+            raise MoergeError(f"--top-k {top_k}: a router keeps at least one expert (omit it to keep them all where allowed)")
+        if not temperature > 0:
+            raise MoergeError(f"--temperature {temperature}: must be positive")
         self.top_k = top_k
         self.temperature = temperature
 
