@@ -166,6 +166,19 @@ def test_arrow_equals_peft_arrow(tmp_path):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_per_token_routing_through_the_kv_cache_equals_recomputing(experts):
+    """Each token's routing depends only on its own layer inputs, so generating with the KV cache gives
+    the same tokens as recomputing the whole sequence at every step."""
+    from moerge.eval.generate import encode_left_padded
+
+    arrow = load_routed("arrow", experts=experts, top_k=2)
+    ids, mask = encode_left_padded(arrow.tokenizer, ["reverse: abc=", "shout: hello=", "no vowels: audio="])
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=arrow.tokenizer.pad_token_id, eos_token_id=None)
+    cached = arrow.generate(ids, mask, **kw)
+    assert torch.equal(cached, arrow.generate(ids, mask, use_cache=False, **kw))
+    assert cached.shape[1] == ids.shape[1] + 6
+
+
 def test_token_routers_fused_scores_equal_the_separate_path(experts):
     arrow = load_routed("arrow", experts=experts, top_k=2)
     ids, mask = arrow.tokenizer(["reverse: abc=", "shout: xyz="], return_tensors="pt", padding=True).values()
