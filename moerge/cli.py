@@ -278,6 +278,8 @@ def expert_train(
     batch_size: int = typer.Option(64, "--batch-size"),
     seed: int = typer.Option(0, "--seed"),
     embedder: Optional[str] = EMBEDDER_OPT,
+    gate_steps: int = typer.Option(0, "--gate-steps", help="Then train its PHATGOOSE gates for this many steps "
+                                   "(as `moerge expert gate`; 0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Train one expert from the base with PEFT (or fully) and write its card."""
@@ -285,8 +287,8 @@ def expert_train(
 
     with _user_errors():
         card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
-                            batch_size=batch_size, seed=seed, embedder=embedder, overwrite=overwrite,
-                            progress=sys.stderr.isatty())
+                            batch_size=batch_size, seed=seed, embedder=embedder, gate_steps=gate_steps,
+                            overwrite=overwrite, progress=sys.stderr.isatty())
     acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
     out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)

@@ -329,6 +329,12 @@ def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp
     assert torch.equal(w.argmax(-1), paper.argmax(-1))
     fused = x @ rm.router.score_map("model.layers.1.mlp.down_proj")
     torch.testing.assert_close(rm.router.token_weights("model.layers.1.mlp.down_proj", x, fused), w)
+    res = CliRunner().invoke(app, ["expert", "train", "--task", "sort", "--steps", "2", "--batch-size", "8", "--gate-steps", "2",
+                                   "--out", str(tmp_path / "sort")])
+    assert res.exit_code == 0, res.output
+    assert set(load_file(tmp_path / "sort" / "gates.safetensors")) == set(gates)
+    with pytest.raises(MoergeError, match="--gate-steps: PHATGOOSE gates route adapters"):
+        train_expert(tmp_path / "full", task="sort", adapter="none", steps=1, gate_steps=2, progress=False)
     lib = Library.init(tmp_path / "lib", base_model.default_base())
     for f in folders:
         lib.add(f, f.name)

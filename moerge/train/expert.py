@@ -109,10 +109,13 @@ def train_expert(
     n_train: int = 3000,
     seed: int = 0,
     embedder: str | os.PathLike | None = None,
+    gate_steps: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExpertCard:
-    """Train one expert on a built-in task or a JSONL file and save it atomically into ``out_dir``."""
+    """Train one expert on a built-in task or a JSONL file and save it atomically into ``out_dir``;
+    with ``gate_steps`` also its PHATGOOSE gates (expert frozen), and with ``embedder`` the task
+    centroids of a sentence-embedding model."""
     from moerge import base as base_model
     from moerge.eval.generate import exact_match
     from moerge.io.fingerprint import folder_fingerprint
@@ -124,6 +127,8 @@ def train_expert(
         raise MoergeError("give exactly one of --task NAME or --data FILE.jsonl")
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
+    if gate_steps and adapter == "none":
+        raise MoergeError("--gate-steps: PHATGOOSE gates route adapters; a full fine-tune (--adapter none) is merged, not routed")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
@@ -171,6 +176,10 @@ def train_expert(
             embeddings=embeddings,
         )
         card.write(tmp)
+    if gate_steps and adapter != "none":
+        from moerge.routing.routers.phatgoose import train_gates
+
+        train_gates(out, base=base_dir, steps=gate_steps, seed=seed, progress=progress)
     return card
 
 
