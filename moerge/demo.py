@@ -190,9 +190,12 @@ def _pyplot():
 
 def _save(fig, path: Path) -> Path:
     """Write a figure under a temporary name and rename it into place."""
+    from moerge.util import atomic_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=120)
-    _pyplot().close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        _pyplot().close(fig)
     return path

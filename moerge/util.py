@@ -50,6 +50,19 @@ def console(stderr: bool = False):
 
 
 @contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` (same suffix, so writers that infer the format still do) to
+    write to; renamed onto ``path`` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
 def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[float], None]]:
     """A rich bar over ``total`` steps; the callback advances it and shows the latest loss."""
     if not enabled:

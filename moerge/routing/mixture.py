@@ -65,7 +65,6 @@ class MixtureLinear(nn.Module):
         self.base = base
         self.name = name
         self.state = state
-        self.n_experts = next(t.shape[0] for t in (bank.a, bank.s_out, bank.s_in) if t is not None)
         for k in ("a", "b", "s_out", "s_bias", "s_in"):
             self.register_buffer(k, getattr(bank, k), persistent=False)
         if bank.a is not None:
@@ -131,6 +130,12 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
     n, (out_f, in_f) = len(experts), linear.weight.shape
     w = linear.weight.detach().float()
     bank = Bank()
+
+    def put(kind: str, i: int, row: torch.Tensor) -> None:  # one expert's row of a per-expert table, made on first use
+        if getattr(bank, kind) is None:
+            setattr(bank, kind, torch.zeros(n, row.numel()))
+        getattr(bank, kind)[i] = row.reshape(-1)
+
     for e, u in zip(experts, ups):
         if u is not None and (not isinstance(u, (LowRank, Scaling)) or u.transpose):
             raise MoergeError(f"expert {getattr(e, 'path', '?')}: a {e.kind} update on {module} that the mixture runtime cannot "
@@ -144,21 +149,17 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
             if isinstance(u, Dora):
                 c = u.magnitude.float().reshape(-1) / torch.linalg.vector_norm(w + b @ a, dim=1)
                 b = c[:, None] * b
-                bank.s_out = torch.zeros(n, out_f) if bank.s_out is None else bank.s_out
-                bank.s_out[i] = c - 1
+                put("s_out", i, c - 1)
             bank.a[i, : u.rank], bank.b[i, :, : u.rank] = a, b
     for i, u in enumerate(ups):
         if isinstance(u, Scaling):
             v = u.vector.float()
             if v.shape[-1] == 1:  # (out, 1): scales the layer's outputs, bias included
-                bank.s_out = torch.zeros(n, out_f) if bank.s_out is None else bank.s_out
-                bank.s_out[i] = v.reshape(-1) - 1
+                put("s_out", i, v - 1)
                 if linear.bias is not None:
-                    bank.s_bias = torch.zeros(n, out_f) if bank.s_bias is None else bank.s_bias
-                    bank.s_bias[i] = v.reshape(-1) - 1
+                    put("s_bias", i, v - 1)
             else:  # (1, in): scales a feed-forward layer's inputs
-                bank.s_in = torch.zeros(n, in_f) if bank.s_in is None else bank.s_in
-                bank.s_in[i] = v.reshape(-1) - 1
+                put("s_in", i, v - 1)
     return bank
 
 

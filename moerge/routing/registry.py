@@ -60,8 +60,16 @@ class TokenRouter(Router):
         """(batch, tokens, E) weights inside layer ``module`` from its input ``x`` (and x @ score_map)."""
 
 
-def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0) -> torch.Tensor:
-    """Softmax over the k best scores of the last dimension; the others get weight 0."""
+def absent_mask(present: list[bool]) -> torch.Tensor | None:
+    """Which experts have nothing at a module (a token router must not pick them); None if all do."""
+    return None if all(present) else ~torch.tensor(present)
+
+
+def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0,
+                  absent: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax over the k best scores of the last dimension; the others, and ``absent`` experts, get 0."""
+    if absent is not None:
+        scores = scores.masked_fill(absent, float("-inf"))
     if temperature != 1.0:
         scores = scores / temperature
     if k is None or k >= scores.shape[-1]:

@@ -63,12 +63,12 @@ def mixture(tasks: Iterable[str], split: str, n_per_task: int, seed: int = 0) ->
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Example]) -> Path:
+    from moerge.util import atomic_file
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w") as f:
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         for e in rows:
             f.write(json.dumps({k: v for k, v in asdict(e).items() if v != "" or k != "task"}) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -219,13 +219,13 @@ def training_rows(card: ExpertCard, n: int = 1000, seed: int = 0) -> list:
 def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike) -> dict:
     """Record a sentence-embedding model's task centroids in an expert's card (from its training data)."""
     from moerge.routing.embed import SentenceEmbedder, record_embedding
+    from moerge.util import atomic_file
 
     expert_dir = Path(expert_dir)
     card = ExpertCard.read(expert_dir)
     model = SentenceEmbedder(embedder)
     data = json.loads((expert_dir / CARD).read_text())
     updated = record_embedding(data, model, [r.prompt for r in training_rows(card)[:256]])
-    tmp = expert_dir / f".{CARD}.partial"
-    tmp.write_text(json.dumps(updated, indent=2) + "\n")
-    tmp.replace(expert_dir / CARD)
+    with atomic_file(expert_dir / CARD) as tmp:
+        tmp.write_text(json.dumps(updated, indent=2) + "\n")
     return updated["embeddings"][model.id]

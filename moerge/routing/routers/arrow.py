@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
-from moerge.routing.registry import TokenRouter, register, top_k_softmax
+from moerge.routing.registry import TokenRouter, absent_mask, register, top_k_softmax
 
 
 def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -32,23 +32,16 @@ class ArrowRouter(TokenRouter):
                 raise MoergeError(f"expert {card.get('name', '?')} is (IA)3: Arrow routes by the singular vectors of each "
                                   "expert's B·A, which (IA)3 has none of; use an example-level router (centroid, smear, ...) or phatgoose")
         self.protos: dict[str, torch.Tensor] = {}
-        self.present: dict[str, torch.Tensor] = {}
+        self.absent: dict[str, torch.Tensor | None] = {}
         for module, layer in routed.layers.items():
-            vs, present = [], []
-            for e in range(layer.a.shape[0]):
-                a, b = layer.a[e], layer.b[e]
-                has = bool(b.any()) and bool(a.any())
-                vs.append(top_right_singular_vector(a, b) if has else torch.zeros(a.shape[1]))
-                present.append(has)
-            self.protos[module] = torch.stack(vs)  # (E, in)
-            self.present[module] = torch.tensor(present)
-        self.all_present = {m: bool(p.all()) for m, p in self.present.items()}
+            present = [bool(b.any()) and bool(a.any()) for a, b in zip(layer.a, layer.b)]
+            self.protos[module] = torch.stack([top_right_singular_vector(a, b) if has else torch.zeros(a.shape[1])
+                                               for a, b, has in zip(layer.a, layer.b, present)])  # (E, in)
+            self.absent[module] = absent_mask(present)
 
     def score_map(self, module: str) -> torch.Tensor:
         return self.protos[module].T
 
     def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         scores = (x @ self.protos[module].to(x.dtype).T if scores is None else scores).abs()
-        if not self.all_present[module]:
-            scores = scores.masked_fill(~self.present[module], float("-inf"))
-        return top_k_softmax(scores, self.top_k, self.temperature)
+        return top_k_softmax(scores, self.top_k, self.temperature, self.absent[module])

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from moerge.errors import MoergeError
-from moerge.routing.registry import TokenRouter, register, top_k_softmax
+from moerge.routing.registry import TokenRouter, absent_mask, register, top_k_softmax
 
 GATES = "gates.safetensors"
 
@@ -57,7 +57,7 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     from moerge.routing.mixture import RoutingState, attach
     from moerge.train.expert import ExpertCard, training_rows
     from moerge.train.loop import train
-    from moerge.util import progress_bar
+    from moerge.util import atomic_file, progress_bar
 
     expert_dir = Path(expert_dir)
     card = ExpertCard.read(expert_dir)
@@ -72,9 +72,8 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     with progress_bar(progress, f"training gates: {card.task}", steps) as advance:
         train(trainer, tok, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_step=lambda s, loss: advance(loss))
     gates = {m: trainer.gates[k].detach().clone().contiguous() for m, k in trainer.keys.items()}
-    tmp = expert_dir / f".{GATES}.partial"
-    save_file(gates, tmp, metadata={"steps": str(steps), "lr": str(lr)})
-    tmp.replace(expert_dir / GATES)
+    with atomic_file(expert_dir / GATES) as tmp:
+        save_file(gates, tmp, metadata={"steps": str(steps), "lr": str(lr)})
     return gates
 
 
@@ -103,12 +102,12 @@ class PhatgooseRouter(TokenRouter):
                 raise MoergeError(f"expert {card.get('name', '?')} has no gates; train them with `moerge expert gate DIR`")
             gates.append(g)
         self.gates: dict[str, torch.Tensor] = {}
-        self.present: dict[str, torch.Tensor] = {}
+        self.absent: dict[str, torch.Tensor | None] = {}
         for module, layer in routed.layers.items():
             dim = layer.base.in_features
             rows = [g.get(module, torch.zeros(dim)) for g in gates]
             self.gates[module] = _standardise(torch.stack(rows).float())
-            self.present[module] = torch.tensor([module in g for g in gates])
+            self.absent[module] = absent_mask([module in g for g in gates])
 
     def score_map(self, module: str) -> torch.Tensor:
         return self.gates[module].T
@@ -118,5 +117,4 @@ class PhatgooseRouter(TokenRouter):
         if scores is None:
             scores = x @ self.gates[module].T.to(x.dtype)
         scores = scores.float() / (x.float().std(-1, keepdim=True).clamp(min=1e-6) * x.shape[-1] ** 0.5)
-        scores = scores.masked_fill(~self.present[module], float("-inf"))
-        return top_k_softmax(scores, self.top_k, self.temperature).to(x.dtype)
+        return top_k_softmax(scores, self.top_k, self.temperature, self.absent[module]).to(x.dtype)
