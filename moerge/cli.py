@@ -499,20 +499,15 @@ def route_eval(
     """Exact match of the routed model on the test split of each task, and where the router sent each task."""
     import json
 
-    from moerge.eval import evaluate, resolve_tasks
-    from moerge.tasks import examples
+    from moerge.eval import resolve_tasks
+    from moerge.routing.evaluate import evaluate_routed
 
     with _user_errors():
         names = resolve_tasks(tasks)
         model = _routed(router, library, experts, base, top_k, temperature, embedder)
-        scores, usage = {}, {}
-        for t in names:
-            if router == "lorahub":  # a composition per task, searched on a few of its training examples
-                from moerge.routing.routers.lorahub import search
-
-                model.router.weights = search(model, examples(t, "train", shots), budget=budget)
-            scores[t] = evaluate(model, model.tokenizer, [t], n=n)[t]
-            usage[t] = model.usage([e.prompt for e in examples(t, "test", min(n, 50))]).tolist()
+        if router == "lorahub":
+            model.router.budget = budget
+        scores, usage = evaluate_routed(model, names, n=n, shots=shots)
     table = Table("task", "exact match", *model.names, title=f"router {router}: accuracy and mean expert weight")
     for t in names:
         table.add_row(t, f"{scores[t]:.1%}", *[f"{w:.2f}" for w in usage[t]])

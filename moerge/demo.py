@@ -24,8 +24,19 @@ MERGES = {
 }
 
 
-# routers compared in the demo (top-k); "oracle" knows each prompt's task
+# routers compared in the demo (top-k); "oracle" knows each prompt's task. LoraHub (few-shot: 5
+# labelled examples of each task) joins them when its optional search library, nevergrad, is installed.
 ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("smear", None), ("arrow", 1), ("phatgoose", 2)]
+FEW_SHOT = [("lorahub", None)]
+
+
+def routers() -> tuple[list, str | None]:
+    """The routers this installation can run, and a note about any left out."""
+    try:
+        import nevergrad  # noqa: F401
+    except ImportError:
+        return ROUTERS, "route:lorahub left out: pip install 'moerge[lorahub]' (nevergrad) to add it"
+    return ROUTERS + FEW_SHOT, None
 
 
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
@@ -43,8 +54,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     from moerge.errors import MoergeError
     from moerge.eval import evaluate
     from moerge.routing import load_routed
+    from moerge.routing.evaluate import evaluate_routed
     from moerge.routing.routers.phatgoose import train_gates
-    from moerge.tasks import examples
     from moerge.tasks import skills as suite
     from moerge.train.expert import load_expert, train_expert
     from moerge.util import console as util_console
@@ -70,10 +81,12 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     start = time.perf_counter()
     rows: list[dict] = []
 
-    def score(name: str, model, tok, seconds: float | None = None) -> None:
-        scores = evaluate(model, tok, columns, n=n_eval)
+    def add_row(name: str, scores: dict[str, float], seconds: float | None = None) -> None:
         rows.append({"model": name, "scores": scores, "mean": sum(scores.values()) / len(scores),
                      **({"seconds": round(seconds, 1)} if seconds is not None else {})})
+
+    def score(name: str, model, tok, seconds: float | None = None) -> None:
+        add_row(name, evaluate(model, tok, columns, n=n_eval), seconds)
 
     model, tok = base_model.load(base_dir)
     score("base", model, tok)
@@ -98,11 +111,14 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
     score("multitask", model, tok, card.seconds)
     routing = {}
-    for router, top_k in ROUTERS:
+    available, note = routers()
+    for router, top_k in available:
         t0 = time.perf_counter()
         routed = load_routed(router, experts=list(experts.values()), base=base_dir, top_k=top_k)
-        score("oracle" if router == "oracle" else f"route:{router}", routed, routed.tokenizer, time.perf_counter() - t0)
-        routing[router] = {t: routed.usage([e.prompt for e in examples(t, "test", 50)]).tolist() for t in columns}
+        scores, routing[router] = evaluate_routed(routed, columns, n=n_eval)
+        add_row("oracle" if router == "oracle" else f"route:{router}", scores, time.perf_counter() - t0)
+    if note:
+        console.print(note, highlight=False)
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
              "quick": quick, "base": str(base_dir), "experts": list(experts), "routing": routing}

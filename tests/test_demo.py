@@ -18,7 +18,7 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
     assert len(tasks) >= 3 and len(heldout) >= 2
     assert set(rows) == {"base", "multitask", "oracle"} | {f"expert:{t}" for t in tasks} | {
         f"merge:{m}" for m in ("linear", "task_arithmetic", "ties", "dare_ties")} | {
-        f"route:{r}" for r in ("uniform", "centroid", "smear", "arrow", "phatgoose")}
+        f"route:{r}" for r in ("uniform", "centroid", "smear", "arrow", "phatgoose", "lorahub")}
     for scores in rows.values():
         assert set(scores) == set(tasks + heldout) and all(0 <= v <= 1 for v in scores.values())
     for t in tasks:
@@ -40,3 +40,16 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path):
         assert (tmp_path / "d" / "merges" / m / "model.safetensors").exists()
     for t in tasks:
         assert (tmp_path / "d" / "experts" / t / "adapter_model.safetensors").exists()
+
+
+def test_demo_leaves_lorahub_out_with_a_hint_without_nevergrad(monkeypatch):
+    import sys
+
+    from moerge.demo import ROUTERS, routers
+
+    monkeypatch.setitem(sys.modules, "nevergrad", None)  # what an install without the extra looks like
+    available, note = routers()
+    assert available == ROUTERS and "moerge[lorahub]" in note
+    monkeypatch.delitem(sys.modules, "nevergrad")
+    available, note = routers()
+    assert ("lorahub", None) in available and note is None

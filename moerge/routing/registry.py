@@ -7,7 +7,8 @@
   ``score_map``; the runtime then computes ``scores = x @ map`` in the same matrix product as the
   experts' down-projections and passes them in (``None`` when it did not).
 
-``fit(routed)`` precomputes what the router needs from the experts (prototypes, centroids) once.
+``fit(routed)`` precomputes what the router needs from the experts (prototypes, centroids) once. A
+``few_shot`` router (LoraHub) is given a handful of a task's examples by ``adapt`` before that task.
 A new router is one file in ``routers/`` that calls ``register``.
 """
 
@@ -27,6 +28,7 @@ class Router(ABC):
     name: str = ""
     level: Literal["example", "token"]
     help: str = ""
+    few_shot: bool = False  # needs ``adapt`` with a few labelled examples of each task
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0):
         if top_k is not None and top_k < 1:
@@ -38,6 +40,10 @@ class Router(ABC):
 
     def fit(self, routed) -> None:
         """Precompute from the experts (prototypes, centroids); nothing by default."""
+
+    def adapt(self, routed, examples: list) -> None:
+        """Fit to a new task from a few of its examples (few-shot routers only)."""
+        raise NotImplementedError(f"router {self.name!r} is not few-shot")
 
 
 class ExampleRouter(Router):

@@ -16,6 +16,7 @@ from moerge.routing.registry import ExampleRouter, register
 class LorahubRouter(ExampleRouter):
     name = "lorahub"
     help = "LoraHub: composition weights found by gradient-free search (nevergrad) on a few examples of the task"
+    few_shot = True
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0, examples: list | None = None,
                  budget: int = 40, seed: int = 0):
@@ -25,11 +26,14 @@ class LorahubRouter(ExampleRouter):
 
     def fit(self, routed) -> None:
         if self.examples:
-            self.weights = search(routed, self.examples, self.budget, self.seed)
+            self.adapt(routed, self.examples)
+
+    def adapt(self, routed, examples: list) -> None:
+        self.weights = search(routed, examples, self.budget, self.seed)
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
         if self.weights is None:
-            raise MoergeError("the lorahub router needs a few examples of the task (route eval --shots N, or examples=...)")
+            raise MoergeError("the lorahub router needs a few examples of the task (route eval --shots N, or adapt(routed, examples))")
         return self.weights.expand(input_ids.shape[0], -1)
 
 
