@@ -9,8 +9,10 @@ went to. Printed per router: the share of tokens whose top expert is the task's 
 answer tokens only), and the share of sequences whose top expert, after averaging the scores over the
 sequence, is the right one. Chance is 1/E. Routers: arrow, and phatgoose when every expert has gates.
 
-The last row is a probe of what a token router could know at best from a layer's input: nearest
-class mean (cosine, centred) of the base model's token activations, fitted on the training split.
+The last rows are probes of what a token router could know from a layer's input, fitted with every
+task's labels on the training split (which no data-free router has): the nearest class mean (cosine,
+centred) of the base model's token activations, and a trained linear classifier (softmax regression on
+standardised activations) — whether the task is linearly decodable from the token at all.
 """
 
 from __future__ import annotations
@@ -91,20 +93,32 @@ def main() -> None:
         return out
 
     train, test = collect("train", 2 * args.n), collect("test", args.n)
-    probe = defaultdict(list)
+    probes = {"probe (nearest class mean)": defaultdict(list), "probe (linear, trained)": defaultdict(list)}
+    torch.manual_seed(0)
     for module in train:
         x = torch.cat([a for a, _ in train[module]["tokens"]])
         y = torch.cat([b for _, b in train[module]["tokens"]])
-        centre = x.mean(0)
+        centre, scale = x.mean(0), x.std(0).clamp(min=1e-5)
         means = torch.nn.functional.normalize(torch.stack([(x[y == k] - centre).mean(0) for k in range(len(tasks))]), dim=-1)
+        linear = torch.nn.Linear(x.shape[1], len(tasks))
+        opt = torch.optim.Adam(linear.parameters(), lr=1e-2)
+        for _ in range(300):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(linear((x - centre) / scale), y).backward()
+            opt.step()
         for part in ("tokens", "answer"):
             xt = torch.cat([a for a, _ in test[module][part]])
             yt = torch.cat([b for _, b in test[module][part]])
-            probe[part].append(float(((torch.nn.functional.normalize(xt - centre, dim=-1) @ means.T).argmax(-1) == yt).float().mean()))
+            with torch.no_grad():
+                nearest = (torch.nn.functional.normalize(xt - centre, dim=-1) @ means.T).argmax(-1)
+                trained = linear((xt - centre) / scale).argmax(-1)
+            probes["probe (nearest class mean)"][part].append(float((nearest == yt).float().mean()))
+            probes["probe (linear, trained)"][part].append(float((trained == yt).float().mean()))
     for h in hooks:
         h.remove()
-    print(f"{'probe (nearest class mean)':<28} {sum(probe['tokens']) / len(probe['tokens']):>7.2f} "
-          f"{sum(probe['answer']) / len(probe['answer']):>14.2f} {'':>10}")
+    for name, probe in probes.items():
+        print(f"{name:<28} {sum(probe['tokens']) / len(probe['tokens']):>7.2f} "
+              f"{sum(probe['answer']) / len(probe['answer']):>14.2f} {'':>10}")
 
 
 if __name__ == "__main__":

@@ -141,12 +141,20 @@ def library_add(
     tags: str = typer.Option("", "--tags", help="Comma-separated tags."),
     contributor: Optional[str] = typer.Option(None, "--contributor"),
     license: Optional[str] = typer.Option(None, "--license"),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Its task's prompts (JSONL with \"prompt\" fields, or one per "
+                                           "line): their task centroids go into the stored card, for task-level routing."),
+    embedder: Optional[str] = EMBEDDER_OPT,
     library: Optional[Path] = LIBRARY,
 ) -> None:
     """Check an adapter against the library's base and store it as NAME@<next version>."""
+    from moerge.routing.embed import read_prompts
+
     with _user_errors():
+        if embedder and not prompts:
+            raise MoergeError("--embedder embeds the prompts given with --prompts FILE; give both")
         entry = _library(library).add(adapter_dir, name, task=task, tags=[t for t in tags.split(",") if t],
-                                      contributor=contributor, license=license)
+                                      contributor=contributor, license=license,
+                                      prompts=read_prompts(prompts) if prompts else None, embedder=embedder)
     out.print(f"added {entry.ref} ({entry.kind}, {entry.nbytes / 1e6:.2f} MB)", highlight=False)
 
 
@@ -372,15 +380,20 @@ def expert_gate(
 
 @expert_app.command("embed")
 def expert_embed(
-    expert_dir: Path = typer.Argument(..., help="An expert folder trained by `moerge expert train`."),
-    embedder: str = typer.Option(..., "--embedder", help="A sentence-embedding model: a sentence-transformers folder or hub id."),
+    expert_dir: Path = typer.Argument(..., help="An expert folder: trained by `moerge expert train`, or any PEFT adapter."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Its task's prompts: JSONL with \"prompt\" fields, or one per "
+                                           "line (default: the training data its expert.json names)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or "
+                                           "hub id); default: the base model's embeddings."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the built-in base)."),
 ) -> None:
-    """Record a sentence-embedding model's task centroids of the expert's training prompts in its card."""
+    """Record task centroids of the expert's prompts in its card, for the centroid and smear routers."""
+    from moerge.routing.embed import read_prompts
     from moerge.train.expert import embed_expert
 
     with _user_errors():
-        entry = embed_expert(expert_dir, embedder)
-    out.print(f"wrote {len(entry['centroids'])} centroids ({len(entry['centroid'])}-dim) from {embedder} "
+        entry = embed_expert(expert_dir, embedder, prompts=read_prompts(prompts) if prompts else None, base=base)
+    out.print(f"wrote {len(entry['centroids'])} centroids ({len(entry['centroid'])}-dim) from {embedder or 'the base model'} "
               f"into {expert_dir / 'expert.json'}", highlight=False)
 
 
@@ -393,7 +406,14 @@ def expert_show(expert_dir: Path = typer.Argument(..., help="An expert folder.")
     from moerge.train.expert import ExpertCard
 
     with _user_errors():
-        out.print_json(json.dumps(asdict(ExpertCard.read(expert_dir))))
+        try:
+            card = asdict(ExpertCard.read(expert_dir))
+        except MoergeError:  # no card, or a partial one (an adapter from a hub given task centroids by `expert embed`)
+            path = expert_dir / "expert.json"
+            if not path.is_file():
+                raise
+            card = json.loads(path.read_text())
+        out.print_json(json.dumps(card))
 
 
 @tasks_app.command("list")

@@ -79,7 +79,12 @@ def make_finetune(base: str | Path, folder: str | Path, *, seed: int, scale: flo
 def make_sentence_embedder(folder: str | Path, *, seed: int = 0, hidden: int = 32) -> Path:
     """A random tiny BERT saved as a sentence-transformers model (mean pooling): the offline stand-in
     for a hub sentence-embedding model such as all-MiniLM-L6-v2."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        from sentence_transformers.sentence_transformer import modules as models  # 6.x
+    except ImportError:
+        from sentence_transformers import models  # 5.x
     from transformers import BertConfig, BertModel
 
     folder = Path(folder)
@@ -89,7 +94,8 @@ def make_sentence_embedder(folder: str | Path, *, seed: int = 0, hidden: int = 3
                          intermediate_size=2 * hidden, max_position_embeddings=256, pad_token_id=0)).save_pretrained(raw)
     save_char_tokenizer(raw)
     word = models.Transformer(str(raw), max_seq_length=128)
-    SentenceTransformer(modules=[word, models.Pooling(word.get_word_embedding_dimension(), "mean")], device="cpu").save(str(folder))
+    dim = word.get_embedding_dimension() if hasattr(word, "get_embedding_dimension") else word.get_word_embedding_dimension()
+    SentenceTransformer(modules=[word, models.Pooling(dim, "mean")], device="cpu").save(str(folder))
     import shutil
 
     shutil.rmtree(raw)

@@ -410,3 +410,56 @@ def test_smear_is_soft_and_lorahub_searches_weights(experts):
     res = CliRunner().invoke(app, ["route", "eval", "--router", "lorahub", "--experts", ",".join(map(str, experts)),
                                    "--tasks", "reverse", "--n", "5", "--shots", "3", "--budget", "4"])
     assert res.exit_code == 0, res.output
+
+
+def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(experts, tmp_path):
+    """An adapter downloaded from a hub has no expert.json: `expert embed --prompts` and `library add
+    --prompts` give it task centroids, and the centroid router then routes to it like a trained expert."""
+    import shutil
+
+    from moerge.eval.generate import encode_left_padded
+    from moerge.io.fingerprint import folder_fingerprint
+    from moerge.library import Library
+    from moerge.tasks import examples
+
+    hub = []
+    for f in experts[:2]:
+        shutil.copytree(f, tmp_path / f.name, ignore=shutil.ignore_patterns("expert.json", "gates.safetensors"))
+        hub.append(tmp_path / f.name)
+    (tmp_path / "reverse.txt").write_text("\n".join(e.prompt for e in examples("reverse", "train", 120)) + "\n")
+    (tmp_path / "uppercase.jsonl").write_text("".join(json.dumps({"prompt": e.prompt}) + "\n" for e in examples("uppercase", "train", 120)))
+    res = CliRunner().invoke(app, ["expert", "embed", str(hub[0])])
+    assert res.exit_code == 1 and "has no expert.json saying what it was trained on; give its prompts with --prompts" in res.output
+    assert not (hub[0] / "expert.json").exists()
+    res = CliRunner().invoke(app, ["expert", "embed", str(hub[0]), "--prompts", str(tmp_path / "reverse.txt")])
+    assert res.exit_code == 0, res.output
+    card = json.loads((hub[0] / "expert.json").read_text())
+    assert len(card["centroids"]) == 8 and card["centroid_base"] == folder_fingerprint(base_model.default_base())
+    res = CliRunner().invoke(app, ["expert", "show", str(hub[0])])
+    assert res.exit_code == 0 and "centroid_base" in res.output
+    # the trained expert's own centroids came from the same base and the same kind of prompts
+    trained = torch.tensor(json.loads((experts[0] / "expert.json").read_text())["centroid"])
+    assert torch.cosine_similarity(torch.tensor(card["centroid"]), trained, dim=0) > 0.99
+
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    lib.add(hub[0], "reverse")
+    res = CliRunner().invoke(app, ["library", "add", str(hub[1]), "--name", "uppercase", "--library", str(lib.root),
+                                   "--prompts", str(tmp_path / "uppercase.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert not (hub[1] / "expert.json").exists()  # the input folder is left as it was
+    rm = load_routed("centroid", library=lib.root, top_k=1)
+    prompts = [e.prompt for t in ("reverse", "uppercase") for e in examples(t, "test", 30)]
+    w = rm.router.example_weights(rm, prompts, *encode_left_padded(rm.tokenizer, prompts))
+    assert rm.names == ["reverse@1", "uppercase@1"]
+    right = (w.argmax(1) == torch.tensor([0] * 30 + [1] * 30)).float().mean()
+    assert right >= 0.9, f"only {right:.0%} of prompts routed to their task's expert"
+
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    res = CliRunner().invoke(app, ["expert", "embed", str(hub[1]), "--prompts", str(tmp_path / "bad.jsonl")])
+    assert res.exit_code == 1 and 'bad.jsonl: line 2: needs a string field "prompt"' in res.output
+    res = CliRunner().invoke(app, ["library", "add", str(hub[1]), "--name", "u", "--library", str(lib.root), "--embedder", "x"])
+    assert res.exit_code == 1 and "give both" in res.output
+    card["centroid_base"] = "0" * 16
+    (hub[0] / "expert.json").write_text(json.dumps(card))
+    with pytest.raises(MoergeError, match="its task centroids were computed on another base"):
+        lib.add(hub[0], "reverse")

@@ -222,8 +222,11 @@ class Library:
     # ------------------------------------------------------------------ experts
 
     def add(self, adapter_dir: str | os.PathLike, name: str, *, task: str | None = None, tags: list[str] | tuple = (),
-            contributor: str | None = None, license: str | None = None) -> Entry:
-        """Store a PEFT adapter folder (or a full fine-tune's changed tensors) as the next version of ``name``."""
+            contributor: str | None = None, license: str | None = None, prompts: list[str] | None = None,
+            embedder: str | os.PathLike | None = None) -> Entry:
+        """Store a PEFT adapter folder (or a full fine-tune's changed tensors) as the next version of ``name``.
+        With ``prompts`` (a few hundred of its task's), the stored card gets their task centroids (by the
+        library's base, or by ``embedder``), so task-level routers can route to an adapter from a hub."""
         from moerge.experts.peft_format import load_expert_folder
         from moerge.train.expert import CARD
 
@@ -236,7 +239,15 @@ class Library:
             if fp and fp != self.meta["base_fingerprint"]:
                 raise MoergeError(f"{adapter_dir}: was trained on a base with fingerprint {fp}, but this library's base "
                                   f"({self.meta['base']}) has {self.meta['base_fingerprint']}; add it to a library of its own base")
+            cb = card.get("centroid_base")
+            if cb and cb != self.meta["base_fingerprint"]:
+                raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
+                                  f"library's base: moerge expert embed {adapter_dir} --base {self.meta['base_path']}")
         expert = load_expert_folder(adapter_dir, self.base_source())  # names and shapes must fit the base
+        if prompts:
+            from moerge.routing.embed import with_task_embedding
+
+            card, _ = with_task_embedding(card, prompts, base=self.meta["base_path"], embedder=embedder)
         config, tensors = expert.config, expert.tensors
         card["lineage"] = {"source": str(adapter_dir.resolve()), "digest": expert.digest(),
                            "base_fingerprint": self.meta["base_fingerprint"], "added": time.time()}

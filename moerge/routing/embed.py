@@ -90,3 +90,49 @@ def record_embedding(card: dict, embedder: SentenceEmbedder, prompts: Sequence[s
     mean, cents = centroids_of(embedder(prompts))
     entry = {"model": embedder.name, "centroid": mean, "centroids": cents}
     return card | {"embeddings": dict(card.get("embeddings") or {}) | {embedder.id: entry}}
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts of a task, from a JSONL file of ``{"prompt": ...}`` objects (``completion`` ignored) or a
+    text file with one prompt per line."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ...}} lines or a text file of prompts")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoergeError(f"{path}: line {n}: not JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise MoergeError(f"{path}: line {n}: needs a string field \"prompt\"")
+            out.append(row["prompt"])
+        lines = out
+    if not lines:
+        raise MoergeError(f"{path}: has no prompts")
+    return lines
+
+
+def with_task_embedding(card: dict, prompts: Sequence[str], *, base: str | os.PathLike | None = None,
+                        embedder: str | os.PathLike | None = None, limit: int = 256) -> tuple[dict, dict]:
+    """(the card with task centroids of up to ``limit`` of ``prompts``, what was recorded). By default
+    the base model's: ``centroid``, ``centroids`` and ``centroid_base``, the base's fingerprint, since
+    they only mean something on that base; with ``embedder``, that sentence-embedding model's, under
+    ``embeddings[its id]``."""
+    prompts = list(prompts)[:limit]
+    if embedder is not None:
+        model = SentenceEmbedder(embedder)
+        card = record_embedding(card, model, prompts)
+        return card, card["embeddings"][model.id]
+    from moerge import base as base_model
+    from moerge.io.fingerprint import folder_fingerprint
+
+    base_dir = Path(base) if base else base_model.default_base()
+    model, tok = base_model.load(base_dir)
+    mean, cents = task_centroids(model, tok, prompts)
+    entry = {"centroid": mean, "centroids": cents, "centroid_base": folder_fingerprint(base_dir)}
+    return card | entry, entry

@@ -216,16 +216,28 @@ def training_rows(card: ExpertCard, n: int = 1000, seed: int = 0) -> list:
     return read_jsonl(card.data)
 
 
-def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike) -> dict:
-    """Record a sentence-embedding model's task centroids in an expert's card (from its training data)."""
-    from moerge.routing.embed import SentenceEmbedder, record_embedding
+def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | None = None, *,
+                 prompts: list[str] | None = None, base: str | os.PathLike | None = None) -> dict:
+    """Record task centroids in an expert's card, so task-level routers can route to it without its
+    data: of ``prompts`` (else of the training data its card names), by the base model (``base``,
+    default the built-in base) or by the sentence-embedding model ``embedder``. An adapter folder
+    without a card (one downloaded from a hub) gets an ``expert.json`` holding just them."""
+    from moerge.routing.embed import with_task_embedding
     from moerge.util import atomic_file
 
     expert_dir = Path(expert_dir)
-    card = ExpertCard.read(expert_dir)
-    model = SentenceEmbedder(embedder)
-    data = json.loads((expert_dir / CARD).read_text())
-    updated = record_embedding(data, model, [r.prompt for r in training_rows(card)[:256]])
-    with atomic_file(expert_dir / CARD) as tmp:
+    if not expert_dir.is_dir():
+        raise MoergeError(f"{expert_dir}: no such expert folder")
+    path = expert_dir / CARD
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise MoergeError(f"{path}: not JSON ({e.msg}); fix or delete it") from None
+    if prompts is None:
+        if not data:
+            raise MoergeError(f"{expert_dir}: has no {CARD} saying what it was trained on; give its prompts with --prompts FILE")
+        prompts = [r.prompt for r in training_rows(ExpertCard.read(expert_dir))]
+    updated, entry = with_task_embedding(data, prompts, base=base, embedder=embedder)
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(updated, indent=2) + "\n")
-    return updated["embeddings"][model.id]
+    return entry
