@@ -9,7 +9,9 @@ went to. Printed per router: the share of tokens whose top expert is the task's 
 answer tokens only), and the share of sequences whose top expert, after averaging the scores over the
 sequence, is the right one. Chance is 1/E. Routers: arrow, and phatgoose when every expert has gates.
 
-The last rows are probes of what a token router could know from a layer's input, fitted with every
+A row follows for the experts themselves: the share of tokens on which the task's own expert's
+low-rank update B_e A_e responds most strongly (largest norm of B_e A_e x) — what any router that
+reads only the experts' weights builds on. The last rows are probes of what a token router could know from a layer's input, fitted with every
 task's labels on the training split (which no data-free router has): the nearest class mean (cosine,
 centred) of the base model's token activations, and a trained linear classifier (softmax regression on
 standardised activations) — whether the task is linearly decodable from the token at all.
@@ -93,7 +95,8 @@ def main() -> None:
         return out
 
     train, test = collect("train", 2 * args.n), collect("test", args.n)
-    probes = {"probe (nearest class mean)": defaultdict(list), "probe (linear, trained)": defaultdict(list)}
+    response = "largest ‖B_e A_e x‖"  # which expert's low-rank update responds most to the token: what any weights-only router reads
+    probes = {response: defaultdict(list), "probe (nearest class mean)": defaultdict(list), "probe (linear, trained)": defaultdict(list)}
     torch.manual_seed(0)
     for module in train:
         x = torch.cat([a for a, _ in train[module]["tokens"]])
@@ -112,6 +115,9 @@ def main() -> None:
             with torch.no_grad():
                 nearest = (torch.nn.functional.normalize(xt - centre, dim=-1) @ means.T).argmax(-1)
                 trained = linear((xt - centre) / scale).argmax(-1)
+                layer = routed.layers[module]
+                strongest = torch.stack([(xt @ layer.a[e].T @ layer.b[e].T).norm(dim=-1) for e in range(len(tasks))], -1).argmax(-1)
+            probes[response][part].append(float((strongest == yt).float().mean()))
             probes["probe (nearest class mean)"][part].append(float((nearest == yt).float().mean()))
             probes["probe (linear, trained)"][part].append(float((trained == yt).float().mean()))
     for h in hooks:
