@@ -457,6 +457,14 @@ def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(exper
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"text": "b"}\n')
     res = CliRunner().invoke(app, ["expert", "embed", str(hub[1]), "--prompts", str(tmp_path / "bad.jsonl")])
     assert res.exit_code == 1 and 'bad.jsonl: line 2: needs a string field "prompt"' in res.output
+    res = CliRunner().invoke(app, ["expert", "embed", str(tmp_path / "nowhere"), "--prompts", str(tmp_path / "reverse.txt")])
+    assert res.exit_code == 1 and "nowhere: no such expert folder" in res.output
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for missing in ("empty.txt", "absent.txt"):
+        res = CliRunner().invoke(app, ["library", "add", str(hub[1]), "--name", "u", "--library", str(lib.root),
+                                       "--prompts", str(tmp_path / missing)])
+        assert res.exit_code == 1 and missing in res.output and ("has no prompts" in res.output or "no such file" in res.output)
+    assert [e.ref for e in lib.experts()] == ["reverse@1", "uppercase@1"]  # nothing added by the refused calls
     res = CliRunner().invoke(app, ["library", "add", str(hub[1]), "--name", "u", "--library", str(lib.root), "--embedder", "x"])
     assert res.exit_code == 1 and "give both" in res.output
     card["centroid_base"] = "0" * 16

@@ -67,6 +67,8 @@ class MixtureLinear(nn.Module):
         self.state = state
         for k in ("a", "b", "s_out", "s_bias", "s_in"):
             self.register_buffer(k, getattr(bank, k), persistent=False)
+        self.n_e, self.rank = (0, 0) if bank.a is None else bank.a.shape[:2]
+        self.er = self.n_e * self.rank
         if bank.a is not None:
             e, r, i = bank.a.shape
             self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
@@ -86,40 +88,49 @@ class MixtureLinear(nn.Module):
         st = self.state
         if st.token_router is None and st.example_weights is None:
             return self.base(x)
-        h = None
-        er = 0 if self.a is None else self.a.shape[0] * self.a.shape[1]
-        if st.token_router is not None and self.a_fused is not None:
-            z = x @ self.a_fused.to(x.dtype)
-            h, w = z[..., :er], st.token_router(self.name, x, z[..., er:])  # (b, t, E)
-        elif st.token_router is not None:
-            w = st.token_router(self.name, x, None)
-        else:
-            w = st.example_weights[:, None, :].to(x.dtype)  # (b, 1, E)
+        hw, w = self._mix(x)
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
         y = self._scaled_base(x, w)
-        if self.a is not None:
-            if h is None:
-                h = x @ self.a_cat.to(x.dtype)
-            h = h.unflatten(-1, (self.a.shape[0], self.a.shape[1])) * w.unsqueeze(-1)
-            # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
-            y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, er), self.b_cat.to(x.dtype))
+        if hw is not None:  # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
+            y.view(-1, y.shape[-1]).addmm_(hw.reshape(-1, self.er), _as(self.b_cat, x))
         return y
+
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(the experts' down-projections weighted per expert (b, t, E, r), or None; the weights (b, t, E))."""
+        st, h = self.state, None
+        if st.token_router is not None and self.a_fused is not None:
+            z = x @ _as(self.a_fused, x)
+            h, w = z[..., : self.er], st.token_router(self.name, x, z[..., self.er:])  # (b, t, E)
+        elif st.token_router is not None:
+            w = st.token_router(self.name, x, None)
+        else:
+            w = _as(st.example_weights, x)[:, None, :]  # (b, 1, E)
+        if self.a is None:
+            return None, w
+        if h is None:
+            h = x @ _as(self.a_cat, x)
+        return h.unflatten(-1, (self.n_e, self.rank)) * w.unsqueeze(-1), w
 
     def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""
         if self.s_in is not None and self.s_out is None:
-            return self.base(x * (1 + w @ self.s_in.to(x.dtype)))
+            return self.base(x * (1 + w @ _as(self.s_in, x)))
         y = self.base(x)
         if self.s_out is not None:
             bias = self.base.bias
             wx = y if bias is None else y - bias
-            y = y + (w @ self.s_out.to(x.dtype)) * wx
+            y = y + (w @ _as(self.s_out, x)) * wx
             if self.s_bias is not None:
-                y = y + (w @ self.s_bias.to(x.dtype)) * bias
+                y = y + (w @ _as(self.s_bias, x)) * bias
         if self.s_in is not None:  # both kinds of scaling on one layer: the input one is a separate term
-            y = y + nn.functional.linear(x * (w @ self.s_in.to(x.dtype)), self.base.weight)
+            y = y + nn.functional.linear(x * (w @ _as(self.s_in, x)), self.base.weight)
         return y
+
+
+def _as(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` in ``x``'s dtype (no call at all when it already is: these run for every layer and token)."""
+    return t if t.dtype == x.dtype else t.to(x.dtype)
 
 
 def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
