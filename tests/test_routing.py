@@ -471,3 +471,40 @@ def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(exper
     (hub[0] / "expert.json").write_text(json.dumps(card))
     with pytest.raises(MoergeError, match="its task centroids were computed on another base"):
         lib.add(hub[0], "reverse")
+
+
+def test_lorahub_composes_the_factors_as_its_paper_does(experts):
+    """LoraHub's module is (Σ w_e B_e)(Σ w_e A_e), cross terms included; not task arithmetic's Σ w_e B_e A_e."""
+    from torch.nn.functional import pad
+
+    from moerge.eval.generate import encode_left_padded
+    from moerge.experts import load_adapter
+    from moerge.io.source import open_source
+
+    w = torch.tensor([0.9, -0.6, 1.3])
+    loaded = [load_adapter(f, open_source(base_model.default_base())) for f in experts]
+    model, tok = base_model.load()
+    sd = model.state_dict()
+    with torch.no_grad():
+        for name in {k for e in loaded for k in e.updates}:
+            ups = [(wi, e.updates[name]) for wi, e in zip(w, loaded) if name in e.updates]
+            r = max(u.rank for _, u in ups)  # ranks 4, 2, 8: zero-padded to the largest
+            a = sum(wi * pad(u.a.float(), (0, 0, 0, r - u.rank)) for wi, u in ups)
+            b = sum(wi * pad(u.b.float() * u.scale, (0, r - u.rank)) for wi, u in ups)
+            sd[name] += b @ a
+    model.load_state_dict(sd)
+    hub = load_routed("lorahub", experts=experts)
+    hub.router.weights = w[None]
+    ids, mask = encode_left_padded(tok, ["reverse: abc=", "capitalize: hey=", "consonants: fuz="])
+    with torch.no_grad():
+        got = hub(ids, mask).logits
+        factors = model(input_ids=ids, attention_mask=mask).logits
+        deltas = merged_model(experts, w.tolist())[0](input_ids=ids, attention_mask=mask).logits
+    err, apart = (got - factors).abs().max(), (deltas - factors).abs().max()
+    assert err < 1e-4 and apart > 100 * err, (err, apart)
+    from moerge.experts.peft_format import load_adapter as load_any
+
+    dora = load_any(experts[0], open_source(base_model.default_base()))
+    dora.kind = "dora"
+    with pytest.raises(MoergeError, match="LoraHub composes LoRA factors"):
+        RoutedModel(*base_model.load(), [dora], [{"name": "d"}], get("lorahub")())

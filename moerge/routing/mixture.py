@@ -17,6 +17,8 @@ forming any of them and without a Python loop over experts or examples:
 
 So SMEAR's "average the experts' parameters per example" and every example-level router work for all
 three kinds (for several kinds on one module it is the task-arithmetic average of their deltas).
+LoraHub composes the factors instead, (Σ w_e B_e)(Σ w_e A_e) with cross terms (``compose="factors"``):
+the weighted down-projections are summed over experts before each B_e takes them (ranks zero-padded).
 
 Weights come from a shared ``RoutingState``: per example ``(batch, E)`` (task-level routers: set once
 before ``generate``, so they hold for every generated token and work with the KV cache), or per token,
@@ -44,6 +46,8 @@ class RoutingState:
     example_weights: torch.Tensor | None = None  # (batch, E)
     # (module, x, fused scores or None) -> (b, t, E)
     token_router: "Callable[[str, torch.Tensor, torch.Tensor | None], torch.Tensor] | None" = None
+    # "deltas": W + Σ w_e B_e A_e (every router); "factors": W + (Σ w_e B_e)(Σ w_e A_e), LoraHub's composition
+    compose: str = "deltas"
     usage: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> summed weights (E,), for reports
     record: bool = False
 
@@ -110,7 +114,10 @@ class MixtureLinear(nn.Module):
             return None, w
         if h is None:
             h = x @ _as(self.a_cat, x)
-        return h.unflatten(-1, (self.n_e, self.rank)) * w.unsqueeze(-1), w
+        hw = h.unflatten(-1, (self.n_e, self.rank)) * w.unsqueeze(-1)  # (b, t, E, r): w_e A_e x
+        if st.compose == "factors":  # every expert's B_e gets the composed down-projection Σ_j w_j A_j x
+            hw = hw.sum(-2, keepdim=True) * w.unsqueeze(-1)
+        return hw, w
 
     def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""

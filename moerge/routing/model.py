@@ -23,7 +23,7 @@ class RoutedModel:
             raise MoergeError("routing needs at least one expert")
         self.model, self.tokenizer, self.cards, self.router = model, tokenizer, cards, router
         self.kinds = [e.kind for e in experts]
-        self.state = RoutingState()
+        self.state = RoutingState(compose=router.compose)
         self.layers = attach(model, experts, self.state)
         router.fit(self)
         if router.level == "token":

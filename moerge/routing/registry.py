@@ -29,6 +29,7 @@ class Router(ABC):
     level: Literal["example", "token"]
     help: str = ""
     few_shot: bool = False  # needs ``adapt`` with a few labelled examples of each task
+    compose: str = "deltas"  # how the experts combine: Σ w_e ΔW_e, or "factors" (LoraHub's Σ w B · Σ w A)
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0):
         if top_k is not None and top_k < 1:

@@ -1,8 +1,10 @@
 """LoraHub (Huang et al. 2023): for a new task, find composition weights of the experts by
 gradient-free search (nevergrad) on a handful of its examples, then use them as one merged adapter.
 
-The objective is LoraHub's: the mean token loss of the completions under Σ w_e ΔW_e, plus 0.05 · |w|₁,
-with w in [-1.5, 1.5]^E, starting from zero. The search only needs forwards of the few examples."""
+The composition is LoraHub's: the factors are combined, A = Σ w_e A_e and B = Σ w_e B_e (so the update
+(Σ w_e B_e)(Σ w_e A_e) has cross terms, unlike task arithmetic's Σ w_e B_e A_e); it needs LoRA experts.
+The objective is too: the mean token loss of the completions plus 0.05 · |w|₁, with w in
+[-1.5, 1.5]^E, starting from zero. The search only needs forwards of the few examples."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class LorahubRouter(ExampleRouter):
     name = "lorahub"
     help = "LoraHub: composition weights found by gradient-free search (nevergrad) on a few examples of the task"
     few_shot = True
+    compose = "factors"
 
     def __init__(self, top_k: int | None = None, temperature: float = 1.0, examples: list | None = None,
                  budget: int = 40, seed: int = 0):
@@ -25,6 +28,10 @@ class LorahubRouter(ExampleRouter):
         self.weights: torch.Tensor | None = None
 
     def fit(self, routed) -> None:
+        for kind, card in zip(routed.kinds, routed.cards):
+            if kind != "lora":
+                raise MoergeError(f"expert {card.get('name', '?')} is {kind}: LoraHub composes LoRA factors (Σ w·A, Σ w·B); "
+                                  "route it with smear or centroid, or merge it")
         if self.examples:
             self.adapt(routed, self.examples)
 
