@@ -545,17 +545,26 @@ def generate_cmd(
     base: Optional[Path] = typer.Option(None, "--base"),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     embedder: Optional[str] = EMBEDDER_OPT,
+    examples_file: Optional[Path] = typer.Option(None, "--examples", help="lorahub: a few examples of the prompt's task "
+                                                 "(JSONL of {\"prompt\", \"completion\"}) its composition is searched on."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
 ) -> None:
     """Answer one prompt with the routed model; print the answer and the experts it used."""
     from moerge.eval import greedy
+    from moerge.tasks import read_jsonl
 
     with _user_errors():
         model = _routed(router, library, experts, base, top_k, None, embedder)
+        if model.router.few_shot:
+            if examples_file is None:
+                raise MoergeError(f"router {router!r} needs a few examples of the task: --examples FILE (JSONL of prompt/completion)")
+            model.router.adapt(model, read_jsonl(examples_file))
+        elif examples_file is not None:
+            raise MoergeError(f"router {router!r} takes no examples; --examples is for few-shot routers (lorahub)")
         answer = greedy(model, model.tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
         weights = model.usage([prompt]).tolist()
     out.print(answer, highlight=False)
-    used = ", ".join(f"{n} {w:.2f}" for n, w in sorted(zip(model.names, weights), key=lambda x: -x[1]) if w >= 0.01)
+    used = ", ".join(f"{n} {w:.2f}" for n, w in sorted(zip(model.names, weights), key=lambda x: -abs(x[1])) if abs(w) >= 0.01)
     err.print(f"experts: {used}", highlight=False)
 
 

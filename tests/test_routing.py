@@ -412,6 +412,20 @@ def test_smear_is_soft_and_lorahub_searches_weights(experts):
     assert res.exit_code == 0, res.output
 
 
+def test_generate_with_lorahub_searches_on_the_given_examples(experts, tmp_path):
+    from moerge.tasks import examples, write_jsonl
+
+    write_jsonl(tmp_path / "few.jsonl", examples("reverse", "train", 4))
+    args = ["generate", "reverse: abc=", "--experts", ",".join(map(str, experts)), "--router"]
+    res = CliRunner().invoke(app, args + ["lorahub", "--examples", str(tmp_path / "few.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "experts:" in res.output
+    res = CliRunner().invoke(app, args + ["lorahub"])
+    assert res.exit_code == 1 and "needs a few examples of the task: --examples FILE" in res.output
+    res = CliRunner().invoke(app, args + ["uniform", "--examples", str(tmp_path / "few.jsonl")])
+    assert res.exit_code == 1 and "takes no examples" in res.output
+
+
 def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(experts, tmp_path):
     """An adapter downloaded from a hub has no expert.json: `expert embed --prompts` and `library add
     --prompts` give it task centroids, and the centroid router then routes to it like a trained expert."""
