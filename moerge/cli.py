@@ -449,7 +449,7 @@ def tasks_export(
 def eval_cmd(
     model_dir: Optional[Path] = typer.Argument(None, help="Model folder (default: the built-in base)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="An expert folder to apply to the model."),
-    tasks: str = typer.Option("all", "--tasks", help="all, experts, heldout, or names separated by commas."),
+    tasks: str = typer.Option("all", "--tasks", help="all, experts, heldout, task names or JSONL files of your own, separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
 ) -> None:
@@ -510,7 +510,7 @@ def route_eval(
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     embedder: Optional[str] = EMBEDDER_OPT,
-    tasks: str = typer.Option("experts", "--tasks", help="all, experts, heldout, or names separated by commas."),
+    tasks: str = typer.Option("experts", "--tasks", help="all, experts, heldout, task names or JSONL files of your own, separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
     json_file: Optional[Path] = typer.Option(None, "--json"),
     shots: int = typer.Option(5, "--shots", help="lorahub: training examples of each task its weights are searched on."),

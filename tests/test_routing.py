@@ -522,3 +522,28 @@ def test_lorahub_composes_the_factors_as_its_paper_does(experts):
     dora.kind = "dora"
     with pytest.raises(MoergeError, match="LoraHub composes LoRA factors"):
         RoutedModel(*base_model.load(), [dora], [{"name": "d"}], get("lorahub")())
+
+
+def test_route_eval_on_a_task_of_your_own(experts, tmp_path):
+    """--tasks takes users' JSONL files: scored on the rows whose prompt hashes to the test split."""
+    from moerge.tasks import examples, write_jsonl
+    from moerge.tasks.data import split_of
+
+    rows = examples("reverse", "train", 300)
+    mine = tmp_path / "mine.jsonl"
+    write_jsonl(mine, rows)
+    args = ["route", "eval", "--router", "centroid", "--top-k", "1", "--experts", ",".join(map(str, experts)), "--n", "20"]
+    res = CliRunner().invoke(app, args + ["--tasks", f"{mine},uppercase", "--json", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert set(data["scores"]) == {str(mine), "uppercase"} and 0 <= data["scores"][str(mine)] <= 1
+    assert data["usage"][str(mine)][0] >= 0.9  # its prompts go to the reverse expert
+    res = CliRunner().invoke(app, ["eval", "--adapter", str(experts[0]), "--tasks", str(mine), "--n", "10"])
+    assert res.exit_code == 0 and "mine.jsonl" in res.output
+    test_rows = [r for r in rows if split_of(r.prompt) == "test"]
+    assert 10 <= len(test_rows) <= 60  # about one in ten
+    write_jsonl(tmp_path / "train_only.jsonl", [r for r in rows if split_of(r.prompt) == "train"][:20])
+    res = CliRunner().invoke(app, args + ["--tasks", str(tmp_path / "train_only.jsonl")])
+    assert res.exit_code == 1 and "train_only.jsonl: no row falls in the test split" in res.output
+    res = CliRunner().invoke(app, args + ["--tasks", str(tmp_path / "absent.jsonl")])
+    assert res.exit_code == 1 and "absent.jsonl: no such file" in res.output

@@ -14,8 +14,10 @@ __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
-    """Comma-separated task names and groups: ``all`` (every built-in skill), ``experts``, ``heldout``."""
+    """Comma-separated task names and groups: ``all`` (every built-in skill), ``experts``, ``heldout``,
+    and users' tasks as JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split)."""
     from moerge.tasks import skills
+    from moerge.tasks.data import is_user_task, read_jsonl
 
     groups = {"all": list(skills.SKILLS), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT)}
     if isinstance(spec, str):
@@ -26,7 +28,10 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
             if n not in names:
                 names.append(n)
     for n in names:
-        skills.get(n)  # unknown names fail with the list of known ones
+        if is_user_task(n):
+            read_jsonl(n)  # a missing or malformed file fails here, naming the line
+        else:
+            skills.get(n)  # unknown names fail with the list of known ones
     return names
 
 

@@ -39,10 +39,23 @@ def split_of(x: str) -> str:
     return "test" if h == 0 else "validation" if h == 1 else "train"
 
 
+def is_user_task(task: str) -> bool:
+    """A task given as a JSONL file of the user's own examples, rather than a built-in skill's name."""
+    return task.endswith(".jsonl")
+
+
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples of a built-in skill from one split; deterministic in (task, split, n, seed)."""
+    """``n`` examples of a built-in skill from one split; deterministic in (task, split, n, seed).
+    A user task (a JSONL path) gives its first ``n`` rows whose prompt hashes to ``split`` (the split
+    `expert train --data` holds out, so a model is never scored on rows it was trained on)."""
     if split not in SPLITS:
         raise MoergeError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    if is_user_task(task):
+        rows = [Example(r.prompt, r.completion, task) for r in read_jsonl(task) if split_of(r.prompt) == split][:n]
+        if not rows:
+            raise MoergeError(f"{task}: no row falls in the {split} split (a prompt's hash puts about 1 in 10 there); "
+                              "add more rows")
+        return rows
     skill = get(task)
     rng = random.Random(f"{task}/{split}/{seed}")
     out: list[Example] = []
