@@ -186,7 +186,12 @@ def plot_routing(board: dict, path: Path) -> Path:
     fig, axes = plt.subplots(1, len(routers), figsize=(3.2 * len(routers), 0.6 + 0.35 * len(cols)), squeeze=False)
     for ax, r in zip(axes[0], routers):
         data = [board["routing"][r][t] for t in cols]
-        ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        low = min(min(row) for row in data)
+        if low < 0:  # LoraHub's weights may be negative: a diverging scale centred on 0
+            top = max(1.0, -low, max(max(row) for row in data))
+            ax.imshow(data, vmin=-top, vmax=top, cmap="coolwarm", aspect="auto")
+        else:
+            ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
         ax.set_title(r)
         ax.set_xticks(range(len(board["experts"])), board["experts"], rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(cols)), [c + ("*" if c in board["heldout"] else "") for c in cols], fontsize=7)
