@@ -385,7 +385,7 @@ def expert_embed(
                                            "line (default: the training data its expert.json names)."),
     embedder: Optional[str] = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or "
                                            "hub id); default: the base model's embeddings."),
-    base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the built-in base)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the expert card's base, else the built-in base)."),
 ) -> None:
     """Record task centroids of the expert's prompts in its card, for the centroid and smear routers."""
     from moerge.routing.embed import read_prompts

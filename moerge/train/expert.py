@@ -220,7 +220,7 @@ def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | No
                  prompts: list[str] | None = None, base: str | os.PathLike | None = None) -> dict:
     """Record task centroids in an expert's card, so task-level routers can route to it without its
     data: of ``prompts`` (else of the training data its card names), by the base model (``base``,
-    default the built-in base) or by the sentence-embedding model ``embedder``. An adapter folder
+    default the card's base, else the built-in one) or by the sentence-embedding model ``embedder``. An adapter folder
     without a card (one downloaded from a hub) gets an ``expert.json`` holding just them."""
     from moerge.routing.embed import with_task_embedding
     from moerge.util import atomic_file
@@ -237,6 +237,8 @@ def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | No
         if not data:
             raise MoergeError(f"{expert_dir}: has no {CARD} saying what it was trained on; give its prompts with --prompts FILE")
         prompts = [r.prompt for r in training_rows(ExpertCard.read(expert_dir))]
+    if base is None and data.get("base") and Path(data["base"]).is_dir():
+        base = data["base"]  # a trained expert's own base
     updated, entry = with_task_embedding(data, prompts, base=base, embedder=embedder)
     with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(updated, indent=2) + "\n")
