@@ -28,7 +28,10 @@ EMBEDDER_OPT = typer.Option(None, "--embedder", help="A sentence-embedding model
 
 
 def _fail(e: MoergeError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages hold paths and extras such as moerge[lorahub], which are not markup
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -563,9 +566,9 @@ def generate_cmd(
             raise MoergeError(f"router {router!r} takes no examples; --examples is for few-shot routers (lorahub)")
         answer = greedy(model, model.tokenizer, [prompt], max_new_tokens=max_new_tokens)[0]
         weights = model.usage([prompt]).tolist()
-    out.print(answer, highlight=False)
+    out.print(answer, highlight=False, markup=False)
     used = ", ".join(f"{n} {w:.2f}" for n, w in sorted(zip(model.names, weights), key=lambda x: -abs(x[1])) if abs(w) >= 0.01)
-    err.print(f"experts: {used}", highlight=False)
+    err.print(f"experts: {used}", highlight=False, markup=False)
 
 
 def main() -> None:  # console_scripts entry point

@@ -118,7 +118,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         scores, routing[router] = evaluate_routed(routed, columns, n=n_eval)
         add_row("oracle" if router == "oracle" else f"route:{router}", scores, time.perf_counter() - t0)
     if note:
-        console.print(note, highlight=False)
+        console.print(note, highlight=False, markup=False)
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
              "quick": quick, "base": str(base_dir), "experts": list(experts), "routing": routing}

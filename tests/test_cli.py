@@ -59,3 +59,12 @@ def test_methods_and_help():
         assert runner.invoke(app, [*cmd.split(), "--help"]).exit_code == 0
 
 
+
+
+def test_error_lines_keep_brackets(tmp_path):
+    """Messages name extras such as moerge[lorahub] and paths with brackets: printed as they are."""
+    folder = tmp_path / "run[lorahub]"
+    res = CliRunner().invoke(app, ["route", "eval", "--router", "oracle", "--experts", str(folder)])
+    assert res.exit_code == 1 and "run[lorahub]" in res.output
+    res = CliRunner().invoke(app, ["generate", "[abc]: x=", "--router", "uniform", "--experts", str(tmp_path / "nope[embed]")])
+    assert res.exit_code == 1 and "nope[embed]" in res.output
