@@ -386,6 +386,15 @@ def test_centroid_routing_with_a_sentence_embedder(experts, tmp_path):
         lib.add(f, f.name)
     via_lib = load_routed("centroid", library=lib.root, embedder=st, top_k=1)
     assert torch.equal(via_lib.router.example_weights(via_lib, prompts, *encode_left_padded(rm.tokenizer, prompts)), w)
+    # an adapter without a card gets the embedder's centroids at add time, from its prompts
+    shutil.copytree(experts[2], tmp_path / "hub", ignore=shutil.ignore_patterns("expert.json", "gates.safetensors"))
+    (tmp_path / "p.txt").write_text("\n".join(e.prompt for e in examples("novowels", "train", 64)))
+    res = CliRunner().invoke(app, ["library", "add", str(tmp_path / "hub"), "--name", "novowels", "--library", str(lib.root),
+                                   "--prompts", str(tmp_path / "p.txt"), "--embedder", str(st)])
+    assert res.exit_code == 0, res.output
+    entry = lib.get("novowels@1").card["embeddings"][SentenceEmbedder(st).id]
+    assert entry["model"] == str(st) and len(entry["centroids"]) == 8
+    assert len(load_routed("centroid", library=lib.root, embedder=st).router.centroids) == 3
     card = train_expert(tmp_path / "sort", task="sort", steps=1, n_train=8, batch_size=4, embedder=st, progress=False)
     assert len(card.embeddings[SentenceEmbedder(st).id]["centroids"]) == 8
     res = CliRunner().invoke(app, ["expert", "embed", str(folders[2]), "--embedder", str(tmp_path / "sort")])
