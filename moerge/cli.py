@@ -368,16 +368,20 @@ def expert_combine(
 
 @expert_app.command("gate")
 def expert_gate(
-    expert_dir: Path = typer.Argument(..., help="An expert folder trained by `moerge expert train`."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Its base (default: the built-in base)."),
+    expert_dir: Path = typer.Argument(..., help="An expert folder: trained by `moerge expert train`, or any PEFT adapter."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Examples of its task (JSONL of prompt/completion); default: the "
+                                        "training data its expert.json names."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Its base (default: the expert card's, else the built-in base)."),
     steps: int = typer.Option(100, "--steps"),
     lr: float = typer.Option(1e-2, "--lr"),
 ) -> None:
     """Train the expert's PHATGOOSE gates on its own data (expert and base frozen)."""
     from moerge.routing.routers.phatgoose import train_gates
+    from moerge.tasks import read_jsonl
 
     with _user_errors():
-        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=sys.stderr.isatty())
+        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=sys.stderr.isatty(),
+                            rows=read_jsonl(data) if data else None)
     out.print(f"wrote {expert_dir / 'gates.safetensors'} ({len(gates)} modules)", highlight=False)
 
 

@@ -443,7 +443,7 @@ def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(exper
     from moerge.eval.generate import encode_left_padded
     from moerge.io.fingerprint import folder_fingerprint
     from moerge.library import Library
-    from moerge.tasks import examples
+    from moerge.tasks import examples, write_jsonl
 
     hub = []
     for f in experts[:2]:
@@ -460,6 +460,13 @@ def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(exper
     assert len(card["centroids"]) == 8 and card["centroid_base"] == folder_fingerprint(base_model.default_base())
     res = CliRunner().invoke(app, ["expert", "show", str(hub[0])])
     assert res.exit_code == 0 and "centroid_base" in res.output
+    # PHATGOOSE gates for a hub adapter: from examples of its task
+    res = CliRunner().invoke(app, ["expert", "gate", str(hub[1]), "--steps", "2"])
+    assert res.exit_code == 1 and "give examples of its task with --data FILE" in res.output
+    write_jsonl(tmp_path / "upper_rows.jsonl", examples("uppercase", "train", 64))
+    res = CliRunner().invoke(app, ["expert", "gate", str(hub[1]), "--data", str(tmp_path / "upper_rows.jsonl"), "--steps", "2"])
+    assert res.exit_code == 0, res.output
+    assert (hub[1] / "gates.safetensors").is_file() and not (hub[1] / "expert.json").exists()
     # the trained expert's own centroids came from the same base and the same kind of prompts
     trained = torch.tensor(json.loads((experts[0] / "expert.json").read_text())["centroid"])
     assert torch.cosine_similarity(torch.tensor(card["centroid"]), trained, dim=0) > 0.99

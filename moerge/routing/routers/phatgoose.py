@@ -47,8 +47,10 @@ class _GateTrainer(nn.Module):
 
 
 def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None = None, steps: int = 100, lr: float = 1e-2,
-                batch_size: int = 32, seed: int = 0, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Train and save an expert's gates (``gates.safetensors`` in its folder) on its card's task."""
+                batch_size: int = 32, seed: int = 0, progress: bool = False, rows: list | None = None) -> dict[str, torch.Tensor]:
+    """Train and save an expert's gates (``gates.safetensors`` in its folder) on ``rows`` (prompt and
+    completion examples of its task), else on the training data its card names. An adapter from a
+    hub has no card: give its task's examples."""
     from safetensors.torch import save_file
 
     from moerge import base as base_model
@@ -60,8 +62,15 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     from moerge.util import atomic_file, progress_bar
 
     expert_dir = Path(expert_dir)
-    card = ExpertCard.read(expert_dir)
-    rows = training_rows(card, 1000, seed)
+    if rows is None:
+        if not (expert_dir / "expert.json").is_file() and expert_dir.is_dir():
+            raise MoergeError(f"{expert_dir}: has no expert.json saying what it was trained on; give examples of its task "
+                              "with --data FILE (JSONL of prompt/completion)")
+        card = ExpertCard.read(expert_dir)
+        rows = training_rows(card, 1000, seed)
+        base = base or (card.base if Path(card.base).is_dir() else None)
+    if not rows:
+        raise MoergeError("PHATGOOSE gates need some examples of the expert's task")
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
     for p in model.parameters():
@@ -69,7 +78,7 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     state = RoutingState()
     layers = attach(model, [load_adapter(expert_dir, open_source(base_dir))], state)
     trainer = _GateTrainer(model, layers, state)
-    with progress_bar(progress, f"training gates: {card.task}", steps) as advance:
+    with progress_bar(progress, f"training gates: {expert_dir.name}", steps) as advance:
         train(trainer, tok, rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed, on_step=lambda s, loss: advance(loss))
     gates = {m: trainer.gates[k].detach().clone().contiguous() for m, k in trainer.keys.items()}
     with atomic_file(expert_dir / GATES) as tmp:
