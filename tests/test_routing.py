@@ -563,3 +563,17 @@ def test_route_eval_on_a_task_of_your_own(experts, tmp_path):
     assert res.exit_code == 1 and "train_only.jsonl: no row falls in the test split" in res.output
     res = CliRunner().invoke(app, args + ["--tasks", str(tmp_path / "absent.jsonl")])
     assert res.exit_code == 1 and "absent.jsonl: no such file" in res.output
+
+
+def test_the_bank_holds_each_experts_factors_once(experts):
+    """The stacked per-expert views, A_cat and the router-fused matrix share one storage: a bank of E experts
+    costs what their adapters cost (plus the router's score columns), not two or three times that."""
+    arrow = load_routed("arrow", experts=experts)
+    for layer in arrow.layers.values():
+        fused = layer.a_fused.untyped_storage().data_ptr()
+        assert layer.a_cat.untyped_storage().data_ptr() == fused and layer.a.untyped_storage().data_ptr() == fused
+        assert layer.b.untyped_storage().data_ptr() == layer.b_cat.untyped_storage().data_ptr()
+    routed = load_routed("uniform", experts=experts)
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in routed.layers.values() for t in m.buffers()}
+    padded = sum(4 * m.er * (m.base.in_features + m.base.out_features) for m in routed.layers.values())  # zero-padded ranks
+    assert sum(held.values()) == padded

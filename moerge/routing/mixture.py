@@ -69,7 +69,7 @@ class MixtureLinear(nn.Module):
         self.base = base
         self.name = name
         self.state = state
-        for k in ("a", "b", "s_out", "s_bias", "s_in"):
+        for k in ("s_out", "s_bias", "s_in"):
             self.register_buffer(k, getattr(bank, k), persistent=False)
         self.n_e, self.rank = (0, 0) if bank.a is None else bank.a.shape[:2]
         self.er = self.n_e * self.rank
@@ -81,12 +81,25 @@ class MixtureLinear(nn.Module):
             self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
 
+    # Each expert's factors are held once, in A_cat and B_cat; the per-expert stacks are views of them.
+    @property
+    def a(self) -> torch.Tensor | None:
+        """(E, r, in) down-projections."""
+        return None if self.a_cat is None else self.a_cat.T.reshape(self.n_e, self.rank, -1)
+
+    @property
+    def b(self) -> torch.Tensor | None:
+        """(E, out, r) up-projections (LoRA scale and DoRA's c_e folded in)."""
+        return None if self.b_cat is None else self.b_cat.reshape(self.n_e, self.rank, -1).permute(0, 2, 1)
+
     def fuse(self, scores_map: torch.Tensor | None) -> None:
-        """Append a token router's (in, P) score map to A_cat (None: route from x separately)."""
+        """Append a token router's (in, P) score map to A_cat (None: route from x separately). A_cat
+        then becomes a view of the fused matrix, so the factors are still stored once."""
         if scores_map is None or self.a_cat is None:
             self.a_fused = None
         else:
             self.a_fused = torch.cat([self.a_cat, scores_map.to(self.a_cat.dtype)], 1).contiguous()
+            self.a_cat = self.a_fused[:, : self.er]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st = self.state
@@ -110,7 +123,7 @@ class MixtureLinear(nn.Module):
             w = st.token_router(self.name, x, None)
         else:
             w = _as(st.example_weights, x)[:, None, :]  # (b, 1, E)
-        if self.a is None:
+        if self.a_cat is None:
             return None, w
         if h is None:
             h = x @ _as(self.a_cat, x)
