@@ -577,3 +577,23 @@ def test_the_bank_holds_each_experts_factors_once(experts):
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for m in routed.layers.values() for t in m.buffers()}
     padded = sum(4 * m.er * (m.base.in_features + m.base.out_features) for m in routed.layers.values())  # zero-padded ranks
     assert sum(held.values()) == padded
+
+
+def test_a_bf16_model_keeps_its_bank_in_bf16_and_routes_like_float32(experts):
+    from moerge.eval.generate import encode_left_padded
+    from moerge.experts import load_adapter
+    from moerge.io.source import open_source
+
+    src = open_source(base_model.default_base())
+    loaded = [load_adapter(f, src) for f in experts]
+    w = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, 0.0]])
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok = base_model.load()
+        rm = RoutedModel(model.to(dtype), tok, loaded, [{"name": f.name} for f in experts], Fixed(w))
+        assert {t.dtype for layer in rm.layers.values() for t in layer.buffers()} == {dtype}
+        ids, mask = encode_left_padded(tok, ["reverse: abc=", "capitalize: hey="])
+        with torch.no_grad():
+            outs[dtype] = rm(ids, mask).logits.float()
+    err = (outs[torch.bfloat16] - outs[torch.float32]).abs().max() / outs[torch.float32].abs().max()
+    assert err < 0.05, err

@@ -69,14 +69,16 @@ class MixtureLinear(nn.Module):
         self.base = base
         self.name = name
         self.state = state
+        dtype = base.weight.dtype  # the bank is made in float32 and kept in the model's dtype: no cast per call
         for k in ("s_out", "s_bias", "s_in"):
-            self.register_buffer(k, getattr(bank, k), persistent=False)
+            t = getattr(bank, k)
+            self.register_buffer(k, None if t is None else t.to(dtype), persistent=False)
         self.n_e, self.rank = (0, 0) if bank.a is None else bank.a.shape[:2]
         self.er = self.n_e * self.rank
         if bank.a is not None:
             e, r, i = bank.a.shape
-            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.contiguous(), persistent=False)  # (in, E·r)
-            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).contiguous(), persistent=False)
+            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.to(dtype).contiguous(), persistent=False)  # (in, E·r)
+            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).to(dtype).contiguous(), persistent=False)
         else:
             self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
