@@ -597,3 +597,20 @@ def test_a_bf16_model_keeps_its_bank_in_bf16_and_routes_like_float32(experts):
             outs[dtype] = rm(ids, mask).logits.float()
     err = (outs[torch.bfloat16] - outs[torch.float32]).abs().max() / outs[torch.float32].abs().max()
     assert err < 0.05, err
+
+
+def test_only_the_experts_in_play_are_computed_and_the_result_is_the_same(experts):
+    """Example weights that leave experts out (top-1 routing, one task per batch): those experts' factors
+    are not multiplied at all, and the output is still each row's merged model."""
+    rows = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.4, 0.6]])
+    rm = routed(experts, Fixed(rows))
+    ids, mask = rm.tokenizer(["reverse: abc=", "shout: q="], add_special_tokens=False, return_tensors="pt", padding=True).values()
+    with torch.no_grad():
+        got = rm(ids, mask).logits
+        for i in range(2):
+            ref, _ = merged_model(experts, rows[i].tolist())
+            torch.testing.assert_close(got[i: i + 1], ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits,
+                                       rtol=1e-4, atol=1e-4)
+    layer = rm.layers["model.layers.0.self_attn.q_proj"]
+    a, b, cols = layer._in_play_cache
+    assert cols.tolist() == [1, 2] and a.shape[1] == 2 * layer.rank and b.shape[0] == 2 * layer.rank

@@ -82,6 +82,9 @@ class MixtureLinear(nn.Module):
         else:
             self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
+        self._in_play_for: torch.Tensor | None = None  # the example weights _in_play_cache was made for
+        self._in_play_cache: tuple = (None, None, None)
+        self._in_play_version = -1
 
     # Each expert's factors are held once, in A_cat and B_cat; the per-expert stacks are views of them.
     @property
@@ -107,17 +110,18 @@ class MixtureLinear(nn.Module):
         st = self.state
         if st.token_router is None and st.example_weights is None:
             return self.base(x)
-        hw, w = self._mix(x)
+        hw, w, b = self._mix(x)
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
         y = self._scaled_base(x, w)
-        if hw is not None:  # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
-            y.view(-1, y.shape[-1]).addmm_(hw.reshape(-1, self.er), _as(self.b_cat, x))
+        if hw is not None and b.shape[0]:  # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
+            y.view(-1, y.shape[-1]).addmm_(hw.reshape(-1, b.shape[0]), _as(b, x))
         return y
 
-    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(the experts' down-projections weighted per expert (b, t, E, r), or None; the weights (b, t, E))."""
-        st, h = self.state, None
+    def _mix(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """(the down-projections of the experts in play weighted per expert (b, t, E', r), or None; the
+        weights (b, t, E); the up-projections of the experts in play (E'·r, out))."""
+        st, h, a, b, cols = self.state, None, self.a_cat, self.b_cat, None
         if st.token_router is not None and self.a_fused is not None:
             z = x @ _as(self.a_fused, x)
             h, w = z[..., : self.er], st.token_router(self.name, x, z[..., self.er:])  # (b, t, E)
@@ -125,14 +129,33 @@ class MixtureLinear(nn.Module):
             w = st.token_router(self.name, x, None)
         else:
             w = _as(st.example_weights, x)[:, None, :]  # (b, 1, E)
-        if self.a_cat is None:
-            return None, w
+            if a is not None:
+                a, b, cols = self._in_play(st.example_weights)
+        if a is None:
+            return None, w, None
         if h is None:
-            h = x @ _as(self.a_cat, x)
-        hw = h.unflatten(-1, (self.n_e, self.rank)) * w.unsqueeze(-1)  # (b, t, E, r): w_e A_e x
+            h = x @ _as(a, x)
+        wp = w if cols is None else w[..., cols]
+        hw = h.unflatten(-1, (wp.shape[-1], self.rank)) * wp.unsqueeze(-1)  # (b, t, E', r): w_e A_e x
         if st.compose == "factors":  # every expert's B_e gets the composed down-projection Σ_j w_j A_j x
-            hw = hw.sum(-2, keepdim=True) * w.unsqueeze(-1)
-        return hw, w
+            hw = hw.sum(-2, keepdim=True) * wp.unsqueeze(-1)
+        return hw, w, b
+
+    def _in_play(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(A, B, expert indices) of the experts some example gives weight to, when that is not all of
+        them: an example-level router holds one weights tensor through a whole generate call, so the
+        subset is gathered once per call, and a batch routed to one expert of a hundred costs one."""
+        if self._in_play_for is not weights or self._in_play_version != weights._version:  # changed in place too
+            cols = (weights != 0).any(0).nonzero().flatten()
+            if len(cols) == self.n_e:
+                self._in_play_cache = (self.a_cat, self.b_cat, None)
+            else:
+                (n_in, n_out), k = (self.a_cat.shape[0], self.b_cat.shape[1]), len(cols) * self.rank  # k may be 0
+                a = self.a.index_select(0, cols).reshape(k, n_in).T.contiguous()
+                b = self.b_cat.reshape(self.n_e, self.rank, n_out).index_select(0, cols).reshape(k, n_out)
+                self._in_play_cache = (a, b.contiguous(), cols)
+            self._in_play_for, self._in_play_version = weights, weights._version
+        return self._in_play_cache
 
     def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""
