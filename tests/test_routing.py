@@ -60,17 +60,23 @@ def routed(experts, router):
     return RoutedModel(model, tok, [load_adapter(f, src) for f in experts], [{"task": f.name} for f in experts], router)
 
 
+def rows_match_merged(rm, bank, rows, ids, mask):
+    """Each row of the routed batch equals the model with that row's weights merged in; the logits."""
+    with torch.no_grad():
+        got = rm(ids, mask).logits
+        for i in range(len(rows)):
+            ref, _ = merged_model(bank, rows[i].tolist())
+            torch.testing.assert_close(got[i: i + 1], ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits,
+                                       rtol=1e-4, atol=1e-4)
+    return got
+
+
 def test_batched_mixture_equals_each_rows_merged_model(experts):
     rows = torch.tensor([[1.0, 0.0, 0.0], [0.2, 0.5, 0.3], [0.0, 0.0, 1.0]])
     rm = routed(experts, Fixed(rows))
     ids, mask = rm.tokenizer(["reverse: abc=", "flip: xyzw=", "shout: q="], add_special_tokens=False,
                              return_tensors="pt", padding=True).values()
-    with torch.no_grad():
-        got = rm(ids, mask).logits
-        for i in range(3):
-            ref, _ = merged_model(experts, rows[i].tolist())
-            want = ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits
-            torch.testing.assert_close(got[i: i + 1], want, rtol=1e-4, atol=1e-4)
+    rows_match_merged(rm, experts, rows, ids, mask)
 
 
 def test_generate_with_kv_cache_matches_the_merged_model(experts):
@@ -243,12 +249,8 @@ def test_dora_and_ia3_experts_route_like_their_merges(experts, tmp_path):
                                       return_tensors="pt", padding=True).values()
     rows = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
     rm = routed(bank, Fixed(rows))
+    got = rows_match_merged(rm, bank, rows, ids, mask)
     with torch.no_grad():
-        got = rm(ids, mask).logits
-        for i in range(3):
-            ref, _ = merged_model(bank, rows[i].tolist())
-            torch.testing.assert_close(got[i: i + 1], ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits,
-                                       rtol=1e-4, atol=1e-4)
         plain, _ = merged_model(bank, [0.0, 0.0, 0.0])
         assert float((got[1:2] - plain(input_ids=ids[1:2], attention_mask=mask[1:2]).logits).abs().max()) > 1e-3
     assert load_routed("uniform", experts=bank).kinds == ["lora", "dora", "ia3"]
@@ -605,12 +607,7 @@ def test_only_the_experts_in_play_are_computed_and_the_result_is_the_same(expert
     rows = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.4, 0.6]])
     rm = routed(experts, Fixed(rows))
     ids, mask = rm.tokenizer(["reverse: abc=", "shout: q="], add_special_tokens=False, return_tensors="pt", padding=True).values()
-    with torch.no_grad():
-        got = rm(ids, mask).logits
-        for i in range(2):
-            ref, _ = merged_model(experts, rows[i].tolist())
-            torch.testing.assert_close(got[i: i + 1], ref(input_ids=ids[i: i + 1], attention_mask=mask[i: i + 1]).logits,
-                                       rtol=1e-4, atol=1e-4)
+    rows_match_merged(rm, experts, rows, ids, mask)
     layer = rm.layers["model.layers.0.self_attn.q_proj"]
     a, b, cols = layer._in_play_cache
     assert cols.tolist() == [1, 2] and a.shape[1] == 2 * layer.rank and b.shape[0] == 2 * layer.rank
