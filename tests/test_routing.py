@@ -435,6 +435,8 @@ def test_generate_with_lorahub_searches_on_the_given_examples(experts, tmp_path)
     assert res.exit_code == 1 and "needs a few examples of the task: --examples FILE" in res.output
     res = CliRunner().invoke(app, args + ["uniform", "--examples", str(tmp_path / "few.jsonl")])
     assert res.exit_code == 1 and "takes no examples" in res.output
+    with pytest.raises(MoergeError, match="router 'uniform' takes no examples"):
+        get("uniform")().adapt(None, examples("reverse", "train", 2))
 
 
 def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(experts, tmp_path):
@@ -607,7 +609,11 @@ def test_only_the_experts_in_play_are_computed_and_the_result_is_the_same(expert
     rows = torch.tensor([[0.0, 0.7, 0.0], [0.0, 0.4, 0.6]])
     rm = routed(experts, Fixed(rows))
     ids, mask = rm.tokenizer(["reverse: abc=", "shout: q="], add_special_tokens=False, return_tensors="pt", padding=True).values()
-    rows_match_merged(rm, experts, rows, ids, mask)
     layer = rm.layers["model.layers.0.self_attn.q_proj"]
-    a, b, cols = layer._in_play_cache
+    seen = []
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(m._in_play_cache))
+    rows_match_merged(rm, experts, rows, ids, mask)
+    hook.remove()
+    a, b, cols = seen[0]
     assert cols.tolist() == [1, 2] and a.shape[1] == 2 * layer.rank and b.shape[0] == 2 * layer.rank
+    assert layer._in_play_cache == (None, None, None)  # the gathered copy is dropped once the call is over

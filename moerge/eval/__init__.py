@@ -17,7 +17,7 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
     """Comma-separated task names and groups: ``all`` (every built-in skill), ``experts``, ``heldout``,
     and users' tasks as JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split)."""
     from moerge.tasks import skills
-    from moerge.tasks.data import is_user_task, read_jsonl
+    from moerge.tasks.data import is_user_task, user_rows
 
     groups = {"all": list(skills.SKILLS), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT)}
     if isinstance(spec, str):
@@ -29,7 +29,7 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
                 names.append(n)
     for n in names:
         if is_user_task(n):
-            read_jsonl(n)  # a missing or malformed file fails here, naming the line
+            user_rows(n)  # a missing or malformed file fails here, naming the line (read once, then cached)
         else:
             skills.get(n)  # unknown names fail with the list of known ones
     return names

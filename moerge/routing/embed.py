@@ -95,23 +95,14 @@ def record_embedding(card: dict, embedder: SentenceEmbedder, prompts: Sequence[s
 def read_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts of a task, from a JSONL file of ``{"prompt": ...}`` objects (``completion`` ignored) or a
     text file with one prompt per line."""
-    import json
+    from moerge.tasks.data import json_rows
 
     path = Path(path)
     if not path.is_file():
         raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ...}} lines or a text file of prompts")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MoergeError(f"{path}: line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise MoergeError(f"{path}: line {n}: needs a string field \"prompt\"")
-            out.append(row["prompt"])
-        lines = out
+        return [r["prompt"] for r in json_rows(path, ("prompt",))]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise MoergeError(f"{path}: has no prompts")
     return lines

@@ -153,9 +153,13 @@ class MixtureLinear(nn.Module):
                 (n_in, n_out), k = (self.a_cat.shape[0], self.b_cat.shape[1]), len(cols) * self.rank  # k may be 0
                 a = self.a.index_select(0, cols).reshape(k, n_in).T.contiguous()
                 b = self.b_cat.reshape(self.n_e, self.rank, n_out).index_select(0, cols).reshape(k, n_out)
-                self._in_play_cache = (a, b.contiguous(), cols)
+                self._in_play_cache = (a, b, cols)
             self._in_play_for, self._in_play_version = weights, weights._version
         return self._in_play_cache
+
+    def release(self) -> None:
+        """Drop the experts-in-play gather (a copy of their factors) once a call is over."""
+        self._in_play_for, self._in_play_cache = None, (None, None, None)
 
     def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""

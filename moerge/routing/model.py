@@ -66,14 +66,20 @@ class RoutedModel:
         try:
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
-            self.state.example_weights = self.state.token_router = None
+            self.unroute()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
         self._route(input_ids, attention_mask)
         try:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
-            self.state.example_weights = self.state.token_router = None
+            self.unroute()
+
+    def unroute(self) -> None:
+        """Routing off until the next call; the layers drop what they gathered for this call's weights."""
+        self.state.example_weights = self.state.token_router = None
+        for layer in self.layers.values():
+            layer.release()
 
     @torch.no_grad()
     def usage(self, prompts: list[str]) -> torch.Tensor:

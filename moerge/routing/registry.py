@@ -43,8 +43,8 @@ class Router(ABC):
         """Precompute from the experts (prototypes, centroids); nothing by default."""
 
     def adapt(self, routed, examples: list) -> None:
-        """Fit to a new task from a few of its examples (few-shot routers only)."""
-        raise NotImplementedError(f"router {self.name!r} is not few-shot")
+        """Fit to a new task from a few of its examples (few-shot routers override this)."""
+        raise MoergeError(f"router {self.name!r} takes no examples; only few-shot routers (lorahub) adapt to a task")
 
 
 class ExampleRouter(Router):

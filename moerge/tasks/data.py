@@ -8,6 +8,7 @@ number of examples asked for.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -44,6 +45,18 @@ def is_user_task(task: str) -> bool:
     return task.endswith(".jsonl")
 
 
+def user_rows(path: str) -> list[Example]:
+    """A user task's rows, read once per version of the file (a task is asked for shots, test rows
+    and usage prompts in turn)."""
+    st = Path(path).stat() if Path(path).is_file() else None
+    return _read_cached(path, st.st_mtime_ns if st else None, st.st_size if st else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_cached(path: str, mtime_ns: int | None, size: int | None) -> list[Example]:
+    return read_jsonl(path)
+
+
 def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     """``n`` examples of a built-in skill from one split; deterministic in (task, split, n, seed).
     A user task (a JSONL path) gives its first ``n`` rows whose prompt hashes to ``split`` (the split
@@ -51,7 +64,7 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
     if split not in SPLITS:
         raise MoergeError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     if is_user_task(task):
-        rows = [Example(r.prompt, r.completion, task) for r in read_jsonl(task) if split_of(r.prompt) == split][:n]
+        rows = [Example(r.prompt, r.completion, task) for r in user_rows(task) if split_of(r.prompt) == split][:n]
         if not rows:
             raise MoergeError(f"{task}: no row falls in the {split} split (a prompt's hash puts about 1 in 10 there); "
                               "add more rows")
@@ -85,11 +98,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Example]) -> Path:
     return path
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Users' data: one ``{"prompt": ..., "completion": ...}`` object per line (``task`` optional)."""
+def json_rows(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict]:
+    """The objects of a JSONL file, each checked to have string ``fields``; errors name the line."""
     path = Path(path)
     if not path.is_file():
-        raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ..., \"completion\": ...}} lines")
+        shape = ", ".join(f'"{k}": ...' for k in fields)
+        raise MoergeError(f"{path}: no such file; give a JSONL file of {{{shape}}} lines")
+    need = f'a string field "{fields[0]}"' if len(fields) == 1 else "string fields " + " and ".join(f'"{k}"' for k in fields)
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -99,9 +114,14 @@ def read_jsonl(path: str | os.PathLike) -> list[Example]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise MoergeError(f"{path}: line {n}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-                raise MoergeError(f"{path}: line {n}: needs string fields \"prompt\" and \"completion\"")
-            out.append(Example(row["prompt"], row["completion"], str(row.get("task", ""))))
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+                raise MoergeError(f"{path}: line {n}: needs {need}")
+            out.append(row)
     if not out:
         raise MoergeError(f"{path}: has no examples")
     return out
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Example]:
+    """Users' data: one ``{"prompt": ..., "completion": ...}`` object per line (``task`` optional)."""
+    return [Example(r["prompt"], r["completion"], str(r.get("task", ""))) for r in json_rows(path, ("prompt", "completion"))]
