@@ -32,7 +32,12 @@ def load_recipe(recipe: "str | os.PathLike | dict | Recipe") -> "Recipe":
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
-        return parse_recipe(yaml.safe_dump(recipe), "<recipe>")
+        try:
+            text = yaml.safe_dump(recipe)
+        except yaml.YAMLError as e:  # a value YAML cannot represent (an object, a tensor)
+            raise MoergeError(f"<recipe>: holds a value a recipe cannot have ({str(e).splitlines()[0][:120]}); "
+                              "use strings, numbers, lists and dicts") from None
+        return parse_recipe(text, "<recipe>")
     text = str(recipe)
     if "\n" in text or "merge_method" in text:
         return parse_recipe(text, "<recipe>")

@@ -75,14 +75,42 @@ def build_base(out_dir: str | os.PathLike | None = None, *, seed: int = 0, steps
     return out
 
 
+def check_model_folder(folder: Path, what: str = "model") -> None:
+    """What ``load`` refuses before transformers sees the folder, each in one line: a path that does not
+    exist, a PEFT adapter given as a model, a folder without config.json, and weights that are
+    truncated or corrupt (the same header checks the merge engine makes)."""
+    from moerge.io.source import open_source
+
+    if not folder.exists():
+        raise MoergeError(f"{folder}: no such folder; check the path")
+    if not folder.is_dir():
+        raise MoergeError(f"{folder}: is a file; give the {what} folder (saved with save_pretrained) that holds it")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise MoergeError(f"{folder}: is a PEFT adapter, not a model; apply it to its base: --adapter {folder} "
+                          f"(or BASE+{folder} in a recipe)")
+    if not (folder / "config.json").is_file():
+        raise MoergeError(f"{folder}: not a {what} folder (no config.json); pass a folder saved with save_pretrained")
+    source = open_source(folder)  # every weights file's header, checked against its size
+    close = getattr(source, "close", None)
+    if close:
+        close()
+
+
 def load(path: str | os.PathLike | None = None):
-    """(model, tokenizer) of a base folder (default: the built-in base), in eval mode."""
+    """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
+    refused in one line (``check_model_folder``), and whatever transformers still cannot load is
+    reported with its first line, never as a traceback."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moerge.util import quiet_transformers
 
     folder = Path(path) if path else default_base()
-    if not (folder / "config.json").is_file():
-        raise MoergeError(f"{folder}: not a model folder (no config.json); pass a folder saved with save_pretrained")
+    check_model_folder(folder)
     quiet_transformers()
-    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, json.JSONDecodeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MoergeError(f"{folder}: transformers cannot load it ({first}); re-save it with save_pretrained") from None
+    return model, tok

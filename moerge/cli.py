@@ -20,6 +20,7 @@ from moerge.util import console
 app = typer.Typer(
     name="moerge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Merge, route and version specialist experts built from one base model.",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = console(stderr=True)
 out = console()
@@ -44,13 +45,50 @@ def _user_errors():
         _fail(e)
 
 
+def _set_threads(value: Optional[int]) -> Optional[int]:
+    from moerge.util import set_threads
+
+    if value is not None:
+        with _user_errors():
+            set_threads(value)
+    return value
+
+
+THREADS_OPT = typer.Option(None, "--threads", callback=_set_threads, metavar="N",
+                           help="Torch threads for this command (default: $MOERGE_THREADS, else 1: fastest for the "
+                           "tiny base and robust on a busy machine; more for large models on idle cores).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        import moerge
+
+        out.print(f"moerge {moerge.__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="Torch threads for every command "
+                                          "(default: $MOERGE_THREADS, else 1)."),
+) -> None:
+    """Merge, route and version specialist experts built from one base model."""
+    from moerge.util import set_threads
+
+    with _user_errors():
+        set_threads(threads)
+
+
 @app.command()
 def merge(
     recipe: Path = typer.Argument(..., help="A merge recipe (mergekit YAML is accepted unchanged)."),
     out_dir: Path = typer.Argument(..., help="Output folder; created atomically."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; write nothing."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete)."),
-    out_shard_size: str = typer.Option("5B", "--out-shard-size", help="Max bytes per safetensors shard: 5B, 500M, 2G ..."),
+    out_shard_size: str = typer.Option("5B", "--out-shard-size", help="Max bytes per safetensors shard: 5B (mergekit: 5 "
+                                       "billion), 500M, 2G, transformers' 500MB / 5GB (powers of 1000) or 500MiB / 5GiB "
+                                       "(powers of 1024), any case, or a byte count."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA); overrides the recipe's."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (default: cores, at most 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -97,12 +135,13 @@ def demo(
     report_dir: Path = typer.Option(Path("demo-report"), "--report", help="Where scoreboard.png is drawn."),
     skills: Optional[str] = typer.Option(None, "--skills", help="Built-in skills to train experts on, comma-separated "
                                          "(default: the six expert skills; see `moerge tasks list`)."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Train one expert per built-in skill, merge them, train a multitask baseline, score everything (offline)."""
     from moerge.demo import run_demo
 
     with _user_errors():
-        run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=sys.stderr.isatty(),
+        run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=True,
                  skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None)
 
 
@@ -150,27 +189,42 @@ def library_add(
     library: Optional[Path] = LIBRARY,
 ) -> None:
     """Check an adapter against the library's base and store it as NAME@<next version>."""
+    import warnings
+
+    from rich.markup import escape
+
+    from moerge.library import LibraryWarning, NothingAdded
     from moerge.routing.embed import read_prompts
 
-    with _user_errors():
+    with _user_errors(), warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", LibraryWarning)
         if embedder and not prompts:
             raise MoergeError("--embedder embeds the prompts given with --prompts FILE; give both")
         entry = _library(library).add(adapter_dir, name, task=task, tags=[t for t in tags.split(",") if t],
                                       contributor=contributor, license=license,
                                       prompts=read_prompts(prompts) if prompts else None, embedder=embedder)
-    out.print(f"added {entry.ref} ({entry.kind}, {entry.nbytes / 1e6:.2f} MB)", highlight=False)
+    notes = [w for w in notes if issubclass(w.category, LibraryWarning)]
+    for w in notes:
+        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+    if not any(issubclass(w.category, NothingAdded) for w in notes):
+        out.print(f"added {entry.ref} ({entry.kind}, {entry.nbytes / 1e6:.2f} MB)", highlight=False)
 
 
 @library_app.command("list")
 def library_list(
     task: Optional[str] = typer.Option(None, "--task"),
     tag: Optional[str] = typer.Option(None, "--tag"),
-    kind: Optional[str] = typer.Option(None, "--kind", help="lora, dora, ia3 or dense."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Expert kind: lora, dora, ia3, ... (an unknown one is refused with the list)."),
     library: Optional[Path] = LIBRARY,
 ) -> None:
     """The experts, every version."""
     with _user_errors():
         entries = _library(library).experts(task=task, tag=tag, kind=kind)
+    if not entries:
+        asked = [f"--{k} {v}" for k, v in (("task", task), ("tag", tag), ("kind", kind)) if v]
+        out.print(f"no experts match {' '.join(asked)}" if asked else
+                  "the library holds no experts yet; add one with `moerge library add DIR --name NAME`", highlight=False)
+        return
     table = Table("expert", "kind", "task", "tags", "MB", "contributor", "validation", title="expert library")
     for e in entries:
         val = e.card.get("validation_accuracy")
@@ -180,14 +234,25 @@ def library_list(
 
 
 @library_app.command("show")
-def library_show(ref: str = typer.Argument(..., help="NAME or NAME@VERSION."), library: Optional[Path] = LIBRARY) -> None:
-    """Everything the catalog knows about one expert version."""
+def library_show(
+    ref: str = typer.Argument(..., help="NAME or NAME@VERSION."),
+    as_json: bool = typer.Option(False, "--json", help="Everything the catalog holds, as JSON (centroids included)."),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """One expert version: catalog fields, adapter settings and its card (centroids summarised)."""
     import json
     from dataclasses import asdict
 
+    from moerge.library import describe
+
     with _user_errors():
-        entry = _library(library).get(ref)
-    out.print_json(json.dumps(asdict(entry) | {"ref": entry.ref}))
+        lib = _library(library)
+        entry = lib.get(ref)
+    if as_json:
+        out.print_json(json.dumps(asdict(entry) | {"ref": entry.ref}))
+        return
+    for line in describe(lib, entry):
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @library_app.command("export")
@@ -258,12 +323,13 @@ def base_build(
     steps: int = typer.Option(600, "--steps", help="Pretraining steps (batch 64)."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Pretrain the tiny base deterministically (about a minute on 2 cores)."""
     from moerge.base import build_base
 
     with _user_errors():
-        path = build_base(out_dir, seed=seed, steps=steps, overwrite=overwrite, progress=sys.stderr.isatty())
+        path = build_base(out_dir, seed=seed, steps=steps, overwrite=overwrite, progress=True)
     out.print(f"built {path}", highlight=False)
 
 
@@ -282,7 +348,7 @@ def expert_train(
     task: Optional[str] = typer.Option(None, "--task", help="A built-in skill (see `moerge tasks list`)."),
     data: Optional[Path] = typer.Option(None, "--data", help='Your own JSONL: {"prompt": ..., "completion": ...} per line.'),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the built-in base)."),
-    adapter: str = typer.Option("lora", "--adapter", help="lora, dora, ia3, or none (full fine-tune)."),
+    adapter: str = typer.Option("lora", "--adapter", help="lora, dora, ia3, or full (a full fine-tune; `none` is accepted too)."),
     steps: int = typer.Option(200, "--steps"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default per adapter kind)."),
     rank: int = typer.Option(8, "--rank", help="LoRA/DoRA rank."),
@@ -292,6 +358,7 @@ def expert_train(
     gate_steps: int = typer.Option(0, "--gate-steps", help="Then train its PHATGOOSE gates for this many steps "
                                    "(as `moerge expert gate`; 0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Train one expert from the base with PEFT (or fully) and write its card."""
     from moerge.train.expert import train_expert
@@ -299,7 +366,7 @@ def expert_train(
     with _user_errors():
         card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
                             batch_size=batch_size, seed=seed, embedder=embedder, gate_steps=gate_steps,
-                            overwrite=overwrite, progress=sys.stderr.isatty())
+                            overwrite=overwrite, progress=True)
     acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
     out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
@@ -319,7 +386,7 @@ def expert_extract(
     with _user_errors():
         res = extract_lora(finetune, base, out_dir, rank=rank, overwrite=overwrite)
     worst = min(res.layers, key=lambda r: r["energy"])
-    out.print(f"wrote {out_dir}: {len(res.layers)} layers at rank {rank}, mean energy kept {res.mean_energy:.1%} "
+    out.print(f"wrote {out_dir}: {len(res.layers)} layers at rank {res.rank}, mean energy kept {res.mean_energy:.1%} "
               f"(lowest {worst['energy']:.1%} in {worst['module']}); details in moerge_extract.json", highlight=False)
     if res.skipped:
         out.print(f"not representable as LoRA and left out: {len(res.skipped)} changed tensors "
@@ -336,31 +403,16 @@ def expert_combine(
     overwrite: bool = typer.Option(False, "--overwrite"),
 ) -> None:
     """Sum LoRA adapters into one, exactly (concatenated factors) or at a chosen rank (SVD)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from moerge.experts.lowrank import combine_adapters
-    from moerge.experts.peft_format import load_adapter
-    from moerge.io.source import open_source
-    from moerge.util import atomic_dir
+    from moerge.experts.peft_format import combine_folders
 
     with _user_errors():
-        if not base.exists():
-            raise MoergeError(f"{base}: no such base folder")
-        src = open_source(base)
         ws = None
         if weights:
             try:
                 ws = [float(w) for w in weights.split(",")]
             except ValueError:
                 raise MoergeError(f"--weights {weights!r}: give numbers separated by commas") from None
-        config, tensors, kept = combine_adapters([load_adapter(a, src) for a in adapters], ws, rank)
-        with atomic_dir(out_dir, overwrite) as tmp:
-            save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-            (tmp / "moerge_combine.json").write_text(json.dumps({"adapters": [str(a) for a in adapters], "weights": ws,
-                                                                  "rank": rank, "energy_kept": kept}, indent=2) + "\n")
+        config, kept = combine_folders(adapters, base, out_dir, weights=ws, rank=rank, overwrite=overwrite)
     low = min(kept.values())
     out.print(f"wrote {out_dir}: {len(kept)} modules, rank {config['r']}" +
               (f", lowest energy kept {low:.1%}" if rank else " (exact)"), highlight=False)
@@ -374,13 +426,14 @@ def expert_gate(
     base: Optional[Path] = typer.Option(None, "--base", help="Its base (default: the expert card's, else the built-in base)."),
     steps: int = typer.Option(100, "--steps"),
     lr: float = typer.Option(1e-2, "--lr"),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Train the expert's PHATGOOSE gates on its own data (expert and base frozen)."""
     from moerge.routing.routers.phatgoose import train_gates
     from moerge.tasks import read_jsonl
 
     with _user_errors():
-        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=sys.stderr.isatty(),
+        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=True,
                             rows=read_jsonl(data) if data else None)
     out.print(f"wrote {expert_dir / 'gates.safetensors'} ({len(gates)} modules)", highlight=False)
 
@@ -393,6 +446,7 @@ def expert_embed(
     embedder: Optional[str] = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or "
                                            "hub id); default: the base model's embeddings."),
     base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the expert card's base, else the built-in base)."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Record task centroids of the expert's prompts in its card, for the centroid and smear routers."""
     from moerge.routing.embed import read_prompts
@@ -446,8 +500,10 @@ def tasks_export(
 ) -> None:
     """Write a split of a skill as JSONL, the format `expert train --data` reads."""
     from moerge.tasks import examples, write_jsonl
+    from moerge.util import output_file
 
     with _user_errors():
+        output_file(out_file, "exported examples")
         write_jsonl(out_file, examples(task, split, n, seed))
     out.print(f"wrote {n} examples to {out_file}", highlight=False)
 
@@ -459,15 +515,17 @@ def eval_cmd(
     tasks: str = typer.Option("all", "--tasks", help="all, experts, heldout, task names or JSONL files of your own, separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Exact-match accuracy of greedy completions on the test split of each task."""
-    import json
-
     from moerge import base as base_model
     from moerge.eval import evaluate, resolve_tasks
     from moerge.train.expert import load_expert
+    from moerge.util import output_file, write_json
 
     with _user_errors():
+        if json_file:
+            output_file(json_file, "scores (--json)")
         names = resolve_tasks(tasks)
         model, tok = load_expert(model_dir, adapter) if adapter else base_model.load(model_dir)
         scores = evaluate(model, tok, names, n=n)
@@ -477,7 +535,8 @@ def eval_cmd(
     table.add_row("[bold]mean", f"{sum(scores.values()) / len(scores):.1%}")
     out.print(table)
     if json_file:
-        json_file.write_text(json.dumps({"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None, "scores": scores}, indent=2) + "\n")
+        with _user_errors():
+            write_json(json_file, {"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None, "scores": scores})
 
 
 route_app = typer.Typer(no_args_is_help=True, help="Route each input among experts (one batched forward pass).")
@@ -522,14 +581,16 @@ def route_eval(
     json_file: Optional[Path] = typer.Option(None, "--json"),
     shots: int = typer.Option(5, "--shots", help="lorahub: training examples of each task its weights are searched on."),
     budget: int = typer.Option(40, "--budget", help="lorahub: loss evaluations of the gradient-free search."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Exact match of the routed model on the test split of each task, and where the router sent each task."""
-    import json
-
     from moerge.eval import resolve_tasks
     from moerge.routing.evaluate import evaluate_routed
+    from moerge.util import output_file, write_json
 
     with _user_errors():
+        if json_file:
+            output_file(json_file, "scores (--json)")
         names = resolve_tasks(tasks)
         model = _routed(router, library, experts, base, top_k, temperature, embedder)
         if router == "lorahub":
@@ -540,7 +601,8 @@ def route_eval(
         table.add_row(t, f"{scores[t]:.1%}", *[f"{w:.2f}" for w in usage[t]])
     out.print(table)
     if json_file:
-        json_file.write_text(json.dumps({"router": router, "experts": model.names, "scores": scores, "usage": usage}, indent=2) + "\n")
+        with _user_errors():
+            write_json(json_file, {"router": router, "experts": model.names, "scores": scores, "usage": usage})
 
 
 @app.command("generate")
@@ -555,6 +617,7 @@ def generate_cmd(
     examples_file: Optional[Path] = typer.Option(None, "--examples", help="lorahub: a few examples of the prompt's task "
                                                  "(JSONL of {\"prompt\", \"completion\"}) its composition is searched on."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Answer one prompt with the routed model; print the answer and the experts it used."""
     from moerge.eval import greedy

@@ -8,7 +8,6 @@ skill and on held-out composites of them. The scoreboard is printed, written as 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -59,6 +58,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     from moerge.tasks import skills as suite
     from moerge.train.expert import load_expert, train_expert
     from moerge.util import console as util_console
+    from moerge.util import write_json
     from moerge.util import quiet_transformers
 
     quiet_transformers()
@@ -75,6 +75,12 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     else:
         tasks = list(suite.QUICK_EXPERTS if quick else suite.EXPERTS)
         heldout = list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
+    from moerge.util import output_file
+
+    if json_file:
+        output_file(json_file, "scoreboard (--json)")
+    if report_dir:
+        output_file(Path(report_dir) / "scoreboard.png", "report (--report)")
     steps, n_eval, gate_steps = (120, 100, 30) if quick else (200, 200, 100)
     columns = tasks + heldout
     base_dir = base_model.default_base()
@@ -82,16 +88,21 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     rows: list[dict] = []
 
     def add_row(name: str, scores: dict[str, float], seconds: float | None = None) -> None:
-        rows.append({"model": name, "scores": scores, "mean": sum(scores.values()) / len(scores),
+        rows.append({"model": name, "scores": scores, **means(scores, tasks, heldout),
                      **({"seconds": round(seconds, 1)} if seconds is not None else {})})
+
+    def phase(text: str) -> None:  # one plain line per phase: a log shows where a long run is
+        console.print(f"[{time.perf_counter() - start:5.0f} s] {text}", highlight=False, markup=False)
 
     def score(name: str, model, tok, seconds: float | None = None) -> None:
         add_row(name, evaluate(model, tok, columns, n=n_eval), seconds)
 
+    phase(f"scoring the base on {len(columns)} tasks ({n_eval} test prompts each)")
     model, tok = base_model.load(base_dir)
     score("base", model, tok)
     experts: dict[str, Path] = {}
     for task in tasks:
+        phase(f"training the {task} expert ({steps} steps), then scoring it and training its PHATGOOSE gates")
         path = out_dir / "experts" / task
         card = train_expert(path, base=base_dir, task=task, steps=steps, overwrite=True, progress=progress)
         experts[task] = path
@@ -102,10 +113,12 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}; "
                       f"its PHATGOOSE gates: {time.perf_counter() - t0:.0f} s", highlight=False)
     for method in MERGES:
+        phase(f"merging the experts with {method}, then scoring the merge")
         t0 = time.perf_counter()
         res = moerge.merge(merge_recipe(method, base_dir, experts), out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
+    phase(f"training the multitask baseline on all {len(tasks)} skills' data")
     card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks), steps=steps * (2 if quick else 3),
                         overwrite=True, progress=progress)
     model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
@@ -113,6 +126,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     routing = {}
     available, note = routers()
     for router, top_k in available:
+        phase(f"routing with {router}, scoring the routed model")
         t0 = time.perf_counter()
         routed = load_routed(router, experts=list(experts.values()), base=base_dir, top_k=top_k)
         scores, routing[router] = evaluate_routed(routed, columns, n=n_eval)
@@ -124,13 +138,20 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
              "quick": quick, "base": str(base_dir), "experts": list(experts), "routing": routing}
     _print(console, board)
     if json_file:
-        Path(json_file).write_text(json.dumps(board, indent=2) + "\n")
+        write_json(json_file, board)
     if report_dir:
         png = plot(board, Path(report_dir) / "scoreboard.png")
         plot_routing(board, Path(report_dir) / "routing.png")
         console.print(f"scoreboard and routing weights drawn in {png.parent}", highlight=False)
     console.print(f"experts in {out_dir}/experts, merges in {out_dir}/merges ({board['seconds']:.0f} s in all)", highlight=False)
     return board
+
+
+def means(scores: dict[str, float], tasks: list[str], heldout: list[str]) -> dict[str, float | None]:
+    """The row means the table, the JSON and the PNG all show: over the seen skills, and over the
+    held-out composites (None when there are none)."""
+    return {"mean": sum(scores[t] for t in tasks) / len(tasks),
+            "mean_heldout": sum(scores[t] for t in heldout) / len(heldout) if heldout else None}
 
 
 def _print(console: Console, board: dict) -> None:
@@ -155,6 +176,10 @@ def _print(console: Console, board: dict) -> None:
 
     table.add_row("[bold]mean seen", mean("base"), f"{sum(rows[f'expert:{t}'][t] for t in seen) / len(seen):.0%}",
                   *[mean(m) for m in models[1:]])
+    held = board["heldout"]
+    if held:  # the same two means as the JSON rows and the PNG's last columns
+        table.add_row("[bold]mean held-out*", *[f"{sum(rows[m][t] for t in held) / len(held):.0%}" for m in models[:1]], "-",
+                      *[f"{sum(rows[m][t] for t in held) / len(held):.0%}" for m in models[1:]])
     console.print(table)
 
 
@@ -163,10 +188,16 @@ def plot(board: dict, path: Path) -> Path:
     plt = _pyplot()
 
     cols = board["tasks"] + board["heldout"]
-    data = [[r["scores"][c] for c in cols] + [r["mean"]] for r in board["rows"]]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * (len(cols) + 1), 0.8 + 0.4 * len(data)))
+    tasks, heldout = board["tasks"], board["heldout"]
+    extra = ["mean seen"] + (["mean held-out*"] if heldout else [])
+    data = []
+    for r in board["rows"]:
+        m = means(r["scores"], tasks, heldout)
+        data.append([r["scores"][c] for c in cols] + [m["mean"]] + ([m["mean_heldout"]] if heldout else []))
+    fig, ax = plt.subplots(figsize=(1.6 + 0.8 * (len(cols) + len(extra)), 0.8 + 0.4 * len(data)))
     im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols) + 1), [c + ("*" if c in board["heldout"] else "") for c in cols] + ["mean"], rotation=40, ha="right")
+    ax.axvline(len(cols) - 0.5, color="white", linewidth=2)
+    ax.set_xticks(range(len(cols) + len(extra)), [c + ("*" if c in heldout else "") for c in cols] + extra, rotation=40, ha="right")
     ax.set_yticks(range(len(data)), [r["model"] for r in board["rows"]])
     for i, row in enumerate(data):
         for j, v in enumerate(row):
@@ -178,24 +209,33 @@ def plot(board: dict, path: Path) -> Path:
 
 
 def plot_routing(board: dict, path: Path) -> Path:
-    """Mean routing weight per task (rows) and expert (columns), one panel per router."""
+    """Mean routing weight per task (rows) and expert (columns), one panel per router, each with its
+    colour bar: weights in [0, 1] on one scale, LoraHub's (which may be negative) centred on 0."""
     plt = _pyplot()
 
     routers = list(board["routing"])
     cols = board["tasks"] + board["heldout"]
-    fig, axes = plt.subplots(1, len(routers), figsize=(3.2 * len(routers), 0.6 + 0.35 * len(cols)), squeeze=False)
-    for ax, r in zip(axes[0], routers):
+    experts = board["experts"]
+    ncols = min(4, len(routers))
+    nrows = -(-len(routers) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(1.2 + (1.4 + 0.45 * len(experts)) * ncols, (1.2 + 0.32 * len(cols)) * nrows),
+                             squeeze=False)
+    for ax in axes.flat[len(routers):]:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, routers):
         data = [board["routing"][r][t] for t in cols]
         low = min(min(row) for row in data)
         if low < 0:  # LoraHub's weights may be negative: a diverging scale centred on 0
             top = max(1.0, -low, max(max(row) for row in data))
-            ax.imshow(data, vmin=-top, vmax=top, cmap="coolwarm", aspect="auto")
+            im = ax.imshow(data, vmin=-top, vmax=top, cmap="coolwarm", aspect="auto")
         else:
-            ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
-        ax.set_title(r)
-        ax.set_xticks(range(len(board["experts"])), board["experts"], rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(cols)), [c + ("*" if c in board["heldout"] else "") for c in cols], fontsize=7)
-    fig.suptitle("routing weight: task (rows) -> expert (columns)")
+            im = ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03).ax.tick_params(labelsize=8)
+        ax.set_title(r, fontsize=11)
+        ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right", fontsize=9)
+        ax.set_yticks(range(len(cols)), [c + ("*" if c in board["heldout"] else "") for c in cols], fontsize=9)
+        ax.set_xlabel("expert", fontsize=9)
+    fig.suptitle("mean routing weight: task (rows, * held out) -> expert (columns)", fontsize=12)
     fig.tight_layout()
     return _save(fig, path)
 

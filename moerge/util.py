@@ -11,15 +11,24 @@ from typing import Callable, Iterator
 from moerge.errors import MoergeError
 
 
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse an output folder that exists (without ``overwrite``) or cannot be made, before the work
+    starts rather than after it."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
+    if out.exists() and not out.is_dir():
+        raise MoergeError(f"{out}: is a file; choose a folder name for the output")
+    _make_parent(out, "output folder")
+    return out
+
+
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary folder beside ``out``; on success it replaces ``out`` in one rename
     (an existing ``out`` only with ``overwrite``), on failure it is removed. A reader never sees a
     half-written folder under the final name."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out, overwrite)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -49,11 +58,34 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, width=200 if wide else None)
 
 
+def output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check a file the command will write, before any work starts: its folder is created if missing,
+    and a path that is a folder, lies under a file, or cannot be written is refused in one line."""
+    path = Path(path)
+    if path.is_dir():
+        raise MoergeError(f"{path}: is a folder; give a file name for the {what}")
+    return _make_parent(path, what)
+
+
+def _make_parent(path: Path, what: str) -> Path:
+    """Create ``path``'s folder if missing, or refuse in one line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MoergeError(f"{path}: a part of its folder is a file; choose another path for the {what}") from None
+    except OSError as e:
+        raise MoergeError(f"{path}: cannot create its folder ({e.strerror}); choose another path for the {what}") from None
+    if not os.access(path.parent, os.W_OK):
+        raise MoergeError(f"{path}: its folder is not writable; choose another path for the {what}")
+    return path
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary name beside ``path`` (same suffix, so writers that infer the format still do) to
-    write to; renamed onto ``path`` when the block succeeds, removed when it fails."""
-    path = Path(path)
+    write to; renamed onto ``path`` when the block succeeds, removed when it fails. The folder is
+    checked (and created) first, as ``output_file`` does."""
+    path = output_file(path)
     tmp = path.with_name(f".{path.name}.partial{path.suffix}")
     try:
         yield tmp
@@ -62,11 +94,34 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def write_json(path: str | os.PathLike, data) -> Path:
+    """``data`` as indented JSON, written atomically."""
+    import json
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+    return Path(path)
+
+
+LOG_EVERY = 5.0  # seconds between plain progress lines when stderr is not a terminal
+
+
 @contextmanager
 def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[float], None]]:
-    """A rich bar over ``total`` steps; the callback advances it and shows the latest loss."""
+    """Progress over ``total`` steps; the callback advances it and records the latest loss.
+
+    On a terminal: a rich bar. Elsewhere (CI, ``nohup``, ``tee``, a notebook) a bar would print
+    nothing until it ends, so one plain line goes to stderr at the start, every ``LOG_EVERY`` seconds
+    (step, loss, elapsed, estimate) and at the end."""
+    import sys
+
     if not enabled:
         yield lambda loss: None
+        return
+    if not sys.stderr.isatty():
+        log = ProgressLog(label, total)
+        yield log.step
+        log.done()
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -74,6 +129,71 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[fl
                   TimeElapsedColumn(), TimeRemainingColumn(), transient=True) as bar:
         tid = bar.add_task(label, total=total, loss="-")
         yield lambda loss: bar.update(tid, advance=1, loss=f"{loss:.3f}")
+
+
+class ProgressLog:
+    """Plain progress lines for logs: what a progress bar shows, a line every ``every`` seconds."""
+
+    def __init__(self, label: str, total: int, every: float | None = None, stream=None):
+        import sys
+        import time
+
+        self.label, self.total, self.n, self.loss = label, total, 0, None
+        self.every = LOG_EVERY if every is None else every
+        self.stream = stream or sys.stderr
+        self.start = self.last = time.monotonic()
+        self._print(f"{label}: {total} steps")
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def step(self, loss: float | None = None) -> None:
+        import time
+
+        self.n += 1
+        self.loss = loss if loss is not None else self.loss
+        now = time.monotonic()
+        if now - self.last >= self.every and self.n < self.total:
+            self.last = now
+            elapsed = now - self.start
+            left = elapsed / self.n * (self.total - self.n)
+            loss_text = "" if self.loss is None else f", loss {self.loss:.3f}"
+            self._print(f"{self.label}: step {self.n}/{self.total}{loss_text}, {elapsed:.0f} s elapsed, ~{left:.0f} s left")
+
+    def done(self) -> None:
+        import time
+
+        loss_text = "" if self.loss is None else f", loss {self.loss:.3f}"
+        self._print(f"{self.label}: done, {self.n} steps in {time.monotonic() - self.start:.0f} s{loss_text}")
+
+
+DEFAULT_THREADS = 1
+
+
+def threads_from_env() -> int:
+    """``$MOERGE_THREADS``, else 1: see ``set_threads``."""
+    raw = os.environ.get("MOERGE_THREADS", "").strip()
+    if not raw:
+        return DEFAULT_THREADS
+    if not raw.isdigit() or int(raw) < 1:
+        raise MoergeError(f"MOERGE_THREADS={raw!r}: give a whole number of threads, 1 or more")
+    return int(raw)
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op thread count for everything that computes (training, evaluation, routing).
+
+    Why 1 by default: the built-in base is tiny (hidden 128), so one core already runs it near full
+    speed, and OpenMP threads spin-wait for each other: with a CPU-bound neighbour on a 2-core machine,
+    two torch threads ran 4-16x slower than one (README: Threads). Pass more (``--threads``,
+    ``MOERGE_THREADS``) for large models on an idle machine."""
+    import torch
+
+    n = threads_from_env() if n is None else n
+    if n < 1:
+        raise MoergeError(f"--threads {n}: give 1 or more")
+    torch.set_num_threads(n)
+    return n
 
 
 def quiet_transformers() -> None:

@@ -250,3 +250,118 @@ def test_scheduler_runs_a_task_larger_than_the_budget_alone_and_reraises():
         schedule(pool, lambda s: None, [500, 1, 2], workers=2, cost=lambda s: s, budget=100)
         with pytest.raises(RuntimeError, match="boom"):
             schedule(pool, job, [1, 2, 3, 4], workers=2, cost=lambda s: s, budget=100)
+
+
+def _lora(tiny, folder, seed):
+    """A random (non-zero) LoRA adapter of the tiny base, saved by PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny["base"])
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(folder)
+    return folder
+
+
+def test_empty_slices_is_a_user_error(tiny):
+    with pytest.raises(MoergeError, match=r"line 2: slices: is empty; give at least one slice"):
+        moerge.plan("merge_method: passthrough\nslices: []\n")
+    with pytest.raises(MoergeError, match="slices: is empty"):
+        moerge.plan({"merge_method": "slerp", "base_model": str(tiny["base"]), "slices": [], "parameters": {"t": 0.5}})
+
+
+def test_recipe_objects_built_in_python_are_checked_too(tiny):
+    from moerge.engine.recipe import Recipe
+
+    r = Recipe.model_validate({"merge_method": "ties", "base_model": str(tiny["base"]),
+                               "models": [{"model": str(tiny["ft1"]), "parameters": {"weight": 1.0, "density": 3}}]})
+    with pytest.raises(MoergeError, match=r"models\[0\]\.parameters\.density: must be in \(0, 1\], got 3"):
+        moerge.plan(r)
+
+
+def test_peft_adapter_given_as_a_model_says_so_with_the_base_plus_adapter_form(tiny, tmp_path):
+    adapter = _lora(tiny, tmp_path / "adapter", 0)
+    hint = f"`model: {tiny['base']}+{adapter}`"
+    for ref, method in ((str(adapter), "linear"), (str(adapter), "task_arithmetic"),
+                        (str(adapter / "adapter_model.safetensors"), "task_arithmetic")):
+        r = {"merge_method": method, "models": [{"model": ref, "parameters": {"weight": 1.0}}]}
+        if method != "linear":
+            r["base_model"] = str(tiny["base"])
+        with pytest.raises(MoergeError) as e:
+            moerge.plan(r)
+        msg = str(e.value)
+        assert msg.startswith(f"{ref}: is a PEFT adapter (it has adapter_config.json), not a model"), msg
+        assert hint in msg and "BASE+path/to/adapter" in msg and "lacks tensor" not in msg and "\n" not in msg
+    # as the hint says, it works
+    r = {"merge_method": "linear", "models": [{"model": f"{tiny['base']}+{adapter}", "parameters": {"weight": 1.0}}]}
+    assert moerge.plan(r).models[0].lora == adapter
+
+
+def test_missing_model_paths_say_the_path_does_not_exist(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref, want in (("./nope", "./nope: no such file or folder; check the path"),
+                      (str(tmp_path / "nope"), f"{tmp_path / 'nope'}: no such file or folder; check the path"),
+                      (f"{tiny['base']}+./no-adapter", "./no-adapter: no such file or folder; check the path"),
+                      ("org/name", "org/name: no such local folder, and hub model org/name is not in the local hub cache "
+                                   "(HF_HUB_OFFLINE is set); check the path, or download it first (`hf download org/name`)")):
+        with pytest.raises(MoergeError) as e:
+            moerge.plan({"merge_method": "linear", "models": [{"model": ref, "parameters": {"weight": 1.0}}]})
+        assert str(e.value) == want
+
+
+def test_saved_recipe_and_card_pin_the_library_version_merged(tiny, tmp_path):
+    import yaml
+
+    from moerge.library import Library
+
+    lib = Library.init(tmp_path / "lib", tiny["base"])
+    lib.add(_lora(tiny, tmp_path / "a1", 1), "sort")
+    lib.add(_lora(tiny, tmp_path / "a2", 2), "sort")  # sort@2 is the latest
+    r = {"merge_method": "task_arithmetic", "base_model": str(tiny["base"]), "dtype": "float32",
+         "models": [{"model": "library://sort", "parameters": {"weight": 0.7}},
+                    {"model": str(tiny["ft1"]), "parameters": {"weight": [0.1, 0.3]}}]}
+    assert "inputs: " in (summary := moerge.plan(r, library=lib.root).summary()) and "library://sort@2" in summary
+    first = moerge.merge(r, tmp_path / "first", library=lib.root)
+    saved = yaml.safe_load((first.out_dir / "moerge_recipe.yaml").read_text())
+    pinned = json.loads(json.dumps(r))
+    pinned["models"][0]["model"] = "library://sort@2"
+    assert saved == pinned  # faithful to the recipe, with the version actually merged
+    card = (first.out_dir / "README.md").read_text()
+    assert "library://sort@2" in card and "library://sort\n" not in card and "`library://sort`" not in card
+    assert yaml.safe_load(card.split("---")[1])["base_model"][1] == "library://sort@2"
+
+    lib.add(_lora(tiny, tmp_path / "a3", 3), "sort")  # sort@3 arrives later
+    again = moerge.merge(first.out_dir / "moerge_recipe.yaml", tmp_path / "again", library=lib.root)
+    a, b = sd(first.out_dir), sd(again.out_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the saved recipe reproduces the merge
+    latest = sd(moerge.merge(r, tmp_path / "latest", library=lib.root).out_dir)  # the original now means sort@3
+    assert any(not torch.equal(a[k], latest[k]) for k in a)
+    assert "library://sort@3" in (tmp_path / "latest" / "moerge_recipe.yaml").read_text()
+
+
+def test_saved_recipe_pins_hub_ids_to_the_snapshot_commit(tiny, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+    import yaml
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someorg--base"
+    sha = "b" * 40
+    shutil.copytree(tiny["base"], repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    adapter = _lora(tiny, tmp_path / "adapter", 0)
+    r = {"merge_method": "task_arithmetic", "base_model": str(tiny["base"]),
+         "models": [{"model": f"someorg/base+{adapter}", "parameters": {"weight": 1.0}},
+                    {"model": str(tiny["ft1"]), "parameters": {"weight": 0.5}}]}
+    res = moerge.merge(r, tmp_path / "out")
+    saved = yaml.safe_load((res.out_dir / "moerge_recipe.yaml").read_text())
+    assert saved["models"][0]["model"] == f"someorg/base@{sha}+{adapter}"  # the hub id pinned, the local paths as written
+    assert saved["models"][1]["model"] == str(tiny["ft1"]) and saved["base_model"] == str(tiny["base"])
+    assert f"someorg/base@{sha}+{adapter}" in (res.out_dir / "README.md").read_text()
+    again = moerge.merge(res.out_dir / "moerge_recipe.yaml", tmp_path / "again")
+    a, b = sd(res.out_dir), sd(again.out_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

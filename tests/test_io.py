@@ -7,7 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from moerge.errors import MoergeError
-from moerge.io.hub import resolve
+from moerge.io.hub import resolve, snapshot_commit
 from moerge.io.source import open_source
 from moerge.io.writer import ShardedWriter, parse_size
 
@@ -128,6 +128,88 @@ def test_parse_size():
         parse_size("lots")
 
 
+@pytest.mark.parametrize("text, size", [
+    ("500MB", 500 * 10**6), ("5GB", 5 * 10**9), ("10KB", 10 * 10**3), ("2TB", 2 * 10**12),  # transformers: powers of 1000
+    ("5GiB", 5 * 2**30), ("500MiB", 500 * 2**20), ("10KiB", 10 * 2**10), ("1.5GiB", 3 * 2**29),  # powers of 1024
+    ("500mb", 500 * 10**6), ("5gib", 5 * 2**30), ("10kb", 10**4), ("5 GB", 5 * 10**9),  # any case, a space
+    ("5B", 5 * 10**9), ("5b", 5 * 10**9), ("2g", 2 * 10**9), ("500M", 500 * 10**6), ("7K", 7000),  # mergekit's forms
+    (1234, 1234), ("1234", 1234), (" 99 ", 99), ("0.5KB", 500),
+])
+def test_parse_size_takes_transformers_max_shard_size_spellings(text, size):
+    assert parse_size(text) == size
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if isinstance(text, str) and text[-2:] in ("MB", "GB", "KB", "iB") and text.rstrip("KMGTiB").isdigit():
+        assert parse_size(text) == convert_file_size_to_int(text)
+
+
+@pytest.mark.parametrize("text", ["lots", "5XB", "5 G B", "", "-5", "1e9", "5GiBs", 0, "0", "0.0001KB", True, -3])
+def test_bad_shard_size_is_one_line_listing_the_forms(text):
+    with pytest.raises(MoergeError) as e:
+        parse_size(text)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"shard size {text!r}")
+    for form in ("5B", "500M", "500MB", "5GB", "500MiB", "5GiB"):
+        assert form in msg
+
+
+def test_cli_merge_takes_transformers_shard_size(tiny, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from moerge.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [
+        {"model": str(tiny["ft1"]), "parameters": {"weight": 1.0}}, {"model": str(tiny["ft2"]), "parameters": {"weight": 1.0}}]}))
+    res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--out-shard-size", "20KiB", "-q"])
+    assert res.exit_code == 0, res.output
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    sizes = [f.stat().st_size for f in (tmp_path / "out").glob("model-*.safetensors")]
+    assert len(set(index["weight_map"].values())) == len(sizes) > 1
+    res = CliRunner().invoke(app, ["merge", str(recipe), str(tmp_path / "out2"), "--out-shard-size", "5 GB B", "-q"])
+    assert res.exit_code == 1 and "shard size '5 GB B'" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out2").exists()
+
+
+def test_missing_paths_say_the_path_does_not_exist(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ref in ("./nope", "../nope/x", str(tmp_path / "nope"), "nope", "~/surely-no-such-model", "~nosuchuserxyz/m",
+                "x" * 5000, "a/b/c"):
+        with pytest.raises(MoergeError) as e:
+            resolve(ref)
+        assert str(e.value).endswith(": no such file or folder; check the path"), str(e.value)
+        assert "\n" not in str(e.value)
+
+
+def test_missing_hub_id_offline_says_no_local_folder_and_not_cached(tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for ref, rev in (("org/name", None), ("org/name", "v2")):
+        with pytest.raises(MoergeError) as e:
+            resolve(ref, rev)
+        msg = str(e.value)
+        assert msg.startswith(f"{ref}{'@' + rev if rev else ''}: no such local folder, and hub model") and "\n" not in msg
+        assert "not in the local hub cache (HF_HUB_OFFLINE is set)" in msg and f"hf download {ref}" in msg
+
+
+def test_adapter_folder_is_not_opened_as_a_model(tmp_path):
+    from moerge.io.source import adapter_folder
+
+    save_file({"base_model.model.x.lora_A.weight": torch.ones(2, 2)}, tmp_path / "adapter_model.safetensors")
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    assert adapter_folder(tmp_path) == tmp_path and adapter_folder(tmp_path / "adapter_model.safetensors") == tmp_path
+    with pytest.raises(MoergeError, match=r"is a PEFT adapter folder \(adapter_config.json\), not a model; .*BASE\+path/to/adapter"):
+        open_source(tmp_path)
+    assert open_source(tmp_path / "adapter_model.safetensors").names()  # the adapter's own file still opens (read_adapter)
+    save_file({"w": torch.ones(2)}, tmp_path / "model.safetensors")  # a model folder that also carries an adapter config
+    assert adapter_folder(tmp_path) is None and open_source(tmp_path).names() == ["w"]
+
+
 def test_hub_id_resolves_from_local_cache_offline(tmp_path, monkeypatch):
     """The real huggingface_hub code path, against a cache laid out as the hub client writes it."""
     cache = tmp_path / "hub"
@@ -148,5 +230,7 @@ def test_hub_id_resolves_from_local_cache_offline(tmp_path, monkeypatch):
     assert torch.equal(open_source(folder).get("w"), torch.ones(2))
     with pytest.raises(MoergeError, match="HF_HUB_OFFLINE"):
         resolve("someorg/absent")
-    with pytest.raises(MoergeError, match="not a hub id"):
+    with pytest.raises(MoergeError, match=r"no/such/dir: no such file or folder; check the path$"):
         resolve(str(tmp_path / "no" / "such" / "dir"))
+    assert snapshot_commit("someorg/tiny", folder) == "a" * 40  # what a saved recipe pins
+    assert snapshot_commit(str(snap), snap) is None  # a path into the cache, given as a path, stays a path

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import torch
 
 from moerge import base as base_model
 from moerge.errors import MoergeError
-from moerge.library import Library
+from moerge.library import KINDS, Library, LibraryWarning, NothingAdded
 from moerge.train.expert import load_expert, train_expert
 
 
@@ -38,14 +39,16 @@ def cli(*args, env=None):
 def test_add_versions_list_and_dedup(lib, experts):
     a = lib.add(experts["rev"], "reverse-expert", tags=["skills"], contributor="ann", license="mit")
     size = lib.stats()["stored_bytes"]
-    b = lib.add(experts["rev"], "reverse-expert")  # the same adapter again: a new version, no new bytes
-    assert (a.ref, b.ref) == ("reverse-expert@1", "reverse-expert@2")
+    with pytest.warns(LibraryWarning, match="same tensors as reverse-expert@1"):
+        b = lib.add(experts["rev"], "reverse-copy")  # the same adapter under another name: no new bytes
+    assert (a.ref, b.ref) == ("reverse-expert@1", "reverse-copy@1")
     assert lib.stats()["stored_bytes"] == size and a.digest == b.digest
+    assert lib.add(experts["rev2"], "reverse-expert").ref == "reverse-expert@2"
     lib.add(experts["srt"], "sort-expert")
     lib.add(experts["up"], "upper-expert")
     assert a.task == "reverse" and a.card["base_fingerprint"] == lib.meta["base_fingerprint"] and a.license == "mit"
-    assert [e.ref for e in lib.experts(task="reverse")] == ["reverse-expert@1", "reverse-expert@2"]
-    assert [e.kind for e in lib.experts(latest=True)] == ["lora", "dora", "ia3"]
+    assert [e.ref for e in lib.experts(task="reverse")] == ["reverse-copy@1", "reverse-expert@1", "reverse-expert@2"]
+    assert [e.kind for e in lib.experts(latest=True)] == ["lora", "lora", "dora", "ia3"]
     assert [e.ref for e in lib.experts(tag="skills")] == ["reverse-expert@1"]
     assert lib.get("reverse-expert").version == 2
     assert lib.verify() == ([], [])
@@ -69,7 +72,7 @@ def test_refusals(lib, experts, tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
     get_peft_model(AutoModelForCausalLM.from_pretrained(tiny["base"]), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "other")
-    with pytest.raises(MoergeError, match="was it made for another base"):
+    with pytest.raises(MoergeError, match="made for another base|made for .*whose weights differ"):
         lib.add(tmp_path / "other", "other")
     forged = tmp_path / "forged"
     forged.mkdir()
@@ -77,7 +80,7 @@ def test_refusals(lib, experts, tiny, tmp_path):
         (forged / f.name).write_bytes(f.read_bytes())
     card = json.loads((forged / "expert.json").read_text()) | {"base_fingerprint": "sha256:0000"}
     (forged / "expert.json").write_text(json.dumps(card))
-    with pytest.raises(MoergeError, match="was trained on a base with fingerprint sha256:0000"):
+    with pytest.raises(MoergeError, match="was made for another base.*fingerprint sha256:0000"):
         lib.add(forged, "forged")
     for bad in ("../x", "/abs", "a b", "", ".hidden", "x/y", "a..b"):
         with pytest.raises(MoergeError, match="not a valid expert name"):
@@ -94,7 +97,8 @@ def test_bin_adapters_are_read_weights_only(lib, experts, tmp_path):
     (tmp_path / "bin").mkdir()
     torch.save(tensors, tmp_path / "bin" / "adapter_model.bin")
     (tmp_path / "bin" / "adapter_config.json").write_text(json.dumps(config))
-    assert lib.add(tmp_path / "bin", "from-bin").digest == lib.add(experts["rev"], "from-st").digest
+    with pytest.warns(LibraryWarning, match="same tensors as from-bin@1"):
+        assert lib.add(tmp_path / "bin", "from-bin").digest == lib.add(experts["rev"], "from-st").digest
 
 
 def test_four_concurrent_writers(lib, experts):
@@ -135,7 +139,7 @@ def test_rm_then_gc_frees_blobs_and_cli_flow(lib, experts, tmp_path):
     assert cli("library", "add", str(experts["rev"]), "--name", "r", "--tags", "a,b", "--library", str(lib.root)).returncode == 0
     listing = cli("library", "list", "--library", str(lib.root))
     assert listing.returncode == 0 and "r@1" in listing.stdout
-    assert json.loads(cli("library", "show", "r@1", "--library", str(lib.root)).stdout)["tags"] == ["a", "b"]
+    assert json.loads(cli("library", "show", "r@1", "--json", "--library", str(lib.root)).stdout)["tags"] == ["a", "b"]
     assert cli("library", "export", "r", str(tmp_path / "e"), "--library", str(lib.root)).returncode == 0
     assert lib.remove("r") == ["r@1"]
     assert lib.gc(min_age_seconds=0) > 0 and lib.stats()["blobs"] == 0
@@ -171,9 +175,10 @@ def test_recipes_name_library_experts(lib, experts, tmp_path):
 
 def test_push_and_pull_send_only_what_is_missing(lib, experts, tmp_path, tiny):
     lib.add(experts["rev"], "rev")
-    lib.add(experts["rev"], "rev")  # rev@2: same blobs
+    with pytest.warns(LibraryWarning):
+        lib.add(experts["rev"], "rev-copy")  # same blobs
     lib.add(experts["up"], "up")
-    assert lib.push(tmp_path / "mirror") == ["rev@1", "rev@2", "up@1"]
+    assert lib.push(tmp_path / "mirror") == ["rev@1", "rev-copy@1", "up@1"]
     mirror = Library(tmp_path / "mirror")
     assert mirror.stats()["stored_bytes"] == lib.stats()["stored_bytes"] and mirror.verify() == ([], [])
     assert lib.push(tmp_path / "mirror") == []
@@ -191,7 +196,7 @@ def test_push_and_pull_send_only_what_is_missing(lib, experts, tmp_path, tiny):
     assert res.returncode == 0 and "pushed 4 expert versions" in res.stdout
 
 
-def test_full_fine_tunes_are_dense_experts(lib, tmp_path):
+def test_full_fine_tunes_are_experts_of_kind_full(lib, tmp_path):
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
@@ -205,7 +210,8 @@ def test_full_fine_tunes_are_dense_experts(lib, tmp_path):
     ft[untouched] = base[untouched].clone()
     save_file(ft, tmp_path / "full" / "model.safetensors", metadata={"format": "pt"})
     entry = lib.add(tmp_path / "full", "sort-full")
-    assert entry.kind == "dense" and untouched not in lib.tensors("sort-full")
+    assert entry.kind == "full" and untouched not in lib.tensors("sort-full")
+    assert [e.ref for e in lib.experts(kind="dense")] == ["sort-full@1"]  # its earlier name still lists it
     lib.export("sort-full", tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     got = model.state_dict()
@@ -219,3 +225,176 @@ def test_full_fine_tunes_are_dense_experts(lib, tmp_path):
         lib.add(tmp_path / "bad", "bad")
     with pytest.raises(MoergeError, match="every tensor equals the base's"):
         lib.add(base_model.default_base(), "the-base-itself")
+
+
+def _damage(lib, ref, how):
+    """Damage the blob of one of ``ref``'s tensors that no other tensor shares; returns its key."""
+    import sqlite3
+
+    with sqlite3.connect(lib.root / "catalog.sqlite") as db:
+        key, blob = db.execute("SELECT key, blob FROM tensors WHERE expert_id = ? AND key LIKE '%lora_A%' AND blob IN "
+                               "(SELECT blob FROM tensors GROUP BY blob HAVING COUNT(*) = 1) ORDER BY key LIMIT 1",
+                               (lib.get(ref).id,)).fetchone()
+    path = lib._blob_path(blob)
+    data = bytearray(path.read_bytes())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-4:]
+    path.write_bytes(bytes(data))
+    return key
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_blob_is_refused_wherever_it_is_read(lib, experts, tmp_path, how):
+    import re
+
+    import moerge
+    from moerge.routing import load_routed
+
+    lib.add(experts["rev"], "rev")
+    key = _damage(lib, "rev@1", how)
+    what = "sha256 mismatch" if how == "flip" else "bytes instead of"
+    line = re.escape(f"rev@1 tensor {key}: its blob ") + r"[0-9a-f]{12} is corrupt \(.*" + re.escape(what) + r".*\); run " \
+        + re.escape(f"`moerge library verify`, then re-add the expert (`moerge library add {experts['rev'].resolve()} --name rev` rewrites it)")
+    with pytest.raises(MoergeError, match=line):
+        lib.load("rev@1")
+    with pytest.raises(MoergeError, match=line):
+        lib.tensors("rev")
+    res = cli("library", "export", "rev@1", str(tmp_path / "out"), "--library", str(lib.root))
+    assert res.returncode == 1 and re.search(line, res.stderr) and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    recipe = {"merge_method": "linear", "base_model": str(base_model.default_base()),
+              "models": [{"model": "library://rev@1", "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MoergeError, match=line):
+        moerge.merge(recipe, tmp_path / "merged", library=lib.root)
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    res = cli("merge", str(tmp_path / "r.yaml"), str(tmp_path / "merged"), "--library", str(lib.root))
+    assert res.returncode == 1 and re.search(line, res.stderr) and not (tmp_path / "merged").exists()
+    with pytest.raises(MoergeError, match=line):
+        load_routed("uniform", library=lib.root)
+    with pytest.raises(MoergeError, match=line):  # push never spreads it to another library
+        lib.push(tmp_path / "other-lib")
+    # the fix the line names: re-adding the expert rewrites the blob; no new version
+    res = cli("library", "add", str(experts["rev"]), "--name", "rev", "--library", str(lib.root))
+    assert res.returncode == 0, res.stderr
+    assert "rev@1: rewrote 1 damaged blob" in res.stderr and "nothing added" in res.stderr and "added rev" not in res.stdout
+    assert [e.ref for e in lib.experts()] == ["rev@1"] and lib.verify() == ([], [])
+    assert lib.load("rev@1").kind == "lora"
+
+
+def test_a_damaged_blob_is_rewritten_by_a_new_version_that_shares_it(lib, experts):
+    lib.add(experts["rev"], "rev")
+    _damage(lib, "rev@1", "flip")
+    with pytest.warns(LibraryWarning) as caught:
+        assert lib.add(experts["rev"], "rev-copy").ref == "rev-copy@1"
+    assert [str(w.message) for w in caught] == ["rev-copy@1: rewrote 1 damaged blob from " + str(experts["rev"]),
+                                                f"{experts['rev']}: same tensors as rev@1; added as rev-copy@1 anyway (no new bytes stored)"]
+    assert not any(issubclass(w.category, NothingAdded) for w in caught)
+    assert lib.verify() == ([], [])
+
+
+def test_list_refuses_an_unknown_kind_and_says_when_nothing_matches(lib, experts):
+    from moerge.train.expert import ADAPTERS
+
+    assert KINDS is ADAPTERS  # one list of kinds
+    want = f"unknown expert kind 'lorra' (did you mean lora?); the kinds are {', '.join(KINDS)}"
+    with pytest.raises(MoergeError, match=re.escape(want)):
+        lib.experts(kind="lorra")
+    res = cli("library", "list", "--kind", "lorra", "--library", str(lib.root))
+    assert res.returncode == 1 and res.stderr.strip() == f"error: {want}" and res.stdout == ""
+    res = cli("library", "list", "--library", str(lib.root))
+    assert res.returncode == 0 and res.stdout.strip() == ("the library holds no experts yet; add one with "
+                                                          "`moerge library add DIR --name NAME`")
+    lib.add(experts["rev"], "rev")
+    res = cli("library", "list", "--kind", KINDS[-1], "--tag", "x", "--library", str(lib.root))
+    assert res.returncode == 0 and res.stdout.strip() == f"no experts match --tag x --kind {KINDS[-1]}"
+    res = cli("library", "list", "--kind", "lora", "--library", str(lib.root))
+    assert res.returncode == 0 and "rev@1" in res.stdout
+
+
+def test_identical_content_is_not_added_twice(lib, experts, tmp_path):
+    import shutil
+    import warnings
+
+    from moerge.tasks import examples
+
+    lib.add(experts["rev"], "rev")
+    size = lib.stats()["stored_bytes"]
+    with pytest.raises(MoergeError, match=re.escape(f"{experts['rev']}: identical to rev@1; nothing added")):
+        lib.add(experts["rev"], "rev", tags=["other-tags-are-not-content"])
+    res = cli("library", "add", str(experts["rev"]), "--name", "rev", "--library", str(lib.root))
+    assert res.returncode == 1 and "identical to rev@1; nothing added" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = cli("library", "add", str(experts["rev"]), "--name", "other", "--library", str(lib.root))
+    assert res.returncode == 0 and "added other@1" in res.stdout
+    assert res.stderr.strip() == f"warning: {experts['rev']}: same tensors as rev@1; added as other@1 anyway (no new bytes stored)"
+    assert [e.ref for e in lib.experts()] == ["other@1", "rev@1"] and lib.stats()["stored_bytes"] == size
+    # the same tensors with a different card (new task centroids from prompts) are a new version
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LibraryWarning)  # an update of rev: no notice about other@1
+        assert lib.add(experts["rev"], "rev", prompts=[e.prompt for e in examples("reverse", "train", 16)]).ref == "rev@2"
+    assert lib.get("rev@2").card["centroids"] != lib.get("rev@1").card["centroids"]
+    # ... and so are the same tensors with another adapter config (the scale alpha / r lives there)
+    shutil.copytree(experts["rev"], tmp_path / "alpha")
+    cfg = json.loads((tmp_path / "alpha" / "adapter_config.json").read_text())
+    (tmp_path / "alpha" / "adapter_config.json").write_text(json.dumps(cfg | {"lora_alpha": cfg["lora_alpha"] * 2}))
+    assert lib.add(tmp_path / "alpha", "rev").ref == "rev@3"
+    (tmp_path / "alpha" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MoergeError, match="identical to rev@1; nothing added"):
+        lib.add(tmp_path / "alpha", "rev")
+
+
+def test_show_summarises_the_card(lib, experts):
+    lib.add(experts["rev"], "rev", tags=["a", "b"], contributor="ann", license="mit")
+    res = cli("library", "show", "rev@1", "--library", str(lib.root))
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    fields = dict(line.split(None, 1) for line in lines if line and not line.startswith(" ") and len(line.split(None, 1)) == 2)
+    assert fields["expert"] == "rev@1" and fields["kind"] == "lora" and fields["task"] == "reverse"
+    assert fields["tags"] == "a, b" and fields["contributor"] == "ann" and fields["license"] == "mit"
+    assert fields["digest"] == lib.get("rev@1").digest and fields["size"].startswith(f"{lib.get('rev@1').nbytes / 1e6:.2f} MB in ")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", fields["created"])
+    hidden = base_model.CONFIG["hidden"]
+    assert f"<8 centroids x {hidden} dims>" in res.stdout and f"<{hidden} dims>" in res.stdout
+    assert len(lines) < 60 and "--json" in lines[-1]
+    full = json.loads(cli("library", "show", "rev@1", "--json", "--library", str(lib.root)).stdout)
+    assert len(full["card"]["centroids"]) == 8 and len(full["card"]["centroids"][0]) == hidden and full["ref"] == "rev@1"
+
+
+def test_routing_hints_for_library_experts_without_centroids_or_gates(lib, experts, tmp_path):
+    """A library expert lacking task centroids or PHATGOOSE gates is told how to get them into the
+    library copy (no retraining), and following the hint works."""
+    import shutil
+
+    from moerge.routing import load_routed
+    from moerge.tasks import examples, write_jsonl
+
+    hub = tmp_path / "hub"  # an adapter without an expert card: no centroids, no gates
+    shutil.copytree(experts["rev"], hub, ignore=shutil.ignore_patterns("expert.json", "gates.safetensors"))
+    with pytest.raises(MoergeError, match=re.escape(f"expert hub has no task centroids; record them with `moerge expert embed {hub}`")
+                       + ".*no retraining needed"):
+        load_routed("centroid", experts=[hub])
+    lib.add(hub, "rev", task="reverse")
+    src = hub.resolve()
+    with pytest.raises(MoergeError, match=re.escape(
+            f"expert rev@1 has no task centroids in its library card; re-add it with its task's prompts: `moerge library add "
+            f"{src} --name rev --prompts FILE`, or `moerge expert embed {src} --prompts FILE` then `moerge library add {src} --name rev`")):
+        load_routed("centroid", library=lib.root)
+    res = cli("route", "eval", "--router", "smear", "--library", str(lib.root), "--tasks", "reverse", "--n", "2")
+    assert res.returncode == 1 and "re-add it with its task's prompts" in res.stderr and "retrain" not in res.stderr
+    with pytest.raises(MoergeError, match=re.escape(
+            f"expert rev@1 has no gates in the library; train them on the folder it was added from, then add it again: "
+            f"`moerge expert gate {src} --data FILE` (examples of its task), then `moerge library add {src} --name rev`")):
+        load_routed("phatgoose", library=lib.root, top_k=1)
+    # following the hints: re-add with prompts, then gate the folder and add it again
+    (tmp_path / "p.txt").write_text("\n".join(e.prompt for e in examples("reverse", "train", 32)))
+    res = cli("library", "add", str(hub), "--name", "rev", "--task", "reverse", "--prompts", str(tmp_path / "p.txt"),
+              "--library", str(lib.root))
+    assert res.returncode == 0 and "added rev@2" in res.stdout, res.stderr
+    assert load_routed("centroid", library=lib.root).names == ["rev@2"]
+    write_jsonl(tmp_path / "rows.jsonl", examples("reverse", "train", 16))
+    res = cli("expert", "gate", str(hub), "--data", str(tmp_path / "rows.jsonl"), "--steps", "2")
+    assert res.returncode == 0, res.stderr
+    res = cli("library", "add", str(hub), "--name", "rev", "--task", "reverse", "--library", str(lib.root))
+    assert res.returncode == 0 and "added rev@3" in res.stdout, res.stderr
+    assert load_routed("phatgoose", library=lib.root, top_k=1).names == ["rev@3"]

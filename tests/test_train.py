@@ -41,7 +41,7 @@ def test_build_base_is_atomic_and_loads_offline(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 
-@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3", "none"])
+@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3", "full"])
 def test_every_adapter_kind_trains_saves_and_reloads(adapter, tmp_path):
     card = train_expert(tmp_path / "e", task="reverse", adapter=adapter, steps=3, n_train=64, batch_size=16, progress=False)
     again = ExpertCard.read(tmp_path / "e")
@@ -50,7 +50,7 @@ def test_every_adapter_kind_trains_saves_and_reloads(adapter, tmp_path):
     assert card.trainable_params > 0 and card.adapter_bytes > 0 and card.data_sha256.startswith("sha256:")
     model, tok = load_expert(None, tmp_path / "e")
     assert 0 <= evaluate(model, tok, ["reverse"], n=10)["reverse"] <= 1
-    if adapter != "none":
+    if adapter != "full":
         from peft import PeftModel
 
         base, _ = base_model.load()
@@ -65,7 +65,7 @@ def test_training_learns_a_skill(tmp_path):
 
 def test_expert_for_another_base_is_refused(tmp_path, tiny):
     train_expert(tmp_path / "e", task="sort", steps=1, n_train=16, batch_size=8, progress=False)
-    with pytest.raises(MoergeError, match="was trained on a base with fingerprint"):
+    with pytest.raises(MoergeError, match="another base"):  # other shapes; same shapes: test_hardening.py
         load_expert(tiny["base"], tmp_path / "e")
 
 
@@ -96,7 +96,7 @@ def test_cli_expert_eval_and_tasks(tmp_path):
     assert res.exit_code == 0 and len((tmp_path / "add.jsonl").read_text().splitlines()) == 7
     assert runner.invoke(app, ["tasks", "list"]).exit_code == 0
     res = runner.invoke(app, ["eval", str(tmp_path / "nothing"), "--tasks", "sort"])
-    assert res.exit_code == 1 and "not a model folder" in res.output
+    assert res.exit_code == 1 and "no such folder" in res.output
 
 
 def test_a_trained_expert_merged_alone_is_the_expert(tmp_path):

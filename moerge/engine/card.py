@@ -31,11 +31,12 @@ CHATML = (
 
 
 def lineage(plan: "Plan") -> list[dict]:
-    return [{"model": m.ref, "fingerprint": fingerprint(m.source)} for m in plan.models]
+    """Every input as merged: its pinned reference (``library://sort@2``, ``org/name@<commit>``) and fingerprint."""
+    return [{"model": m.pinned, "fingerprint": fingerprint(m.source)} for m in plan.models]
 
 
 def card_text(plan: "Plan", inputs: list[dict]) -> str:
-    r = plan.recipe
+    r = plan.pinned_recipe
     front = {
         "base_model": [m["model"] for m in inputs],
         "library_name": "transformers",
@@ -66,7 +67,7 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
     if plan.recipe.chat_template:
         _set_chat_template(writer, plan.recipe.chat_template)
     inputs = lineage(plan)
-    writer.add_file("moerge_recipe.yaml", plan.recipe.to_yaml())
+    writer.add_file("moerge_recipe.yaml", plan.pinned_recipe.to_yaml())  # re-running it reproduces this merge
     writer.add_file("README.md", card_text(plan, inputs))
 
 

@@ -34,7 +34,9 @@ def evaluate(setting: Setting, tensor_name: str, t: float, param: Param) -> Any:
         i0 = int(pos)
         i1 = min(len(values) - 1, i0 + 1)
         frac = pos - i0
-        return param.check((1 - frac) * values[i0] + frac * values[i1])
+        lo, hi = sorted((values[i0], values[i1]))
+        # clamped: rounding must not push a value interpolated between two in-range ends out of range
+        return param.check(min(hi, max(lo, (1 - frac) * values[i0] + frac * values[i1])))
     return param.check(setting)
 
 

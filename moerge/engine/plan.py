@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
-from moerge.io.hub import resolve as resolve_ref
+from moerge.io.hub import resolve as resolve_ref, snapshot_commit
 from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
-from moerge.io.source import TensorSource, open_source
+from moerge.io.source import TensorSource, adapter_folder, open_source
 from moerge.engine import params as P
-from moerge.engine.recipe import Parameters, Recipe, split_ref
+from moerge.engine.recipe import Parameters, Recipe, check_parameters, split_ref
 from moerge.methods import registry
 from moerge.methods.registry import Method
 
@@ -33,18 +33,25 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 @dataclass
 class Model:
-    """An opened input: its reference as written, local folder, lazy tensors and config."""
+    """An opened input: its reference as written, local folder, lazy tensors and config, and
+    ``pinned``: the reference to exactly what was opened (``library://sort@2`` for ``library://sort``,
+    ``org/name@<commit>`` for a hub id), which saved recipes and cards record."""
 
     ref: str
     folder: Path
     source: TensorSource
     config: dict[str, Any]
     lora: Path | None = None
+    pinned: str = ""
+
+    def __post_init__(self):
+        self.pinned = self.pinned or self.ref
 
     def num_layers(self) -> int:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            v = self.config.get(key) or self.config.get("text_config", {}).get(key)
-            if isinstance(v, int):
+            text = self.config.get("text_config")
+            v = self.config.get(key) or (text.get(key) if isinstance(text, dict) else None)
+            if isinstance(v, int) and not isinstance(v, bool):
                 return v
         idx = [int(m["idx"]) for n in self.source.names() if (m := LAYER.match(n))]
         return max(idx) + 1 if idx else 0
@@ -83,6 +90,12 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def pinned_recipe(self) -> Recipe:
+        """The recipe with every model reference pinned to what was merged (see ``Model.pinned``):
+        re-running it reproduces this merge even after new library versions or hub commits."""
+        return self.recipe.with_refs({m.ref: m.pinned for m in self.models if m.pinned != m.ref})
+
+    @property
     def output_bytes(self) -> int:
         return sum(t.nbytes for t in self.tasks)
 
@@ -100,7 +113,7 @@ class Plan:
             counts[k] = counts.get(k, 0) + 1
         lines = [
             f"method: {self.method.name}" + (f" (seed {self.recipe.seed})" if self.method.random else ""),
-            "inputs: " + ", ".join(m.ref for m in self.models),
+            "inputs: " + ", ".join(m.pinned for m in self.models),  # as pinned: library://sort@2, org/name@<commit>
             f"output tensors: {len(self.tasks)}  ({', '.join(f'{v} {k}' for k, v in counts.items())})",
             f"output size: {_human(self.output_bytes)}  (dtype {', '.join(sorted({str(t.out_dtype).removeprefix('torch.') for t in self.tasks}))})",
             f"reads: {_human(self.input_bytes())}",
@@ -133,16 +146,45 @@ def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
         base = lib.base_source()
         source = ExpertAppliedSource(base, lib.load(entry.ref), f"{LIBRARY_SCHEME}{entry.ref}")
         folder = Path(lib.meta["base_path"])
-        return Model(ref, folder, source, _read_config(folder), None)
+        return Model(ref, folder, source, _read_config(folder), None, f"{LIBRARY_SCHEME}{entry.ref}")
     name, rev, lora = split_ref(ref)
     folder = resolve_ref(name, rev)
+    _refuse_adapter(name, folder, lora)
+    parts = [ref.partition("+")[0]] + ([lora] if lora else [])
+    pinned = [_pinned(parts[0], folder)]
     source: TensorSource = open_source(folder)
     lora_dir = None
     if lora:
         lname, lrev, _ = split_ref(lora)
         lora_dir = resolve_ref(lname, lrev)
+        pinned.append(_pinned(lora, lora_dir))
         source = ExpertAppliedSource(source, load_adapter(lora_dir, source), str(lora_dir))
-    return Model(ref, folder, source, _read_config(folder), lora_dir)
+    return Model(ref, folder, source, _read_config(folder), lora_dir, "+".join(pinned) if pinned != parts else ref)
+
+
+def _pinned(part: str, folder: Path) -> str:
+    """One side of ``model+adapter`` as it was resolved: a hub id gets its snapshot's commit."""
+    name, rev, _ = split_ref(part)
+    commit = snapshot_commit(name, folder)
+    return f"{name}@{commit}" if commit and commit != rev else part
+
+
+def _refuse_adapter(name: str, folder: Path, lora: str | None) -> None:
+    """A PEFT adapter folder (or its adapter_model file) given where a model belongs: say so, and
+    show the ``BASE+adapter`` form, instead of failing later on missing tensors."""
+    adapter = adapter_folder(folder)
+    if adapter is None:
+        return
+    written = name if adapter == folder else str(Path(name).parent)
+    base = "BASE"
+    try:
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        if isinstance(cfg, dict) and isinstance(cfg.get("base_model_name_or_path"), str) and cfg["base_model_name_or_path"].strip():
+            base = cfg["base_model_name_or_path"].strip()
+    except (OSError, ValueError):
+        pass
+    raise MoergeError(f"{name}: is a PEFT adapter (it has adapter_config.json), not a model{' (it is left of +)' if lora else ''}; "
+                      f"apply it to its base: `model: {base}+{written}` (the form BASE+path/to/adapter)")
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -150,9 +192,14 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if cfg is None or not cfg.is_file():
         return {}
     try:
-        return json.loads(cfg.read_text())
+        data = json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise MoergeError(f"{cfg}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MoergeError(f"{cfg}: cannot read it ({e}); fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise MoergeError(f"{cfg}: is not a JSON object (a model config is {{\"key\": value, ...}}); fix or re-download it")
+    return data
 
 
 def _tensor_seed(seed: int, name: str) -> int:
@@ -220,13 +267,15 @@ class Planner:
             if p.per_input:
                 values = []
                 for (ref, name, own), (i, _) in zip(sources, idx):
-                    v = P.resolve(p, [own] + shared_scopes, name, t)
+                    v = self._resolve(p, [own] + shared_scopes, name, t, where)
                     if v is P.MISSING:
-                        raise MoergeError(f"{where}: {ref} needs parameter '{p.name}' for {self.method.name} (tensor {name}); add it under that model's parameters")
+                        tensor = "" if where == f"tensor {name}" else f" (tensor {name})"
+                        raise MoergeError(f"{where}: {ref} needs parameter '{p.name}' for {self.method.name}{tensor}; "
+                                          "add it under that model's parameters")
                     values.append(v)
                 per[p.name] = values
             else:
-                v = P.resolve(p, shared_scopes, out_name, t)
+                v = self._resolve(p, shared_scopes, out_name, t, where)
                 if v is P.MISSING:
                     raise MoergeError(f"{where}: {self.method.name} needs parameter '{p.name}'; add it under parameters")
                 shared[p.name] = v
@@ -236,6 +285,12 @@ class Planner:
                     raise MoergeError(f"{where}: density {d:g} ± epsilon {e:g} must stay inside (0, 1); lower epsilon")
         self.tasks.append(TensorTask(out_name, info0.shape, out_dtype, idx, bidx, shared, per,
                                      _tensor_seed(self.recipe.seed, out_name)))
+
+    def _resolve(self, param, scopes, name: str, t: float, where: str):
+        try:
+            return P.resolve(param, scopes, name, t)
+        except (ValueError, OverflowError) as e:  # values are checked when the recipe is read; this is the backstop
+            raise MoergeError(f"{where}: parameter '{param.name}': {e}") from None
 
     # ------------------------------------------------------------------ structure
     def _check_counts(self, n_inputs: int, where: str, has_base: bool) -> None:
@@ -362,4 +417,5 @@ def _relayer(config: dict, layout: dict, planner: Planner) -> None:
 
 
 def build_plan(recipe: Recipe, library: str | os.PathLike | None = None) -> Plan:
+    check_parameters(recipe, "<recipe>", {})  # a Recipe built in Python has not been through parse_recipe
     return Planner(recipe, library=library).build()

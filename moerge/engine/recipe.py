@@ -7,11 +7,13 @@ of ``{filter, value}`` conditions matched against tensor names.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from moerge.errors import MoergeError
 from moerge.methods import registry
@@ -25,7 +27,57 @@ class Condition(BaseModel):
     filter: str | None = None
 
 
-Setting = Union[Scalar, list[Scalar], Condition, list[Condition]]
+FORMS = "a value, a gradient list [start, ..., end], or a list of {filter, value} conditions"
+
+
+def _check_scalar(v: Any, what: str = "") -> None:
+    if not isinstance(v, (bool, int, float, str)):
+        kind = "a list" if isinstance(v, list) else ("a mapping" if isinstance(v, dict) else "null" if v is None else type(v).__name__)
+        raise ValueError(f"{what}must be a number, true/false or a string, not {kind}")
+
+
+def _check_setting(v: Any) -> Any:
+    """A parameter setting in one of mergekit's forms; anything else is refused naming what is wrong
+    (pydantic's own union errors would name an arbitrary branch, e.g. 'should be a valid boolean')."""
+    def condition(c: Any, where: str) -> None:
+        if isinstance(c, Condition):
+            return
+        unknown = [k for k in c if k not in ("filter", "value")]
+        if unknown:
+            raise ValueError(f"{where}unknown key {unknown[0]!r} in a condition; a condition is {{filter, value}}")
+        if "value" not in c:
+            raise ValueError(f"{where}a condition needs a value ({{filter: mlp, value: 0.5}})")
+        if c.get("filter") is not None and not isinstance(c["filter"], str):
+            raise ValueError(f"{where}filter must be a string (a substring of tensor names), not {c['filter']!r}")
+        value = c["value"]
+        if isinstance(value, list):
+            if not value:
+                raise ValueError(f"{where}value is an empty list; give a value or a gradient [start, ..., end]")
+            for i, x in enumerate(value):
+                _check_scalar(x, f"{where}value[{i}] ")
+        else:
+            _check_scalar(value, f"{where}value ")
+
+    if isinstance(v, dict):
+        condition(v, "")
+    elif isinstance(v, list):
+        if not v:
+            raise ValueError(f"is an empty list; give {FORMS}")
+        conds = [isinstance(x, (dict, Condition)) for x in v]
+        if all(conds):
+            for i, c in enumerate(v):
+                condition(c, f"[{i}] ")
+        elif any(conds):
+            raise ValueError(f"mixes values and {{filter, value}} conditions; give {FORMS}")
+        else:
+            for i, x in enumerate(v):
+                _check_scalar(x, f"[{i}] ")
+    elif not isinstance(v, Condition):
+        _check_scalar(v)
+    return v
+
+
+Setting = Annotated[Union[Scalar, list[Scalar], Condition, list[Condition]], BeforeValidator(_check_setting)]
 Parameters = dict[str, Setting]
 
 # mergekit keys we know but do not implement yet: refused by name rather than ignored
@@ -59,15 +111,39 @@ def split_ref(ref: str) -> tuple[str, str | None, str | None]:
     return model, rev, lora or None
 
 
+def _long_ref(v: dict) -> str:
+    """mergekit's long form ``{model: {path, revision}, lora: {path, revision}}`` as ``path[@rev][+lora[@rev]]``."""
+    unknown = [k for k in v if k not in ("model", "lora")]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in a model reference; give model: (and lora:) with path: and revision:")
+
+    def part(x: Any, what: str) -> str:
+        if isinstance(x, dict):
+            bad = [k for k in x if k not in ("path", "revision")]
+            if bad:
+                raise ValueError(f"unknown key {bad[0]!r} in {what}; give path: and revision:")
+            path, rev = x.get("path"), x.get("revision")
+            if rev is not None and not isinstance(rev, str):
+                raise ValueError(f"{what}.revision must be a string, got {rev!r}")
+        else:
+            path, rev = x, None
+        if not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{what} must be a path or hub id (string)")
+        return f"{path.strip()}@{rev}" if rev else path.strip()
+
+    ref = part(v["model"], "model")
+    if v.get("lora") is not None:
+        ref += "+" + part(v["lora"], "lora")
+    return ref
+
+
 def _ref(v: Any) -> str:
     if isinstance(v, dict) and "model" in v:  # mergekit's long form {model: {path: ...}}
-        m = v["model"]
-        path = m.get("path") if isinstance(m, dict) else m
-        lora = v.get("lora")
-        lora_path = lora.get("path") if isinstance(lora, dict) else lora
-        v = f"{path}+{lora_path}" if lora_path else path
+        v = _long_ref(v)
     if not isinstance(v, str) or not v.strip():
         raise ValueError("must be a path or hub id (string)")
+    if not v.isprintable():
+        raise ValueError(f"{v!r} holds control characters (a newline, a tab ...); give the path or hub id on one line")
     return v.strip()
 
 
@@ -91,6 +167,16 @@ class SliceSource(Strict):
     def _model(cls, v):
         return _ref(v)
 
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _pair(cls, v):
+        def whole(x):
+            return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
+
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(whole(x) for x in v)):
+            raise ValueError(f"must be [start, end], two whole numbers (layers start..end-1), got {_kind(v) if not isinstance(v, list) else v}")
+        return [int(x) for x in v]
+
     @field_validator("layer_range")
     @classmethod
     def _range(cls, v):
@@ -104,6 +190,11 @@ class OutputSlice(Strict):
     base_model: str | None = None
     parameters: Parameters | None = None
     residual_weight: float | None = None
+
+    @field_validator("base_model", mode="before")
+    @classmethod
+    def _model(cls, v):
+        return None if v is None else _ref(v)
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -129,6 +220,13 @@ class Recipe(Strict):
     @classmethod
     def _model(cls, v):
         return None if v is None else _ref(v)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _seed(cls, v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be a whole number, got {v!r}")
+        return v
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -162,6 +260,34 @@ class Recipe(Strict):
             raise ValueError("models: is empty")
         return self
 
+    @field_validator("slices")
+    @classmethod
+    def _slices(cls, v, info: ValidationInfo):
+        if v is not None and not v and info.data.get("models") is None:  # with models: too, _shape says which
+            raise ValueError("is empty; give at least one slice with sources and layer_range")
+        return v
+
+    def with_refs(self, refs: dict[str, str]) -> "Recipe":
+        """A copy with model references replaced (``refs``: as written -> replacement), wherever they
+        appear: base_model, models, slices and their sources, tokenizer_source."""
+        if not refs:
+            return self
+        r = self.model_copy(deep=True)
+
+        def sub(v: str | None) -> str | None:
+            return refs.get(v, v) if v is not None else None
+
+        r.base_model = sub(r.base_model)
+        if r.tokenizer_source not in ("base", "union"):
+            r.tokenizer_source = sub(r.tokenizer_source)
+        for m in r.models or []:
+            m.model = sub(m.model)
+        for s in r.slices or []:
+            s.base_model = sub(s.base_model)
+            for src in s.sources:
+                src.model = sub(src.model)
+        return r
+
     # ------------------------------------------------------------------ helpers
     def model_refs(self) -> list[str]:
         refs: list[str] = []
@@ -187,31 +313,42 @@ def _line_map(text: str) -> dict[tuple, int]:
     """Map each key path (('models', 1, 'parameters', 'density')) to its 1-based YAML line."""
     lines: dict[tuple, int] = {}
 
-    def walk(node, path):
+    def walk(node, path, above=()):
+        if id(node) in above:  # an alias of an enclosing node: a recursive structure, walked once
+            return
+        above = above + (id(node),)
         lines[path] = node.start_mark.line + 1
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
+                if not isinstance(k, yaml.ScalarNode):  # safe_load refuses such keys first
+                    continue
                 key = path + (k.value,)
                 lines[key] = k.start_mark.line + 1
-                walk(v, key)
+                walk(v, key, above)
                 lines[key] = k.start_mark.line + 1
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                walk(v, path + (i,))
+                walk(v, path + (i,), above)
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return {}
-    if root is not None:
-        walk(root, ())
+        if root is not None:
+            walk(root, ())
+    except (yaml.YAMLError, RecursionError):
+        return lines
     return lines
+
+
+def _show(text: str) -> str:
+    """Text for a one-line message: as is, or quoted with escapes if it holds control characters."""
+    return text if text.isprintable() else repr(text)
 
 
 def format_path(path: tuple) -> str:
     out = ""
     for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+        p = p if isinstance(p, int) else _show(str(p))
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else p)
     return out
 
 
@@ -225,10 +362,43 @@ def _error_path(loc: tuple) -> tuple:
     return tuple(keep)
 
 
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, (dict, list)):
+        return "a mapping" if isinstance(v, dict) else "a list"
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _message(err: dict) -> str:
+    """pydantic's message in recipe terms (no Python class names)."""
+    kind, got = err["type"], _kind(err.get("input"))
+    if kind == "extra_forbidden":
+        return "unknown key (moerge refuses keys it does not understand rather than ignore them)"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (key: value), got {got}"
+    if kind in ("list_type", "tuple_type"):
+        return f"must be a list, got {got}"
+    if kind == "string_type":
+        return f"must be a string, got {got}"
+    if kind in ("int_type", "int_parsing", "int_from_float", "int_parsing_size"):
+        return f"must be a whole number, got {got}"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return f"must be a number, got {got}"
+    if kind in ("too_long", "too_short") and isinstance(err.get("input"), (list, tuple)):
+        return f"has {len(err['input'])} items; {err['msg'].split(' after validation')[0].lower().replace('tuple ', '').replace('list ', '')}"
+    return err["msg"].removeprefix("Value error, ")
+
+
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Parse and validate recipe text; any problem becomes one line naming the key and YAML line."""
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise MoergeError(f"{source}: the YAML is nested too deeply to be a recipe; fix its structure") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -242,11 +412,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except ValidationError as e:
         err = min(e.errors(), key=lambda x: len(x["loc"]))
         path = _error_path(tuple(err["loc"]))
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (moerge refuses keys it does not understand rather than ignore them)"
-        elif err["type"] == "missing":
-            msg = "required key is missing"
+        msg = _message(err)
         line = lines.get(path) or lines.get(path[:-1])
         where = f" line {line}" if line else ""
         raise MoergeError(f"{source}:{where}: {format_path(path) or 'recipe'}: {msg}") from None
@@ -260,8 +426,10 @@ def load_recipe(path: str | Path) -> Recipe:
         text = p.read_text()
     except FileNotFoundError:
         raise MoergeError(f"{p}: no such recipe file; check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoergeError(f"{p}: cannot read the recipe ({e})") from None
+    except IsADirectoryError:
+        raise MoergeError(f"{p}: is a folder, not a recipe file; give the recipe's YAML file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise MoergeError(f"{_show(str(p))}: cannot read the recipe ({e}); check the path") from None
     return parse_recipe(text, str(p))
 
 
@@ -279,6 +447,18 @@ def _scalars(setting: Setting):
                 yield (i,), item
     else:
         yield (), setting
+
+
+def check_value(param, value: Any) -> Any:
+    """``param.check`` (type and range), also refusing non-finite numbers: a NaN or infinite weight
+    would only surface as a model full of NaNs."""
+    try:
+        checked = param.check(value)
+    except OverflowError:  # int(inf)
+        raise ValueError(f"must be a finite number, got {value!r}") from None
+    if isinstance(checked, float) and not math.isfinite(checked):
+        raise ValueError(f"must be a finite number, got {value!r}")
+    return checked
 
 
 def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
@@ -302,7 +482,7 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> No
                 raise MoergeError(f"{source}:{f' line {line}' if line else ''}: {format_path(here)}: unknown parameter ({hint})")
             for sub, value in _scalars(setting):
                 try:
-                    param.check(value)
+                    check_value(param, value)
                 except ValueError as e:
                     full = here + sub
                     line = lines.get(full) or lines.get(here)

@@ -8,7 +8,6 @@ their change rather than silently dropped.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +38,25 @@ def _is_linear(name: str, t_shape: tuple[int, ...]) -> bool:
 
 def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 16,
                  overwrite: bool = False) -> Extraction:
-    from safetensors.torch import save_file
-
+    from moerge.experts.peft_format import write_adapter
     from moerge.io.hub import resolve
     from moerge.io.source import open_source
-    from moerge.util import atomic_dir
+
+    from moerge.util import check_output_dir
 
     if rank < 1:
         raise MoergeError(f"--rank must be at least 1, got {rank}")
+    check_output_dir(out_dir, overwrite)
     ft_dir, base_dir = resolve(str(finetune)), resolve(str(base))
     ft, b = open_source(ft_dir), open_source(base_dir)
+    linear = [tuple(b.info(n).shape) for n in b.names() if _is_linear(n, tuple(b.info(n).shape))]
+    lora_params = sum(min(rank, m, n) * (m + n) for m, n in linear)
+    dense_params = sum(m * n for m, n in linear)
+    if linear and lora_params >= dense_params:
+        useful = min(m * n // (m + n) for m, n in linear)
+        raise MoergeError(f"--rank {rank}: a LoRA of that rank ({lora_params:,} parameters) is no smaller than the linear "
+                          f"layers' full deltas ({dense_params:,}); use a rank below {useful + 1}, or merge the fine-tune "
+                          "as it is (it is its own expert)")
     result = Extraction(Path(out_dir), rank)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -74,16 +82,14 @@ def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: 
         result.layers.append({"module": module, "shape": list(bi.shape), "rank": a.shape[0], "energy": round(energy, 6)})
     if not tensors:
         raise MoergeError(f"{ft_dir}: no linear layer differs from {base_dir}; nothing to extract")
+    rank = result.rank = max(ranks.values())  # no layer gets more than min(out, in), whatever was asked
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "bias": "none",
         "target_modules": sorted(ranks), "rank_pattern": {m: r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {m: r for m, r in ranks.items() if r != rank},  # keeps every scale at 1
         "base_model_name_or_path": str(base), "fan_in_fan_out": False, "use_rslora": False, "modules_to_save": None,
     }
-    with atomic_dir(result.out_dir, overwrite) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        report = {"finetune": str(finetune), "base": str(base), "rank": rank, "mean_energy": result.mean_energy,
-                  "layers": result.layers, "not_extracted": result.skipped}
-        (tmp / "moerge_extract.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_adapter(result.out_dir, config, tensors, base_dir, task=None, made_by="extract", overwrite=overwrite,
+                  report={"finetune": str(finetune), "base": str(base), "rank": rank, "mean_energy": result.mean_energy,
+                          "layers": result.layers, "not_extracted": result.skipped})
     return result

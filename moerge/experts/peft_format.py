@@ -36,7 +36,7 @@ SAVED_MODULE = re.compile(r"\.modules_to_save\.[^.]+")
 class Expert:
     """An adapter (or fine-tune) as updates keyed by base tensor name."""
 
-    kind: str  # lora | dora | ia3 | dense
+    kind: str  # lora | dora | ia3 | full (a full fine-tune: the tensors it changed)
     updates: dict[str, Update]
     config: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # as stored (for export and hashing)
@@ -83,7 +83,7 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
         for name, t in tensors.items():
             if name not in base or tuple(base.info(name).shape) != tuple(t.shape):
                 raise MoergeError(f"{where}: tensor {name} does not fit {base.path}; was it made for another base?")
-        return Expert("dense", {n: Replace(t) for n, t in tensors.items()}, config, tensors)
+        return Expert("full", {n: Replace(t) for n, t in tensors.items()}, config, tensors)
     if ptype not in ("LORA", "IA3"):
         raise MoergeError(f"{where}: a {ptype} adapter; moerge reads LoRA, DoRA and (IA)3 adapters")
     kind = "ia3" if ptype == "IA3" else "dora" if config.get("use_dora") else "lora"
@@ -144,7 +144,7 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
 
 
 def load_finetune(folder: str | Path, base: TensorSource) -> Expert:
-    """A full fine-tune as a dense expert: the tensors that differ from the base (all must fit it)."""
+    """A full fine-tune as an expert of kind ``full``: the tensors that differ from the base (all must fit it)."""
     ft = open_source(folder)
     missing = [n for n in base.names() if n not in ft]
     if missing:
@@ -173,14 +173,125 @@ def load_expert_folder(folder: str | Path, base: TensorSource) -> Expert:
         raise MoergeError(f"{folder}: no such folder")
     if (folder / "adapter_config.json").is_file():
         return load_adapter(folder, base)
+    check_base(folder, base)
     return load_finetune(folder, base)
 
 
 def load_adapter(folder: str | Path, base: TensorSource) -> Expert:
-    config, tensors = read_adapter(Path(folder))
-    expert = parse_adapter(config, tensors, base, str(folder))
-    expert.path = Path(folder)
+    """A PEFT adapter folder as an Expert, after the one base check (``check_base``) and a check of
+    every tensor's name and shape against ``base``."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise MoergeError(f"{folder}: no such adapter folder")
+    config, tensors = read_adapter(folder)
+    expert = parse_adapter(config, tensors, base, str(folder))  # names and shapes: the plainest mismatch first
+    check_base(folder, base, config)
+    expert.path = folder
     return expert
+
+
+def base_fingerprint(base: TensorSource) -> str:
+    """The base's fingerprint, computed once per opened source (a router checks many experts on one base)."""
+    from moerge.io.fingerprint import fingerprint
+
+    fp = getattr(base, "_moerge_fingerprint", None)
+    if fp is None:
+        fp = fingerprint(base)
+        try:
+            base._moerge_fingerprint = fp  # type: ignore[attr-defined]
+        except AttributeError:
+            pass
+    return fp
+
+
+def check_base(folder: Path, base: TensorSource, config: dict | None = None) -> None:
+    """The one check, used by every command that applies an expert to a base, that the expert was made
+    for this base and not for another of the same shapes (which the shape checks cannot see).
+
+    The evidence, strongest first: the base fingerprint in the expert's card (``expert.json``, written
+    by ``moerge expert train``/``extract``/``combine`` and library exports); else PEFT's
+    ``base_model_name_or_path`` when it names a local model folder. An adapter with neither (one from
+    a hub) is checked by its tensors' names and shapes alone."""
+    import json
+
+    folder = Path(folder)
+    card_path = folder / "expert.json"
+    card = {}
+    if card_path.is_file():
+        try:
+            card = json.loads(card_path.read_text())
+        except json.JSONDecodeError as e:
+            raise MoergeError(f"{card_path}: not JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+        if not isinstance(card, dict):
+            raise MoergeError(f"{card_path}: not a JSON object; fix or delete it")
+    made_for = card.get("base_fingerprint")
+    if made_for:
+        actual = base_fingerprint(base)
+        if made_for != actual:
+            named = f" ({card['base']})" if card.get("base") else ""
+            raise MoergeError(f"{folder}: was made for another base{named}, fingerprint {made_for}, but {base.path} has "
+                              f"{actual}; apply it to the base it was made for, or retrain it on this one")
+        return
+    named = (config or {}).get("base_model_name_or_path")
+    if named and Path(named).is_dir() and (Path(named) / "config.json").is_file():
+        if Path(named).resolve() == Path(base.path).resolve():
+            return
+        from moerge.io.fingerprint import folder_fingerprint
+
+        try:
+            theirs = folder_fingerprint(named)
+        except MoergeError:
+            return  # the folder it names is not a readable model any more: the shape checks decide
+        if theirs != base_fingerprint(base):
+            raise MoergeError(f"{folder}: its adapter_config.json says it was made for {named}, whose weights differ "
+                              f"from {base.path}'s; apply it to {named}, or retrain it on this base")
+
+
+def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], base: str | Path, *,
+                  task: str | None, made_by: str, report: dict, overwrite: bool = False) -> Path:
+    """Write a PEFT adapter folder that moerge produced (not trained): the adapter, ``moerge_<made_by>.json``
+    (the report of how it was made) and a complete ``expert.json``, whose base fingerprint makes every
+    later command refuse it on another base. Atomic: the folder appears complete or not at all."""
+    from safetensors.torch import save_file
+
+    from moerge.io.fingerprint import folder_fingerprint
+    from moerge.io.hub import resolve
+    from moerge.train.expert import ExpertCard
+    from moerge.util import atomic_dir
+
+    base_dir = resolve(str(base))
+    card = ExpertCard(task=task, adapter="lora", base=str(Path(base_dir).resolve()), base_fingerprint=folder_fingerprint(base_dir),
+                      trainable_params=sum(t.numel() for t in tensors.values()), rank=config.get("r"),
+                      extra={"made_by": f"moerge expert {made_by}"})
+    with atomic_dir(Path(out_dir), overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / f"moerge_{made_by}.json").write_text(json.dumps(report, indent=2) + "\n")
+        card.adapter_bytes = (tmp / "adapter_model.safetensors").stat().st_size
+        card.write(tmp)
+    return Path(out_dir)
+
+
+def combine_folders(adapters: list[str | Path], base: str | Path, out_dir: str | Path, *, weights: list[float] | None = None,
+                    rank: int | None = None, overwrite: bool = False) -> tuple[dict, dict[str, float]]:
+    """Σ wᵢ · adapterᵢ of LoRA folders as one PEFT LoRA folder (exact, or at ``rank``); each input first
+    passes the base check. Returns (adapter_config, energy kept per module)."""
+    from moerge.experts.lowrank import combine_adapters
+    from moerge.io.hub import resolve
+
+    from moerge.util import check_output_dir
+
+    check_output_dir(out_dir, overwrite)
+    src = open_source(resolve(str(base)))
+    loaded = [load_adapter(a, src) for a in adapters]
+    config, tensors, kept = combine_adapters(loaded, weights, rank)
+    tasks = [json.loads((Path(a) / "expert.json").read_text()).get("task") if (Path(a) / "expert.json").is_file() else None
+             for a in adapters]
+    task = "+".join(t for t in tasks if t) if all(tasks) else None
+    write_adapter(out_dir, config, tensors, base, task=task, made_by="combine", overwrite=overwrite,
+                  report={"adapters": [str(Path(a).resolve()) for a in adapters], "weights": weights, "rank": rank,
+                          "energy_kept": kept})
+    return config, kept
 
 
 class ExpertAppliedSource:

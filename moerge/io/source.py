@@ -142,6 +142,18 @@ def _indexed_files(folder: Path, index_name: str) -> list[Path] | None:
     return files
 
 
+def adapter_folder(path: str | os.PathLike) -> Path | None:
+    """The PEFT adapter folder ``path`` is (a folder with adapter_config.json and no model weights) or
+    is inside of (its adapter_model file), else None: an adapter is not a model by itself."""
+    p = Path(path)
+    if p.is_file():
+        return p.parent if p.name.startswith("adapter_model") and (p.parent / "adapter_config.json").is_file() else None
+    if not (p / "adapter_config.json").is_file():
+        return None
+    weights = [f for f in p.glob("*.safetensors") if not f.name.startswith("adapter_model")]
+    return None if weights or list(p.glob("pytorch_model*.bin")) else p
+
+
 def open_source(path: str | os.PathLike) -> SafetensorsSource | TorchBinSource:
     """Open a local checkpoint folder or file. Safetensors is preferred over .bin when both exist."""
     p = Path(path)
@@ -164,6 +176,9 @@ def open_source(path: str | os.PathLike) -> SafetensorsSource | TorchBinSource:
         bins = [p / "pytorch_model.bin"]
     if bins:
         return TorchBinSource(p, bins)
+    if (p / "adapter_config.json").is_file():
+        raise MoergeError(f"{p}: is a PEFT adapter folder (adapter_config.json), not a model; apply it to its base "
+                          "(in a recipe: BASE+path/to/adapter)")
     raise MoergeError(
         f"{p}: no model.safetensors, *.safetensors shards or pytorch_model.bin in this folder"
     )

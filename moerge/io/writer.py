@@ -17,6 +17,7 @@ import shutil
 import struct
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -24,17 +25,36 @@ import torch
 from moerge.errors import MoergeError
 from moerge.io.safetensors_file import CODES
 
-UNITS = {"": 1, "B": 1_000_000_000, "G": 1_000_000_000, "M": 1_000_000, "K": 1_000}
+# "B" alone is mergekit's billion (5B = 5e9 bytes); KB/MB/GB/TB are powers of 1000 and KiB/MiB/GiB/TiB
+# powers of 1024, as in transformers' max_shard_size (convert_file_size_to_int); K/M/G/T are 1000s.
+UNITS = {
+    "": 1, "B": 10**9,
+    "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+SIZE_FORMS = ("a byte count (500000000) or a number with a unit: 5B (mergekit: 5 billion bytes), 500M, 2G; "
+              "500MB, 5GB, 10KB (powers of 1000); 500MiB, 5GiB, 10KiB (powers of 1024); units in any case")
 
 
 def parse_size(text: str | int) -> int:
-    """'5B' (mergekit's spelling for 5 billion bytes), '500M', '2G', or a plain byte count."""
+    """A shard size in bytes: a plain count, mergekit's '5B' (5 billion bytes), '500M', '2G', or
+    transformers' max_shard_size spellings '500MB', '5GB', '10KB' (powers of 1000) and '500MiB',
+    '5GiB', '10KiB' (powers of 1024). Units are case-insensitive and always mean bytes (transformers
+    reads a lowercase final b as bits; a shard size in bits is never what is meant)."""
+    if isinstance(text, bool):
+        raise MoergeError(f"shard size {text!r}: give {SIZE_FORMS}")
     if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([BGMK]?)\s*", str(text).upper())
-    if not m:
-        raise MoergeError(f"shard size {text!r}: expected a number with an optional unit, like 5B, 500M or 2G")
-    return int(float(m[1]) * UNITS[m[2]])
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+        unit = m[2].upper() if m else None
+        if unit not in UNITS:
+            raise MoergeError(f"shard size {text!r}: give {SIZE_FORMS}")
+        size = int(Fraction(m[1]) * UNITS[unit])  # exact: no float rounding, no overflow
+    if size < 1:
+        raise MoergeError(f"shard size {text!r}: must be at least 1 byte; give {SIZE_FORMS}")
+    return size
 
 
 @dataclass(frozen=True)

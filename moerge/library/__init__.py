@@ -1,5 +1,6 @@
 """The expert library: a versioned SQLite catalog over a content-addressed blob store (store.py)."""
 
-from moerge.library.store import Entry, Library, check_name, split_ref
+from moerge.library.store import KINDS, Entry, Library, LibraryWarning, NothingAdded, check_kind, check_name, split_ref
+from moerge.library.summary import describe
 
-__all__ = ["Entry", "Library", "check_name", "split_ref"]
+__all__ = ["KINDS", "Entry", "Library", "LibraryWarning", "NothingAdded", "check_kind", "check_name", "describe", "split_ref"]

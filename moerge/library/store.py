@@ -15,7 +15,9 @@ Why it cannot lose or mix up an expert:
 - a writer killed before its commit leaves at most unreferenced blobs, which ``verify`` reports as
   such (not as corruption) and ``gc`` removes; ``rm`` only drops catalog rows for the same reason;
 - every adapter is checked against the library's base (names, shapes, and the expert card's base
-  fingerprint) before anything is written.
+  fingerprint) before anything is written;
+- every blob read (load, export, merge, routing) is checked against its size and sha256, so a damaged
+  blob is refused naming expert and tensor, and re-adding the expert rewrites it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import re
 import sqlite3
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +38,11 @@ from typing import Iterator
 import torch
 
 from moerge.errors import MoergeError
+from moerge.train.expert import ADAPTERS, ALIASES
 
 FORMAT = 1
 GATE_PREFIX = "moerge_gate::"
+KINDS = ADAPTERS  # what an expert's kind can be (the one list, in moerge.train.expert); `list --kind` checks against it
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experts (
@@ -85,6 +90,43 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     if version and not version.isdigit():
         raise MoergeError(f"{ref!r}: the version after @ must be a number (NAME@2)")
     return name, int(version) if version else None
+
+
+class LibraryWarning(UserWarning):
+    """A one-line notice from ``Library.add`` (the same tensors under another name, blobs repaired);
+    the CLI prints it."""
+
+
+class NothingAdded(LibraryWarning):
+    """``Library.add`` stored no new version (it only repaired the blobs of an identical one)."""
+
+
+def check_kind(kind: str) -> str:
+    """``kind`` as stored (earlier names such as ``dense`` map to today's), or refused naming the valid ones."""
+    kind = ALIASES.get(kind, kind)
+    if kind not in KINDS:
+        import difflib
+
+        near = difflib.get_close_matches(kind, KINDS, n=1)
+        raise MoergeError(f"unknown expert kind {kind!r}" + (f" (did you mean {near[0]}?)" if near else "")
+                          + f"; the kinds are {', '.join(KINDS)}")
+    return kind
+
+
+def _readd_hint(entry: "Entry") -> str:
+    """The command that re-adds an expert from the folder it was added from."""
+    source = (entry.card.get("lineage") or {}).get("source") or "DIR"
+    return f"moerge library add {source} --name {entry.name}"
+
+
+def library_origin(card: dict) -> tuple[str, str] | None:
+    """(expert name, folder it was added from) when ``card`` is a library expert's card as the routers
+    see it (``load_routed`` names it NAME@V and keeps its lineage), else None (an expert folder)."""
+    name = str(card.get("name") or "")
+    lineage = card.get("lineage")
+    if "gates_path" in card or "@" not in name or not isinstance(lineage, dict):
+        return None
+    return name.partition("@")[0], lineage.get("source") or "DIR"
 
 
 def check_name(name: str) -> str:
@@ -199,12 +241,16 @@ class Library:
     def _blob_path(self, digest: str) -> Path:
         return self.blobs / digest[:2] / digest[2:]
 
-    def _put_blob(self, data: bytes) -> str:
+    def _put_blob(self, data: bytes) -> tuple[str, bool]:
+        """Store ``data`` once; returns (its sha256, whether a damaged copy already there was rewritten).
+        An existing blob is compared byte for byte (cheap next to hashing), so re-adding an expert
+        repairs a corrupt blob instead of keeping it."""
         digest = hashlib.sha256(data).hexdigest()
         path = self._blob_path(digest)
-        if path.exists() and path.stat().st_size == len(data):
+        existed = path.exists()
+        if existed and path.stat().st_size == len(data) and path.read_bytes() == data:
             os.utime(path)  # dedup; a fresh mtime keeps a concurrent `gc` from taking it before our commit
-            return digest
+            return digest, False
         path.parent.mkdir(exist_ok=True)
         tmp = self.tmp / f"{digest}.{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
@@ -212,10 +258,19 @@ class Library:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        return digest
+        return digest, existed
 
-    def _get_blob(self, digest: str, dtype: str, shape: list[int]) -> torch.Tensor:
-        data = self._blob_path(digest).read_bytes()
+    def _get_blob(self, digest: str, dtype: str, shape: list[int], nbytes: int, entry: "Entry", key: str) -> torch.Tensor:
+        """A tensor from its blob, checked against the catalog (size and sha256: about 1 ms per MB)."""
+        try:
+            data = self._blob_path(digest).read_bytes()
+        except FileNotFoundError:
+            raise MoergeError(f"{self.root}: {entry.ref} tensor {key}: its blob {digest[:12]} is missing; run `moerge library "
+                              f"verify`, then re-add the expert (`{_readd_hint(entry)}` rewrites it)") from None
+        if len(data) != nbytes or hashlib.sha256(data).hexdigest() != digest:
+            what = f"{len(data)} bytes instead of {nbytes}" if len(data) != nbytes else "sha256 mismatch"
+            raise MoergeError(f"{self.root}: {entry.ref} tensor {key}: its blob {digest[:12]} is corrupt ({what}); run `moerge "
+                              f"library verify`, then re-add the expert (`{_readd_hint(entry)}` rewrites it)")
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return t.view(DTYPES[dtype]).reshape(shape)
 
@@ -226,24 +281,26 @@ class Library:
             embedder: str | os.PathLike | None = None) -> Entry:
         """Store a PEFT adapter folder (or a full fine-tune's changed tensors) as the next version of ``name``.
         With ``prompts`` (a few hundred of its task's), the stored card gets their task centroids (by the
-        library's base, or by ``embedder``), so task-level routers can route to an adapter from a hub."""
+        library's base, or by ``embedder``), so task-level routers can route to an adapter from a hub.
+
+        Refused when a version of ``name`` already holds the same content (tensors, PHATGOOSE gates,
+        adapter config, card and task): nothing would change. The same tensors under another name are added, with a
+        ``LibraryWarning``. Blobs found damaged on the way are rewritten (``NothingAdded`` if that is
+        all that happened)."""
         from moerge.experts.peft_format import load_expert_folder
         from moerge.train.expert import CARD
 
         check_name(name)
         adapter_dir = Path(adapter_dir)
         card = {}
+        # names, shapes and the base itself (check_base): the one check every command shares
+        expert = load_expert_folder(adapter_dir, self.base_source())
         if (adapter_dir / CARD).is_file():
-            card = json.loads((adapter_dir / CARD).read_text())
-            fp = card.get("base_fingerprint")
-            if fp and fp != self.meta["base_fingerprint"]:
-                raise MoergeError(f"{adapter_dir}: was trained on a base with fingerprint {fp}, but this library's base "
-                                  f"({self.meta['base']}) has {self.meta['base_fingerprint']}; add it to a library of its own base")
+            card = json.loads((adapter_dir / CARD).read_text())  # valid JSON: check_base has read it
             cb = card.get("centroid_base")
             if cb and cb != self.meta["base_fingerprint"]:
                 raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
                                   f"library's base: moerge expert embed {adapter_dir} --base {self.meta['base_path']}")
-        expert = load_expert_folder(adapter_dir, self.base_source())  # names and shapes must fit the base
         if prompts:
             from moerge.routing.embed import with_task_embedding
 
@@ -256,21 +313,63 @@ class Library:
             from safetensors.torch import load_file
 
             tensors = dict(tensors) | {GATE_PREFIX + k: v for k, v in load_file(gates_file).items()}
-        rows = []
+        rows, repaired = [], 0
         for key, t in sorted(tensors.items()):
             t = t.contiguous()
             data = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-            rows.append((key, self._put_blob(data), str(t.dtype), json.dumps(list(t.shape)), len(data)))
+            blob, fixed = self._put_blob(data)
+            repaired += fixed
+            rows.append((key, blob, str(t.dtype), json.dumps(list(t.shape)), len(data)))
         _crash_point("after-blobs")
+        task = task or card.get("task")
+        digest = expert.digest()
+        fixed_note = f"rewrote {repaired} damaged blob{'s' * (repaired != 1)} from {adapter_dir}"
         with self._db(write=True) as db:
-            (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM experts WHERE name = ?", (name,)).fetchone()
-            _insert(db, (name, version, expert.kind, task or card.get("task"), json.dumps(sorted(set(tags))), contributor,
-                         license, json.dumps(card), json.dumps(config), expert.digest(), sum(r[4] for r in rows), time.time()), rows)
-            _crash_point("before-commit")
+            same, twin = self._same_content(db, name, digest, task, card, config, rows)
+            if same is None:
+                (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM experts WHERE name = ?", (name,)).fetchone()
+                _insert(db, (name, version, expert.kind, task, json.dumps(sorted(set(tags))), contributor, license,
+                             json.dumps(card), json.dumps(config), digest, sum(r[4] for r in rows), time.time()), rows)
+                _crash_point("before-commit")
+        if same is not None:
+            if repaired:
+                warnings.warn(f"{same}: {fixed_note}; nothing added (the folder is identical to {same})", NothingAdded, stacklevel=2)
+                return self.get(same)
+            raise MoergeError(f"{adapter_dir}: identical to {same}; nothing added (same tensors, gates, adapter config, card and task)")
+        if repaired:
+            warnings.warn(f"{name}@{version}: {fixed_note}", LibraryWarning, stacklevel=2)
+        if twin:
+            warnings.warn(f"{adapter_dir}: same tensors as {twin}; added as {name}@{version} anyway (no new bytes stored)",
+                          LibraryWarning, stacklevel=2)
         return self.get(f"{name}@{version}")
 
+    @staticmethod
+    def _same_content(db: sqlite3.Connection, name: str, digest: str, task: str | None, card: dict, config: dict,
+                      rows: list[tuple]) -> tuple[str | None, str | None]:
+        """(a version of ``name`` with exactly this content, else None; a version of another name with
+        the same adapter tensors when no version of ``name`` has them, else None), read inside the
+        adding transaction."""
+        def bare(c: dict) -> dict:
+            return {k: v for k, v in c.items() if k != "lineage"}
+
+        mine = json.loads(json.dumps(bare(card)))
+        my_config = json.loads(json.dumps(config))
+        blobs = sorted((r[0], r[1]) for r in rows)
+        same = twin = None
+        found = db.execute("SELECT id, name, version, task, card, adapter_config FROM experts WHERE digest = ? "
+                           "ORDER BY name, version", (digest,)).fetchall()
+        for eid, ename, version, etask, ecard, econfig in found:
+            if ename != name:
+                twin = twin or f"{ename}@{version}"
+            elif (same is None and etask == task and bare(json.loads(ecard)) == mine and json.loads(econfig) == my_config
+                  and sorted(db.execute("SELECT key, blob FROM tensors WHERE expert_id = ?", (eid,)).fetchall()) == blobs):
+                same = f"{ename}@{version}"
+        if any(ename == name for _, ename, *_ in found):
+            twin = None  # a new version of the same tensors under their own name (new card or gates): no notice
+        return same, twin
+
     def _entry(self, row) -> Entry:
-        return Entry(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], json.loads(row[8]),
+        return Entry(row[0], row[1], row[2], ALIASES.get(row[3], row[3]), row[4], json.loads(row[5]), row[6], row[7], json.loads(row[8]),
                      json.loads(row[9]), row[10], row[11], row[12])
 
     _COLUMNS = "id, name, version, kind, task, tags, contributor, license, card, adapter_config, digest, nbytes, created"
@@ -288,12 +387,15 @@ class Library:
 
     def experts(self, *, task: str | None = None, tag: str | None = None, kind: str | None = None, latest: bool = False) -> list[Entry]:
         where, args = [], []
+        if kind is not None:
+            kind = check_kind(kind)
         if task:
             where.append("task = ?")
             args.append(task)
-        if kind:
-            where.append("kind = ?")
-            args.append(kind)
+        if kind:  # rows written before a kind was renamed keep its earlier name
+            names = [kind] + [old for old, new in ALIASES.items() if new == kind]
+            where.append(f"kind IN ({','.join('?' * len(names))})")
+            args += names
         if latest:
             where.append("version = (SELECT MAX(version) FROM experts e2 WHERE e2.name = experts.name)")
         sql = f"SELECT {self._COLUMNS} FROM experts" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY name, version"
@@ -308,18 +410,15 @@ class Library:
 
     def tensors(self, ref: str, gates: bool = False) -> dict[str, torch.Tensor]:
         """The adapter's tensors as they were added (original PEFT keys), or with ``gates`` only its
-        PHATGOOSE gates (prefixed keys): only the blobs asked for are read."""
+        PHATGOOSE gates (prefixed keys): only the blobs asked for are read, each checked against its
+        size and sha256, so a damaged blob is refused by name instead of being used."""
         entry = self.get(ref)
         with self._db() as db:
-            rows = db.execute("SELECT key, blob, dtype, shape FROM tensors WHERE expert_id = ?", (entry.id,)).fetchall()
+            rows = db.execute("SELECT key, blob, dtype, shape, nbytes FROM tensors WHERE expert_id = ?", (entry.id,)).fetchall()
         out = {}
-        for key, blob, dtype, shape in rows:
-            if key.startswith(GATE_PREFIX) != gates:
-                continue
-            try:
-                out[key] = self._get_blob(blob, dtype, json.loads(shape))
-            except FileNotFoundError:
-                raise MoergeError(f"{self.root}: blob of {entry.ref} tensor {key} is missing; run `moerge library verify`") from None
+        for key, blob, dtype, shape, nbytes in rows:
+            if key.startswith(GATE_PREFIX) == gates:
+                out[key] = self._get_blob(blob, dtype, json.loads(shape), nbytes, entry, key)
         return out
 
     def load(self, ref: str):
@@ -339,7 +438,7 @@ class Library:
 
         entry = self.get(ref)
         tensors = self.tensors(entry.ref)
-        if entry.kind == "dense":
+        if entry.kind == "full":
             return self._export_model(entry, tensors, Path(out_dir), overwrite)
         with atomic_dir(Path(out_dir), overwrite) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
@@ -352,7 +451,7 @@ class Library:
         return Path(out_dir)
 
     def _export_model(self, entry: Entry, changed: dict[str, torch.Tensor], out: Path, overwrite: bool) -> Path:
-        """A dense expert as a whole model folder: the base's tensors with the expert's changes, and
+        """A full fine-tune as a whole model folder: the base's tensors with the expert's changes, and
         the base's config and tokenizer files."""
         from safetensors.torch import save_file
 
@@ -416,9 +515,10 @@ class Library:
         for e in todo:
             with self._db() as db:
                 rows = db.execute("SELECT key, blob, dtype, shape, nbytes FROM tensors WHERE expert_id = ?", (e.id,)).fetchall()
-            for _, blob, _, _, n in rows:
+            for key, blob, dtype, shape, n in rows:
                 remote = other._blob_path(blob)
                 if not fs.exists(str(remote)) or fs.size(str(remote)) != n:
+                    self._get_blob(blob, dtype, json.loads(shape), n, e, key)  # never spread a damaged blob
                     fs.makedirs(str(remote.parent), exist_ok=True)
                     part = other.tmp / f"{blob}.{uuid.uuid4().hex}"
                     fs.put_file(str(self._blob_path(blob)), str(part))

@@ -20,35 +20,45 @@ import torch
 
 from moerge.errors import MoergeError
 
-ADAPTERS = ("lora", "dora", "ia3", "none")
+ADAPTERS = ("lora", "dora", "ia3", "full")  # "full": a full fine-tune, the one name across train, library and docs
+ALIASES = {"none": "full", "dense": "full"}  # earlier names of a full fine-tune, still accepted
 # learning rates that train the built-in skills in a few hundred steps (see README: Experts)
-DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 3e-2, "none": 1e-3}
+DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 3e-2, "full": 1e-3}
 CARD = "expert.json"
+MIN_EXAMPLES = 20  # below this, a JSONL file cannot train an expert and still leave rows to validate it on
 
 
 @dataclass
 class ExpertCard:
-    task: str
-    adapter: str
-    base: str
-    base_fingerprint: str
-    trainable_params: int
-    adapter_bytes: int
-    data: str
-    data_sha256: str
-    examples: int
-    steps: int
-    lr: float
-    batch_size: int
-    rank: int | None
-    seed: int
-    seconds: float
-    final_loss: float
-    validation_accuracy: float | None
+    """What moerge knows of an expert. ``expert train`` fills every field; ``expert extract`` and
+    ``expert combine`` fill those that apply (their data and training fields stay None); a card that
+    ``expert embed`` wrote for a hub adapter may hold only task centroids. So every field is optional,
+    and what needs a field checks it (``require``)."""
+
+    task: str | None = None
+    adapter: str | None = None  # lora | dora | ia3 | full (a full fine-tune)
+    base: str | None = None
+    base_fingerprint: str | None = None
+    trainable_params: int | None = None
+    adapter_bytes: int | None = None
+    data: str | None = None  # "moerge:<tasks>" for built-in skills, else the file's absolute path
+    data_sha256: str | None = None
+    examples: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    rank: int | None = None
+    seed: int | None = None
+    seconds: float | None = None
+    final_loss: float | None = None
+    validation_accuracy: float | None = None
     centroid: list[float] | None = None  # mean base embedding of training prompts (task-level routing)
     centroids: list[list[float]] | None = None  # k-means centroids of those embeddings (one per cluster)
     embeddings: dict = field(default_factory=dict)  # sentence-embedding model id -> {model, centroid, centroids}
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.adapter = ALIASES.get(self.adapter, self.adapter)  # cards written before "full" was the name
 
     def write(self, folder: Path) -> None:
         (folder / CARD).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -57,14 +67,22 @@ class ExpertCard:
     def read(cls, folder: str | os.PathLike) -> "ExpertCard":
         path = Path(folder) / CARD
         if not path.is_file():
-            raise MoergeError(f"{folder}: has no {CARD}; train it with `moerge expert train` or add a card")
-        data = json.loads(path.read_text())
+            raise MoergeError(f"{folder}: has no {CARD}; train it with `moerge expert train`, or give what the command "
+                              "asks for (e.g. --prompts, --data) for an adapter without a card")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MoergeError(f"{path}: not JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+        if not isinstance(data, dict):
+            raise MoergeError(f"{path}: not a JSON object; fix or delete it")
         known = {f.name for f in fields(cls)}
         extra = dict(data.pop("extra", {}) or {}) | {k: data.pop(k) for k in list(data) if k not in known}
-        try:
-            return cls(**data, extra=extra)
-        except TypeError as e:
-            raise MoergeError(f"{path}: not a complete expert card ({e})") from None
+        return cls(**data, extra=extra)
+
+    @classmethod
+    def read_or_empty(cls, folder: str | os.PathLike) -> "ExpertCard":
+        """The card, or an empty one for an adapter without ``expert.json`` (a plain PEFT folder)."""
+        return cls.read(folder) if (Path(folder) / CARD).is_file() else cls()
 
 
 def peft_config(adapter: str, rank: int = 8):
@@ -121,25 +139,32 @@ def train_expert(
     from moerge.io.fingerprint import folder_fingerprint
     from moerge.tasks import mixture, read_jsonl
     from moerge.train.loop import train
-    from moerge.util import atomic_dir, progress_bar
+    from moerge.util import atomic_dir, check_output_dir, progress_bar
 
     if (task is None) == (data is None):
         raise MoergeError("give exactly one of --task NAME or --data FILE.jsonl")
+    adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
-    if gate_steps and adapter == "none":
-        raise MoergeError("--gate-steps: PHATGOOSE gates route adapters; a full fine-tune (--adapter none) is merged, not routed")
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
+    if gate_steps and adapter == "full":
+        raise MoergeError("--gate-steps: PHATGOOSE gates route adapters; a full fine-tune (--adapter full) is merged, not routed")
+    out = check_output_dir(out_dir, overwrite)
     if task is not None:
         names = [t.strip() for t in task.split(",") if t.strip()]  # several: a multitask expert
         train_rows = mixture(names, "train", max(1, n_train // len(names)) * (1 if len(names) == 1 else 2), seed)
         val_rows = mixture(names, "validation", max(20, 100 // len(names)), seed)
         task, source = ",".join(names), "moerge:" + ",".join(names)
     else:
-        train_rows, val_rows = _split_user_data(read_jsonl(data))
-        task, source = Path(data).stem, str(data)
+        rows = read_jsonl(data)
+        if len(rows) < MIN_EXAMPLES:
+            raise MoergeError(f"{data}: has {len(rows)} examples; an expert needs at least {MIN_EXAMPLES} to train and "
+                              "validate on (a few hundred learn a skill)")
+        train_rows, val_rows = _split_user_data(rows)
+        if not val_rows:
+            raise MoergeError(f"{data}: none of its {len(rows)} prompts falls in the validation split (about 1 in 5 does), "
+                              "so the expert could not be validated; add more examples")
+        # the card pins the data by absolute path and hash, so it is found (and checked) from any folder
+        task, source = Path(data).stem, str(Path(data).resolve())
     base_dir = Path(base) if base else base_model.default_base()
     model, tok = base_model.load(base_dir)
     from moerge.routing.embed import SentenceEmbedder, record_embedding, task_centroids
@@ -148,9 +173,9 @@ def train_expert(
     centroid, centroids = task_centroids(model, tok, prompts)
     embeddings = record_embedding({}, SentenceEmbedder(embedder), prompts)["embeddings"] if embedder else {}
     torch.manual_seed(seed)
-    if adapter == "none":
+    if adapter == "full":
         model.train()
-    if adapter != "none":
+    else:
         from peft import get_peft_model
 
         model = get_peft_model(model, peft_config(adapter, rank))
@@ -164,7 +189,7 @@ def train_expert(
     val = exact_match(model, tok, val_rows) if val_rows else None
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
-        if adapter == "none":
+        if adapter == "full":
             tok.save_pretrained(tmp)
         weights = [f for f in tmp.iterdir() if f.suffix in (".safetensors", ".bin")]
         card = ExpertCard(
@@ -176,7 +201,7 @@ def train_expert(
             embeddings=embeddings,
         )
         card.write(tmp)
-    if gate_steps and adapter != "none":
+    if gate_steps and adapter != "full":
         from moerge.routing.routers.phatgoose import train_gates
 
         train_gates(out, base=base_dir, steps=gate_steps, seed=seed, progress=progress)
@@ -184,36 +209,51 @@ def train_expert(
 
 
 def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLike):
-    """(model, tokenizer): the base with the expert applied, after checking the expert was made for
-    this base (fingerprints must match)."""
+    """(model, tokenizer): the base with the expert applied. Any PEFT adapter folder is accepted, with
+    or without ``expert.json``; it is first checked against the base (``check_base``: the card's base
+    fingerprint or PEFT's ``base_model_name_or_path``, then every tensor's name and shape), so a
+    wrong base is one clear line, not a PEFT traceback. A full fine-tune (a model folder) loads as is."""
     from moerge import base as base_model
-    from moerge.io.fingerprint import folder_fingerprint
+    from moerge.experts.peft_format import load_adapter
+    from moerge.io.source import open_source
 
     expert_dir = Path(expert_dir)
-    card = ExpertCard.read(expert_dir)
-    if card.adapter == "none":
-        return base_model.load(expert_dir)
+    if not expert_dir.is_dir():
+        raise MoergeError(f"{expert_dir}: no such expert folder; check the path")
+    if not (expert_dir / "adapter_config.json").is_file():
+        if (expert_dir / "config.json").is_file():  # a full fine-tune is a model of its own
+            return base_model.load(expert_dir)
+        raise MoergeError(f"{expert_dir}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)")
     base_dir = Path(base_dir) if base_dir else base_model.default_base()
-    actual = folder_fingerprint(base_dir)
-    if actual != card.base_fingerprint:
-        raise MoergeError(
-            f"{expert_dir}: was trained on a base with fingerprint {card.base_fingerprint}, but {base_dir} has {actual};"
-            " use the expert's own base (see its expert.json)")
+    base_model.check_model_folder(base_dir, "base model")
+    load_adapter(expert_dir, open_source(base_dir))  # the base check, and a truncated or mismatched adapter
     from peft import PeftModel
 
     model, tok = base_model.load(base_dir)
-    return PeftModel.from_pretrained(model, expert_dir).eval(), tok
+    try:
+        return PeftModel.from_pretrained(model, expert_dir).eval(), tok
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MoergeError(f"{expert_dir}: PEFT cannot load it on {base_dir} ({first}); check it is a PEFT adapter of this base") from None
 
 
 def training_rows(card: ExpertCard, n: int = 1000, seed: int = 0) -> list:
     """Examples of the data an expert was trained on, from its card (built-in tasks are regenerated)."""
     from moerge.tasks import mixture, read_jsonl
 
+    if not card.data:
+        raise MoergeError("the expert's card names no training data (it was not trained by `moerge expert train`); "
+                          "give examples of its task (--data FILE or --prompts FILE)")
     if card.data.startswith("moerge:"):
         return mixture(card.task.split(","), "train", n, seed)
     if not Path(card.data).is_file():
-        raise MoergeError(f"the expert's training data {card.data} is not here; run this where the expert was trained")
-    return read_jsonl(card.data)
+        raise MoergeError(f"the expert's training data {card.data} is not here; give examples of its task (--data FILE "
+                          "or --prompts FILE)")
+    rows = read_jsonl(card.data)
+    if card.data_sha256 and _data_hash(_split_user_data(rows)[0]) != card.data_sha256:
+        raise MoergeError(f"{card.data}: changed since the expert was trained on it (its hash differs from the card's "
+                          f"{card.data_sha256[:19]}...); give its original data (--data FILE or --prompts FILE)")
+    return rows
 
 
 def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | None = None, *,

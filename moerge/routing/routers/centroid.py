@@ -12,6 +12,26 @@ from moerge.errors import MoergeError
 from moerge.routing.registry import ExampleRouter, register, top_k_softmax
 
 
+def _no_centroids(card: dict, embedder: str | None) -> str:
+    """What to run when an expert's card lacks task centroids: no retraining, only its task's prompts."""
+    from pathlib import Path
+
+    from moerge.library.store import library_origin
+
+    name = card.get("name", "?")
+    emb = f" --embedder {embedder}" if embedder else ""
+    what = f"no centroids for the embedder {embedder}" if embedder else "no task centroids"
+    origin = library_origin(card)
+    if origin:
+        lib_name, src = origin
+        return (f"expert {name} has {what} in its library card; re-add it with its task's prompts: `moerge library add {src} "
+                f"--name {lib_name} --prompts FILE{emb}`, or `moerge expert embed {src} --prompts FILE{emb}` then "
+                f"`moerge library add {src} --name {lib_name}`")
+    folder = Path(card["gates_path"]).parent if card.get("gates_path") else "EXPERT_DIR"
+    return (f"expert {name} has {what}; record them with `moerge expert embed {folder}{emb}` (add --prompts FILE, its "
+            "task's prompts, if it has no expert.json naming its training data); no retraining needed")
+
+
 @register
 class CentroidRouter(ExampleRouter):
     name = "centroid"
@@ -30,12 +50,8 @@ class CentroidRouter(ExampleRouter):
             name = card.get("name", "?") if card else "?"
             source = (card or {}).get("embeddings", {}).get(self.embedder.id) if self.embedder else card
             c = (source.get("centroids") or ([source["centroid"]] if source.get("centroid") else None)) if source else None
-            if not c and self.embedder:
-                raise MoergeError(f"expert {name} has no centroids for the embedder {self.embedder.name}; record them with "
-                                  f"`moerge expert embed EXPERT_DIR --embedder {self.embedder.name}`")
             if not c:
-                raise MoergeError(f"expert {name} has no centroid in its card; "
-                                  "retrain it with `moerge expert train` (which records them) to route by task embeddings")
+                raise MoergeError(_no_centroids(card or {}, self.embedder.name if self.embedder else None))
             self.centroids.append(torch.nn.functional.normalize(torch.tensor(c, dtype=torch.float32), dim=-1))
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:

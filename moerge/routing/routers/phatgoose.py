@@ -95,6 +95,21 @@ def load_gates(card: dict) -> dict[str, torch.Tensor] | None:
     return load_file(path) if path and Path(path).is_file() else None
 
 
+def _no_gates(card: dict) -> str:
+    """What to run when an expert has no PHATGOOSE gates (a library copy gets them only by a re-add)."""
+    from moerge.library.store import library_origin
+
+    name = card.get("name", "?")
+    origin = library_origin(card)
+    if origin:
+        lib_name, src = origin
+        return (f"expert {name} has no gates in the library; train them on the folder it was added from, then add it again: "
+                f"`moerge expert gate {src} --data FILE` (examples of its task), then `moerge library add {src} --name {lib_name}`")
+    folder = Path(card["gates_path"]).parent if card.get("gates_path") else "DIR"
+    return (f"expert {name} has no gates; train them with `moerge expert gate {folder}` (add --data FILE, examples of its "
+            "task, if it has no expert.json naming its training data)")
+
+
 @register
 class PhatgooseRouter(TokenRouter):
     name = "phatgoose"
@@ -108,7 +123,7 @@ class PhatgooseRouter(TokenRouter):
         for card in routed.cards:
             g = load_gates(card)
             if g is None:
-                raise MoergeError(f"expert {card.get('name', '?')} has no gates; train them with `moerge expert gate DIR`")
+                raise MoergeError(_no_gates(card))
             gates.append(g)
         self.gates: dict[str, torch.Tensor] = {}
         self.absent: dict[str, torch.Tensor | None] = {}
