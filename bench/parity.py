@@ -63,7 +63,31 @@ RECIPES: dict[str, tuple[str, bool]] = {
     "dare_linear": (_tv("dare_linear", "{{weight: 0.5, density: 0.5}}", "{{weight: 0.3, density: 0.7}}", "{{weight: 0.4, density: 0.3}}"), True),
     "della": (_tv("della", "{{weight: 0.5, density: 0.5, epsilon: 0.1}}", "{{weight: 0.3, density: 0.7, epsilon: 0.2}}", "{{weight: 0.4, density: 0.4, epsilon: 0.1}}"), True),
     "della_linear": (_tv("della_linear", "{{weight: 0.5, density: 0.5, epsilon: 0.1}}", "{{weight: 0.3, density: 0.7, epsilon: 0.2}}", "{{weight: 0.4, density: 0.4, epsilon: 0.1}}"), True),
+    # vocabularies that differ (va: base + chat markers; vb: two ids swapped + a tool marker): rows aligned by token
+    "tokenizer_source: base": ("merge_method: task_arithmetic\nbase_model: {vbase}\ntokenizer_source: base\ndtype: float32\n"
+                               "models:\n  - model: {va}\n    parameters: {{weight: 0.6}}\n  - model: {vb}\n    parameters: {{weight: 0.4}}\n", False),
+    "tokenizer_source: union": ("merge_method: task_arithmetic\nbase_model: {vbase}\ntokenizer_source: union\ndtype: float32\n"
+                                "models:\n  - model: {va}\n    parameters: {{weight: 0.6}}\n  - model: {vb}\n    parameters: {{weight: 0.4}}\n", False),
+    "tokenizer_source: a model": ("merge_method: linear\ntokenizer_source: {vb}\ndtype: float32\nmodels:\n  - model: {va}\n"
+                                  "    parameters: {{weight: 0.5}}\n  - model: {vbase}\n    parameters: {{weight: 0.2}}\n"
+                                  "  - model: {vb}\n    parameters: {{weight: 0.3}}\n", False),
+    "tokenizer: block": (
+        "merge_method: ties\nbase_model: {vbase}\ndtype: float32\ntokenizer:\n  source: union\n  pad_to_multiple_of: 8\n"
+        "  tokens:\n    <|im_start|>:\n      source: {{kind: zero}}\n      force: true\n    <|im_end|>:\n"
+        "      source: {{kind: model_token, model: {vb}, token: </s>}}\n    a:\n      source: {vb}\n      force: true\n"
+        "models:\n  - model: {va}\n    parameters: {{weight: 0.6, density: 0.5}}\n  - model: {vb}\n"
+        "    parameters: {{weight: 0.4, density: 0.7}}\n", False),
 }
+
+
+def build_vocab_models(work: Path) -> dict[str, Path]:
+    """Three tiny Llamas whose vocabularies differ in a few tokens (moerge.tiny.make_vocab_model)."""
+    from moerge.tiny import CHARS, SPECIALS, make_vocab_model
+
+    base = SPECIALS + CHARS[:30]
+    vocabs = {"vbase": base, "va": base + ["<|im_start|>", "<|im_end|>"],
+              "vb": base[:10] + [base[11], base[10]] + base[12:] + ["<|tool|>"]}
+    return {k: make_vocab_model(work / k, v, seed=10 * i, hidden=16, layers=2) for i, (k, v) in enumerate(vocabs.items())}
 
 
 def build_models(work: Path) -> dict[str, Path]:
@@ -89,6 +113,22 @@ def load_folder(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         out.update(load_file(f))
+    return out
+
+
+def by_token(tensors: dict, folder: Path, like: Path) -> dict:
+    """``tensors`` (saved with ``folder``'s tokenizer) with vocabulary rows reordered to ``like``'s token ids."""
+    from transformers import AutoTokenizer
+
+    theirs, ours = AutoTokenizer.from_pretrained(folder).get_vocab(), AutoTokenizer.from_pretrained(like).get_vocab()
+    if set(theirs) != set(ours):
+        return tensors  # different vocabularies: compare() reports the mismatch
+    order = torch.tensor([theirs[t] for t, _ in sorted(ours.items(), key=lambda x: x[1])])
+    out = {}
+    for k, t in tensors.items():
+        if t.dim() == 2 and t.shape[0] >= len(order) and ("embed" in k or "lm_head" in k):
+            t = torch.cat([t[order], t[len(order):]])
+        out[k] = t
     return out
 
 
@@ -127,7 +167,7 @@ def main() -> None:
     if not mergekit_yaml.exists():
         sys.exit(f"error: {mergekit_yaml} not found; pass the python of a venv where `pip install mergekit` was run")
     shutil.rmtree(args.work, ignore_errors=True)
-    paths = build_models(args.work)
+    paths = build_models(args.work) | build_vocab_models(args.work)
     base = load_folder(paths["base"])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     names = args.only.split(",") if args.only else list(RECIPES)
@@ -147,6 +187,8 @@ def main() -> None:
             if proc.returncode != 0:
                 sys.exit(f"error: {tool} failed on {name}:\n{proc.stderr[-1500:]}")
             outs[tool] = load_folder(args.work / f"out-{tool}")
+        if name.startswith("tokenizer"):  # mergekit orders a union's new tokens by a Python set: compare by token
+            outs["mergekit"] = by_token(outs["mergekit"], args.work / "out-mergekit", args.work / "out-moerge")
         d, r, ok = compare(outs["moerge"], outs["mergekit"], base, random)
         failed += not ok
         print(f"{name + (' (random)' if random else ''):<28} {d:>14} {r:>14}  {'yes' if ok else 'NO'}")

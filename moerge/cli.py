@@ -6,7 +6,6 @@ Every user-caused failure is a MoergeError: printed as one ``error:`` line, exit
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -105,7 +104,7 @@ def merge(
         from moerge.engine.executor import execute
 
         res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
-                      progress=not quiet and sys.stderr.isatty())
+                      progress=not quiet)
     if not quiet:
         out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s", highlight=False)
 

@@ -29,6 +29,42 @@ def save_char_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
+def save_vocab_tokenizer(folder: Path, tokens: list[str]) -> None:
+    """A tokenizer whose vocabulary is ``tokens`` in that order (ids 0..n-1): the first four are the
+    specials <pad> <s> </s> <unk>; others are single characters or whole marker tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+
+
+def token_vector(seed: int, token: str, width: int) -> torch.Tensor:
+    """A deterministic vector for (model seed, token): what a test expects a token's row to be."""
+    import hashlib
+
+    g = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(f"{seed}:{token}".encode(), digest_size=6).digest(), "little"))
+    return torch.randn(width, generator=g)
+
+
+def make_vocab_model(folder: str | Path, tokens: list[str], *, seed: int, hidden: int = 16, layers: int = 1) -> Path:
+    """A tiny Llama whose vocabulary is ``tokens`` and whose embedding (and LM head) row for each token
+    is ``token_vector(seed, token)`` (``seed + 1`` for the head): models whose vocabularies differ, for
+    checking that merges align rows by token string."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_base(folder, seed=seed, hidden=hidden, layers=layers, intermediate=2 * hidden, vocab=len(tokens), tokenizer=False)
+    save_vocab_tokenizer(folder, tokens)
+    sd = load_file(folder / "model.safetensors")
+    sd["model.embed_tokens.weight"] = torch.stack([token_vector(seed, t, hidden) for t in tokens])
+    sd["lm_head.weight"] = torch.stack([token_vector(seed + 1, t, hidden) for t in tokens])
+    save_file({k: v.contiguous() for k, v in sd.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None, tie: bool = False):
     from transformers import LlamaConfig
 

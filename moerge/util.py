@@ -134,15 +134,15 @@ def progress_bar(enabled: bool, label: str, total: int) -> Iterator[Callable[[fl
 class ProgressLog:
     """Plain progress lines for logs: what a progress bar shows, a line every ``every`` seconds."""
 
-    def __init__(self, label: str, total: int, every: float | None = None, stream=None):
+    def __init__(self, label: str, total: int, every: float | None = None, stream=None, unit: str = "steps"):
         import sys
         import time
 
-        self.label, self.total, self.n, self.loss = label, total, 0, None
+        self.label, self.total, self.n, self.loss, self.unit = label, total, 0, None, unit
         self.every = LOG_EVERY if every is None else every
         self.stream = stream or sys.stderr
         self.start = self.last = time.monotonic()
-        self._print(f"{label}: {total} steps")
+        self._print(f"{label}: {total} {unit}")
 
     def _print(self, line: str) -> None:
         print(line, file=self.stream, flush=True)
@@ -158,13 +158,14 @@ class ProgressLog:
             elapsed = now - self.start
             left = elapsed / self.n * (self.total - self.n)
             loss_text = "" if self.loss is None else f", loss {self.loss:.3f}"
-            self._print(f"{self.label}: step {self.n}/{self.total}{loss_text}, {elapsed:.0f} s elapsed, ~{left:.0f} s left")
+            self._print(f"{self.label}: {self.unit.rstrip('s')} {self.n}/{self.total}{loss_text}, {elapsed:.0f} s elapsed, "
+                        f"~{left:.0f} s left")
 
     def done(self) -> None:
         import time
 
         loss_text = "" if self.loss is None else f", loss {self.loss:.3f}"
-        self._print(f"{self.label}: done, {self.n} steps in {time.monotonic() - self.start:.0f} s{loss_text}")
+        self._print(f"{self.label}: done, {self.n} {self.unit} in {time.monotonic() - self.start:.0f} s{loss_text}")
 
 
 DEFAULT_THREADS = 1

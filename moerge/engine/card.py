@@ -60,7 +60,16 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
     if src.is_dir() and (src / "generation_config.json").is_file():
         writer.copy_file(src / "generation_config.json")
     tok = plan.tokenizer_from.folder if plan.tokenizer_from else None
-    if tok is not None and tok.is_dir():
+    built = plan.alignment.tokenizer if plan.alignment is not None else None
+    if built is not None:  # a vocabulary moerge built (union, added tokens): saved as transformers saves it
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            built.save_pretrained(d)
+            for f in sorted(Path(d).iterdir()):
+                if f.is_file():
+                    writer.copy_file(f)
+    elif tok is not None and tok.is_dir():
         for name in TOKENIZER_FILES:
             if (tok / name).is_file():
                 writer.copy_file(tok / name)

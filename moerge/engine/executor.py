@@ -49,9 +49,10 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     if not task.floating:
         i, name = task.inputs[0]
         return models[i].source.get(name)
+    read = _reader(plan, task)
 
     def load(i: int, name: str) -> torch.Tensor:
-        t = models[i].source.get(name)
+        t = read(i, name)
         if plan.cast is not None and t.dtype != plan.cast:
             t = t.to(plan.cast)  # the recipe's dtype: inputs are rounded to it, as in mergekit
         return t
@@ -59,8 +60,8 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
     if plan.method.blockwise:
         # inputs stay in their storage dtype; blocks are widened (and rounded to the recipe dtype) as they go
-        stored = [models[i].source.get(n) for i, n in task.inputs]
-        base = models[task.base[0]].source.get(task.base[1]) if task.base else None
+        stored = [read(i, n) for i, n in task.inputs]
+        base = read(*task.base) if task.base else None
         dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in stored] + ([base.dtype] if base is not None else [])
         work = compute_dtype(dtypes)
         return _guarded(task, plan, lambda: plan.method.stream(
@@ -74,6 +75,17 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     if base is not None and base.dtype != work:
         base = base.to(work)
     return _guarded(task, plan, lambda: plan.method(base, tensors, generator=gen, **task.shared, **task.per_input)).to(task.out_dtype)
+
+
+def _reader(plan: Plan, task: TensorTask):
+    """How a task reads its inputs: straight from the sources, or, for embeddings whose inputs'
+    vocabularies differ, every input permuted onto the output vocabulary at once (engine/vocab.py)."""
+    models = plan.models
+    if plan.alignment is None or task.name not in plan.alignment.names:
+        return lambda i, name: models[i].source.get(name)
+    wanted = dict(task.inputs + ([task.base] if task.base else []))
+    aligned = plan.alignment.apply(task.name, {i: models[i].source.get(n) for i, n in wanted.items()})
+    return lambda i, name: aligned[i]
 
 
 def _guarded(task: TensorTask, plan: Plan, compute) -> torch.Tensor:
@@ -170,8 +182,23 @@ def execute(
 
 @contextmanager
 def _progress(enabled: bool, n_tensors: int, n_bytes: int):
+    """A rich bar on a terminal; elsewhere (logs, CI) a plain line every few seconds (``ProgressLog``)."""
+    import sys
+
     if not enabled:
         yield lambda nbytes: None
+        return
+    if not sys.stderr.isatty():
+        from moerge.util import ProgressLog
+
+        log, lock = ProgressLog("merging", n_tensors, unit="tensors"), threading.Lock()
+
+        def step(nbytes: int) -> None:
+            with lock:
+                log.step()
+
+        yield step
+        log.done()
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 

@@ -88,6 +88,7 @@ class Plan:
     tokenizer_from: Model | None
     cast: torch.dtype | None
     notes: list[str] = field(default_factory=list)
+    alignment: Any = None  # engine.vocab.Alignment when the inputs' vocabularies are aligned by token
 
     @property
     def pinned_recipe(self) -> Recipe:
@@ -224,6 +225,7 @@ class Planner:
         self.cast = DTYPES[recipe.dtype] if recipe.dtype else None
         self.out_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else self.cast
         self.tasks: list[TensorTask] = []
+        self.alignment = None  # set by build(): embeddings aligned by token (engine/vocab.py)
 
     def model(self, ref: str) -> int:
         if ref not in self._models:
@@ -250,7 +252,14 @@ class Planner:
                 raise MoergeError(f"{model.ref}: lacks tensor {name!r} that the other inputs have; is it the same architecture?")
             infos.append((model.ref, model.source.info(name)))
         ref0, info0 = infos[0]
-        for ref, info in infos[1:]:
+        aligned = self.alignment is not None and out_name in self.alignment.names
+        if aligned:  # rows are permuted onto the output vocabulary: only the widths must agree
+            for ref, info in infos[1:]:
+                if info.shape[1:] != info0.shape[1:]:
+                    raise MoergeError(f"tensor {out_name!r}: width {list(info.shape[1:])} in {ref} but {list(info0.shape[1:])} "
+                                      f"in {ref0}; these models are not merge-compatible")
+            info0 = type(info0)(info0.name, info0.dtype, (self.alignment.rows, *info0.shape[1:]), info0.path, 0, 0)
+        for ref, info in infos[1:] if not aligned else []:
             if info.shape != info0.shape:
                 raise MoergeError(
                     f"tensor {out_name!r}: shape {list(info.shape)} in {ref} but {list(info0.shape)} in {ref0}; "
@@ -375,7 +384,10 @@ class Planner:
         return {"num_layers": out_layer, "layer_sources": layer_sources}
 
     def build(self) -> Plan:
+        from moerge.engine.vocab import config_vocab_size, plan_alignment
+
         r = self.recipe
+        self.alignment = plan_alignment(self)
         layout = self.plan_slices() if r.slices else None
         if r.models:
             self.plan_models()
@@ -390,13 +402,22 @@ class Planner:
                     config["dtype"] = config["torch_dtype"]
             if layout:
                 _relayer(config, layout, self)
+            if self.alignment is not None and config_vocab_size(config) is not None:
+                holder = config["text_config"] if "vocab_size" not in config else config
+                holder["vocab_size"] = self.alignment.rows
         tok = None
-        if r.tokenizer_source == "union":
-            raise MoergeError("tokenizer_source: union is not supported yet; use base or a model path")
-        if r.tokenizer_source and r.tokenizer_source != "base":
-            tok = self.m(self.model(r.tokenizer_source))
+        source = r.tokenizer.get("source", "union") if isinstance(r.tokenizer, dict) else r.tokenizer_source
+        if source and source not in ("base", "union"):
+            tok = self.m(self.model(source))
+        elif source == "base" and r.base_model:
+            tok = self.m(self.model(r.base_model))
         models = [self._models[ref] for ref in self.order]
-        return Plan(r, self.method, models, self.tasks, config, cfg_model, tok or cfg_model, self.cast)
+        plan = Plan(r, self.method, models, self.tasks, config, cfg_model, tok or cfg_model, self.cast)
+        plan.alignment = self.alignment
+        if self.alignment is not None:
+            plan.notes.append(f"vocabulary: {len(self.alignment.vocab)} tokens ({self.alignment.rows} rows), embeddings "
+                              f"aligned by token string: {', '.join(sorted(self.alignment.names))}")
+        return plan
 
 
 def _relayer(config: dict, layout: dict, planner: Planner) -> None:

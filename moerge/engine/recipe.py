@@ -83,7 +83,6 @@ Parameters = dict[str, Setting]
 # mergekit keys we know but do not implement yet: refused by name rather than ignored
 UNSUPPORTED = {
     "modules": "multi-module recipes (modules:) are not supported yet; use models: or slices:",
-    "tokenizer": "the tokenizer: block (token surgery, union vocabularies) is not supported yet; use tokenizer_source: base or a model path",
     "residual_weight": "residual_weight in slices is not supported yet",
 }
 
@@ -238,6 +237,20 @@ class Recipe(Strict):
             raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
         return v
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer(cls, v):
+        from moerge.engine.vocab import parse_tokenizer_block
+
+        if v is not None:
+            try:
+                parse_tokenizer_block(v, "block")
+            except MoergeError as e:
+                raise ValueError(str(e).removeprefix("block: ").removeprefix("block.")) from None
+            if isinstance(v.get("source"), str) and v["source"] not in ("base", "union"):
+                v = dict(v) | {"source": _ref(v["source"])}
+        return v
+
     @field_validator("chat_template")
     @classmethod
     def _template(cls, v):
@@ -258,6 +271,8 @@ class Recipe(Strict):
             raise ValueError("give exactly one of models: or slices:")
         if self.models is not None and not self.models:
             raise ValueError("models: is empty")
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or a tokenizer: block, not both (as in mergekit)")
         return self
 
     @field_validator("slices")
@@ -280,6 +295,8 @@ class Recipe(Strict):
         r.base_model = sub(r.base_model)
         if r.tokenizer_source not in ("base", "union"):
             r.tokenizer_source = sub(r.tokenizer_source)
+        if isinstance(r.tokenizer, dict):
+            r.tokenizer = _sub_tokenizer_refs(r.tokenizer, sub)
         for m in r.models or []:
             m.model = sub(m.model)
         for s in r.slices or []:
@@ -299,12 +316,34 @@ class Recipe(Strict):
             refs += [src.model for src in s.sources] + ([s.base_model] if s.base_model else [])
         if self.tokenizer_source and self.tokenizer_source not in ("base", "union"):
             refs.append(self.tokenizer_source)
+        src = self.tokenizer.get("source") if isinstance(self.tokenizer, dict) else None
+        if isinstance(src, str) and src not in ("base", "union"):
+            refs.append(src)
         return list(dict.fromkeys(refs))
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=True, mode="json")
         data = {"merge_method": data.pop("merge_method"), **data}
         return yaml.safe_dump(data, sort_keys=False)
+
+
+def _sub_tokenizer_refs(block: dict, sub) -> dict:
+    """The tokenizer: block with its model references (source, tokens' sources) replaced by ``sub``."""
+    out = dict(block)
+    if isinstance(out.get("source"), str) and out["source"] not in ("base", "union"):
+        out["source"] = sub(out["source"])
+    tokens = {}
+    for tok, cfg in (out.get("tokens") or {}).items():
+        cfg = dict(cfg or {})
+        src = cfg.get("source")
+        if isinstance(src, str):
+            cfg["source"] = sub(src)
+        elif isinstance(src, dict) and isinstance(src.get("model"), str):
+            cfg["source"] = dict(src) | {"model": sub(src["model"])}
+        tokens[tok] = cfg
+    if tokens:
+        out["tokens"] = tokens
+    return out
 
 
 # ---------------------------------------------------------------------- YAML with line numbers

@@ -212,18 +212,10 @@ def check_base(folder: Path, base: TensorSource, config: dict | None = None) -> 
     by ``moerge expert train``/``extract``/``combine`` and library exports); else PEFT's
     ``base_model_name_or_path`` when it names a local model folder. An adapter with neither (one from
     a hub) is checked by its tensors' names and shapes alone."""
-    import json
+    from moerge.train.expert import read_card
 
     folder = Path(folder)
-    card_path = folder / "expert.json"
-    card = {}
-    if card_path.is_file():
-        try:
-            card = json.loads(card_path.read_text())
-        except json.JSONDecodeError as e:
-            raise MoergeError(f"{card_path}: not JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
-        if not isinstance(card, dict):
-            raise MoergeError(f"{card_path}: not a JSON object; fix or delete it")
+    card = read_card(folder)
     made_for = card.get("base_fingerprint")
     if made_for:
         actual = base_fingerprint(base)
@@ -285,8 +277,9 @@ def combine_folders(adapters: list[str | Path], base: str | Path, out_dir: str |
     src = open_source(resolve(str(base)))
     loaded = [load_adapter(a, src) for a in adapters]
     config, tensors, kept = combine_adapters(loaded, weights, rank)
-    tasks = [json.loads((Path(a) / "expert.json").read_text()).get("task") if (Path(a) / "expert.json").is_file() else None
-             for a in adapters]
+    from moerge.train.expert import read_card
+
+    tasks = [read_card(a).get("task") for a in adapters]
     task = "+".join(t for t in tasks if t) if all(tasks) else None
     write_adapter(out_dir, config, tensors, base, task=task, made_by="combine", overwrite=overwrite,
                   report={"adapters": [str(Path(a).resolve()) for a in adapters], "weights": weights, "rank": rank,

@@ -288,19 +288,17 @@ class Library:
         ``LibraryWarning``. Blobs found damaged on the way are rewritten (``NothingAdded`` if that is
         all that happened)."""
         from moerge.experts.peft_format import load_expert_folder
-        from moerge.train.expert import CARD
+        from moerge.train.expert import read_card
 
         check_name(name)
         adapter_dir = Path(adapter_dir)
-        card = {}
         # names, shapes and the base itself (check_base): the one check every command shares
         expert = load_expert_folder(adapter_dir, self.base_source())
-        if (adapter_dir / CARD).is_file():
-            card = json.loads((adapter_dir / CARD).read_text())  # valid JSON: check_base has read it
-            cb = card.get("centroid_base")
-            if cb and cb != self.meta["base_fingerprint"]:
-                raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
-                                  f"library's base: moerge expert embed {adapter_dir} --base {self.meta['base_path']}")
+        card = read_card(adapter_dir)
+        cb = card.get("centroid_base")
+        if cb and cb != self.meta["base_fingerprint"]:
+            raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
+                              f"library's base: moerge expert embed {adapter_dir} --base {self.meta['base_path']}")
         if prompts:
             from moerge.routing.embed import with_task_embedding
 

@@ -28,6 +28,20 @@ CARD = "expert.json"
 MIN_EXAMPLES = 20  # below this, a JSONL file cannot train an expert and still leave rows to validate it on
 
 
+def read_card(folder: str | os.PathLike) -> dict:
+    """The raw ``expert.json`` of a folder as a dict ({} when there is none); malformed is one line."""
+    path = Path(folder) / CARD
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoergeError(f"{path}: not JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
+    if not isinstance(data, dict):
+        raise MoergeError(f"{path}: not a JSON object; fix or delete it")
+    return data
+
+
 @dataclass
 class ExpertCard:
     """What moerge knows of an expert. ``expert train`` fills every field; ``expert extract`` and
@@ -65,16 +79,10 @@ class ExpertCard:
 
     @classmethod
     def read(cls, folder: str | os.PathLike) -> "ExpertCard":
-        path = Path(folder) / CARD
-        if not path.is_file():
+        if not (Path(folder) / CARD).is_file():
             raise MoergeError(f"{folder}: has no {CARD}; train it with `moerge expert train`, or give what the command "
                               "asks for (e.g. --prompts, --data) for an adapter without a card")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise MoergeError(f"{path}: not JSON ({e.msg} at line {e.lineno}); fix or delete it") from None
-        if not isinstance(data, dict):
-            raise MoergeError(f"{path}: not a JSON object; fix or delete it")
+        data = read_card(folder)
         known = {f.name for f in fields(cls)}
         extra = dict(data.pop("extra", {}) or {}) | {k: data.pop(k) for k in list(data) if k not in known}
         return cls(**data, extra=extra)
@@ -269,10 +277,7 @@ def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | No
     if not expert_dir.is_dir():
         raise MoergeError(f"{expert_dir}: no such expert folder")
     path = expert_dir / CARD
-    try:
-        data = json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise MoergeError(f"{path}: not JSON ({e.msg}); fix or delete it") from None
+    data = read_card(expert_dir)
     if prompts is None:
         if not data:
             raise MoergeError(f"{expert_dir}: has no {CARD} saying what it was trained on; give its prompts with --prompts FILE")

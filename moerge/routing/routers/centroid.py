@@ -47,7 +47,6 @@ class CentroidRouter(ExampleRouter):
         self.embedder = SentenceEmbedder(self.embedder_name) if self.embedder_name else None
         self.centroids = []
         for card in routed.cards:
-            name = card.get("name", "?") if card else "?"
             source = (card or {}).get("embeddings", {}).get(self.embedder.id) if self.embedder else card
             c = (source.get("centroids") or ([source["centroid"]] if source.get("centroid") else None)) if source else None
             if not c:
