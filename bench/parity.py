@@ -56,6 +56,29 @@ RECIPES: dict[str, tuple[str, bool]] = {
     "multislerp": ("merge_method: multislerp\ndtype: float32\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 0.3}}\n"
                    "  - model: {ft2}\n    parameters: {{weight: 0.5}}\n  - model: {ft3}\n    parameters: {{weight: 0.2}}\n", False),
     "karcher": ("merge_method: karcher\ndtype: float32\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {ft3}\n", False),
+    "karcher (base_model not listed)": ("merge_method: karcher\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
+                                       "  - model: {ft2}\n", False),
+    "linear (base_model not listed)": ("merge_method: linear\nbase_model: {base}\ndtype: float32\nparameters: {{weight: 0.2}}\n"
+                                      "models:\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n  - model: {ft2}\n"
+                                      "    parameters: {{weight: 0.3}}\n", False),
+    "slerp with an unused weight": ("merge_method: slerp\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {base}\n"
+                                    "    parameters: {{weight: 0.5}}\n  - model: {ft1}\n    parameters: {{weight: 0.5}}\n"
+                                    "parameters: {{t: 0.3}}\n", False),
+    "sce": ("merge_method: sce\nbase_model: {base}\ndtype: float32\nparameters: {{select_topk: 0.5}}\nmodels:\n  - model: {ft1}\n"
+           "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "sce (all positions)": ("merge_method: sce\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
+                           "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "nearswap": ("merge_method: nearswap\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {base}\n  - model: {ft1}\n"
+                 "parameters:\n  t:\n    - filter: mlp\n      value: [0.002, 0.02]\n    - value: 0.008\n", False),
+    "ram": ("merge_method: ram\nbase_model: {base}\ndtype: float32\nparameters: {{epsilon: 0.008}}\nmodels:\n  - model: {ft1}\n"
+           "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "ram (default epsilon)": ("merge_method: ram\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
+                             "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: {base}\ndtype: float32\nparameters: {{r: 0.5, alpha: 0.5, epsilon: 0.015}}\nmodels:\n  - model: {ft1}\n"
+                  "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "ramplus_tl (defaults)": ("merge_method: ramplus_tl\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
+                             "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "arcee_fusion": ("merge_method: arcee_fusion\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {base}\n  - model: {ft1}\n", False),
     "passthrough (slices)": (
         "merge_method: passthrough\ndtype: float32\nslices:\n  - sources:\n      - model: {ft1}\n        layer_range: [0, 3]\n"
         "  - sources:\n      - model: {ft2}\n        layer_range: [1, 4]\n", False),

@@ -5,6 +5,9 @@ The Python API is what the CLI wraps::
     import moerge
     moerge.merge("recipe.yaml", "out/")             # a mergekit-style recipe, path or text or Recipe
     plan = moerge.plan("recipe.yaml"); print(plan.summary())
+
+A file of several YAML documents (mergekit-multi's form) is a MultiRecipe: ``merge`` runs its stages
+in dependency order and ``plan`` returns a MultiPlan (every stage, in run order).
 """
 
 from __future__ import annotations
@@ -19,18 +22,23 @@ from moerge.errors import MoergeError
 
 if TYPE_CHECKING:
     from moerge.engine.executor import MergeResult
+    from moerge.engine.multi import MultiPlan, MultiRecipe
     from moerge.engine.plan import Plan
     from moerge.engine.recipe import Recipe
 
 
-def load_recipe(recipe: "str | os.PathLike | dict | Recipe") -> "Recipe":
-    """A Recipe from a YAML path, YAML text, a dict, or a Recipe."""
+def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe") -> "Recipe | MultiRecipe":
+    """A Recipe from a YAML path, YAML text, a dict, or a Recipe; a MultiRecipe from a file or text of
+    several YAML documents (mergekit-multi's form) or a list of dicts or Recipes (one per stage)."""
     import yaml
 
-    from moerge.engine.recipe import Recipe, load_recipe as _load, parse_recipe
+    from moerge.engine import multi
+    from moerge.engine.recipe import Recipe, parse_recipe
 
-    if isinstance(recipe, Recipe):
+    if isinstance(recipe, (Recipe, multi.MultiRecipe)):
         return recipe
+    if isinstance(recipe, (list, tuple)):
+        return multi.from_list(list(recipe))
     if isinstance(recipe, dict):
         try:
             text = yaml.safe_dump(recipe)
@@ -40,16 +48,21 @@ def load_recipe(recipe: "str | os.PathLike | dict | Recipe") -> "Recipe":
         return parse_recipe(text, "<recipe>")
     text = str(recipe)
     if "\n" in text or "merge_method" in text:
-        return parse_recipe(text, "<recipe>")
-    return _load(Path(text))
+        return multi.parse(text, "<recipe>")
+    return multi.load(Path(text))
 
 
-def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None) -> "Plan":
+def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None) -> "Plan | MultiPlan":
     """Validate a recipe against its inputs (headers only) and return the per-tensor plan.
-    ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".")."""
+    ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".").
+    A multi-document recipe gives a MultiPlan: its stages in run order, each planned (later ones on
+    the earlier ones' expected outputs); ``.stages[i].plan``, ``.summary()``."""
+    from moerge.engine.multi import MultiRecipe, plan_stages
     from moerge.engine.plan import build_plan
 
     r = load_recipe(recipe)
+    if isinstance(r, MultiRecipe):
+        return plan_stages(r, seed=seed, library=library)
     if seed is not None:
         r = r.model_copy(update={"seed": seed})
     return build_plan(r, library)
@@ -57,11 +70,22 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
 
 def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
           workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
-          library: "str | os.PathLike | None" = None) -> "MergeResult":
-    """Merge the models a recipe names into ``out_dir`` (created atomically)."""
+          library: "str | os.PathLike | None" = None,
+          keep_intermediates: "str | os.PathLike | None" = None) -> "MergeResult":
+    """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
+    runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
+    or to ``keep_intermediates/NAME``; only the final stage writes ``out_dir``."""
     from moerge.engine.executor import execute
+    from moerge.engine.multi import MultiRecipe, run_stages
 
-    return execute(plan(recipe, seed=seed, library=library), out_dir, overwrite=overwrite, workers=workers,
+    r = load_recipe(recipe)
+    if isinstance(r, MultiRecipe):
+        return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
+                          workers=workers, shard_size=shard_size, progress=progress, library=library)
+    if keep_intermediates is not None:
+        raise MoergeError("keep_intermediates: the recipe has one stage (one YAML document), so there are no "
+                          "intermediate outputs to keep; drop it")
+    return execute(plan(r, seed=seed, library=library), out_dir, overwrite=overwrite, workers=workers,
                    shard_size=shard_size, progress=progress)
 
 

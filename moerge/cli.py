@@ -37,11 +37,33 @@ def _fail(e: MoergeError) -> None:
 
 @contextmanager
 def _user_errors():
-    """A user-caused failure becomes one error line and exit code 1."""
-    try:
-        yield
-    except MoergeError as e:
-        _fail(e)
+    """A user-caused failure becomes one error line and exit code 1; each MoergeWarning raised inside
+    (input accepted but not used as written) becomes one ``warning:`` line. Yields the warnings."""
+    import warnings
+
+    from moerge.errors import MoergeWarning
+
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", MoergeWarning)
+        try:
+            yield notes
+        except MoergeError as e:
+            _warn(notes)
+            _fail(e)
+    _warn(notes)
+
+
+def _warn(notes) -> None:
+    from rich.markup import escape
+
+    from moerge.errors import MoergeWarning
+
+    seen = set()
+    for w in notes:
+        text = str(w.message)
+        if issubclass(w.category, MoergeWarning) and text not in seen:
+            seen.add(text)
+            err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _set_threads(value: Optional[int]) -> Optional[int]:
@@ -92,21 +114,47 @@ def merge(
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker threads (default: cores, at most 4)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     library: Optional[Path] = typer.Option(None, "--library", help="Where library://NAME@V models live (default: $MOERGE_LIBRARY, else .)."),
+    keep_intermediates: Optional[Path] = typer.Option(None, "--keep-intermediates", metavar="DIR", help="Multi-document "
+                                                      "recipes: keep each intermediate stage's output in DIR/NAME "
+                                                      "(default: a temporary folder beside OUT_DIR, removed afterwards)."),
 ) -> None:
-    """Merge the models a recipe names into OUT_DIR."""
+    """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
+    form) runs its stages in dependency order; only the final one writes OUT_DIR."""
     import moerge
+    from moerge.engine.multi import MultiRecipe, plan_stages, run_stages
 
+    stages = 0
     with _user_errors():
-        plan = moerge.plan(recipe, seed=seed, library=library)
-        if dry_run:
-            out.print(plan.summary(), highlight=False)
-            return
-        from moerge.engine.executor import execute
+        r = moerge.load_recipe(recipe)
+        if isinstance(r, MultiRecipe):
+            stages = len(r.stages)
+            if dry_run:
+                out.print(plan_stages(r, seed=seed, library=library, keep=keep_intermediates is not None).summary(),
+                          highlight=False)
+                return
 
-        res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
-                      progress=not quiet)
+            def announce(i, n, stage, dest) -> None:
+                if not quiet:
+                    err.print(f"[{i + 1}/{n}] {stage.label} -> {dest}", highlight=False, soft_wrap=True)
+
+            res = run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
+                             workers=workers, shard_size=out_shard_size, progress=not quiet, library=library,
+                             on_stage=announce)
+        else:
+            if keep_intermediates is not None:
+                raise MoergeError(f"--keep-intermediates: {recipe} is a single recipe (one YAML document), so there "
+                                  "are no intermediate stages to keep; drop the option")
+            plan = moerge.plan(r, seed=seed, library=library)
+            if dry_run:
+                out.print(plan.summary(), highlight=False)
+                return
+            from moerge.engine.executor import execute
+
+            res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
+                          progress=not quiet)
     if not quiet:
-        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s", highlight=False)
+        also = f" ({stages} stages)" if stages else ""
+        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}", highlight=False)
 
 
 @app.command()
@@ -188,23 +236,15 @@ def library_add(
     library: Optional[Path] = LIBRARY,
 ) -> None:
     """Check an adapter against the library's base and store it as NAME@<next version>."""
-    import warnings
-
-    from rich.markup import escape
-
-    from moerge.library import LibraryWarning, NothingAdded
+    from moerge.library import NothingAdded
     from moerge.routing.embed import read_prompts
 
-    with _user_errors(), warnings.catch_warnings(record=True) as notes:
-        warnings.simplefilter("always", LibraryWarning)
+    with _user_errors() as notes:
         if embedder and not prompts:
             raise MoergeError("--embedder embeds the prompts given with --prompts FILE; give both")
         entry = _library(library).add(adapter_dir, name, task=task, tags=[t for t in tags.split(",") if t],
                                       contributor=contributor, license=license,
                                       prompts=read_prompts(prompts) if prompts else None, embedder=embedder)
-    notes = [w for w in notes if issubclass(w.category, LibraryWarning)]
-    for w in notes:
-        err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
     if not any(issubclass(w.category, NothingAdded) for w in notes):
         out.print(f"added {entry.ref} ({entry.kind}, {entry.nbytes / 1e6:.2f} MB)", highlight=False)
 

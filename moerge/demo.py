@@ -41,8 +41,9 @@ def routers() -> tuple[list, str | None]:
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
     params = MERGES[method]
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
-    # for linear, base_model only supplies the config and tokenizer: the experts (base+LoRA) are averaged
-    return {"merge_method": method, "base_model": str(base), "models": models, "dtype": "float32", "seed": seed}
+    # linear averages the experts (base+LoRA) alone: a base_model would join the average, as in mergekit
+    return {"merge_method": method, **({} if method == "linear" else {"base_model": str(base)}), "models": models,
+            "dtype": "float32", "seed": seed}
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,

@@ -7,3 +7,8 @@ a single line naming the culprit and the fix; the CLI prints it and exits non-ze
 
 class MoergeError(Exception):
     """A user-facing error: one line that names the file or key and how to fix it."""
+
+
+class MoergeWarning(UserWarning):
+    """A one-line notice about input that is accepted but not used as written (a parameter the method
+    ignores, the same tensors under another name); the CLI prints it as ``warning: ...``."""

@@ -24,7 +24,8 @@ def recipe_for(method, tiny):
         "karcher": {}, "model_stock": {}, "passthrough": {}, "slerp": {},
     }.get(method, {"weight": 0.5, "density": 0.6})
     models = [f1] if method in ("slerp", "passthrough") else ([f1, f2] if method == "nuslerp" else [f1, f2, f3])
-    r = {"merge_method": method, "base_model": base,
+    # linear and passthrough have no base: a base_model not under models: would join them as an input
+    r = {"merge_method": method, **({} if method in ("linear", "passthrough") else {"base_model": base}),
          "models": [{"model": m, **({"parameters": params} if params else {})} for m in models]}
     if method == "slerp":
         r["parameters"] = {"t": 0.4}
@@ -365,3 +366,31 @@ def test_saved_recipe_pins_hub_ids_to_the_snapshot_commit(tiny, tmp_path, monkey
     again = moerge.merge(res.out_dir / "moerge_recipe.yaml", tmp_path / "again")
     a, b = sd(res.out_dir), sd(again.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_base_model_not_under_models_joins_methods_without_a_base_as_mergekit_does(tiny, tmp_path):
+    """mergekit adds base_model to the inputs of linear and karcher when models: does not list it."""
+    import warnings
+
+    from moerge.errors import MoergeWarning
+
+    base, f1, f2 = (str(tiny[k]) for k in ("base", "ft1", "ft2"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        joined = sd(moerge.merge({"merge_method": "karcher", "base_model": base, "models": [{"model": f1}, {"model": f2}]},
+                                 tmp_path / "k1").out_dir)
+    assert any(issubclass(w.category, MoergeWarning) and "joins the karcher merge" in str(w.message) for w in caught)
+    listed = sd(moerge.merge({"merge_method": "karcher", "models": [{"model": f1}, {"model": f2}, {"model": base}]},
+                             tmp_path / "k2").out_dir)
+    without = sd(moerge.merge({"merge_method": "karcher", "models": [{"model": f1}, {"model": f2}]}, tmp_path / "k3").out_dir)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(joined[name], listed[name])
+    assert not torch.allclose(joined[name], without[name])
+    # linear: the base takes the top-level weight; without one the line says how to give it
+    lin = {"merge_method": "linear", "base_model": base, "models": [{"model": f1, "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MoergeError, match=r"joins the linear merge as an input and needs 'weight'"):
+        moerge.plan(lin)
+    out = sd(moerge.merge(lin | {"parameters": {"weight": 3.0}}, tmp_path / "l").out_dir)
+    torch.testing.assert_close(out[name], (sd(tiny["ft1"])[name] + 3 * sd(tiny["base"])[name]) / 4)
+    with pytest.raises(MoergeError, match="passthrough takes 1 model"):
+        moerge.plan({"merge_method": "passthrough", "base_model": base, "models": [{"model": f1}]})

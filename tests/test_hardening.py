@@ -100,7 +100,8 @@ def test_every_command_that_applies_an_adapter_refuses_one_made_for_another_base
     fails_with(["eval", other_base, "--adapter", expert, "--tasks", "sort", "--n", "2"], why)
     with pytest.raises(MoergeError, match=why):
         load_expert(other_base, expert)
-    recipe = {"merge_method": "linear", "base_model": str(other_base), "models": [{"model": f"{other_base}+{expert}", "parameters": {"weight": 1.0}}]}
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(other_base),
+              "models": [{"model": f"{other_base}+{expert}", "parameters": {"weight": 1.0}}]}
     with pytest.raises(MoergeError, match=why):
         moerge.plan(recipe)
     fails_with(["expert", "combine", expert, "--base", other_base, "--out", tmp_path / "c"], why)
@@ -255,3 +256,15 @@ def test_a_recipe_dict_holding_an_unrepresentable_value_is_a_user_error():
 
     with pytest.raises(MoergeError, match="holds a value a recipe cannot have"):
         moerge.plan({"merge_method": "linear", "models": [{"model": object()}]})
+
+
+def test_a_parameter_the_method_does_not_use_is_a_warning_line_and_a_typo_an_error(tiny, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {tiny['base']}\nmodels:\n  - model: {tiny['base']}\n"
+                      f"    parameters: {{weight: 0.5}}\n  - model: {tiny['ft1']}\nparameters: {{t: 0.5}}\n")
+    res = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    warnings = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]
+    assert warnings == [f"warning: {recipe}: line 5: models[0].parameters.weight: slerp does not use 'weight'; ignored"]
+    recipe.write_text(recipe.read_text().replace("{t: 0.5}", "{t: 0.5, lamda: 1}"))
+    fails_with(["merge", recipe, tmp_path / "out2"], "parameters.lamda: unknown parameter; did you mean 'lambda'?")

@@ -264,7 +264,7 @@ def test_a_damaged_blob_is_refused_wherever_it_is_read(lib, experts, tmp_path, h
     res = cli("library", "export", "rev@1", str(tmp_path / "out"), "--library", str(lib.root))
     assert res.returncode == 1 and re.search(line, res.stderr) and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-    recipe = {"merge_method": "linear", "base_model": str(base_model.default_base()),
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(base_model.default_base()),
               "models": [{"model": "library://rev@1", "parameters": {"weight": 1.0}}]}
     with pytest.raises(MoergeError, match=line):
         moerge.merge(recipe, tmp_path / "merged", library=lib.root)

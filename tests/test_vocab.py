@@ -53,7 +53,9 @@ def test_vocabularies_that_differ_are_refused_without_a_tokenizer_setting(vocab_
 def test_tokenizer_source_base_aligns_every_row_by_token(vocab_models, tmp_path):
     from transformers import AutoModelForCausalLM
 
+    # the base is not under models: so, as in mergekit, it joins the linear merge (here with weight 0)
     recipe = {"merge_method": "linear", "base_model": str(vocab_models["base"]), "tokenizer_source": "base",
+              "parameters": {"weight": 0.0},
               "models": [{"model": str(vocab_models["a"]), "parameters": {"weight": 1.0}},
                          {"model": str(vocab_models["b"]), "parameters": {"weight": 3.0}}]}
     out, sd, vocab = merged(tmp_path, recipe)
@@ -106,7 +108,7 @@ def test_tokenizer_source_a_model_and_shared_tokens_missing_from_one_input(vocab
 
 def test_tokenizer_block_rules_force_zero_model_token_and_padding(vocab_models, tmp_path):
     a, b, base = (str(vocab_models[k]) for k in ("a", "b", "base"))
-    recipe = {"merge_method": "linear", "base_model": base,
+    recipe = {"merge_method": "linear", "base_model": base, "parameters": {"weight": 0.0},
               "tokenizer": {"source": "union", "pad_to_multiple_of": 8, "tokens": {
                   "<|im_start|>": {"source": {"kind": "zero"}, "force": True},
                   "<|im_end|>": {"source": {"kind": "model_token", "model": b, "token": "</s>"}},

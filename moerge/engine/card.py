@@ -8,6 +8,7 @@ can tell what the model was made from and re-run it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from moerge.io.fingerprint import fingerprint
 if TYPE_CHECKING:
     from moerge.io.writer import ShardedWriter
     from moerge.engine.plan import Plan
+    from moerge.engine.recipe import Recipe
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -53,6 +55,68 @@ def card_text(plan: "Plan", inputs: list[dict]) -> str:
     )
 
 
+@dataclass
+class StageRecord:
+    """An earlier stage of a multi-document recipe, as merged (engine/multi.py): a plan that is a later
+    stage carries them, in run order, as ``plan.chain``, and its card and ``moerge_recipe.yaml`` then
+    record every stage, so re-running the saved recipe rebuilds the whole chain."""
+
+    name: str
+    recipe: "Recipe"  # pinned (plan.pinned_recipe); other stages are referred to by name
+    method: str  # as the card names it
+    inputs: list[dict]  # lineage(plan): a stage's output is listed under its stage name
+
+
+def _is_stage(ref: str, names: set[str]) -> bool:
+    return ref.partition("+")[0] in names
+
+
+def stage_yaml(recipe: "Recipe") -> str:
+    """One stage's YAML document, its ``name:`` first (as mergekit-multi's examples write it)."""
+    if recipe.name is None:
+        return recipe.to_yaml()
+    return yaml.safe_dump({"name": recipe.name}) + recipe.model_copy(update={"name": None}).to_yaml()
+
+
+def chain_recipe(plan: "Plan", chain: list[StageRecord]) -> str:
+    """Every stage's pinned recipe, one YAML document each, in run order (this stage last)."""
+    return "---\n".join([stage_yaml(s.recipe) for s in chain] + [stage_yaml(plan.pinned_recipe)])
+
+
+def chain_card_text(plan: "Plan", inputs: list[dict], chain: list[StageRecord]) -> str:
+    """The card of a multi-stage merge: every stage, the models outside the chain with fingerprints,
+    the fingerprints of the intermediate outputs as they were read, and the whole recipe."""
+    r = plan.pinned_recipe
+    names = {s.name for s in chain}
+    stages = chain + [StageRecord(r.name or "(final)", r, plan.method.pretty or plan.method.name, inputs)]
+    external: dict[str, str] = {}
+    produced: dict[str, str] = {}
+    for s in stages:
+        for m in s.inputs:
+            (produced if _is_stage(m["model"], names) else external).setdefault(m["model"], m["fingerprint"])
+    front = {
+        "base_model": list(external),
+        "library_name": "transformers",
+        "tags": ["merge", "moerge", *dict.fromkeys(s.recipe.merge_method for s in stages)],
+    }
+    steps = "\n".join(f"| {i} | `{s.name}` | {s.method} | " + ", ".join(f"`{m['model']}`" for m in s.inputs) + " |"
+                      for i, s in enumerate(stages, 1))
+    rows = "\n".join(f"| `{k}` | `{v}` |" for k, v in external.items())
+    mids = "\n".join(f"| `{k}` | `{v}` |" for k, v in produced.items())
+    return (
+        "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n\n"
+        f"# {r.name or 'Merged model'}\n\n"
+        f"Merged with [moerge](https://pypi.org/project/moerge/) {__version__} in {len(stages)} stages (a multi-document "
+        "recipe, run as mergekit-multi runs it: each stage's output is an input of a later one); the last uses "
+        f"**{plan.method.pretty or plan.method.name}**" + (f" ({plan.method.reference})" if plan.method.reference else "") + ".\n\n"
+        "## Stages\n\n| # | stage | method | inputs |\n|---|---|---|---|\n" + steps + "\n\n"
+        "## Inputs\n\n| model | fingerprint |\n|---|---|\n" + rows + "\n\n"
+        "## Intermediate outputs\n\n| stage | fingerprint |\n|---|---|\n" + mids + "\n\n"
+        "## Recipe\n\nRe-run every stage with `moerge merge moerge_recipe.yaml OUT_DIR` (`--keep-intermediates DIR` "
+        "keeps the intermediate outputs).\n\n```yaml\n" + chain_recipe(plan, chain) + "```\n"
+    )
+
+
 def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
     if plan.config is not None:
         writer.add_file("config.json", json.dumps(plan.config, indent=2) + "\n")
@@ -76,6 +140,11 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
     if plan.recipe.chat_template:
         _set_chat_template(writer, plan.recipe.chat_template)
     inputs = lineage(plan)
+    chain = getattr(plan, "chain", None)  # a later stage of a multi-document recipe: record the whole chain
+    if chain:
+        writer.add_file("moerge_recipe.yaml", chain_recipe(plan, chain))
+        writer.add_file("README.md", chain_card_text(plan, inputs, chain))
+        return
     writer.add_file("moerge_recipe.yaml", plan.pinned_recipe.to_yaml())  # re-running it reproduces this merge
     writer.add_file("README.md", card_text(plan, inputs))
 

@@ -318,6 +318,8 @@ class Planner:
         entries = [(m.model, m.parameters) for m in r.models or []]
         if base_ref:
             entries = [e for e in entries if e[0] != base_ref]
+        elif r.base_model and r.base_model not in [ref for ref, _ in entries]:
+            self._base_joins(entries)
         self._check_counts(len(entries), "models", base_ref is not None)
         ref_model = self.model(base_ref) if base_ref else None
         for ref, _ in entries:
@@ -329,6 +331,29 @@ class Planner:
             t = (int(lm["idx"]) / (n_layers - 1) if n_layers > 1 else 1.0) if lm else 0.0
             self.add(name, [(ref, name, own) for ref, own in entries],
                      (base_ref, name) if base_ref else None, [r.parameters], t, f"tensor {name}")
+
+    def _base_joins(self, entries: list) -> None:
+        """A method that has no base (linear, karcher) given a base_model that is not under models:
+        mergekit adds the base as one more input, so moerge does too (outputs match); its per-model
+        parameters come from the recipe's top level. passthrough copies one input, so mergekit fails
+        there; moerge says why instead."""
+        import warnings
+
+        from moerge.errors import MoergeWarning
+
+        r = self.recipe
+        if self.method.max_inputs is not None and len(entries) + 1 > self.method.max_inputs:
+            raise MoergeError(f"base_model: {self.method.name} takes {self.method.max_inputs} model(s), and mergekit adds a "
+                              f"base_model that is not under models: as one more input; remove base_model or list only it")
+        missing = [p.name for p in self.method.params if p.per_input and p.required and p.name not in (r.parameters or {})]
+        if missing:
+            raise MoergeError(f"base_model: {r.base_model} is not under models:, so (as in mergekit) it joins the "
+                              f"{self.method.name} merge as an input and needs '{missing[0]}'; list it under models with its "
+                              f"parameters, set {missing[0]} at the top level, or remove base_model")
+        entries.append((r.base_model, None))
+        note = (f"base_model {r.base_model} joins the {self.method.name} merge as an input (it is not under models:; "
+                "mergekit adds it the same way)")
+        warnings.warn(note, MoergeWarning, stacklevel=2)
 
     def plan_slices(self) -> dict[str, Any]:
         r = self.recipe
@@ -438,5 +463,5 @@ def _relayer(config: dict, layout: dict, planner: Planner) -> None:
 
 
 def build_plan(recipe: Recipe, library: str | os.PathLike | None = None) -> Plan:
-    check_parameters(recipe, "<recipe>", {})  # a Recipe built in Python has not been through parse_recipe
+    check_parameters(recipe, "<recipe>", {}, warn=False)  # a Recipe built in Python has not been through parse_recipe
     return Planner(recipe, library=library).build()

@@ -500,8 +500,15 @@ def check_value(param, value: Any) -> Any:
     return checked
 
 
-def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> None:
-    """Refuse unknown parameter names and out-of-range values, naming the key path and line."""
+def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], warn: bool = True) -> None:
+    """Refuse out-of-range values and names no method uses (with a did-you-mean), naming the key path
+    and line. A parameter of another method (mergekit's own configs put ``weight`` on slerp) is
+    accepted, as mergekit accepts it, with one ``MoergeWarning`` saying the method ignores it."""
+    import difflib
+    import warnings
+
+    from moerge.errors import MoergeWarning
+
     method = registry.get(recipe.merge_method)
     scopes: list[tuple[tuple, Parameters | None, bool]] = [(("parameters",), recipe.parameters, False)]
     for i, m in enumerate(recipe.models or []):
@@ -517,8 +524,14 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int]) -> No
             here = path + (name,)
             if param is None:
                 line = lines.get(here)
+                at = f"{source}:{f' line {line}' if line else ''}: {format_path(here)}"
+                if name in registry.all_param_names():
+                    if warn:
+                        warnings.warn(f"{at}: {method.name} does not use '{name}'; ignored", MoergeWarning, stacklevel=2)
+                    continue
+                close = difflib.get_close_matches(str(name), known + sorted(registry.all_param_names()), n=1)
                 hint = f"{method.name} takes: {', '.join(known)}" if known else f"{method.name} takes no parameters"
-                raise MoergeError(f"{source}:{f' line {line}' if line else ''}: {format_path(here)}: unknown parameter ({hint})")
+                raise MoergeError(f"{at}: unknown parameter" + (f"; did you mean '{close[0]}'?" if close else "") + f" ({hint})")
             for sub, value in _scalars(setting):
                 try:
                     check_value(param, value)

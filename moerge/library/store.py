@@ -37,7 +37,7 @@ from typing import Iterator
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import MoergeError, MoergeWarning
 from moerge.train.expert import ADAPTERS, ALIASES
 
 FORMAT = 1
@@ -92,7 +92,7 @@ def split_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version) if version else None
 
 
-class LibraryWarning(UserWarning):
+class LibraryWarning(MoergeWarning):
     """A one-line notice from ``Library.add`` (the same tensors under another name, blobs repaired);
     the CLI prints it."""
 

@@ -142,9 +142,21 @@ def names() -> list[str]:
     return sorted(_METHODS)
 
 
+# parameters of mergekit's methods that no moerge method takes (none now): a recipe written for one
+# of them is accepted with a warning, not refused as a typo
+MERGEKIT_ONLY_PARAMS: frozenset[str] = frozenset()
+
+
+def all_param_names() -> frozenset[str]:
+    """Every parameter name some merge method takes (moerge's or mergekit's): a name outside it is a typo."""
+    _load_builtins()
+    return frozenset(p.name for m in _METHODS.values() for p in m.params) | MERGEKIT_ONLY_PARAMS
+
+
 def _load_builtins() -> None:
     # importing the modules registers their methods
-    from moerge.methods import karcher, linear, model_stock, multislerp, passthrough, slerp, task_arithmetic  # noqa: F401
+    from moerge.methods import (arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, passthrough, ram,  # noqa: F401
+                                sce, slerp, task_arithmetic)
 
 
 def compute_dtype(dtypes) -> torch.dtype:
