@@ -74,8 +74,8 @@ RECIPES: dict[str, tuple[str, bool]] = {
            "  - model: {ft2}\n  - model: {ft3}\n", False),
     "ram (default epsilon)": ("merge_method: ram\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
                              "  - model: {ft2}\n  - model: {ft3}\n", False),
-    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: {base}\ndtype: float32\nparameters: {{r: 0.5, alpha: 0.5, epsilon: 0.015}}\nmodels:\n  - model: {ft1}\n"
-                  "  - model: {ft2}\n  - model: {ft3}\n", False),
+    "ramplus_tl": ("merge_method: ramplus_tl\nbase_model: {base}\ndtype: float32\nparameters: {{r: 0.5, alpha: 0.5, epsilon: 0.015}}\n"
+                   "models:\n  - model: {ft1}\n  - model: {ft2}\n  - model: {ft3}\n", False),
     "ramplus_tl (defaults)": ("merge_method: ramplus_tl\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {ft1}\n"
                              "  - model: {ft2}\n  - model: {ft3}\n", False),
     "arcee_fusion": ("merge_method: arcee_fusion\nbase_model: {base}\ndtype: float32\nmodels:\n  - model: {base}\n  - model: {ft1}\n", False),

@@ -23,11 +23,12 @@ def recipe_for(method, tiny):
         "linear": {"weight": 1.0}, "multislerp": {"weight": 1.0}, "nuslerp": {"weight": 1.0},
         "karcher": {}, "model_stock": {}, "passthrough": {}, "slerp": {},
     }.get(method, {"weight": 0.5, "density": 0.6})
-    models = [f1] if method in ("slerp", "passthrough") else ([f1, f2] if method == "nuslerp" else [f1, f2, f3])
+    one = ("slerp", "passthrough", "nearswap", "arcee_fusion")  # methods that take one model besides the base
+    models = [f1] if method in one else ([f1, f2] if method == "nuslerp" else [f1, f2, f3])
     # linear and passthrough have no base: a base_model not under models: would join them as an input
     r = {"merge_method": method, **({} if method in ("linear", "passthrough") else {"base_model": base}),
          "models": [{"model": m, **({"parameters": params} if params else {})} for m in models]}
-    if method == "slerp":
+    if method in ("slerp", "nearswap"):
         r["parameters"] = {"t": 0.4}
     return r
 

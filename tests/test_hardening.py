@@ -268,3 +268,24 @@ def test_a_parameter_the_method_does_not_use_is_a_warning_line_and_a_typo_an_err
     assert warnings == [f"warning: {recipe}: line 5: models[0].parameters.weight: slerp does not use 'weight'; ignored"]
     recipe.write_text(recipe.read_text().replace("{t: 0.5}", "{t: 0.5, lamda: 1}"))
     fails_with(["merge", recipe, tmp_path / "out2"], "parameters.lamda: unknown parameter; did you mean 'lambda'?")
+
+
+def test_routing_a_library_leaves_full_fine_tunes_out_with_a_warning(expert, tmp_path):
+    import warnings
+
+    from moerge.errors import MoergeWarning
+    from moerge.library import Library
+    from moerge.routing import load_routed
+
+    train_expert(tmp_path / "full", task="reverse", adapter="full", steps=2, n_train=16, batch_size=8, progress=False)
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    lib.add(expert, "sort")
+    lib.add(tmp_path / "full", "rev")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        routed = load_routed("uniform", library=lib.root)
+    assert routed.names == ["sort@1"]
+    assert [str(w.message) for w in caught if issubclass(w.category, MoergeWarning)] == [
+        "rev@1 left out: full fine-tunes are merged, not routed"]
+    with pytest.raises(MoergeError, match="rev@1: a full fine-tune; routers mix adapters"):
+        load_routed("uniform", library=lib.root, experts=["sort", "rev"])

@@ -55,7 +55,7 @@ def test_mergekit_recipe_parses_and_round_trips():
     ("- just\n- a list\n", r"a recipe is a YAML mapping"),
     ("merge_method: passthrough\nslices:\n  - sources:\n      - model: a\n        layer_range: [4, 2]\n", r"line 5: slices\[0\]\.sources\[0\]\.layer_range: must be"),
     ("merge_method: della\nmodels: [{model: a, parameters: {epsilon: 0.7}}]\n", r"epsilon: must be in \[0, 0.5\)"),
-    ("merge_method: ties\nmodels: [{model: a}]\nchat_template: llama9\n", r"chat_template: give a Jinja template or 'chatml'"),
+    ("merge_method: ties\nmodels: [{model: a}]\nchat_template: llama9\n", r"chat_template: unknown chat template 'llama9'; give a Jinja template, auto, or one of alpaca, chatml"),
     # found by fuzzing (tests/test_recipe_fuzz.py): each used to escape as a raw Python exception
     ("merge_method: passthrough\nslices: []\n", r"line 2: slices: is empty; give at least one slice"),
     ("merge_method: ties\nmodels: &a [*a]\n", r"models\[0\]"),

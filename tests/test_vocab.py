@@ -143,3 +143,40 @@ def test_bad_tokenizer_blocks_are_one_line(vocab_models, block, why):
         moerge.plan(recipe)
     with pytest.raises(MoergeError, match="not both"):
         moerge.plan(recipe | {"tokenizer": {"source": "union"}, "tokenizer_source": "base"})
+
+
+@pytest.mark.parametrize("name, marker", [("chatml", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"),
+                                          ("llama3", "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"),
+                                          ("mistral", "[INST] be brief\n\nhi [/INST]"),
+                                          ("alpaca", "### Instruction:\nhi\n\n### Response:\n"),
+                                          ("exaone", "[|user|]hi\n[|assistant|]")])
+def test_named_chat_templates_render_their_format(vocab_models, tmp_path, name, marker):
+    from transformers import AutoTokenizer
+
+    out = moerge.merge({"merge_method": "linear", "chat_template": name,
+                        "models": [{"model": str(vocab_models["base"]), "parameters": {"weight": 1.0}}]}, tmp_path / name).out_dir
+    tok = AutoTokenizer.from_pretrained(out)
+    text = tok.apply_chat_template([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+                                   tokenize=False, add_generation_prompt=True)
+    assert marker in text
+
+
+def test_chat_template_auto_takes_the_template_most_inputs_carry(vocab_models, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from moerge.engine.chat_templates import TEMPLATES
+
+    folders = []
+    for i, template in enumerate(["llama3", "chatml", "chatml"]):
+        f = tmp_path / f"m{i}"
+        shutil.copytree(vocab_models["base"], f)
+        cfg = json.loads((f / "tokenizer_config.json").read_text())
+        (f / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": TEMPLATES[template]}))
+        folders.append(f)
+    recipe = {"merge_method": "linear", "chat_template": "auto",
+              "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in folders]}
+    out = moerge.merge(recipe, tmp_path / "out").out_dir
+    assert AutoTokenizer.from_pretrained(out).chat_template == TEMPLATES["chatml"]

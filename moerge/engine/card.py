@@ -2,7 +2,8 @@
 
 The card's YAML front matter uses the hub's fields (base_model, tags, library_name) so a published
 merge is indexed as one; its body holds the exact recipe and a fingerprint of every input, so anyone
-can tell what the model was made from and re-run it.
+can tell what the model was made from and re-run it. The last stage of a multi-document recipe records
+every stage it depends on (``StageRecord``, ``chain_card_text``).
 """
 
 from __future__ import annotations
@@ -25,10 +26,6 @@ if TYPE_CHECKING:
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
     "merges.txt", "added_tokens.json", "vocab.txt", "chat_template.jinja", "chat_template.json",
-)
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
 
@@ -138,7 +135,11 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
             if (tok / name).is_file():
                 writer.copy_file(tok / name)
     if plan.recipe.chat_template:
-        _set_chat_template(writer, plan.recipe.chat_template)
+        from moerge.engine.chat_templates import resolve
+
+        template = resolve(plan.recipe.chat_template, [m.folder for m in plan.models])
+        if template:  # auto with no input carrying a template: the tokenizer keeps its own
+            _set_chat_template(writer, template)
     inputs = lineage(plan)
     chain = getattr(plan, "chain", None)  # a later stage of a multi-document recipe: record the whole chain
     if chain:
@@ -150,8 +151,6 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
 
 
 def _set_chat_template(writer: "ShardedWriter", template: str) -> None:
-    if template == "chatml":  # the recipe validator allows only this name or a Jinja text
-        template = CHATML
     path: Path = writer.tmp / "tokenizer_config.json"
     cfg = json.loads(path.read_text()) if path.is_file() else {}
     cfg["chat_template"] = template

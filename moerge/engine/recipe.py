@@ -254,9 +254,9 @@ class Recipe(Strict):
     @field_validator("chat_template")
     @classmethod
     def _template(cls, v):
-        if v is not None and v != "chatml" and "{" not in v:
-            raise ValueError("give a Jinja template or 'chatml'")
-        return v
+        from moerge.engine.chat_templates import check
+
+        return v if v is None else check(v)
 
     @field_validator("merge_method")
     @classmethod
@@ -459,17 +459,21 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_recipe_text(path: str | Path) -> str:
+    """A recipe file's text; a missing, unreadable or wrong path is one line."""
     p = Path(path)
     try:
-        text = p.read_text()
+        return p.read_text()
     except FileNotFoundError:
         raise MoergeError(f"{p}: no such recipe file; check the path") from None
     except IsADirectoryError:
         raise MoergeError(f"{p}: is a folder, not a recipe file; give the recipe's YAML file") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:  # ValueError: a NUL byte in the path
         raise MoergeError(f"{_show(str(p))}: cannot read the recipe ({e}); check the path") from None
-    return parse_recipe(text, str(p))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_recipe_text(path), str(path))
 
 
 def _scalars(setting: Setting):

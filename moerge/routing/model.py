@@ -130,7 +130,22 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
 
         lib = Library.open(library)
         entries = [lib.get(r) for r in experts] if experts else lib.experts(latest=True)
+        full = [e.ref for e in entries if e.kind == "full"]
+        if full and experts:
+            raise MoergeError(f"{full[0]}: a full fine-tune; routers mix adapters (LoRA, DoRA, (IA)3), so give adapters "
+                              "only (merge full fine-tunes with `moerge merge`)")
+        if full:  # routing among "the library's latest experts": the adapters among them
+            import warnings
+
+            from moerge.errors import MoergeWarning
+
+            warnings.warn(f"{', '.join(full)} left out: full fine-tunes are merged, not routed", MoergeWarning, stacklevel=2)
+            entries = [e for e in entries if e.kind != "full"]
+        if not entries:
+            raise MoergeError(f"{lib.root}: has no adapter experts to route among; add some with `moerge library add`")
         loaded = [lib.load(e.ref) for e in entries]
+        for e, x in zip(entries, loaded):
+            x.path = Path(f"library:{e.ref}")  # how the mixture names it in messages
         cards = [dict(e.card) | {"task": e.task, "name": e.ref, "gates": lib.gates(e.ref)} for e in entries]
         base_dir = Path(lib.meta["base_path"])
     else:
