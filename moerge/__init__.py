@@ -35,8 +35,12 @@ def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe"
     from moerge.engine import multi
     from moerge.engine.recipe import Recipe, parse_recipe
 
-    if isinstance(recipe, (Recipe, multi.MultiRecipe)):
+    from moerge.moe.config import MoEConfig, is_moe, parse_moe
+
+    if isinstance(recipe, (Recipe, multi.MultiRecipe, MoEConfig)):
         return recipe
+    if isinstance(recipe, dict) and is_moe(recipe):  # a mergekit-moe config (experts:, no merge_method)
+        return parse_moe(yaml.safe_dump(recipe, sort_keys=False), "<recipe>")
     if isinstance(recipe, (list, tuple)):
         return multi.from_list(list(recipe))
     if isinstance(recipe, dict):
@@ -48,11 +52,30 @@ def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe"
         return parse_recipe(text, "<recipe>")
     text = str(recipe)
     if "\n" in text or "merge_method" in text:
-        return multi.parse(text, "<recipe>")
-    return multi.load(Path(text))
+        source = "<recipe>"
+    else:
+        from moerge.engine.recipe import read_recipe_text
+
+        source, text = text, read_recipe_text(Path(text))
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError):
+        data = None  # several documents, or broken YAML: multi.parse reports it
+        try:
+            docs = list(yaml.safe_load_all(text))
+        except (yaml.YAMLError, RecursionError):
+            docs = []
+        if len(docs) > 1 and any(is_moe(d) for d in docs):
+            k = next(i for i, d in enumerate(docs) if is_moe(d)) + 1
+            raise MoergeError(f"{source}: YAML document {k} is an MoE config (base_model + experts), which cannot be a "
+                              "stage of a multi-document recipe yet; put it in a file of its own and merge that")
+    if is_moe(data):
+        return parse_moe(text, source)
+    return multi.parse(text, source)
 
 
-def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None) -> "Plan | MultiPlan":
+def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None,
+         allow_same_experts: bool = False) -> "Plan | MultiPlan":
     """Validate a recipe against its inputs (headers only) and return the per-tensor plan.
     ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".").
     A multi-document recipe gives a MultiPlan: its stages in run order, each planned (later ones on
@@ -60,7 +83,13 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
     from moerge.engine.multi import MultiRecipe, plan_stages
     from moerge.engine.plan import build_plan
 
+    from moerge.moe.config import MoEConfig
+
     r = load_recipe(recipe)
+    if isinstance(r, MoEConfig):  # a mergekit-moe config: moerge/moe/build.py
+        from moerge.moe.build import build_moe_plan
+
+        return build_moe_plan(r if seed is None else _reseed(r, seed), library, allow_same=allow_same_experts)
     if isinstance(r, MultiRecipe):
         return plan_stages(r, seed=seed, library=library)
     if seed is not None:
@@ -71,14 +100,24 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
 def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
           workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
           library: "str | os.PathLike | None" = None,
-          keep_intermediates: "str | os.PathLike | None" = None) -> "MergeResult":
+          keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False) -> "MergeResult":
     """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
     runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
     or to ``keep_intermediates/NAME``; only the final stage writes ``out_dir``."""
     from moerge.engine.executor import execute
     from moerge.engine.multi import MultiRecipe, run_stages
 
+    from moerge.moe.config import MoEConfig
+
     r = load_recipe(recipe)
+    if isinstance(r, MoEConfig):  # a mergekit-moe config: a Mixtral checkpoint from dense models
+        from moerge.moe.build import execute_moe
+
+        if keep_intermediates is not None:
+            raise MoergeError("keep_intermediates: an MoE config has one stage, so there are no intermediate outputs "
+                              "to keep; drop it")
+        return execute_moe(plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts), out_dir,
+                           overwrite=overwrite, shard_size=shard_size, progress=progress)
     if isinstance(r, MultiRecipe):
         return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
                           workers=workers, shard_size=shard_size, progress=progress, library=library)
@@ -87,6 +126,13 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
                           "intermediate outputs to keep; drop it")
     return execute(plan(r, seed=seed, library=library), out_dir, overwrite=overwrite, workers=workers,
                    shard_size=shard_size, progress=progress)
+
+
+def _reseed(r, seed: int):
+    """An MoE config with another seed, keeping where it was read from (for error lines)."""
+    c = r.model_copy(update={"seed": seed})
+    c._source, c._text = r._source, r._text
+    return c
 
 
 __all__ = ["MoergeError", "load_recipe", "merge", "plan", "__version__"]

@@ -117,6 +117,8 @@ def merge(
     keep_intermediates: Optional[Path] = typer.Option(None, "--keep-intermediates", metavar="DIR", help="Multi-document "
                                                       "recipes: keep each intermediate stage's output in DIR/NAME "
                                                       "(default: a temporary folder beside OUT_DIR, removed afterwards)."),
+    allow_same_experts: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training", help="MoE "
+                                            "configs: allow every expert to be the same model (for training afterwards)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR."""
@@ -144,17 +146,54 @@ def merge(
             if keep_intermediates is not None:
                 raise MoergeError(f"--keep-intermediates: {recipe} is a single recipe (one YAML document), so there "
                                   "are no intermediate stages to keep; drop the option")
-            plan = moerge.plan(r, seed=seed, library=library)
+            plan = moerge.plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts)
             if dry_run:
                 out.print(plan.summary(), highlight=False)
                 return
-            from moerge.engine.executor import execute
+            from moerge.moe.build import MoEPlan, execute_moe
 
-            res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
-                          progress=not quiet)
+            if isinstance(plan, MoEPlan):  # a mergekit-moe config
+                res = execute_moe(plan, out_dir, overwrite=overwrite, shard_size=out_shard_size, progress=not quiet)
+            else:
+                from moerge.engine.executor import execute
+
+                res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
+                              progress=not quiet)
     if not quiet:
         also = f" ({stages} stages)" if stages else ""
         out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}", highlight=False)
+
+
+@app.command("moe")
+def moe(
+    config: Path = typer.Argument(..., help="A mergekit-moe config (base_model, gate_mode, experts ...)."),
+    out_dir: Path = typer.Argument(..., help="Output folder; created atomically."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; write nothing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete)."),
+    out_shard_size: str = typer.Option("5B", "--out-shard-size", help="Max bytes per safetensors shard (as for merge)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for random gates and noise_scale; overrides the config's."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines."),
+    library: Optional[Path] = typer.Option(None, "--library", help="Where library://NAME@V models live (default: $MOERGE_LIBRARY, else .)."),
+    allow_same_experts: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training",
+                                            help="Allow every expert to be the same model (for training afterwards)."),
+) -> None:
+    """Build a Mixtral MoE from dense models (mergekit-moe's config); the same as `moerge merge` on such a config."""
+    import moerge
+    from moerge.moe.build import execute_moe
+    from moerge.moe.config import MoEConfig
+
+    with _user_errors():
+        r = moerge.load_recipe(config)
+        if not isinstance(r, MoEConfig):
+            raise MoergeError(f"{config}: is a merge recipe (merge_method), not an MoE config (base_model + experts); "
+                              "run it with `moerge merge`")
+        plan = moerge.plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts)
+        if dry_run:
+            out.print(plan.summary(), highlight=False)
+            return
+        res = execute_moe(plan, out_dir, overwrite=overwrite, shard_size=out_shard_size, progress=not quiet)
+    if not quiet:
+        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s", highlight=False)
 
 
 @app.command()

@@ -200,6 +200,16 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32"}
 
 
+def check_dtype(v: str | None) -> str | None:
+    """A recipe's dtype by its canonical name (fp16 -> float16 ...); unknown names are refused."""
+    if v is None:
+        return v
+    v = DTYPE_ALIASES.get(v, v)
+    if v not in DTYPES:
+        raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
+    return v
+
+
 class Recipe(Strict):
     merge_method: str
     models: list[InputModel] | None = None
@@ -230,12 +240,7 @@ class Recipe(Strict):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v):
-        if v is None:
-            return v
-        v = DTYPE_ALIASES.get(v, v)
-        if v not in DTYPES:
-            raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
-        return v
+        return check_dtype(v)
 
     @field_validator("tokenizer")
     @classmethod
