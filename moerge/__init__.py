@@ -75,7 +75,7 @@ def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe"
 
 
 def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None,
-         allow_same_experts: bool = False) -> "Plan | MultiPlan":
+         allow_same_experts: bool = False, keep_intermediates: "str | os.PathLike | None" = None) -> "Plan | MultiPlan":
     """Validate a recipe against its inputs (headers only) and return the per-tensor plan.
     ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".").
     A multi-document recipe gives a MultiPlan: its stages in run order, each planned (later ones on
@@ -86,12 +86,15 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
     from moerge.moe.config import MoEConfig
 
     r = load_recipe(recipe)
+    if isinstance(r, MultiRecipe):
+        return plan_stages(r, seed=seed, library=library, keep=None if keep_intermediates is None else True)
+    if keep_intermediates is not None:
+        raise MoergeError("--keep-intermediates: the recipe has one stage (one YAML document), so there are no "
+                          "intermediate outputs to keep; drop the option")
     if isinstance(r, MoEConfig):  # a mergekit-moe config: moerge/moe/build.py
         from moerge.moe.build import build_moe_plan
 
         return build_moe_plan(r if seed is None else _reseed(r, seed), library, allow_same=allow_same_experts)
-    if isinstance(r, MultiRecipe):
-        return plan_stages(r, seed=seed, library=library)
     if seed is not None:
         r = r.model_copy(update={"seed": seed})
     return build_plan(r, library)
@@ -110,22 +113,15 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     from moerge.moe.config import MoEConfig
 
     r = load_recipe(recipe)
-    if isinstance(r, MoEConfig):  # a mergekit-moe config: a Mixtral checkpoint from dense models
-        from moerge.moe.build import execute_moe
-
-        if keep_intermediates is not None:
-            raise MoergeError("keep_intermediates: an MoE config has one stage, so there are no intermediate outputs "
-                              "to keep; drop it")
-        return execute_moe(plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts), out_dir,
-                           overwrite=overwrite, shard_size=shard_size, progress=progress)
     if isinstance(r, MultiRecipe):
         return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
                           workers=workers, shard_size=shard_size, progress=progress, library=library)
-    if keep_intermediates is not None:
-        raise MoergeError("keep_intermediates: the recipe has one stage (one YAML document), so there are no "
-                          "intermediate outputs to keep; drop it")
-    return execute(plan(r, seed=seed, library=library), out_dir, overwrite=overwrite, workers=workers,
-                   shard_size=shard_size, progress=progress)
+    p = plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts, keep_intermediates=keep_intermediates)
+    if isinstance(r, MoEConfig):  # a mergekit-moe config: a Mixtral checkpoint from dense models
+        from moerge.moe.build import execute_moe
+
+        return execute_moe(p, out_dir, overwrite=overwrite, shard_size=shard_size, progress=progress)
+    return execute(p, out_dir, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
 
 
 def _reseed(r, seed: int):

@@ -121,47 +121,22 @@ def merge(
                                             "configs: allow every expert to be the same model (for training afterwards)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
-    form) runs its stages in dependency order; only the final one writes OUT_DIR."""
+    form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config
+    (base_model + experts) builds a Mixtral MoE."""
     import moerge
-    from moerge.engine.multi import MultiRecipe, plan_stages, run_stages
 
-    stages = 0
     with _user_errors():
-        r = moerge.load_recipe(recipe)
-        if isinstance(r, MultiRecipe):
-            stages = len(r.stages)
-            if dry_run:
-                out.print(plan_stages(r, seed=seed, library=library, keep=keep_intermediates is not None).summary(),
-                          highlight=False)
-                return
-
-            def announce(i, n, stage, dest) -> None:
-                if not quiet:
-                    err.print(f"[{i + 1}/{n}] {stage.label} -> {dest}", highlight=False, soft_wrap=True)
-
-            res = run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
-                             workers=workers, shard_size=out_shard_size, progress=not quiet, library=library,
-                             on_stage=announce)
-        else:
-            if keep_intermediates is not None:
-                raise MoergeError(f"--keep-intermediates: {recipe} is a single recipe (one YAML document), so there "
-                                  "are no intermediate stages to keep; drop the option")
-            plan = moerge.plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts)
-            if dry_run:
-                out.print(plan.summary(), highlight=False)
-                return
-            from moerge.moe.build import MoEPlan, execute_moe
-
-            if isinstance(plan, MoEPlan):  # a mergekit-moe config
-                res = execute_moe(plan, out_dir, overwrite=overwrite, shard_size=out_shard_size, progress=not quiet)
-            else:
-                from moerge.engine.executor import execute
-
-                res = execute(plan, out_dir, overwrite=overwrite, workers=workers, shard_size=out_shard_size,
-                              progress=not quiet)
+        if dry_run:
+            out.print(moerge.plan(recipe, seed=seed, library=library, allow_same_experts=allow_same_experts,
+                                  keep_intermediates=keep_intermediates).summary(), highlight=False)
+            return
+        res = moerge.merge(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=out_shard_size,
+                           progress=not quiet, library=library, keep_intermediates=keep_intermediates,
+                           allow_same_experts=allow_same_experts)
     if not quiet:
-        also = f" ({stages} stages)" if stages else ""
-        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}", highlight=False)
+        also = f" ({res.stages} stages)" if res.stages > 1 else ""
+        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}",
+                  highlight=False)
 
 
 @app.command("moe")
@@ -179,21 +154,14 @@ def moe(
 ) -> None:
     """Build a Mixtral MoE from dense models (mergekit-moe's config); the same as `moerge merge` on such a config."""
     import moerge
-    from moerge.moe.build import execute_moe
     from moerge.moe.config import MoEConfig
 
     with _user_errors():
-        r = moerge.load_recipe(config)
-        if not isinstance(r, MoEConfig):
+        if not isinstance(moerge.load_recipe(config), MoEConfig):
             raise MoergeError(f"{config}: is a merge recipe (merge_method), not an MoE config (base_model + experts); "
                               "run it with `moerge merge`")
-        plan = moerge.plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts)
-        if dry_run:
-            out.print(plan.summary(), highlight=False)
-            return
-        res = execute_moe(plan, out_dir, overwrite=overwrite, shard_size=out_shard_size, progress=not quiet)
-    if not quiet:
-        out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s", highlight=False)
+    merge(config, out_dir, dry_run=dry_run, overwrite=overwrite, out_shard_size=out_shard_size, seed=seed, workers=None,
+          quiet=quiet, library=library, keep_intermediates=None, allow_same_experts=allow_same_experts)
 
 
 @app.command()

@@ -31,6 +31,7 @@ class MergeResult:
     tensors: int
     bytes_written: int
     seconds: float
+    stages: int = 1  # a multi-document recipe: how many merges made it
 
 
 @contextmanager

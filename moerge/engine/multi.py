@@ -21,6 +21,7 @@ import difflib
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -581,6 +582,8 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
                 plan.chain = earlier  # read by card.write_extras: the card and saved recipe record the whole chain
             if on_stage is not None:
                 on_stage(i, len(recipe.stages), stage, dest)
+            elif progress:  # one plain line per stage, as every long command prints per phase
+                print(f"[{i + 1}/{len(recipe.stages)}] {stage.label} -> {dest}", file=sys.stderr, flush=True)
             try:
                 res = execute(plan, dest, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
             except MoergeError as e:
@@ -591,4 +594,4 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
     finally:
         if keep is None:
             shutil.rmtree(root, ignore_errors=True)
-    return MergeResult(res.out_dir, res.tensors, res.bytes_written, time.perf_counter() - start)
+    return MergeResult(res.out_dir, res.tensors, res.bytes_written, time.perf_counter() - start, len(recipe.stages))
