@@ -114,3 +114,37 @@ def test_gradient_interpolation_stays_in_range():
         assert evaluate([1.0, 1.0], "x", i / 100, density) == 1.0
         assert 0.1 <= evaluate([0.1, 0.1, 0.3], "x", i / 100, density) <= 0.3
         assert evaluate([5e-324, 5e-324], "x", i / 100, tol) == 5e-324  # 0.5 · 5e-324 rounds to 0, outside (0, inf)
+
+
+# mergekit accepts these value formats (bench/mergekit_recipes.py measures what mergekit accepts and moerge refuses)
+def test_mergekit_value_formats_are_accepted():
+    r = parse_recipe("merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1, density: 0.5}}]\n"
+                     "parameters: {normalize: 1, int8_mask: 0, rescale: [{filter: mlp, value: 1}, {value: 0}]}\n"
+                     "dtype: torch.bfloat16\nout_dtype: torch.float16\n")
+    assert r.dtype == "bfloat16" and r.out_dtype == "float16"  # mergekit's dtype_from_name strips "torch."
+    assert r.parameters["normalize"] is True and r.parameters["int8_mask"] is False  # mergekit tests settings for truth
+    assert [c.value for c in r.parameters["rescale"]] == [True, False]
+    assert r.models[0].parameters["weight"] == 1  # numbers stay numbers where the parameter is a number
+    r = parse_recipe("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: ['0', ' 4']}]}]\n")
+    assert list(r.slices[0].sources[0].layer_range) == [0, 4]  # mergekit's Tuple[int, int] reads "4" as 4
+    with pytest.raises(MoergeError, match=r"line 3: parameters\.normalize: must be true or false"):
+        parse_recipe("merge_method: ties\nmodels: [{model: a}]\nparameters: {normalize: 2}\n", "r.yaml")
+    with pytest.raises(MoergeError, match=r"layer_range: must be \[start, end\]"):
+        parse_recipe("merge_method: passthrough\nslices: [{sources: [{model: a, layer_range: ['0', 'x']}]}]\n", "r.yaml")
+    with pytest.raises(MoergeError, match=r"unknown dtype 'int4'"):
+        parse_recipe("merge_method: ties\nmodels: [{model: a}]\ndtype: torch.int4\n", "r.yaml")
+
+
+def test_residual_weight_is_accepted_with_a_warning_and_no_effect(tiny):
+    import warnings
+
+    import moerge
+    from moerge.errors import MoergeWarning
+
+    text = (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {tiny['ft1']}\n        layer_range: [0, 3]\n"
+            "    residual_weight: 0.5\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = moerge.plan(text)
+    assert any(issubclass(w.category, MoergeWarning) and "residual_weight has no effect" in str(w.message) for w in caught)
+    assert len(plan.tasks) == len(moerge.plan(text.replace("    residual_weight: 0.5\n", "")).tasks)

@@ -83,7 +83,6 @@ Parameters = dict[str, Setting]
 # mergekit keys we know but do not implement yet: refused by name rather than ignored
 UNSUPPORTED = {
     "modules": "multi-module recipes (modules:) are not supported yet; use models: or slices:",
-    "residual_weight": "residual_weight in slices is not supported yet",
 }
 
 
@@ -172,6 +171,9 @@ class SliceSource(Strict):
         def whole(x):
             return (isinstance(x, int) and not isinstance(x, bool)) or (isinstance(x, float) and x.is_integer())
 
+        if isinstance(v, (list, tuple)):  # "12" as mergekit's pydantic reads it (Tuple[int, int], lax mode)
+            v = [int(x) if isinstance(x, str) and x.strip().removeprefix("-").removeprefix("+").isascii()
+                 and x.strip().removeprefix("-").removeprefix("+").isdigit() else x for x in v]
         if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(whole(x) for x in v)):
             raise ValueError(f"must be [start, end], two whole numbers (layers start..end-1), got {_kind(v) if not isinstance(v, list) else v}")
         return [int(x) for x in v]
@@ -188,12 +190,24 @@ class OutputSlice(Strict):
     sources: list[SliceSource] = Field(min_length=1)
     base_model: str | None = None
     parameters: Parameters | None = None
-    residual_weight: float | None = None
+    residual_weight: float | None = None  # mergekit declares it and never uses it: accepted, with a warning
 
     @field_validator("base_model", mode="before")
     @classmethod
     def _model(cls, v):
         return None if v is None else _ref(v)
+
+    @field_validator("residual_weight")
+    @classmethod
+    def _residual(cls, v):
+        import warnings
+
+        from moerge.errors import MoergeWarning
+
+        if v is not None:
+            warnings.warn("slices: residual_weight has no effect (mergekit reads it and ignores it too)", MoergeWarning,
+                          stacklevel=2)
+        return v
 
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -204,6 +218,7 @@ def check_dtype(v: str | None) -> str | None:
     """A recipe's dtype by its canonical name (fp16 -> float16 ...); unknown names are refused."""
     if v is None:
         return v
+    v = v.removeprefix("torch.")  # mergekit accepts torch.bfloat16 (its dtype_from_name strips the prefix)
     v = DTYPE_ALIASES.get(v, v)
     if v not in DTYPES:
         raise ValueError(f"unknown dtype {v!r}; use one of {', '.join(DTYPES)}")
@@ -278,6 +293,32 @@ class Recipe(Strict):
             raise ValueError("models: is empty")
         if self.tokenizer_source is not None and self.tokenizer is not None:
             raise ValueError("give tokenizer_source or a tokenizer: block, not both (as in mergekit)")
+        return self
+
+    @model_validator(mode="after")
+    def _bools(self):
+        """A true/false parameter written 1 or 0 (``normalize: 1``): mergekit reads every setting as a
+        float and tests it for truth, so it accepts these; moerge reads them as true and false. Other
+        numbers stay numbers and are refused by the range check, naming the key."""
+        method = registry.get(self.merge_method)
+
+        def fix(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v in (0, 1):
+                return bool(v)
+            if isinstance(v, list):
+                return [fix(x) for x in v]
+            if isinstance(v, Condition):
+                v.value = fix(v.value)
+            return v
+
+        scopes = [self.parameters] + [m.parameters for m in self.models or []]
+        for s in self.slices or []:
+            scopes += [s.parameters] + [src.parameters for src in s.sources]
+        for scope in scopes:
+            for name, setting in (scope or {}).items():
+                param = method.param(name)
+                if param is not None and param.type is bool:
+                    scope[name] = fix(setting)
         return self
 
     @field_validator("slices")
