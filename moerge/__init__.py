@@ -33,23 +33,18 @@ def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe"
     import yaml
 
     from moerge.engine import multi
-    from moerge.engine.recipe import Recipe, parse_recipe
+    from moerge.engine.recipe import Recipe, parse_recipe, recipe_yaml
 
     from moerge.moe.config import MoEConfig, is_moe, parse_moe
 
     if isinstance(recipe, (Recipe, multi.MultiRecipe, MoEConfig)):
         return recipe
     if isinstance(recipe, dict) and is_moe(recipe):  # a mergekit-moe config (experts:, no merge_method)
-        return parse_moe(yaml.safe_dump(recipe, sort_keys=False), "<recipe>")
+        return parse_moe(recipe_yaml(recipe), "<recipe>")
     if isinstance(recipe, (list, tuple)):
         return multi.from_list(list(recipe))
     if isinstance(recipe, dict):
-        try:
-            text = yaml.safe_dump(recipe)
-        except yaml.YAMLError as e:  # a value YAML cannot represent (an object, a tensor)
-            raise MoergeError(f"<recipe>: holds a value a recipe cannot have ({str(e).splitlines()[0][:120]}); "
-                              "use strings, numbers, lists and dicts") from None
-        return parse_recipe(text, "<recipe>")
+        return parse_recipe(recipe_yaml(recipe), "<recipe>")
     text = str(recipe)
     if "\n" in text or "merge_method" in text:
         source = "<recipe>"

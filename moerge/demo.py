@@ -170,17 +170,13 @@ def _print(console: Console, board: dict) -> None:
         own = rows.get(f"expert:{t}", {}).get(t)
         table.add_row(t + ("*" if t in board["heldout"] else ""), f"{rows['base'][t]:.0%}",
                       "-" if own is None else f"{own:.0%}", *[f"{rows[m][t]:.0%}" for m in models[1:]])
+    full = {r["model"]: r for r in board["rows"]}  # the rows' own means: the JSON's and the PNG's
     seen = board["tasks"]
-
-    def mean(m: str) -> str:
-        return f"{sum(rows[m][t] for t in seen) / len(seen):.0%}"
-
-    table.add_row("[bold]mean seen", mean("base"), f"{sum(rows[f'expert:{t}'][t] for t in seen) / len(seen):.0%}",
-                  *[mean(m) for m in models[1:]])
-    held = board["heldout"]
-    if held:  # the same two means as the JSON rows and the PNG's last columns
-        table.add_row("[bold]mean held-out*", *[f"{sum(rows[m][t] for t in held) / len(held):.0%}" for m in models[:1]], "-",
-                      *[f"{sum(rows[m][t] for t in held) / len(held):.0%}" for m in models[1:]])
+    table.add_row("[bold]mean seen", f"{full['base']['mean']:.0%}", f"{sum(rows[f'expert:{t}'][t] for t in seen) / len(seen):.0%}",
+                  *[f"{full[m]['mean']:.0%}" for m in models[1:]])
+    if board["heldout"]:
+        table.add_row("[bold]mean held-out*", f"{full['base']['mean_heldout']:.0%}", "-",
+                      *[f"{full[m]['mean_heldout']:.0%}" for m in models[1:]])
     console.print(table)
 
 
@@ -189,12 +185,9 @@ def plot(board: dict, path: Path) -> Path:
     plt = _pyplot()
 
     cols = board["tasks"] + board["heldout"]
-    tasks, heldout = board["tasks"], board["heldout"]
+    heldout = board["heldout"]
     extra = ["mean seen"] + (["mean held-out*"] if heldout else [])
-    data = []
-    for r in board["rows"]:
-        m = means(r["scores"], tasks, heldout)
-        data.append([r["scores"][c] for c in cols] + [m["mean"]] + ([m["mean_heldout"]] if heldout else []))
+    data = [[r["scores"][c] for c in cols] + [r["mean"]] + ([r["mean_heldout"]] if heldout else []) for r in board["rows"]]
     fig, ax = plt.subplots(figsize=(1.6 + 0.8 * (len(cols) + len(extra)), 0.8 + 0.4 * len(data)))
     im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.axvline(len(cols) - 0.5, color="white", linewidth=2)

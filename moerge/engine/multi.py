@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from moerge.errors import MoergeError
-from moerge.engine.recipe import Recipe, _line_map, format_path, parse_recipe, split_ref
+from moerge.engine.recipe import Recipe, _line_map, format_path, parse_recipe, recipe_yaml, split_ref
 
 if TYPE_CHECKING:  # plan imports torch: loaded only when a recipe is planned
     from moerge.engine.executor import MergeResult
@@ -305,11 +305,7 @@ def from_list(items: list, source: str = "<recipe>") -> MultiRecipe | Recipe:
         if not isinstance(item, dict):
             raise MoergeError(f"{source}: item {i} of the recipe list is {type(item).__name__}; give each stage as a "
                               "dict or a Recipe")
-        try:
-            docs.append(yaml.safe_dump(item, sort_keys=False))
-        except yaml.YAMLError as e:
-            raise MoergeError(f"{source}: item {i} holds a value a recipe cannot have ({str(e).splitlines()[0][:120]}); "
-                              "use strings, numbers, lists and dicts") from None
+        docs.append(recipe_yaml(item, f"{source}: item {i}"))
     if not docs:
         raise MoergeError(f"{source}: the recipe list is empty; give at least one recipe")
     return parse("---\n".join(docs), source)

@@ -248,9 +248,7 @@ class Recipe(Strict):
     @field_validator("seed", mode="before")
     @classmethod
     def _seed(cls, v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"must be a whole number, got {v!r}")
-        return v
+        return whole_number(v)
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -503,6 +501,23 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         raise MoergeError(f"{source}:{where}: {format_path(path) or 'recipe'}: {msg}") from None
     check_parameters(recipe, source, lines)
     return recipe
+
+
+def recipe_yaml(data: dict, where: str = "<recipe>") -> str:
+    """A recipe given as a Python dict, as YAML text for the parser (one line if it holds a value YAML
+    cannot represent: an object, a tensor)."""
+    try:
+        return yaml.safe_dump(data, sort_keys=False)
+    except yaml.YAMLError as e:
+        raise MoergeError(f"{where}: holds a value a recipe cannot have ({str(e).splitlines()[0][:120]}); "
+                          "use strings, numbers, lists and dicts") from None
+
+
+def whole_number(v: Any) -> int:
+    """A pydantic before-validator body: ints only (not bools, not floats)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be a whole number, got {v!r}")
+    return v
 
 
 def read_recipe_text(path: str | Path) -> str:

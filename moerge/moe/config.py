@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from moerge.engine.recipe import _error_path, _line_map, _message, _ref, check_dtype, format_path
+from moerge.engine.recipe import _error_path, _line_map, _message, _ref, check_dtype, format_path, whole_number
 from moerge.errors import MoergeError
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "library")
@@ -112,9 +112,7 @@ class MoEConfig(_Strict):
     @field_validator("experts_per_token", "seed", mode="before")
     @classmethod
     def _int(cls, v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"must be a whole number, got {v!r}")
-        return v
+        return whole_number(v)
 
     @field_validator("experts_per_token")
     @classmethod
