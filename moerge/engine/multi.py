@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import yaml
 
 from moerge.errors import MoergeError
-from moerge.engine.recipe import Recipe, _line_map, format_path, parse_recipe, recipe_yaml, split_ref
+from moerge.engine.recipe import Recipe, _line_map, format_path, located, parse_recipe, recipe_yaml, split_ref, yaml_error
 
 if TYPE_CHECKING:  # plan imports torch: loaded only when a recipe is planned
     from moerge.engine.executor import MergeResult
@@ -121,7 +121,7 @@ class MultiRecipe:
 
 
 def _where(source: str, line: int | None, stage: Stage | None = None) -> str:
-    return f"{source}:{f' line {line}' if line else ''}:" + (f" {stage.label}:" if stage is not None else "")
+    return f"{located(source, line)}:" + (f" {stage.label}:" if stage is not None else "")
 
 
 def _in_stage(message: str, source: str, label: str, line: int) -> str:
@@ -133,11 +133,6 @@ def _in_stage(message: str, source: str, label: str, line: int) -> str:
     return f"{source}: line {line}: {label}:{rest}"
 
 
-def _yaml_error(e: yaml.YAMLError, source: str) -> MoergeError:
-    mark = getattr(e, "problem_mark", None)
-    where = f" line {mark.line + 1}" if mark else ""
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    return MoergeError(f"{source}:{where}: not valid YAML ({problem}); fix the syntax")
 
 
 def _documents(text: str, source: str) -> list[tuple[str, int]]:
@@ -156,7 +151,7 @@ def _documents(text: str, source: str) -> list[tuple[str, int]]:
     except RecursionError:
         raise MoergeError(f"{source}: the YAML is nested too deeply to be a recipe; fix its structure") from None
     except yaml.YAMLError as e:
-        raise _yaml_error(e, source) from None
+        raise yaml_error(e, source) from None
     return docs
 
 

@@ -203,7 +203,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def _tensor_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
@@ -293,7 +293,7 @@ class Planner:
                 if d < 1 and not (0 < d - e and d + e < 1):
                     raise MoergeError(f"{where}: density {d:g} ± epsilon {e:g} must stay inside (0, 1); lower epsilon")
         self.tasks.append(TensorTask(out_name, info0.shape, out_dtype, idx, bidx, shared, per,
-                                     _tensor_seed(self.recipe.seed, out_name)))
+                                     tensor_seed(self.recipe.seed, out_name)))
 
     def _resolve(self, param, scopes, name: str, t: float, where: str):
         try:

@@ -483,10 +483,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     except RecursionError:
         raise MoergeError(f"{source}: the YAML is nested too deeply to be a recipe; fix its structure") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise MoergeError(f"{source}:{where}: not valid YAML ({problem}); fix the syntax") from None
+        raise yaml_error(e, source) from None
     if not isinstance(data, dict):
         raise MoergeError(f"{source}: a recipe is a YAML mapping with merge_method and models or slices")
     lines = _line_map(text)
@@ -497,10 +494,21 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
         path = _error_path(tuple(err["loc"]))
         msg = _message(err)
         line = lines.get(path) or lines.get(path[:-1])
-        where = f" line {line}" if line else ""
-        raise MoergeError(f"{source}:{where}: {format_path(path) or 'recipe'}: {msg}") from None
+        raise MoergeError(f"{located(source, line)}: {format_path(path) or 'recipe'}: {msg}") from None
     check_parameters(recipe, source, lines)
     return recipe
+
+
+def located(source: str, line: int | None) -> str:
+    """``file: line N`` (or just ``file`` when the line is unknown): how every error line starts."""
+    return f"{source}: line {line}" if line else source
+
+
+def yaml_error(e: yaml.YAMLError, source: str) -> MoergeError:
+    """A YAML syntax error as one line with its line number."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return MoergeError(f"{located(source, mark.line + 1 if mark else None)}: not valid YAML ({problem}); fix the syntax")
 
 
 def recipe_yaml(data: dict, where: str = "<recipe>") -> str:
@@ -589,7 +597,7 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], warn:
             here = path + (name,)
             if param is None:
                 line = lines.get(here)
-                at = f"{source}:{f' line {line}' if line else ''}: {format_path(here)}"
+                at = f"{located(source, line)}: {format_path(here)}"
                 if name in registry.all_param_names():
                     if warn:
                         warnings.warn(f"{at}: {method.name} does not use '{name}'; ignored", MoergeWarning, stacklevel=2)
@@ -603,4 +611,4 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], warn:
                 except ValueError as e:
                     full = here + sub
                     line = lines.get(full) or lines.get(here)
-                    raise MoergeError(f"{source}:{f' line {line}' if line else ''}: {format_path(full)}: {e}") from None
+                    raise MoergeError(f"{located(source, line)}: {format_path(full)}: {e}") from None

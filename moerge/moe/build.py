@@ -13,7 +13,6 @@ everything else (embeddings, attention, norms, LM head) from the base.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moerge.engine.plan import DTYPES, Model, _human, open_model
+from moerge.engine.plan import DTYPES, Model, _human, open_model, tensor_seed
 from moerge.engine.recipe import _line_map
 from moerge.errors import MoergeError
 from moerge.moe.config import PROMPT_MODES, MoEConfig, _at, same_experts_error
@@ -267,10 +266,6 @@ def compute_routers(plan: MoEPlan, hidden_dtype: torch.dtype = torch.float32) ->
     return router.gate_vectors(cfg.experts, fn, tok).float()
 
 
-def _noise_seed(seed: int, name: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
-
-
 def produce(plan: MoEPlan, task: Task, routers: torch.Tensor) -> torch.Tensor:
     if task.kind == "router":
         return routers[task.layer].to(task.dtype)
@@ -278,7 +273,7 @@ def produce(plan: MoEPlan, task: Task, routers: torch.Tensor) -> torch.Tensor:
     if task.kind == "expert":
         e = plan.config.experts[task.expert]
         if e.noise_scale:
-            g = torch.Generator().manual_seed(_noise_seed(plan.config.seed, task.name))
+            g = torch.Generator().manual_seed(tensor_seed(plan.config.seed, task.name))
             t = t.float() + torch.randn(t.shape, generator=g) * e.noise_scale
         if task.src.endswith("down_proj.weight") and e.residual_scale is not None:
             t = t.float() * e.residual_scale

@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from moerge.engine.recipe import _error_path, _line_map, _message, _ref, check_dtype, format_path, whole_number
+from moerge.engine.recipe import (_error_path, _line_map, _message, _ref, check_dtype, format_path, located, whole_number,
+                                  yaml_error)
 from moerge.errors import MoergeError
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "library")
@@ -157,7 +158,7 @@ def _at(source: str, lines: dict, path: tuple) -> str:
     while line is None and p:
         line = lines.get(p)
         p = p[:-1]
-    return f"{source}:{f' line {line}' if line else ''}: {format_path(path) or 'config'}"
+    return f"{located(source, line)}: {format_path(path) or 'config'}"
 
 
 def parse_moe(text: str, source: str = "<recipe>") -> MoEConfig:
@@ -165,9 +166,7 @@ def parse_moe(text: str, source: str = "<recipe>") -> MoEConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise MoergeError(f"{source}:{where}: not valid YAML ({getattr(e, 'problem', None) or e}); fix the syntax") from None
+        raise yaml_error(e, source) from None
     lines = _line_map(text)
     try:
         cfg = MoEConfig.model_validate(data)
