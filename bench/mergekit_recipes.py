@@ -11,8 +11,8 @@ the same mapped recipe, so the table separates "mergekit refuses it as well" fro
     python bench/mergekit_recipes.py RECIPE_FOLDER          # your own *.yml / *.yaml files
 
 mergekit's files are read at run time (from a git mirror or checkout, or a pip-installed mergekit's
-package data), never copied into this repository. mergekit-moe and mergekit-evolve configs are
-counted and skipped.
+package data), never copied into this repository. mergekit-moe configs are planned too (and run
+with mergekit-moe); mergekit-evolve configs are counted and skipped.
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ def collect(src: Source) -> list[dict]:
             continue
         for i, text in enumerate(yaml_blocks(src.read(n))):
             name = f"{n}#{i + 1}"
-            if n.endswith("moe.md") or re.search(r"^\s*(experts|shared_experts|gate_mode):", text, re.M):
+            if re.search(r"^\s*\.\.\.\s*$", text, re.M):
+                kind = "placeholder"  # `...` standing for omitted keys
+            elif n.endswith("moe.md") or re.search(r"^\s*(experts|shared_experts|gate_mode):", text, re.M):
                 kind = "moe"
             elif n.endswith("evolve.md") or re.search(r"^\s*genome:", text, re.M):
                 kind = "evolve"
-            elif re.search(r"^\.\.\.\s*$", text, re.M):
-                kind = "placeholder"  # `...` standing for omitted keys
             elif "merge_method" not in text:
                 kind = "fragment"
             else:
@@ -333,6 +333,8 @@ def model_ids(doc: dict) -> list[str]:
             ids.append(v)
 
     add(doc.get("base_model"))
+    for e in (doc.get("experts") or []) + (doc.get("shared_experts") or []):  # mergekit-moe configs
+        add(e.get("source_model") if isinstance(e, dict) else None)
     for m in doc.get("models") or []:
         add(m.get("model") if isinstance(m, dict) else None)
     for s in doc.get("slices") or []:
@@ -396,7 +398,7 @@ def mapped(docs: list, folders: dict) -> tuple[list, dict]:
             return {kk: sub(v, kk) for kk, v in x.items()}
         if isinstance(x, list):
             return [sub(v, key) for v in x]
-        if isinstance(x, str) and key in ("model", "base_model", "source", "tokenizer_source") and x in mapping:
+        if isinstance(x, str) and key in ("model", "base_model", "source", "tokenizer_source", "source_model") and x in mapping:
             return mapping[x]
         return x
 
@@ -433,9 +435,11 @@ def run_moerge(path: Path) -> tuple[bool, str]:
     return True, what + (f"; {len(warns)} warning(s): {warns[0][:100]}" if warns else "")
 
 
-def run_mergekit(bin_dir: Path, path: Path, multi: bool, work: Path) -> tuple[bool, str]:
+def run_mergekit(bin_dir: Path, path: Path, multi: bool, work: Path, moe: bool = False) -> tuple[bool, str]:
     out = work / (path.stem + ".mkout")
-    if multi:
+    if moe:
+        cmd = [str(bin_dir / "mergekit-moe"), str(path), str(out)]
+    elif multi:
         cmd = [str(bin_dir / "mergekit-multi"), str(path), "--out-path", str(out), "-I", str(work / (path.stem + ".mkint"))]
     else:
         cmd = [str(bin_dir / "mergekit-yaml"), str(path), str(out)]
@@ -474,8 +478,8 @@ def main(argv=None) -> int:
 
     if args.variants:
         recipes += [{"name": k, "text": v, "kind": "recipe"} for k, v in VARIANTS.items()]
-    skipped = [r for r in recipes if r["kind"] in ("moe", "evolve", "placeholder")]
-    todo = [r for r in recipes if r["kind"] in ("recipe", "fragment")]
+    skipped = [r for r in recipes if r["kind"] in ("evolve", "placeholder")]
+    todo = [r for r in recipes if r["kind"] in ("recipe", "fragment", "moe")]
     parsed = []
     for r in todo:
         try:
@@ -510,11 +514,11 @@ def main(argv=None) -> int:
         rows.append([r["name"], r["kind"] + (" (mergekit's test expects a refusal)" if r.get("expect") == "reject" else ""),
                      ok, msg, None, ""])
         if use_mk:
-            jobs.append((len(rows) - 1, path, len(docs) > 1))
+            jobs.append((len(rows) - 1, path, len(docs) > 1, r["kind"] == "moe"))
     if use_mk:
         print(f"running mergekit on {len(jobs)} recipes ...", file=sys.stderr)
         with ThreadPoolExecutor(args.jobs) as pool:
-            for (row, path, multi), res in zip(jobs, pool.map(lambda j: run_mergekit(mk_bin, j[1], j[2], tmp / "mk"), jobs)):
+            for (row, *_), res in zip(jobs, pool.map(lambda j: run_mergekit(mk_bin, j[1], j[2], tmp / "mk", j[3]), jobs)):
                 rows[row][4], rows[row][5] = res
 
     out = io.StringIO()
@@ -528,12 +532,14 @@ def main(argv=None) -> int:
             out.write(f"{'':<{w}}  {'':<8} {'':<9} mergekit: {mkmsg}\n")
     for r in skipped:
         out.write(f"{r['name']:<{w}}  skipped  {'':<9} {r['kind']} config\n")
-    kinds = {k: sum(1 for r in skipped if r["kind"] == k) for k in ("moe", "evolve", "placeholder")}
-    shipped = [r for r in rows if not r[0].startswith("variant:")]
+    kinds = {k: sum(1 for r in skipped if r["kind"] == k) for k in ("evolve", "placeholder")}
+    shipped = [r for r in rows if not r[0].startswith("variant:") and not r[1].startswith("moe")]
+    moes = [r for r in rows if r[1].startswith("moe")]
     out.write(f"\n{len(recipes) - (len(VARIANTS) if args.variants else 0)} blocks/configs found: {len(shipped)} merge recipes tried "
-              f"({sum(1 for r in todo if r['kind'] == 'fragment')} fragments completed as a linear merge), "
-              f"skipped {kinds['moe']} mergekit-moe, {kinds['evolve']} mergekit-evolve, {kinds['placeholder']} placeholder.\n")
-    for label, group in (("mergekit's recipes", shipped), ("variants", [r for r in rows if r[0].startswith("variant:")])):
+              f"({sum(1 for r in todo if r['kind'] == 'fragment')} fragments completed as a linear merge), {len(moes)} "
+              f"mergekit-moe configs tried, skipped {kinds['evolve']} mergekit-evolve, {kinds['placeholder']} placeholder.\n")
+    for label, group in (("mergekit's recipes", shipped), ("mergekit-moe configs", moes),
+                         ("variants", [r for r in rows if r[0].startswith("variant:")])):
         if not group:
             continue
         acc = sum(1 for r in group if r[2])

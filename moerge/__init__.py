@@ -98,10 +98,12 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
 def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
           workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
           library: "str | os.PathLike | None" = None,
-          keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False) -> "MergeResult":
+          keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False,
+          lazy: bool = False) -> "MergeResult":
     """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
     runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
-    or to ``keep_intermediates/NAME``; only the final stage writes ``out_dir``."""
+    or to ``keep_intermediates/NAME`` (``lazy``: reuse those an earlier run kept, when their saved recipe
+    is the stage's); only the final stage writes ``out_dir``."""
     from moerge.engine.executor import execute
     from moerge.engine.multi import MultiRecipe, run_stages
 
@@ -110,9 +112,12 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     r = load_recipe(recipe)
     if isinstance(r, MultiRecipe):
         return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
-                          workers=workers, shard_size=shard_size, progress=progress, library=library)
+                          workers=workers, shard_size=shard_size, progress=progress, library=library, lazy=lazy)
+    if lazy:
+        raise MoergeError("--lazy: the recipe has one stage (one YAML document), so there are no intermediate outputs to "
+                          "reuse; drop --lazy")
     p = plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts, keep_intermediates=keep_intermediates)
-    if isinstance(r, MoEConfig):  # a mergekit-moe config: a Mixtral checkpoint from dense models
+    if isinstance(r, MoEConfig):  # a mergekit-moe config: an MoE checkpoint from dense models
         from moerge.moe.build import execute_moe
 
         return execute_moe(p, out_dir, overwrite=overwrite, shard_size=shard_size, progress=progress)

@@ -117,12 +117,14 @@ def merge(
     keep_intermediates: Optional[Path] = typer.Option(None, "--keep-intermediates", metavar="DIR", help="Multi-document "
                                                       "recipes: keep each intermediate stage's output in DIR/NAME "
                                                       "(default: a temporary folder beside OUT_DIR, removed afterwards)."),
+    lazy: bool = typer.Option(False, "--lazy", help="Multi-document recipes: reuse the intermediates an earlier run kept "
+                              "in --keep-intermediates DIR when their saved recipe is the stage's (mergekit-multi's --lazy)."),
     allow_same_experts: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training", help="MoE "
                                             "configs: allow every expert to be the same model (for training afterwards)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config
-    (base_model + experts) builds a Mixtral MoE."""
+    (base_model + experts) builds an MoE (Mixtral, Qwen MoE, Qwen3 MoE or DeepSeek MoE)."""
     import moerge
 
     with _user_errors():
@@ -132,7 +134,7 @@ def merge(
             return
         res = moerge.merge(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=out_shard_size,
                            progress=not quiet, library=library, keep_intermediates=keep_intermediates,
-                           allow_same_experts=allow_same_experts)
+                           allow_same_experts=allow_same_experts, lazy=lazy)
     if not quiet:
         also = f" ({res.stages} stages)" if res.stages > 1 else ""
         out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}",
@@ -152,7 +154,7 @@ def moe(
     allow_same_experts: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training",
                                             help="Allow every expert to be the same model (for training afterwards)."),
 ) -> None:
-    """Build a Mixtral MoE from dense models (mergekit-moe's config); the same as `moerge merge` on such a config."""
+    """Build an MoE from dense models (mergekit-moe's config); the same as `moerge merge` on such a config."""
     import moerge
     from moerge.moe.config import MoEConfig
 
@@ -161,7 +163,7 @@ def moe(
             raise MoergeError(f"{config}: is a merge recipe (merge_method), not an MoE config (base_model + experts); "
                               "run it with `moerge merge`")
     merge(config, out_dir, dry_run=dry_run, overwrite=overwrite, out_shard_size=out_shard_size, seed=seed, workers=None,
-          quiet=quiet, library=library, keep_intermediates=None, allow_same_experts=allow_same_experts)
+          quiet=quiet, library=library, keep_intermediates=None, allow_same_experts=allow_same_experts, lazy=False)
 
 
 @app.command()
@@ -271,11 +273,11 @@ def library_list(
         out.print(f"no experts match {' '.join(asked)}" if asked else
                   "the library holds no experts yet; add one with `moerge library add DIR --name NAME`", highlight=False)
         return
-    table = Table("expert", "kind", "task", "tags", "MB", "contributor", "validation", title="expert library")
+    table = Table("expert", "kind", "task", "tags", "MB", "contributor", "validation", "made on", title="expert library")
     for e in entries:
         val = e.card.get("validation_accuracy")
         table.add_row(e.ref, e.kind, e.task or "-", ",".join(e.tags) or "-", f"{e.nbytes / 1e6:.2f}", e.contributor or "-",
-                      "-" if val is None else f"{val:.0%}")
+                      "-" if val is None else f"{val:.0%}", f"base@{e.base_version}")
     out.print(table)
 
 
@@ -691,3 +693,156 @@ def main() -> None:  # console_scripts entry point
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------- fusion (ColD Fusion)
+
+fuse_app = typer.Typer(help="Fuse the contributions made on a library's latest base into its next base version "
+                            "(ColD Fusion); `moerge fuse simulate` runs the whole loop.")
+app.add_typer(fuse_app, name="fuse")
+
+
+def _params(items: list[str]) -> dict:
+    """--param NAME=VALUE (repeatable): a merge method's global parameter, VALUE read as YAML."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise MoergeError(f"--param {item!r}: write NAME=VALUE, e.g. --param density=0.5")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+@fuse_app.callback(invoke_without_command=True)
+def fuse_cmd(
+    ctx: typer.Context,
+    library: Optional[Path] = LIBRARY,
+    method: str = typer.Option("average", "--method", help="average (ColD Fusion's), or any merge method: ties, "
+                               "task_arithmetic, dare_ties, ... (`moerge methods`)."),
+    experts: Optional[str] = typer.Option(None, "--experts", help="Contributions to fuse, comma-separated NAME[@V] "
+                                          "(default: each expert's newest version made on the latest base)."),
+    exclude: list[str] = typer.Option([], "--exclude", metavar="PATTERN", help="Tensors contributors may not change "
+                                      "(shell pattern on tensor names, e.g. 'lm_head.*'); repeatable. They stay the base's."),
+    param: list[str] = typer.Option([], "--param", metavar="NAME=VALUE", help="A parameter of the method, e.g. "
+                                    "density=0.5; repeatable."),
+    eval_tasks: Optional[str] = typer.Option(None, "--eval", metavar="TASKS", help="Score the new base and its parent "
+                                             "on these tasks (e.g. experts, or a.jsonl) and record both in its card."),
+    n_eval: int = typer.Option(100, "--n-eval", help="Test prompts per task for --eval."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; write nothing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Fuse the contributions made on the library's latest base (base@N) into base@N+1, through the merge
+    engine (streaming; the new base appears only when complete, registered in one transaction)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from moerge.fusion import fuse, plan_fuse
+
+    refs = [r.strip() for r in experts.split(",") if r.strip()] if experts else None
+    with _user_errors():
+        kw = dict(method=method, experts=refs, exclude=exclude, parameters=_params(param))
+        lib = _library(library)
+        if dry_run:
+            out.print(plan_fuse(lib, **kw).summary(), highlight=False, markup=False)
+            return
+        res = fuse(lib, **kw, progress=not quiet, eval_tasks=eval_tasks, n_eval=n_eval)
+    b = res.base
+    out.print(f"fused {len(res.plan.contributions)} contribution(s) on base@{res.plan.parent.version} into {b.ref} "
+              f"({res.plan.method}) in {res.seconds:.1f} s: {b.path}", highlight=False, markup=False)
+    scores = b.card.get("scores") or {}
+    if "zero_shot" in scores:
+        for task, v in scores["zero_shot"].items():
+            out.print(f"  {task}: {v:.1%} (base@{res.plan.parent.version}: {scores['parent_zero_shot'][task]:.1%})",
+                      highlight=False, markup=False)
+
+
+@fuse_app.command("simulate")
+def fuse_simulate(
+    out_dir: Path = typer.Option(Path("fusion-output"), "--out", help="Workspace: the library with every base version."),
+    rounds: int = typer.Option(5, "--rounds", help="Fusion rounds."),
+    contributors: int = typer.Option(4, "--contributors", help="Contributors per round (each draws a task)."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Contributors' task pool, comma-separated (default: the "
+                                        "six expert skills; JSONL files work too)."),
+    heldout: Optional[str] = typer.Option(None, "--heldout", help="Held-out tasks, never contributed (default: the "
+                                          "composites of the pool's skills)."),
+    adapter: str = typer.Option("full", "--adapter", help="full (ColD Fusion's), lora, dora or ia3."),
+    method: str = typer.Option("average", "--method", help="How contributions are fused (as for `moerge fuse`)."),
+    steps: int = typer.Option(100, "--steps", help="Each contributor's fine-tuning steps."),
+    finetune_steps: int = typer.Option(40, "--finetune-steps", help="The short fine-tune on each held-out task."),
+    batch_size: int = typer.Option(32, "--batch-size"),
+    n_eval: int = typer.Option(100, "--n-eval", help="Test prompts per task."),
+    seed: int = typer.Option(0, "--seed"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the built-in base)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run each round's fine-tunes as Ray tasks: 'local' starts a "
+                                      "local Ray (2 CPUs), or give a cluster address."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
+    plot_file: Optional[Path] = typer.Option(Path("fusion-report/curves.png"), "--plot", help="Where the curves are drawn."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier simulation's --out folder."),
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Simulate ColD Fusion: each round contributors fine-tune the current base, their models are fused into
+    the next base, and it is scored zero-shot and as a starting point for held-out tasks."""
+    from moerge.fusion import simulate
+    from moerge.fusion.simulate import table
+
+    split = lambda s: [t.strip() for t in s.split(",") if t.strip()] if s else None  # noqa: E731
+    with _user_errors():
+        res = simulate(out_dir, rounds=rounds, contributors=contributors, tasks=split(tasks), heldout=split(heldout),
+                       adapter=adapter, method=method, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
+                       n_eval=n_eval, seed=seed, base=base, ray=ray, json_file=json_file, plot_file=plot_file,
+                       console=out, overwrite=overwrite)
+    out.print(table(res))
+    out.print(f"library with every base version: {res['library']} ({res['seconds']:.0f} s)"
+              + (f"; curves in {plot_file}" if plot_file else ""), highlight=False, markup=False)
+
+
+@expert_app.command("rebase")
+def expert_rebase(
+    expert: str = typer.Argument(..., help="A library expert NAME[@V], or an adapter folder made on one of its bases."),
+    to: Optional[int] = typer.Option(None, "--to", help="Target base version N of base@N (default: the latest)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Store it under this name (default: its own)."),
+    n_eval: int = typer.Option(100, "--n-eval", help="Test prompts to measure how much of its skill survives."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure."),
+    library: Optional[Path] = LIBRARY,
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Re-apply an expert made on an older base to a newer one (its adapter factors, or a full fine-tune's
+    delta) and store it as its next version; report its skill before and after."""
+    from moerge.fusion import rebase
+
+    with _user_errors():
+        res = rebase(_library(library), expert, to=to, name=name, n_eval=n_eval, evaluate=not no_eval)
+    line = f"stored {res.entry.ref}: {res.source} moved from base@{res.from_version} to base@{res.to_version}"
+    if res.before is not None:
+        kept = f", {res.retained:.0%} retained" if res.retained is not None else ""
+        line += f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on base@{res.to_version}{kept}"
+    elif not no_eval:
+        line += " (not measured: its task is not a built-in skill and its card names no JSONL data)"
+    out.print(line, highlight=False, markup=False)
+
+
+@library_app.command("bases")
+def library_bases(
+    as_json: bool = typer.Option(False, "--json", help="Every base version with its card, as JSON."),
+    library: Optional[Path] = LIBRARY,
+) -> None:
+    """The library's chain of bases: base@1 and each fused version, with its lineage."""
+    import json
+
+    with _user_errors():
+        lib = _library(library)
+        chain = lib.bases()
+        counts = {b.version: len(lib.experts(base_version=b.version)) for b in chain}
+    if as_json:
+        out.print_json(json.dumps([{"ref": b.ref, "path": str(b.path), "fingerprint": b.fingerprint, "card": b.card,
+                                    "experts": counts[b.version]} for b in chain]))
+        return
+    table = Table("base", "made from", "method", "contributions", "experts on it", "path", title="base versions")
+    for b in chain:
+        c = b.card
+        made = f"base@{c['parent']}" if "parent" in c else "(original)"
+        table.add_row(b.ref, made, c.get("method", ""), ", ".join(x["expert"] for x in c.get("contributions", [])),
+                      str(counts[b.version]), str(b.path))
+    out.print(table)

@@ -14,6 +14,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from moerge.util import pyplot, save_figure
+
 # merge settings for experts that each add one skill to a shared base
 MERGES = {
     "linear": {"weight": 1.0},
@@ -182,7 +184,7 @@ def _print(console: Console, board: dict) -> None:
 
 def plot(board: dict, path: Path) -> Path:
     """The scoreboard as a heatmap (rows: models, columns: skills then held-out composites)."""
-    plt = _pyplot()
+    plt = pyplot()
 
     cols = board["tasks"] + board["heldout"]
     heldout = board["heldout"]
@@ -199,13 +201,13 @@ def plot(board: dict, path: Path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.03, label="exact match")
     ax.set_title("moerge demo scoreboard (* held out)")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_routing(board: dict, path: Path) -> Path:
     """Mean routing weight per task (rows) and expert (columns), one panel per router, each with its
     colour bar: weights in [0, 1] on one scale, LoraHub's (which may be negative) centred on 0."""
-    plt = _pyplot()
+    plt = pyplot()
 
     routers = list(board["routing"])
     cols = board["tasks"] + board["heldout"]
@@ -231,26 +233,4 @@ def plot_routing(board: dict, path: Path) -> Path:
         ax.set_xlabel("expert", fontsize=9)
     fig.suptitle("mean routing weight: task (rows, * held out) -> expert (columns)", fontsize=12)
     fig.tight_layout()
-    return _save(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    """Write a figure under a temporary name and rename it into place."""
-    from moerge.util import atomic_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_file(path) as tmp:
-            fig.savefig(tmp, dpi=120)
-    finally:
-        _pyplot().close(fig)
-    return path
+    return save_figure(fig, path)

@@ -65,23 +65,32 @@ def make_vocab_model(folder: str | Path, tokens: list[str], *, seed: int, hidden
     return folder
 
 
-def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None, tie: bool = False):
-    from transformers import LlamaConfig
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
-    return LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+
+def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None,
+                tie: bool = False, arch: str = "llama"):
+    """A tiny decoder config: Llama by default; ``arch`` mistral, qwen2 (q/k/v biases) or qwen3 (q/k
+    norms) for the MoE outputs that need those inputs."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return AutoConfig.for_model(
+        arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
         intermediate_size=intermediate, vocab_size=vocab or len(SPECIALS) + len(CHARS), max_position_embeddings=256,
         tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **({"head_dim": hidden // heads} if arch == "qwen3" else {}),
     )
 
 
 def make_base(folder: str | Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, tokenizer: bool = True, **config) -> Path:
-    """A random Llama saved with save_pretrained (safetensors)."""
-    from transformers import LlamaForCausalLM
+    """A random Llama (or ``arch=``: tiny_config) saved with save_pretrained (safetensors)."""
+    from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_config(**config)).to(dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(**config)).to(dtype)
     model.save_pretrained(folder)
     if tokenizer:
         save_char_tokenizer(folder)

@@ -206,3 +206,25 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, never a window."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Write a figure under a temporary name and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=120)
+    finally:
+        pyplot().close(fig)
+    return path

@@ -143,9 +143,11 @@ def test_dry_run_plan_and_dtype(tiny, tmp_path):
 BAD = [
     ("gate_mode: hiden\n", "gate_mode", "unknown gate_mode 'hiden'"),
     ("experts_per_token: 3\n", "experts_per_token", "only 2 experts"),
-    ("shared_experts: [{source_model: x}]\n", "shared_experts", "not supported yet"),
+    ("shared_experts: [{source_model: x}]\n", "shared_experts[0].source_model", "no such file"),
+    ("shared_experts: [{source_model: x}, {source_model: y}]\n", "shared_experts", "at most one shared expert"),
     ("merge_methd: ties\n", "merge_methd", "unknown key"),
-    ("architecture: qwen\n", "architecture", "only mixtral"),
+    ("architecture: qwen\n", "architecture", "Qwen MoE needs exactly one shared expert; Qwen3 MoE needs qwen3"),
+    ("architecture: gpt\n", "architecture", "matches no output architecture"),
     ("dtype: int8\n", "dtype", "unknown dtype"),
 ]
 
@@ -263,6 +265,133 @@ def test_library_gate_mode(tiny, tmp_path):
         torch.testing.assert_close(g[0], normed(centroids["code"]))
         torch.testing.assert_close(g[1], normed(centroids["math"]))
     assert "library://code@1" in (tmp_path / "moe" / "moerge_recipe.yaml").read_text()
+    # a shared expert from the library is gated by its centroid (Qwen MoE output)
+    moerge.merge(write(tmp_path, text + "architecture: qwen\nshared_experts:\n  - source_model: library://math\n"), tmp_path / "qmoe",
+                 library=tmp_path / "lib")
+    sd = load_file(tmp_path / "qmoe" / "model.safetensors")
+    torch.testing.assert_close(sd["model.layers.2.mlp.shared_expert_gate.weight"][0], normed(centroids["math"]))
     bad = write(tmp_path, text.replace("library://math", str(tiny["ft2"])))
     with pytest.raises(MoergeError, match=r"line 6: experts\[1\]\.source_model: gate_mode library .* library://NAME"):
         moerge.plan(bad, library=tmp_path / "lib")
+
+
+# ------------------------------------------------------------ other output architectures
+
+
+@pytest.fixture(scope="module")
+def qwen3(tmp_path_factory):
+    from moerge.tiny import make_base, make_finetune
+
+    root = tmp_path_factory.mktemp("qwen3")
+    base = make_base(root / "base", seed=0, hidden=32, layers=2, intermediate=64, arch="qwen3")
+    return {"root": root, "base": base, "ft1": make_finetune(base, root / "ft1", seed=1),
+            "ft2": make_finetune(base, root / "ft2", seed=2)}
+
+
+def test_qwen_moe_with_gated_shared_expert(tiny, tmp_path):
+    """One shared expert with prompts on Llama inputs: mergekit's Qwen MoE (Qwen2-MoE) output, the shared
+    expert's MLP (residual_scale on down_proj), zero q/k/v biases, and a shared-expert gate row computed
+    independently from its prompts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    extra = (f"shared_experts:\n  - source_model: {tiny['ft3']}\n    positive_prompts: [\"Once upon a time\"]\n"
+             "    residual_scale: 0.25\n")
+    cfg = write(tmp_path, config(tiny, "cheap_embed", extra=extra))
+    plan = moerge.plan(cfg)
+    assert plan.arch.name == "Qwen MoE" and "shared expert:" in plan.summary() and "(gated)" in plan.summary()
+    out = tmp_path / "moe"
+    moerge.merge(cfg, out)
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(model).__name__ == "Qwen2MoeForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.num_experts == 2 and model.config.shared_expert_intermediate_size == 64
+    tok = AutoTokenizer.from_pretrained(out)
+    assert model.generate(**tok("hi", return_tensors="pt"), max_new_tokens=3, do_sample=False).shape[1] > 3
+
+    sd = load_file(out / "model.safetensors")
+    src = load_file(tiny["ft3"] / "model.safetensors")
+    base = load_file(tiny["base"] / "model.safetensors")
+    emb, btok = base["model.embed_tokens.weight"], AutoTokenizer.from_pretrained(tiny["base"])
+    shared_row = normed(emb[tokens(btok, "Once upon a time")].sum(0))
+    for layer in range(3):
+        p = f"model.layers.{layer}.mlp"
+        assert torch.equal(sd[f"{p}.shared_expert.gate_proj.weight"], src[f"{p}.gate_proj.weight"])
+        torch.testing.assert_close(sd[f"{p}.shared_expert.down_proj.weight"], src[f"{p}.down_proj.weight"] * 0.25)
+        torch.testing.assert_close(sd[f"{p}.shared_expert_gate.weight"][0], shared_row)
+        assert sd[f"{p}.gate.weight"].shape == (2, 32)
+        for e, name in enumerate(("ft1", "ft2")):
+            assert torch.equal(sd[f"{p}.experts.{e}.up_proj.weight"],
+                               load_file(tiny[name] / "model.safetensors")[f"{p}.up_proj.weight"])
+        assert not sd[f"model.layers.{layer}.self_attn.q_proj.bias"].any()
+
+
+def test_deepseek_output_for_an_ungated_shared_expert(tiny, tmp_path):
+    extra = f"shared_experts:\n  - source_model: {tiny['base']}\n"
+    out = tmp_path / "moe"
+    moerge.merge(write(tmp_path, config(tiny, extra=extra)), out)
+    cfg = __import__("json").loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekForCausalLM"] and cfg["n_routed_experts"] == 2
+    assert cfg["n_shared_experts"] == 1 and cfg["moe_intermediate_size"] == 64 and "auto_map" in cfg
+    sd = load_file(out / "model.safetensors")
+    base = load_file(tiny["base"] / "model.safetensors")
+    assert torch.equal(sd["model.layers.1.mlp.shared_experts.down_proj.weight"], base["model.layers.1.mlp.down_proj.weight"])
+    assert not any("shared_expert_gate" in k for k in sd) and sd["model.layers.0.mlp.gate.weight"].shape == (2, 32)
+    # prompts on the shared expert ask for a gate: Qwen MoE then, as mergekit chooses
+    gated = extra + '    positive_prompts: ["x"]\n'
+    assert moerge.plan(write(tmp_path, config(tiny, extra=gated))).arch.name == "Qwen MoE"
+    forced = gated + "architecture: deepseek\n"
+    with pytest.raises(MoergeError, match=r"architecture: .*DeepSeek MoE does not gate its shared expert"):
+        moerge.plan(write(tmp_path, config(tiny, extra=forced)))
+
+
+def test_identical_experts_compute_the_dense_model(tiny, qwen3, tmp_path):
+    """An MoE whose experts are all the base (top-k weights renormalised) computes exactly what the base
+    computes: a functional check of the Mixtral and Qwen3-MoE layouts, fused experts included."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    for inputs, arch in ((tiny, "MixtralForCausalLM"), (qwen3, "Qwen3MoeForCausalLM")):
+        text = (f"base_model: {inputs['base']}\ngate_mode: random\nexperts_per_token: 2\nexperts:\n"
+                + "".join(f"  - source_model: {inputs['base']}\n" for _ in range(3)))
+        out = tmp_path / arch
+        moerge.merge(write(tmp_path, text), out, allow_same_experts=True)
+        moe, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        assert type(moe).__name__ == arch and not info["missing_keys"] and not info["unexpected_keys"]
+        dense = AutoModelForCausalLM.from_pretrained(inputs["base"])
+        with torch.no_grad():
+            torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_qwen3_moe_fused_experts(qwen3, tmp_path):
+    text = (f"base_model: {qwen3['base']}\ngate_mode: cheap_embed\nexperts:\n"
+            f"  - source_model: {qwen3['ft1']}\n    positive_prompts: [\"abc\"]\n    residual_scale: 0.5\n"
+            f"  - source_model: {qwen3['ft2']}\n    positive_prompts: [\"xyz\"]\n")
+    out = tmp_path / "moe"
+    plan = moerge.plan(write(tmp_path, text))
+    assert plan.arch.name == "Qwen3 MoE"
+    moerge.merge(write(tmp_path, text), out)
+    sd = load_file(out / "model.safetensors")
+    a, b = (load_file(qwen3[n] / "model.safetensors") for n in ("ft1", "ft2"))
+    base = load_file(qwen3["base"] / "model.safetensors")
+    for layer in range(2):
+        p = f"model.layers.{layer}.mlp"
+        gu = sd[f"{p}.experts.gate_up_proj"]
+        assert gu.shape == (2, 128, 32)
+        assert torch.equal(gu[1, :64], b[f"{p}.gate_proj.weight"]) and torch.equal(gu[1, 64:], b[f"{p}.up_proj.weight"])
+        torch.testing.assert_close(sd[f"{p}.experts.down_proj"][0], a[f"{p}.down_proj.weight"] * 0.5)
+        assert torch.equal(sd[f"model.layers.{layer}.self_attn.q_norm.weight"], base[f"model.layers.{layer}.self_attn.q_norm.weight"])
+
+
+def test_no_output_architecture_fits(qwen3, tiny, tmp_path):
+    """Qwen3 inputs with a shared expert, or mixed architectures: one line naming why each output refuses."""
+    text = (f"base_model: {qwen3['base']}\ngate_mode: random\nexperts:\n  - source_model: {qwen3['ft1']}\n"
+            f"  - source_model: {qwen3['ft2']}\nshared_experts:\n  - source_model: {qwen3['base']}\n")
+    with pytest.raises(MoergeError) as e:
+        moerge.plan(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg and "line 6: shared_experts" in msg and "Mixtral needs llama or mistral inputs (these are qwen3)" in msg
+    assert "Qwen3 MoE has no shared experts" in msg
+    mixed = (f"base_model: {tiny['base']}\ngate_mode: random\nexperts:\n  - source_model: {tiny['ft1']}\n"
+             f"  - source_model: {qwen3['ft1']}\n")
+    with pytest.raises(MoergeError, match=r"line 5: experts\[1\]\.source_model: is a qwen3 but the base is llama"):
+        moerge.plan(write(tmp_path, mixed))

@@ -248,3 +248,34 @@ def test_cli_multi_dry_run_merge_and_errors(tiny, tmp_path):
     res = runner.invoke(app, ["merge", str(single), str(tmp_path / "o3"), "--keep-intermediates", str(tmp_path / "k3")])
     assert res.exit_code == 1 and "--keep-intermediates: the recipe has one stage" in res.output
     assert not (tmp_path / "o3").exists() and not (tmp_path / "k3").exists()
+
+
+def test_lazy_reuses_kept_stages_whose_recipe_matches(tiny, tmp_path, monkeypatch):
+    """--lazy (mergekit-multi's): a kept intermediate whose saved recipe is the stage's is not merged again;
+    one of another recipe is refused (or, with --overwrite, merged again)."""
+    from moerge.engine import executor
+
+    text = "name: a\n" + ties(tiny) + "---\nname: b\n" + linear("a", tiny["ft3"]) + "---\n" + linear("b", "a", 0.25)
+    keep = tmp_path / "stages"
+    moerge.merge(text, tmp_path / "out", keep_intermediates=keep)
+    a_bytes = (keep / "a" / "model.safetensors").read_bytes()
+    ran = []
+    real = executor.execute
+    monkeypatch.setattr(executor, "execute", lambda plan, dest, **kw: ran.append(dest.name) or real(plan, dest, **kw))
+    moerge.merge(text, tmp_path / "out2", keep_intermediates=keep, lazy=True)
+    assert ran == ["out2"]  # only the final stage ran
+    same(tmp_path / "out", tmp_path / "out2")
+    assert (keep / "a" / "model.safetensors").read_bytes() == a_bytes
+    # a changed stage: its kept output is another merge
+    changed = text.replace("density: 0.5", "density: 0.6")
+    with pytest.raises(MoergeError, match=r"stages/a: holds another merge .* --lazy cannot reuse it for stage 'a'"):
+        moerge.merge(changed, tmp_path / "out3", keep_intermediates=keep, lazy=True)
+    assert not (tmp_path / "out3").exists()
+    ran.clear()
+    moerge.merge(changed, tmp_path / "out3", keep_intermediates=keep, lazy=True, overwrite=True)
+    assert ran == ["a", "b", "out3"]  # b's saved recipe records a's parameters, so b runs again too
+    with pytest.raises(MoergeError, match="--lazy .* needs --keep-intermediates DIR"):
+        moerge.merge(text, tmp_path / "out4", lazy=True)
+    (tmp_path / "one.yaml").write_text(ties(tiny))
+    r = runner.invoke(app, ["merge", str(tmp_path / "one.yaml"), str(tmp_path / "out5"), "--lazy"])
+    assert r.exit_code == 1 and "one stage" in r.output and "drop --lazy" in r.output

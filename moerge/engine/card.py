@@ -142,12 +142,15 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
             _set_chat_template(writer, template)
     inputs = lineage(plan)
     chain = getattr(plan, "chain", None)  # a later stage of a multi-document recipe: record the whole chain
-    if chain:
-        writer.add_file("moerge_recipe.yaml", chain_recipe(plan, chain))
-        writer.add_file("README.md", chain_card_text(plan, inputs, chain))
-        return
-    writer.add_file("moerge_recipe.yaml", plan.pinned_recipe.to_yaml())  # re-running it reproduces this merge
-    writer.add_file("README.md", card_text(plan, inputs))
+    writer.add_file("moerge_recipe.yaml", saved_recipe(plan))  # re-running it reproduces this merge
+    writer.add_file("README.md", chain_card_text(plan, inputs, chain) if chain else card_text(plan, inputs))
+
+
+def saved_recipe(plan: "Plan") -> str:
+    """The ``moerge_recipe.yaml`` a merge writes: its pinned recipe, or for a later stage of a
+    multi-document recipe every stage it depends on (``--lazy`` compares it to reuse a kept output)."""
+    chain = getattr(plan, "chain", None)
+    return chain_recipe(plan, chain) if chain else plan.pinned_recipe.to_yaml()
 
 
 def _set_chat_template(writer: "ShardedWriter", template: str) -> None:

@@ -498,7 +498,8 @@ def _open_output(site: Site, folder: Path, library) -> "Model":
     return model
 
 
-def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path | None, overwrite: bool) -> None:
+def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path | None, overwrite: bool,
+                   lazy: bool = False) -> None:
     """Everything about the output folders, before any stage runs."""
     from moerge.engine.executor import _check_output
 
@@ -517,11 +518,23 @@ def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path
         dest = keep / s.name
         if dest.resolve() == out or out.is_relative_to(dest.resolve()):
             raise MoergeError(f"{out_dir}: is where --keep-intermediates puts {s.label}; choose another OUT or DIR")
-        if dest.exists() and not overwrite:
+        if dest.exists() and not overwrite and not lazy:
             raise MoergeError(f"{dest}: already exists (--keep-intermediates keeps {s.label} there); remove it, choose "
-                              "another DIR, or pass --overwrite")
+                              "another DIR, pass --lazy to reuse it, or --overwrite")
         for plan in plans:
             _check_output(plan, dest)
+
+
+def _kept_same(dest: Path, expected: str, stage: Stage, overwrite: bool, source: str) -> bool:
+    """--lazy: whether the kept output in ``dest`` is this stage's merge (its saved recipe matches)."""
+    saved = dest / "moerge_recipe.yaml"
+    if saved.is_file() and saved.read_text(encoding="utf-8", errors="replace") == expected:
+        return True
+    if overwrite:
+        return False
+    why = "has no moerge_recipe.yaml" if not saved.is_file() else "holds another merge (its moerge_recipe.yaml differs)"
+    raise MoergeError(f"{_where(source, stage.line, stage)} {dest}: {why}, so --lazy cannot reuse it for {stage.label}; "
+                      "remove it, or pass --overwrite to merge it again")
 
 
 def _scratch_root(out_dir: Path) -> Path:
@@ -539,20 +552,28 @@ def _scratch_root(out_dir: Path) -> Path:
 def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermediates: str | os.PathLike | None = None,
                overwrite: bool = False, seed: int | None = None, workers: int | None = None, shard_size: str | int = "5B",
                progress: bool = False, library: str | os.PathLike | None = None,
-               on_stage: Callable[[int, int, Stage, Path], None] | None = None) -> "MergeResult":
+               on_stage: Callable[[int, int, Stage, Path], None] | None = None, lazy: bool = False) -> "MergeResult":
     """Run every stage in dependency order; intermediate outputs go to a temporary folder removed
     afterwards (or ``keep_intermediates/NAME``), and only the final stage writes ``out_dir`` (atomically).
-    Its card and ``moerge_recipe.yaml`` record every stage it depends on, pinned."""
-    from moerge.engine.card import StageRecord, lineage
+    Its card and ``moerge_recipe.yaml`` record every stage it depends on, pinned.
+
+    ``lazy`` (mergekit-multi's ``--lazy``): an intermediate already kept in ``keep_intermediates/NAME``
+    is reused instead of merged again, when its saved ``moerge_recipe.yaml`` is exactly what this stage
+    would write (same inputs as written, same parameters, same earlier stages); a kept output of another
+    recipe is refused (or, with ``overwrite``, merged again)."""
+    from moerge.engine.card import StageRecord, lineage, saved_recipe
     from moerge.engine.executor import MergeResult, execute
     from moerge.io.writer import parse_size
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
     keep = Path(keep_intermediates) if keep_intermediates is not None else None
+    if lazy and keep is None:
+        raise MoergeError("--lazy reuses intermediate outputs kept by an earlier run, so it needs --keep-intermediates DIR "
+                          "(the folder that run kept them in)")
     parse_size(shard_size)
     mp = plan_stages(recipe, seed=seed, library=library, keep=keep is not None)
-    _check_outputs(recipe, mp, out_dir, keep, overwrite)
+    _check_outputs(recipe, mp, out_dir, keep, overwrite, lazy)
     root = keep if keep is not None else _scratch_root(out_dir)
     records: dict[str, StageRecord] = {}
     source = recipe.source
@@ -571,14 +592,17 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
             earlier = [records[s.name] for s in recipe.needs(stage)]
             if earlier:
                 plan.chain = earlier  # read by card.write_extras: the card and saved recipe record the whole chain
+            reuse = lazy and not final and dest.exists() and _kept_same(dest, saved_recipe(plan), stage, overwrite, source)
             if on_stage is not None:
                 on_stage(i, len(recipe.stages), stage, dest)
             elif progress:  # one plain line per stage, as every long command prints per phase
-                print(f"[{i + 1}/{len(recipe.stages)}] {stage.label} -> {dest}", file=sys.stderr, flush=True)
-            try:
-                res = execute(plan, dest, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
-            except MoergeError as e:
-                raise MoergeError(f"{_where(source, stage.line, stage)} {e}") from None
+                print(f"[{i + 1}/{len(recipe.stages)}] {stage.label} -> {dest}" + (" (kept, reused: --lazy)" if reuse else ""),
+                      file=sys.stderr, flush=True)
+            if not reuse:
+                try:
+                    res = execute(plan, dest, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
+                except MoergeError as e:
+                    raise MoergeError(f"{_where(source, stage.line, stage)} {e}") from None
             if not final:
                 records[stage.name] = StageRecord(stage.name, plan.pinned_recipe, plan.method.pretty or plan.method.name,
                                                   lineage(plan))

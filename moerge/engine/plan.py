@@ -144,9 +144,9 @@ def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
 
         lib = Library.open(library)
         entry = lib.get(ref[len(LIBRARY_SCHEME):])
-        base = lib.base_source()
+        base = lib.base_source(entry.base_version)  # the base version it was made on
         source = ExpertAppliedSource(base, lib.load(entry.ref), f"{LIBRARY_SCHEME}{entry.ref}")
-        folder = Path(lib.meta["base_path"])
+        folder = lib.base(entry.base_version).path
         return Model(ref, folder, source, _read_config(folder), None, f"{LIBRARY_SCHEME}{entry.ref}")
     name, rev, lora = split_ref(ref)
     folder = resolve_ref(name, rev)

@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS experts (
     digest TEXT NOT NULL,
     nbytes INTEGER NOT NULL,
     created REAL NOT NULL,
+    base_version INTEGER NOT NULL DEFAULT 1,
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS tensors (
@@ -71,6 +72,13 @@ CREATE TABLE IF NOT EXISTS tensors (
     PRIMARY KEY (expert_id, key)
 );
 CREATE INDEX IF NOT EXISTS tensors_blob ON tensors (blob);
+CREATE TABLE IF NOT EXISTS bases (
+    version INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    card TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL
+);
 CREATE INDEX IF NOT EXISTS experts_task ON experts (task);
 """
 DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
@@ -139,7 +147,7 @@ def check_name(name: str) -> str:
 def _insert(db: sqlite3.Connection, expert: tuple, tensors: list[tuple]) -> None:
     """One expert row and its tensor rows (key, blob, dtype, shape, nbytes), inside the caller's transaction."""
     cur = db.execute("INSERT INTO experts (name, version, kind, task, tags, contributor, license, card, adapter_config,"
-                     " digest, nbytes, created) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", expert)
+                     " digest, nbytes, created, base_version) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", expert)
     db.executemany("INSERT INTO tensors (expert_id, key, blob, dtype, shape, nbytes) VALUES (?,?,?,?,?,?)",
                    [(cur.lastrowid, *r) for r in tensors])
 
@@ -161,10 +169,27 @@ class Entry:
     digest: str
     nbytes: int
     created: float
+    base_version: int = 1  # the library base version it was made on (base@N)
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass
+class BaseVersion:
+    """One base in the library's chain: base@1 is the base the library was created for; base@N+1 was
+    fused from contributions made on base@N (``moerge fuse``), and its card holds that lineage."""
+
+    version: int
+    path: Path
+    fingerprint: str
+    card: dict
+    created: float
+
+    @property
+    def ref(self) -> str:
+        return f"base@{self.version}"
 
 
 class Library:
@@ -176,6 +201,20 @@ class Library:
         self.meta = json.loads(meta.read_text())
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Libraries made before base versions existed: every expert was made on base@1."""
+        with self._db() as db:
+            cols = {r[1] for r in db.execute("PRAGMA table_info(experts)")}
+            has_bases = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'bases'").fetchone()
+        if "base_version" in cols and has_bases:
+            return
+        with self._db(write=True) as db:
+            if "base_version" not in {r[1] for r in db.execute("PRAGMA table_info(experts)")}:
+                db.execute("ALTER TABLE experts ADD COLUMN base_version INTEGER NOT NULL DEFAULT 1")
+            db.execute("CREATE TABLE IF NOT EXISTS bases (version INTEGER PRIMARY KEY, path TEXT NOT NULL, fingerprint TEXT "
+                       "NOT NULL, card TEXT NOT NULL DEFAULT '{}', created REAL NOT NULL)")
 
     # ------------------------------------------------------------------ creation and access
 
@@ -228,13 +267,59 @@ class Library:
         finally:
             db.close()
 
-    def base_source(self):
+    # ------------------------------------------------------------------ base versions
+
+    def bases(self) -> list[BaseVersion]:
+        """The chain of bases, oldest first: base@1 (the library's own), then each fused one."""
+        first = BaseVersion(1, Path(self.meta["base_path"]), self.meta["base_fingerprint"],
+                            {"source": self.meta["base"], "origin": "the base the library was created for"},
+                            self.meta.get("created", 0.0))
+        with self._db() as db:
+            rows = db.execute("SELECT version, path, fingerprint, card, created FROM bases ORDER BY version").fetchall()
+        return [first] + [BaseVersion(v, self.root / p, fp, json.loads(c), t) for v, p, fp, c, t in rows]
+
+    def base(self, version: int | None = None) -> BaseVersion:
+        """base@``version``, or the latest (the one contributions are made on now)."""
+        chain = self.bases()
+        if version is None:
+            return chain[-1]
+        for b in chain:
+            if b.version == version:
+                return b
+        raise MoergeError(f"{self.root}: has no base@{version}; its bases are base@1..base@{chain[-1].version} "
+                          "(`moerge library bases`)")
+
+    def base_source(self, version: int | None = None):
+        """The tensors of base@``version`` (default: the latest)."""
         from moerge.io.source import open_source
 
-        path = Path(self.meta["base_path"])
-        if not path.exists():
-            raise MoergeError(f"{self.root}: its base {self.meta['base']} is no longer at {path}; restore it there")
-        return open_source(path)
+        b = self.base(version)
+        if not b.path.exists():
+            what = self.meta["base"] if b.version == 1 else b.ref
+            raise MoergeError(f"{self.root}: its {b.ref} ({what}) is no longer at {b.path}; restore it there")
+        return open_source(b.path)
+
+    def register_base(self, folder: Path, card: dict, parent: int) -> BaseVersion:
+        """Make ``folder`` (a complete model folder under ``bases/``) base@parent+1, in one transaction; refused
+        when another base was registered on ``parent`` meanwhile (the contributions were made on it)."""
+        from moerge.io.fingerprint import folder_fingerprint
+
+        folder = Path(folder)
+        rel = folder.resolve().relative_to(self.root.resolve())
+        fp = folder_fingerprint(folder)
+        with self._db(write=True) as db:
+            (latest,) = db.execute("SELECT COALESCE(MAX(version), 1) FROM bases").fetchone()
+            if latest != parent:
+                raise MoergeError(f"{self.root}: base@{latest} appeared while base@{parent + 1} was being fused from "
+                                  f"contributions on base@{parent}; fuse again from base@{latest}'s contributions")
+            _crash_point("before-base-commit")
+            db.execute("INSERT INTO bases (version, path, fingerprint, card, created) VALUES (?,?,?,?,?)",
+                       (parent + 1, str(rel), fp, json.dumps(card), time.time()))
+        return self.base(parent + 1)
+
+    def version_of(self, fingerprint: str) -> BaseVersion | None:
+        """The base version with this fingerprint, if any."""
+        return next((b for b in self.bases() if b.fingerprint == fingerprint), None)
 
     # ------------------------------------------------------------------ blobs
 
@@ -292,20 +377,28 @@ class Library:
 
         check_name(name)
         adapter_dir = Path(adapter_dir)
+        current = self.base()
+        card = read_card(adapter_dir)
+        made_on = card.get("base_fingerprint")
+        if made_on and made_on != current.fingerprint:
+            older = self.version_of(made_on)
+            if older is not None:
+                raise MoergeError(f"{adapter_dir}: was made on {older.ref} of this library, but contributions now go to "
+                                  f"{current.ref}; re-apply it there: moerge expert rebase {adapter_dir} --library {self.root} "
+                                  f"--name {name} (or retrain it on {current.path})")
         # names, shapes and the base itself (check_base): the one check every command shares
         expert = load_expert_folder(adapter_dir, self.base_source())
-        card = read_card(adapter_dir)
         cb = card.get("centroid_base")
-        if cb and cb != self.meta["base_fingerprint"]:
+        if cb and cb != current.fingerprint:
             raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
-                              f"library's base: moerge expert embed {adapter_dir} --base {self.meta['base_path']}")
+                              f"library's base: moerge expert embed {adapter_dir} --base {current.path}")
         if prompts:
             from moerge.routing.embed import with_task_embedding
 
-            card, _ = with_task_embedding(card, prompts, base=self.meta["base_path"], embedder=embedder)
+            card, _ = with_task_embedding(card, prompts, base=current.path, embedder=embedder)
         config, tensors = expert.config, expert.tensors
         card["lineage"] = {"source": str(adapter_dir.resolve()), "digest": expert.digest(),
-                           "base_fingerprint": self.meta["base_fingerprint"], "added": time.time()}
+                           "base_fingerprint": current.fingerprint, "base_version": current.version, "added": time.time()}
         gates_file = adapter_dir / "gates.safetensors"  # PHATGOOSE gates travel with their expert
         if gates_file.is_file():
             from safetensors.torch import load_file
@@ -327,7 +420,8 @@ class Library:
             if same is None:
                 (version,) = db.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM experts WHERE name = ?", (name,)).fetchone()
                 _insert(db, (name, version, expert.kind, task, json.dumps(sorted(set(tags))), contributor, license,
-                             json.dumps(card), json.dumps(config), digest, sum(r[4] for r in rows), time.time()), rows)
+                             json.dumps(card), json.dumps(config), digest, sum(r[4] for r in rows), time.time(),
+                             current.version), rows)
                 _crash_point("before-commit")
         if same is not None:
             if repaired:
@@ -368,9 +462,10 @@ class Library:
 
     def _entry(self, row) -> Entry:
         return Entry(row[0], row[1], row[2], ALIASES.get(row[3], row[3]), row[4], json.loads(row[5]), row[6], row[7], json.loads(row[8]),
-                     json.loads(row[9]), row[10], row[11], row[12])
+                     json.loads(row[9]), row[10], row[11], row[12], row[13])
 
-    _COLUMNS = "id, name, version, kind, task, tags, contributor, license, card, adapter_config, digest, nbytes, created"
+    _COLUMNS = ("id, name, version, kind, task, tags, contributor, license, card, adapter_config, digest, nbytes, created, "
+                "base_version")
 
     def get(self, ref: str) -> Entry:
         name, version = split_ref(ref)
@@ -383,8 +478,14 @@ class Library:
             raise MoergeError(f"{self.root}: no expert {ref!r}; see `moerge library list`")
         return self._entry(row)
 
-    def experts(self, *, task: str | None = None, tag: str | None = None, kind: str | None = None, latest: bool = False) -> list[Entry]:
+    def experts(self, *, task: str | None = None, tag: str | None = None, kind: str | None = None, latest: bool = False,
+                base_version: int | None = None) -> list[Entry]:
+        """The catalog's experts (every version; ``latest``: each name's newest), optionally only those
+        made on base@``base_version``."""
         where, args = [], []
+        if base_version is not None:
+            where.append("base_version = ?")
+            args.append(base_version)
         if kind is not None:
             kind = check_kind(kind)
         if task:
@@ -424,7 +525,8 @@ class Library:
         from moerge.experts.peft_format import parse_adapter
 
         entry = self.get(ref)
-        expert = parse_adapter(entry.adapter_config, self.tensors(ref), self.base_source(), f"library:{entry.ref}")
+        expert = parse_adapter(entry.adapter_config, self.tensors(ref), self.base_source(entry.base_version),
+                               f"library:{entry.ref}")
         return expert
 
     def export(self, ref: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -444,7 +546,7 @@ class Library:
             if g:
                 save_file(g, tmp / "gates.safetensors")
             (tmp / "adapter_config.json").write_text(json.dumps(entry.adapter_config, indent=2) + "\n")
-            card = dict(entry.card) | {"library_ref": entry.ref, "base_fingerprint": self.meta["base_fingerprint"]}
+            card = dict(entry.card) | {"library_ref": entry.ref, "base_fingerprint": self.base(entry.base_version).fingerprint}
             (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
         return Path(out_dir)
 
@@ -456,8 +558,8 @@ class Library:
         from moerge.train.expert import CARD
         from moerge.util import atomic_dir
 
-        base = self.base_source()
-        base_dir = Path(self.meta["base_path"])
+        base = self.base_source(entry.base_version)
+        base_dir = self.base(entry.base_version).path
         with atomic_dir(out, overwrite) as tmp:
             save_file({n: changed[n] if n in changed else base.get(n) for n in base.names()},
                       tmp / "model.safetensors", metadata={"format": "pt"})
@@ -502,8 +604,12 @@ class Library:
             raise MoergeError(f"{dest}: is a library of another base ({other.meta['base']}, "
                               f"{other.meta['base_fingerprint']}); push only between libraries of one base")
         theirs = {e.ref: e.digest for e in other.experts()}
+        their_bases = {b.version: b.fingerprint for b in other.bases()}
         todo = []
         for e in self.experts():
+            if their_bases.get(e.base_version) != self.base(e.base_version).fingerprint:
+                raise MoergeError(f"{dest}: lacks base@{e.base_version}, which {e.ref} was made on (base versions are not "
+                                  "pushed yet); push from a library whose experts are all on base@1, or copy the library folder")
             if e.ref in theirs:
                 if theirs[e.ref] != e.digest:
                     raise MoergeError(f"{dest}: already has {e.ref} with other contents; rename one of them before syncing")
@@ -525,7 +631,8 @@ class Library:
                 if db.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (e.name, e.version)).fetchone():
                     raise MoergeError(f"{dest}: {e.ref} appeared there during the transfer; run it again")
                 _insert(db, (e.name, e.version, e.kind, e.task, json.dumps(e.tags), e.contributor, e.license,
-                             json.dumps(e.card), json.dumps(e.adapter_config), e.digest, e.nbytes, e.created), rows)
+                             json.dumps(e.card), json.dumps(e.adapter_config), e.digest, e.nbytes, e.created,
+                             e.base_version), rows)
             copied.append(e.ref)
         return copied
 

@@ -73,6 +73,8 @@ def describe(lib: Library, entry: Entry) -> list[str]:
                  + (f" + PHATGOOSE gates for {gates} modules" if gates else " (no PHATGOOSE gates)")),
         ("digest", entry.digest),
         ("created", _when(entry.created)),
+        ("made on", f"base@{entry.base_version}" + (" (the latest base)" if entry.base_version == lib.base().version
+                                                     else f" (the latest is {lib.base().ref})")),
     ]
     if adapter:
         rows.append(("adapter", adapter))

@@ -21,7 +21,6 @@ from moerge.errors import MoergeError
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "library")
 PROMPT_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed")
-ARCHITECTURES = ("mixtral",)
 
 
 class _Strict(BaseModel):
@@ -87,7 +86,7 @@ class MoEConfig(_Strict):
     gate_mode: str = "hidden"
     dtype: str | None = None
     experts_per_token: int = 2
-    shared_experts: list[Any] | None = None
+    shared_experts: list[Expert] | None = None
     architecture: str | None = None
     seed: int = 0  # moerge's addition: random gates and noise_scale are reproducible
     _source: str = PrivateAttr("<recipe>")  # where it was read from, for error messages
@@ -125,21 +124,22 @@ class MoEConfig(_Strict):
     @field_validator("shared_experts")
     @classmethod
     def _shared(cls, v):
-        if v:
-            raise ValueError("shared experts are not supported yet (the Mixtral output has none; Qwen2-MoE output is "
-                             "not implemented); remove shared_experts")
+        if v and len(v) > 1:
+            raise ValueError(f"has {len(v)} entries; the MoE outputs take at most one shared expert (as in mergekit)")
         return v
 
     @field_validator("architecture")
     @classmethod
     def _arch(cls, v):
-        if v is not None and v.lower() not in ARCHITECTURES and not "mixtral".startswith(v.lower()):
-            raise ValueError(f"output architecture {v!r} is not supported yet; only mixtral (remove architecture: or "
-                             "write mixtral)")
+        from moerge.moe.arch import ARCHS
+
+        if v is not None and not any(a.name.lower().startswith(v.lower()) for a in ARCHS):
+            raise ValueError(f"matches no output architecture; use one of {', '.join(a.name for a in ARCHS)} (or a "
+                             "prefix: mixtral, deepseek, qwen, qwen3)")
         return v
 
     def model_refs(self) -> list[str]:
-        return list(dict.fromkeys([self.base_model] + [e.source_model for e in self.experts]))
+        return list(dict.fromkeys([self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]))
 
     def to_yaml(self) -> str:
         data = self.model_dump(exclude_none=True, exclude_defaults=True, mode="json")
@@ -147,9 +147,13 @@ class MoEConfig(_Strict):
         return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
+MOE_KEYS = ("experts", "gate_mode", "shared_experts", "experts_per_token", "architecture")
+
+
 def is_moe(data: Any) -> bool:
-    """A mergekit-moe config rather than a merge recipe: a mapping with experts: and no merge_method."""
-    return isinstance(data, dict) and "experts" in data and "merge_method" not in data
+    """A mergekit-moe config rather than a merge recipe: a mapping with no merge_method and a key only
+    MoE configs have (experts:, gate_mode:, ...), so a config missing experts: is told exactly that."""
+    return isinstance(data, dict) and "merge_method" not in data and any(k in data for k in MOE_KEYS)
 
 
 def _at(source: str, lines: dict, path: tuple) -> str:

@@ -15,8 +15,9 @@ The prompt modes follow mergekit-moe's arithmetic exactly:
 - ``random``: standard normal rows; ``uniform_random``: U(-1/sqrt(hidden), 1/sqrt(hidden)) rows, as
   torch.nn.Linear initialises them (both from a generator seeded by the config's ``seed``).
 
-mergekit runs the ``hidden`` forward pass in bfloat16; moerge runs it in float32 (``dtype``), so the
-rows agree to bf16 rounding (bench/moe_parity.py measures it).
+mergekit runs the ``hidden`` forward pass in bfloat16 always; moerge runs it in bfloat16 for a base
+stored in half precision (identical rows) and in float32 for a float32 base (rows agree to bf16
+rounding); bench/moe_parity.py measures both.
 """
 
 from __future__ import annotations

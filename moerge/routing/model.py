@@ -143,11 +143,28 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
             entries = [e for e in entries if e.kind != "full"]
         if not entries:
             raise MoergeError(f"{lib.root}: has no adapter experts to route among; add some with `moerge library add`")
+        current = lib.base()
+        older = [e.ref for e in entries if e.base_version != current.version]
+        if older and experts:
+            e = lib.get(older[0])
+            raise MoergeError(f"{e.ref}: was made on base@{e.base_version}, but the library routes on its latest base "
+                              f"{current.ref}; rebase it (moerge expert rebase {e.ref} --library {lib.root}) or leave it out")
+        if older:  # "the library's latest experts": those made on its latest base
+            import warnings
+
+            from moerge.errors import MoergeWarning
+
+            warnings.warn(f"{', '.join(older)} left out: made on an older base than {current.ref} (moerge expert rebase "
+                          "re-applies them)", MoergeWarning, stacklevel=2)
+            entries = [e for e in entries if e.base_version == current.version]
+            if not entries:
+                raise MoergeError(f"{lib.root}: has no adapter experts made on {current.ref} to route among; rebase some "
+                                  "(moerge expert rebase NAME) or add new ones")
         loaded = [lib.load(e.ref) for e in entries]
         for e, x in zip(entries, loaded):
             x.path = Path(f"library:{e.ref}")  # how the mixture names it in messages
         cards = [dict(e.card) | {"task": e.task, "name": e.ref, "gates": lib.gates(e.ref)} for e in entries]
-        base_dir = Path(lib.meta["base_path"])
+        base_dir = current.path
     else:
         if not experts:
             raise MoergeError("give expert folders or --library")

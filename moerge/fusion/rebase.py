@@ -1,0 +1,135 @@
+"""Re-apply an expert made on an older base of a library to a newer one, so a contributor need not
+retrain after every fusion round.
+
+What carries over is the expert's *change*: an adapter's factors (LoRA, DoRA, (IA)³) are kept as they
+are and now apply to the new base; a full fine-tune's delta (its tensors minus the old base's) is added
+to the new base's tensors. The result is stored as the next version of the expert, made on the new
+base. How much of its skill survives is measured, not assumed: when its task is a built-in skill or
+its card names its JSONL data, the expert is scored on that task on the old base and on the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from moerge.errors import MoergeError
+
+
+@dataclass
+class RebaseResult:
+    entry: object  # the new library Entry
+    source: str  # what was rebased: NAME@V or a folder
+    from_version: int
+    to_version: int
+    task: str | None
+    before: float | None  # exact match on its task, on the old base
+    after: float | None  # ... on the new base
+
+    @property
+    def retained(self) -> float | None:
+        if self.before is None or self.after is None or self.before == 0:
+            return None
+        return self.after / self.before
+
+
+def _eval_rows(task: str | None, card: dict, n: int):
+    """Test rows for the expert's task: a built-in skill, or the held-out rows of its JSONL data."""
+    from moerge.tasks import examples, skills
+
+    if task and all(t in skills.SKILLS for t in task.split(",")):
+        names = task.split(",")
+        return [r for t in names for r in examples(t, "test", max(1, n // len(names)))]
+    data = card.get("data")
+    if data and Path(data).is_file():
+        from moerge.tasks.data import read_jsonl, split_of
+
+        rows = [r for r in read_jsonl(data) if split_of(r.prompt) != "train"]
+        return rows[:n] or None
+    return None
+
+
+def _score(base_dir: Path, expert_dir: Path, rows) -> float:
+    from moerge.eval.generate import exact_match
+    from moerge.train.expert import load_expert
+
+    model, tok = load_expert(base_dir, expert_dir)
+    return exact_match(model, tok, rows)
+
+
+def rebase(library, expert: str | Path, *, to: int | None = None, name: str | None = None, n_eval: int = 100,
+           evaluate: bool = True) -> RebaseResult:
+    """Store ``expert`` (``NAME[@V]`` of the library, or an adapter folder made on one of its bases) as
+    the next version of ``name`` (default: its own name) made on base@``to`` (default: the latest)."""
+    from moerge.experts.peft_format import load_expert_folder
+    from moerge.library import Library
+    from moerge.train.expert import CARD, read_card
+
+    lib = library if isinstance(library, Library) else Library.open(library)
+    target = lib.base(to)
+    with tempfile.TemporaryDirectory(prefix="moerge-rebase-") as d:
+        folder = Path(expert)
+        if folder.is_dir():  # an adapter folder made on one of the library's bases
+            card = read_card(folder)
+            made_on = card.get("base_fingerprint")
+            old = lib.version_of(made_on) if made_on else None
+            if old is None:
+                raise MoergeError(f"{folder}: its card does not name a base of {lib.root} (fingerprint "
+                                  f"{made_on or 'missing'}); only experts made on one of its bases can be rebased")
+            src_dir, label, name = folder, str(folder), name or folder.name
+            kind = load_expert_folder(folder, lib.base_source(old.version)).kind
+        else:
+            entry = lib.get(str(expert).removeprefix("library://"))
+            old = lib.base(entry.base_version)
+            src_dir = lib.export(entry.ref, Path(d) / "old")
+            card, label, name, kind = read_card(src_dir), entry.ref, name or entry.name, entry.kind
+        if old.version == target.version:
+            raise MoergeError(f"{label}: is already made on {target.ref}; nothing to rebase")
+        if old.version > target.version:
+            raise MoergeError(f"{label}: is made on {old.ref}, newer than {target.ref}; rebase only moves forward")
+        new_dir = Path(d) / "new"
+        new_dir.mkdir()
+        if kind == "full":
+            _rebase_full(src_dir, new_dir, lib, old, target)
+        else:  # adapter factors apply as they are: only the card's base changes
+            for f in src_dir.iterdir():
+                if f.is_file() and f.name != CARD:
+                    (new_dir / f.name).write_bytes(f.read_bytes())
+        lineage = dict(card.get("rebased") or {})
+        new_card = dict(card) | {"base": str(target.path), "base_fingerprint": target.fingerprint,
+                                 "rebased": {"from": label, "from_base": old.ref, "to_base": target.ref,
+                                             "earlier": lineage or None}}
+        for k in ("centroid", "centroids", "centroid_base", "library_ref"):  # computed on the old base
+            new_card.pop(k, None)
+        (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
+        task = card.get("task")
+        rows = _eval_rows(task, card, n_eval) if evaluate else None
+        before = after = None
+        if rows:
+            before = _score(old.path, src_dir, rows)
+            after = _score(target.path, new_dir, rows)
+        entry = lib.add(new_dir, name, task=task)
+    return RebaseResult(entry, label, old.version, target.version, task, before, after)
+
+
+def _rebase_full(src: Path, dst: Path, lib, old, target) -> None:
+    """A full fine-tune's model folder moved to ``target``: new base + (fine-tune - old base), per tensor."""
+    from safetensors.torch import save_file
+
+    from moerge.io.source import open_source
+
+    ft, a, b = open_source(src), lib.base_source(old.version), lib.base_source(target.version)
+    out = {}
+    for n in b.names():
+        t = b.get(n)
+        if n in ft and n in a and t.is_floating_point():
+            delta = ft.get(n).float() - a.get(n).float()
+            t = (t.float() + delta).to(t.dtype) if delta.any() else t
+        out[n] = t.contiguous()
+    save_file(out, dst / "model.safetensors", metadata={"format": "pt"})
+    for f in target.path.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt", ".model", ".jinja") and not f.name.endswith(".index.json") \
+                and not f.name.startswith("moerge_"):
+            (dst / f.name).write_bytes(f.read_bytes())

@@ -1,0 +1,257 @@
+"""ColD Fusion, simulated end to end on one machine (or a Ray cluster): rounds of contributors
+fine-tuning the current base, fused into the next base, each new base evaluated two ways.
+
+Each round, K contributors each draw a task from the pool and fine-tune the current base on it (a full
+fine-tune, as in the paper, or an adapter); their contributions go into a real library and are fused
+into the next base version by ``moerge fuse`` (the average by default). The new base is then scored
+
+- zero-shot on every task of the pool (the mean over the tasks seen so far is the ``seen`` curve), and
+- as a starting point: a short fine-tune on each held-out task (never contributed), scored after
+  (``heldout_finetuned``), compared with the same short fine-tune from the original base. This is the
+  paper's claim: the fused model is a better starting point for unseen tasks.
+
+Contributors' fine-tunes and the held-out fine-tunes of a round are independent jobs: they run one
+after another, or as Ray tasks with ``ray=`` (``True``/``"local"`` starts a local Ray; an address joins a
+cluster). Both paths call the same functions.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+
+from moerge.errors import MoergeError
+
+
+def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, steps: int, batch_size: int, seed: int,
+                        eval_tasks: list[str], n_eval: int, keep: bool, threads: int | None) -> dict:
+    """One job: fine-tune ``base_dir`` on ``task``, score the result on ``eval_tasks``. Runs in this
+    process or in a Ray worker (everything it needs is in its arguments)."""
+    from moerge.eval import evaluate
+    from moerge.train.expert import load_expert, train_expert
+    from moerge.util import quiet_transformers, set_threads
+
+    if threads:
+        set_threads(threads)
+    quiet_transformers()
+    t0 = time.perf_counter()
+    card = train_expert(out_dir, base=base_dir, task=task, adapter=adapter, steps=steps, batch_size=batch_size, seed=seed,
+                        overwrite=True, progress=False)
+    scores = {}
+    if eval_tasks:
+        model, tok = load_expert(base_dir, out_dir)
+        scores = evaluate(model, tok, eval_tasks, n=n_eval)
+    if not keep:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return {"task": task, "path": out_dir if keep else None, "validation": card.validation_accuracy,
+            "seconds": round(time.perf_counter() - t0, 1), "scores": scores}
+
+
+class Runner:
+    """Runs a list of independent jobs: here, one after another, or as Ray tasks."""
+
+    def __init__(self, ray: bool | str | None = None, threads: int | None = None):
+        self.ray = None
+        self.threads = threads
+        self.started = False  # whether this runner started Ray (and so shuts it down)
+        if ray:
+            try:
+                import ray as ray_mod
+            except ImportError:
+                raise MoergeError("--ray: Ray is not installed; pip install 'moerge[ray]' (or pip install ray)") from None
+            if not ray_mod.is_initialized():
+                address = None if ray in (True, "local", "") else str(ray)
+                try:
+                    ray_mod.init(address=address, include_dashboard=False, log_to_driver=False,
+                                 **({"num_cpus": 2} if address is None else {}))
+                    self.started = True
+                except ConnectionError as e:
+                    raise MoergeError(f"--ray {ray}: cannot join the Ray cluster ({e}); check the address "
+                                      "(ray://HOST:10001 or HOST:6379) or omit it for a local Ray") from None
+            self.ray = ray_mod
+            self._remote = ray_mod.remote(num_cpus=1)(_finetune_and_score)
+
+    def close(self) -> None:
+        if self.ray is not None and self.started:
+            self.ray.shutdown()
+
+    def map(self, jobs: list[dict]) -> list[dict]:
+        if self.ray is None:
+            return [_finetune_and_score(**j, threads=None) for j in jobs]
+        refs = [self._remote.remote(**j, threads=self.threads or 1) for j in jobs]
+        return self.ray.get(refs)
+
+
+def _mean(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contributors: int = 4,
+             tasks: list[str] | None = None, heldout: list[str] | None = None, adapter: str = "full",
+             method: str = "average", steps: int = 100, finetune_steps: int = 40, batch_size: int = 32,
+             n_eval: int = 100, seed: int = 0, base: str | Path | None = None, ray: bool | str | None = None,
+             json_file: str | Path | None = None, plot_file: str | Path | None = None, console=None,
+             overwrite: bool = False) -> dict:
+    """Run the loop (module doc) and return the results: ``{"original": {...}, "rounds": [...]}``."""
+    from moerge import base as base_model
+    from moerge.eval import resolve_tasks
+    from moerge.tasks import skills
+    from moerge.train.expert import ADAPTERS, ALIASES
+    from moerge.util import check_output_dir, output_file, quiet_transformers
+
+    quiet_transformers()
+    adapter = ALIASES.get(adapter, adapter)
+    if adapter not in ADAPTERS:
+        raise MoergeError(f"--adapter {adapter!r}: use one of {', '.join(ADAPTERS)}")
+    for name, v, low in (("--rounds", rounds, 1), ("--contributors", contributors, 1), ("--steps", steps, 1),
+                         ("--finetune-steps", finetune_steps, 1), ("--n-eval", n_eval, 1), ("--batch-size", batch_size, 1)):
+        if v < low:
+            raise MoergeError(f"{name} must be at least {low}, got {v}")
+    pool = resolve_tasks(tasks or list(skills.EXPERTS))
+    held = resolve_tasks(heldout) if heldout is not None else [h for h in skills.HELDOUT
+                                                               if all(p in pool for p in skills.SKILLS[h].parts)]
+    clash = [t for t in held if t in pool]
+    if clash:
+        raise MoergeError(f"--heldout {clash[0]}: is also a contributor task; held-out tasks must never be contributed")
+    out = check_output_dir(out_dir, overwrite)
+    for f, what in ((json_file, "results (--json)"), (plot_file, "curves (--plot)")):
+        if f:
+            output_file(f, what)
+    if out.exists() and overwrite and any(out.iterdir()):
+        if not (out / "library" / "library.json").is_file():  # --overwrite replaces an earlier run, nothing else
+            raise MoergeError(f"{out}: is not the output of an earlier `moerge fuse simulate` (no library/ inside); "
+                              "choose a new folder")
+        shutil.rmtree(out)
+    base_dir = Path(base) if base else base_model.default_base()
+    base_model.check_model_folder(base_dir, "base")
+    say = (lambda text: console.print(text, highlight=False, markup=False)) if console is not None else (lambda text: None)
+    start = time.perf_counter()
+    runner = Runner(ray)
+    try:
+        return _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps,
+                     batch_size, n_eval, seed, ray, json_file, plot_file, say, start)
+    finally:
+        runner.close()
+
+
+def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps, batch_size,
+          n_eval, seed, ray, json_file, plot_file, say, start) -> dict:
+    from moerge import base as base_model
+    from moerge.eval import evaluate
+    from moerge.fusion.fuse import fuse, rescore
+    from moerge.library import Library
+    from moerge.util import write_json
+
+    lib = Library.init(out / "library", base_dir)
+    rng = random.Random(seed)
+
+    def heldout_jobs(from_dir: Path, tag: str) -> list[dict]:
+        return [dict(base_dir=str(from_dir), out_dir=str(out / "work" / f"{tag}-{h}"), task=h, adapter=adapter,
+                     steps=finetune_steps, batch_size=batch_size, seed=seed * 7919 + i, eval_tasks=[h], n_eval=n_eval,
+                     keep=False) for i, h in enumerate(held)]
+
+    def zero_shot(folder: Path) -> dict[str, float]:
+        model, tok = base_model.load(folder)
+        return evaluate(model, tok, pool, n=n_eval)
+
+    say(f"[{time.perf_counter() - start:5.0f} s] scoring the original base on {len(pool)} tasks and fine-tuning it on "
+        f"{len(held)} held-out task(s) ({finetune_steps} steps each)")
+    orig_scores = zero_shot(base_dir)
+    orig_held = {r["task"]: r["scores"][r["task"]] for r in runner.map(heldout_jobs(base_dir, "r0"))}
+    original = {"seen": _mean(orig_scores.values()), "heldout_finetuned": _mean(orig_held.values()),
+                "scores": orig_scores, "heldout": orig_held}
+    results: dict = {"original": original, "rounds": [], "pool": pool, "heldout_tasks": held,
+                     "settings": {"rounds": rounds, "contributors": contributors, "adapter": adapter, "method": method,
+                                  "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size,
+                                  "n_eval": n_eval, "seed": seed, "base": str(base_dir), "ray": bool(ray)}}
+    seen: list[str] = []
+    current = lib.base()
+    for r in range(1, rounds + 1):
+        drawn = rng.sample(pool, contributors) if contributors <= len(pool) else [rng.choice(pool) for _ in range(contributors)]
+        say(f"[{time.perf_counter() - start:5.0f} s] round {r}: {contributors} contributor(s) fine-tune {current.ref} on "
+            f"{', '.join(drawn)} ({steps} steps each)")
+        jobs = [dict(base_dir=str(current.path), out_dir=str(out / "contributions" / f"round{r}" / f"{k}-{t}"), task=t,
+                     adapter=adapter, steps=steps, batch_size=batch_size, seed=seed * 1000 + r * 100 + k, eval_tasks=[],
+                     n_eval=n_eval, keep=True) for k, t in enumerate(drawn)]
+        done = runner.map(jobs)
+        refs = []
+        for k, (job, res) in enumerate(zip(jobs, done)):
+            entry = lib.add(job["out_dir"], f"r{r}-c{k}-{res['task']}", task=res["task"], contributor=f"contributor-{k}")
+            refs.append(entry.ref)
+        for t in drawn:
+            if t not in seen:
+                seen.append(t)
+        fused = fuse(lib, method=method, experts=refs)
+        current = fused.base
+        for job in jobs:  # contributions live on in the library; the training folders are scratch
+            shutil.rmtree(job["out_dir"], ignore_errors=True)
+        say(f"[{time.perf_counter() - start:5.0f} s] round {r}: fused into {current.ref}; scoring it zero-shot and as a "
+            "starting point")
+        scores = zero_shot(current.path)
+        held_scores = {x["task"]: x["scores"][x["task"]] for x in runner.map(heldout_jobs(current.path, f"r{r}"))}
+        row = {"round": r, "base": current.ref, "contributors": [{"task": x["task"], "expert": ref, "validation": x["validation"],
+                                                                   "seconds": x["seconds"]} for x, ref in zip(done, refs)],
+               "seen_tasks": list(seen), "seen": _mean(scores[t] for t in seen),
+               "seen_original": _mean(orig_scores[t] for t in seen), "all": _mean(scores.values()),
+               "heldout_finetuned": _mean(held_scores.values()), "scores": scores, "heldout": held_scores}
+        results["rounds"].append(row)
+        rescore(lib, current.version, {"zero_shot": scores, "heldout_finetuned": held_scores})
+        say(f"round {r}: seen {row['seen']:.1%} (original {row['seen_original']:.1%}), held-out after fine-tuning "
+            f"{_fmt(row['heldout_finetuned'])} (original {_fmt(original['heldout_finetuned'])})")
+    shutil.rmtree(out / "work", ignore_errors=True)
+    shutil.rmtree(out / "contributions", ignore_errors=True)
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    results["library"] = str(out / "library")
+    if json_file:
+        write_json(json_file, results)
+    if plot_file:
+        plot(results, Path(plot_file))
+    return results
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def table(results: dict):
+    """The rounds as a rich Table."""
+    from rich.table import Table
+
+    o = results["original"]
+    t = Table("round", "base", "contributors", "seen tasks (zero-shot)", "original on them", "all tasks",
+              "held-out after fine-tune", title="ColD Fusion rounds")
+    t.add_row("0", "base@1", "", "", "", _fmt(o["seen"]), _fmt(o["heldout_finetuned"]))
+    for r in results["rounds"]:
+        t.add_row(str(r["round"]), r["base"], ", ".join(c["task"] for c in r["contributors"]), _fmt(r["seen"]),
+                  _fmt(r["seen_original"]), _fmt(r["all"]), _fmt(r["heldout_finetuned"]))
+    return t
+
+
+def plot(results: dict, path: Path) -> Path:
+    """Curves over rounds: mean zero-shot accuracy on the pool's tasks and on those seen so far, and the
+    held-out tasks' accuracy after a short fine-tune; the original base's values as dashed lines."""
+    from moerge.util import pyplot, save_figure
+
+    plt = pyplot()
+    rounds = [0] + [r["round"] for r in results["rounds"]]
+    o = results["original"]
+    allv = [o["seen"]] + [r["all"] for r in results["rounds"]]
+    seenv = [None] + [r["seen"] for r in results["rounds"]]
+    held = [o["heldout_finetuned"]] + [r["heldout_finetuned"] for r in results["rounds"]]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(rounds, allv, "o-", label="zero-shot, all contributor tasks")
+    ax.plot(rounds[1:], seenv[1:], "s-", label="zero-shot, tasks seen so far")
+    if o["heldout_finetuned"] is not None:
+        ax.plot(rounds, held, "^-", label="held-out tasks after a short fine-tune")
+        ax.axhline(o["heldout_finetuned"], color="C2", linestyle="--", linewidth=1, label="original base, same fine-tune")
+    ax.set_xlabel("fusion round (0: the original base)")
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(rounds)
+    ax.legend(fontsize=8)
+    ax.set_title("ColD Fusion: the fused base, round by round")
+    fig.tight_layout()
+    return save_figure(fig, path)

@@ -1,0 +1,247 @@
+"""ColD Fusion: base versions in the library, `moerge fuse`, `expert rebase`, `fuse simulate`."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from moerge import base as base_model
+from moerge.cli import app
+from moerge.errors import MoergeError
+from moerge.fusion import fuse, plan_fuse, rebase, simulate
+from moerge.library import Library
+from moerge.train.expert import load_expert, train_expert
+
+runner = CliRunner()
+
+
+def merged(base_dir, expert_dir) -> dict[str, torch.Tensor]:
+    """base + expert as PEFT merges it: an independent reference for the fused tensors."""
+    model, _ = load_expert(base_dir, expert_dir)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def contribs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contribs")
+    out = {}
+    for name, task, adapter, seed in (("rev", "reverse", "lora", 0), ("up", "uppercase", "full", 1),
+                                      ("srt", "sort", "lora", 2)):
+        train_expert(root / name, task=task, adapter=adapter, steps=2, n_train=32, batch_size=8, seed=seed, progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture()
+def lib(tmp_path, contribs):
+    lib = Library.init(tmp_path / "lib", base_model.default_base())
+    lib.add(contribs["rev"], "rev", contributor="ann")
+    lib.add(contribs["up"], "up", contributor="bob")
+    return lib
+
+
+def test_fuse_averages_contributions_into_the_next_base(lib, contribs):
+    base_dir = base_model.default_base()
+    res = fuse(lib, method="average")
+    new = res.base
+    assert new.ref == "base@2" and lib.base().version == 2 and [b.ref for b in lib.bases()] == ["base@1", "base@2"]
+    assert new.path == lib.root / "bases" / "base@2" and (new.path / "config.json").is_file()
+    got = weights(new.path)
+    a, b = merged(base_dir, contribs["rev"]), merged(base_dir, contribs["up"])
+    for name, t in got.items():
+        torch.testing.assert_close(t, (a[name] + b[name]) / 2, atol=1e-6, rtol=1e-5)
+    # the card: lineage of the new base
+    card = new.card
+    assert card["parent"] == 1 and card["method"] == "average"
+    assert [c["expert"] for c in card["contributions"]] == ["rev@1", "up@1"]
+    assert [c["contributor"] for c in card["contributions"]] == ["ann", "bob"]
+    assert json.loads((new.path / "moerge_fusion.json").read_text()) == card
+    assert "library://rev@1" in (new.path / "moerge_recipe.yaml").read_text()
+    # the fused base loads and is a base like any other
+    model, tok = base_model.load(new.path)
+    assert model.config.num_hidden_layers == 4
+    # the next round: experts on base@1 are not contributions to base@3
+    with pytest.raises(MoergeError, match=r"has no contributions on base@2"):
+        fuse(lib)
+    with pytest.raises(MoergeError, match=r"rev@1: was made on base@1, but fusing makes base@3 from contributions on base@2"):
+        fuse(lib, experts=["rev@1"])
+
+
+def test_experts_record_their_base_version(lib, contribs, tmp_path):
+    fuse(lib)
+    new = lib.base()
+    # an expert trained on base@1 is refused now, naming both versions
+    with pytest.raises(MoergeError, match=r"srt: was made on base@1 of this library, but contributions now go to base@2; "
+                                          r"re-apply it there: moerge expert rebase"):
+        lib.add(contribs["srt"], "srt")
+    # one trained on base@2 is a contribution to base@3
+    train_expert(tmp_path / "on2", base=new.path, task="sort", steps=2, n_train=32, batch_size=8, progress=False)
+    e = lib.add(tmp_path / "on2", "srt")
+    assert e.base_version == 2 and lib.get("rev").base_version == 1
+    assert [x.ref for x in lib.experts(base_version=2)] == ["srt@1"]
+    assert plan_fuse(lib).contributions[0].ref == "srt@1"
+    # library:// references apply an expert to the base it was made on
+    import moerge
+
+    out = moerge.merge({"merge_method": "linear", "models": [{"model": "library://rev@1", "parameters": {"weight": 1.0}}]},
+                       tmp_path / "m", library=lib.root, progress=False)
+    ref = merged(base_model.default_base(), contribs["rev"])
+    for k, v in weights(out.out_dir).items():
+        torch.testing.assert_close(v, ref[k], atol=1e-6, rtol=1e-5)
+
+
+def test_exclude_keeps_the_base_tensors(lib):
+    base = weights(base_model.default_base())
+    res = fuse(lib, exclude=["model.embed_tokens.*", "*.layers.0.*"])
+    got = weights(res.base.path)
+    kept = [n for n in got if n.startswith("model.embed_tokens") or ".layers.0." in n]
+    assert kept and all(torch.equal(got[n], base[n]) for n in kept)
+    assert any(not torch.equal(got[n], base[n]) for n in got if n not in kept)
+    assert res.base.card["excluded_tensors"] == len(kept)
+
+
+def test_bad_fusions_are_one_line_and_register_nothing(lib, monkeypatch):
+    with pytest.raises(MoergeError, match=r"--exclude 'lm_haed\.\*': matches no tensor of the base; names look like"):
+        fuse(lib, exclude=["lm_haed.*"])
+    with pytest.raises(MoergeError, match=r"--method 'avg': unknown merge method; use average or one of"):
+        fuse(lib, method="avg")
+    with pytest.raises(MoergeError, match=r"no expert 'nope'"):
+        fuse(lib, experts=["nope"])
+    # a failure mid-merge: no base registered, no folder left
+    from moerge.engine import executor
+
+    real = executor.run_task
+    calls = {"n": 0}
+
+    def failing(plan, task, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise MoergeError("disk full")
+        return real(plan, task, *a, **kw)
+
+    monkeypatch.setattr(executor, "run_task", failing)
+    with pytest.raises(MoergeError, match="disk full"):
+        fuse(lib)
+    assert [b.ref for b in lib.bases()] == ["base@1"] and not any((lib.root / "bases").iterdir())
+
+
+def test_crash_before_registering_leaves_no_base_and_the_next_fusion_recovers(lib):
+    code = "from moerge.fusion import fuse; fuse(%r)" % str(lib.root)
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MOERGE_CRASH_AT="before-base-commit"),
+                       capture_output=True, text=True)
+    assert r.returncode == 137
+    assert [b.ref for b in Library.open(lib.root).bases()] == ["base@1"]  # the folder exists, unregistered
+    assert (lib.root / "bases" / "base@2").is_dir()
+    assert fuse(lib).base.ref == "base@2"  # replaced, then registered
+
+
+def test_rebase_adapter_and_full_finetune(lib, contribs, tmp_path):
+    fuse(lib)
+    b1, b2 = weights(base_model.default_base()), weights(lib.base().path)
+    res = rebase(lib, "rev", n_eval=10)
+    assert res.entry.ref == "rev@2" and res.entry.base_version == 2 and (res.from_version, res.to_version) == (1, 2)
+    assert res.task == "reverse" and 0 <= res.before <= 1 and 0 <= res.after <= 1
+    old, new = lib.tensors("rev@1"), lib.tensors("rev@2")  # an adapter's factors carry over unchanged
+    assert new.keys() == old.keys() and all(torch.equal(v, old[k]) for k, v in new.items())
+    assert res.entry.card["rebased"]["from_base"] == "base@1"
+    # a full fine-tune carries its delta: new base + (fine-tune - old base)
+    full = rebase(lib, "up@1", evaluate=False)
+    assert full.before is None and full.entry.base_version == 2
+    ft = weights(contribs["up"])
+    out = lib.export(full.entry.ref, tmp_path / "up2")
+    got = weights(out)
+    for n in b2:
+        torch.testing.assert_close(got[n], b2[n] + (ft[n] - b1[n]), atol=1e-6, rtol=1e-5)
+    # an adapter folder made on base@1 (outside the library) goes in rebased
+    r3 = rebase(lib, contribs["srt"], evaluate=False)
+    assert r3.entry.ref == "srt@1" and r3.entry.base_version == 2
+    with pytest.raises(MoergeError, match="is already made on base@2"):
+        rebase(lib, "srt", evaluate=False)
+    with pytest.raises(MoergeError, match="has no base@7"):
+        rebase(lib, "rev@1", to=7)
+
+
+def test_cli_fuse_bases_rebase(lib, tmp_path):
+    r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--dry-run"])
+    assert r.exit_code == 0 and "2 contribution(s) on base@1 -> base@2" in r.output and not (lib.root / "bases").exists()
+    r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--eval", "nope"])
+    assert r.exit_code == 1 and "nope" in r.output and not (lib.root / "bases" / "base@2").exists()
+    r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--method", "ties", "--param", "density=0.5", "-q",
+                            "--eval", "reverse,uppercase", "--n-eval", "5"])
+    assert r.exit_code == 0, r.output
+    assert "into base@2 (ties)" in r.output and "reverse:" in r.output
+    card = lib.base().card
+    assert card["parameters"] == {"density": 0.5}
+    assert set(card["scores"]["zero_shot"]) == set(card["scores"]["parent_zero_shot"]) == {"reverse", "uppercase"}
+    r = runner.invoke(app, ["library", "bases", "--library", str(lib.root)])
+    assert r.exit_code == 0 and "base@2" in r.output and "rev@1, up@1" in r.output
+    r = runner.invoke(app, ["expert", "rebase", "rev", "--library", str(lib.root), "--n-eval", "5"])
+    assert r.exit_code == 0 and "stored rev@2" in r.output and "reverse:" in r.output, r.output
+    r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--param", "density"])
+    assert r.exit_code == 1 and "write NAME=VALUE" in r.output
+    r = runner.invoke(app, ["fuse", "--library", str(tmp_path / "nolib")])
+    assert r.exit_code == 1 and "not an expert library" in r.output
+
+
+SIM = dict(rounds=2, contributors=2, tasks=["reverse", "uppercase"], steps=3, finetune_steps=3, batch_size=8, n_eval=8)
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serial")
+    return d, simulate(d / "sim", **SIM, json_file=d / "r.json", plot_file=d / "c.png")
+
+
+def test_simulate_two_rounds(serial, tmp_path):
+    d, res = serial
+    data = json.loads((d / "r.json").read_text())
+    assert set(data["original"]) >= {"seen", "heldout_finetuned"} and len(data["rounds"]) == 2
+    assert data["heldout_tasks"] == ["reverse_uppercase"]
+    for i, row in enumerate(data["rounds"], 1):
+        assert row["round"] == i and row["base"] == f"base@{i + 1}" and len(row["contributors"]) == 2
+        assert 0 <= row["seen"] <= 1 and 0 <= row["heldout_finetuned"] <= 1
+        assert set(row["seen_tasks"]) <= {"reverse", "uppercase"}
+    lib = Library.open(d / "sim" / "library")
+    assert [b.ref for b in lib.bases()] == ["base@1", "base@2", "base@3"]
+    assert lib.base(3).card["scores"]["zero_shot"] == data["rounds"][1]["scores"]
+    assert (d / "c.png").stat().st_size > 1000 and res["rounds"][1]["base"] == "base@3"
+    with pytest.raises(MoergeError, match="already exists"):
+        simulate(d / "sim", rounds=1)
+    with pytest.raises(MoergeError, match="--heldout reverse: is also a contributor task"):
+        simulate(tmp_path / "sim2", tasks=["reverse", "sort"], heldout=["reverse"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(MoergeError, match="is not the output of an earlier"):
+        simulate(tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
+
+
+def test_simulate_on_a_local_ray_matches_the_serial_run(serial, tmp_path):
+    """The same two rounds as Ray tasks on a local Ray with 2 CPUs: the same bases and scores as the
+    serial path (every job is seeded and runs with one torch thread)."""
+    pytest.importorskip("ray")
+    d, serial = serial
+    on_ray = simulate(tmp_path / "b", ray="local", **SIM)
+    import ray
+
+    assert not ray.is_initialized()  # the Ray it started is shut down
+    assert on_ray["settings"]["ray"] is True
+    for a, b in zip(serial["rounds"], on_ray["rounds"]):
+        assert [c["task"] for c in a["contributors"]] == [c["task"] for c in b["contributors"]]
+        assert a["scores"] == b["scores"] and a["heldout"] == b["heldout"]
+    fa = Library.open(d / "sim" / "library").base(3).fingerprint
+    assert fa == Library.open(tmp_path / "b" / "library").base(3).fingerprint
