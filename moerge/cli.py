@@ -17,6 +17,7 @@ from moerge.errors import MoergeError
 from moerge.util import console
 
 app = typer.Typer(
+    rich_markup_mode=None,  # help texts are plain: NAME[@V] and moerge[embed] must print as written
     name="moerge", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Merge, route and version specialist experts built from one base model.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -201,13 +202,15 @@ def demo(
                  skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None)
 
 
-base_app = typer.Typer(no_args_is_help=True, help="The built-in tiny base model.")
-expert_app = typer.Typer(no_args_is_help=True, help="Train and inspect specialist experts.")
-tasks_app = typer.Typer(no_args_is_help=True, help="The built-in skill suite and its JSONL export.")
+base_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="The built-in tiny base model.")
+expert_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Train and inspect specialist experts.")
+tasks_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                        help="The built-in skill suite and its JSONL export.")
 app.add_typer(base_app, name="base")
 app.add_typer(expert_app, name="expert")
 app.add_typer(tasks_app, name="tasks")
-library_app = typer.Typer(no_args_is_help=True, help="The versioned expert library (SQLite catalog + deduplicated blobs).")
+library_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                          help="The versioned expert library (SQLite catalog + deduplicated blobs).")
 app.add_typer(library_app, name="library")
 LIBRARY = typer.Option(None, "--library", help="Library folder (default: $MOERGE_LIBRARY, else the current folder).")
 
@@ -587,7 +590,8 @@ def eval_cmd(
             write_json(json_file, {"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None, "scores": scores})
 
 
-route_app = typer.Typer(no_args_is_help=True, help="Route each input among experts (one batched forward pass).")
+route_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                        help="Route each input among experts (one batched forward pass).")
 app.add_typer(route_app, name="route")
 EXPERTS_OPT = typer.Option(None, "--experts", help="Expert folders (comma-separated) instead of a library; or NAME@V refs with --library.")
 
@@ -686,18 +690,9 @@ def generate_cmd(
     err.print(f"experts: {used}", highlight=False, markup=False)
 
 
-def main() -> None:  # console_scripts entry point
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 # ---------------------------------------------------------------------- fusion (ColD Fusion)
 
-fuse_app = typer.Typer(help="Fuse the contributions made on a library's latest base into its next base version "
+fuse_app = typer.Typer(rich_markup_mode=None, help="Fuse the contributions made on a library's latest base into its next base version "
                             "(ColD Fusion); `moerge fuse simulate` runs the whole loop.")
 app.add_typer(fuse_app, name="fuse")
 
@@ -711,6 +706,8 @@ def _params(items: list[str]) -> dict:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise MoergeError(f"--param {item!r}: write NAME=VALUE, e.g. --param density=0.5")
+        if name.strip() in out:
+            raise MoergeError(f"--param {name.strip()}: given twice; give each parameter once")
         out[name.strip()] = yaml.safe_load(value)
     return out
 
@@ -740,14 +737,15 @@ def fuse_cmd(
         return
     from moerge.fusion import fuse, plan_fuse
 
-    refs = [r.strip() for r in experts.split(",") if r.strip()] if experts else None
+    refs = None if experts is None else [r.strip() for r in experts.split(",") if r.strip()]
     with _user_errors():
-        kw = dict(method=method, experts=refs, exclude=exclude, parameters=_params(param))
+        kw = dict(method=method, experts=refs, exclude=exclude, parameters=_params(param), eval_tasks=eval_tasks,
+                  n_eval=n_eval)
         lib = _library(library)
         if dry_run:
             out.print(plan_fuse(lib, **kw).summary(), highlight=False, markup=False)
             return
-        res = fuse(lib, **kw, progress=not quiet, eval_tasks=eval_tasks, n_eval=n_eval)
+        res = fuse(lib, **kw, progress=not quiet)
     b = res.base
     out.print(f"fused {len(res.plan.contributions)} contribution(s) on base@{res.plan.parent.version} into {b.ref} "
               f"({res.plan.method}) in {res.seconds:.1f} s: {b.path}", highlight=False, markup=False)
@@ -777,9 +775,13 @@ def fuse_simulate(
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the built-in base)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run each round's fine-tunes as Ray tasks: 'local' starts a "
                                       "local Ray (2 CPUs), or give a cluster address."),
+    param: list[str] = typer.Option([], "--param", metavar="NAME=VALUE", help="A parameter of --method, e.g. "
+                                    "density=0.5; repeatable."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),
-    plot_file: Optional[Path] = typer.Option(Path("fusion-report/curves.png"), "--plot", help="Where the curves are drawn."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier simulation's --out folder."),
+    plot_file: Optional[Path] = typer.Option(None, "--plot", help="Also draw the curves here (they are always drawn in "
+                                             "OUT/curves.png)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier simulation's --out folder (once the "
+                                   "new run is complete)."),
     threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Simulate ColD Fusion: each round contributors fine-tune the current base, their models are fused into
@@ -787,15 +789,15 @@ def fuse_simulate(
     from moerge.fusion import simulate
     from moerge.fusion.simulate import table
 
-    split = lambda s: [t.strip() for t in s.split(",") if t.strip()] if s else None  # noqa: E731
+    split = lambda s: None if s is None else [t.strip() for t in s.split(",") if t.strip()]  # noqa: E731
     with _user_errors():
         res = simulate(out_dir, rounds=rounds, contributors=contributors, tasks=split(tasks), heldout=split(heldout),
                        adapter=adapter, method=method, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
                        n_eval=n_eval, seed=seed, base=base, ray=ray, json_file=json_file, plot_file=plot_file,
-                       console=out, overwrite=overwrite)
+                       console=out, overwrite=overwrite, parameters=_params(param))
     out.print(table(res))
-    out.print(f"library with every base version: {res['library']} ({res['seconds']:.0f} s)"
-              + (f"; curves in {plot_file}" if plot_file else ""), highlight=False, markup=False)
+    out.print(f"library with every base version: {res['library']} ({res['seconds']:.0f} s); curves in "
+              f"{plot_file or Path(out_dir) / 'curves.png'}", highlight=False, markup=False)
 
 
 @expert_app.command("rebase")
@@ -844,5 +846,103 @@ def library_bases(
         c = b.card
         made = f"base@{c['parent']}" if "parent" in c else "(original)"
         table.add_row(b.ref, made, c.get("method", ""), ", ".join(x["expert"] for x in c.get("contributions", [])),
-                      str(counts[b.version]), str(b.path))
+                      str(counts[b.version]), str(b.path.resolve()))
     out.print(table)
+
+
+# ---------------------------------------------------------------------- version control in git
+
+git_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                      help="Version checkpoints in git, tensor by tensor: filters, diffs, merges.")
+app.add_typer(git_app, name="git")
+
+
+@git_app.command("install")
+def git_install(repo: Path = typer.Option(Path("."), "--repo", help="The git repository (default: the current one).")) -> None:
+    """Register moerge's clean/smudge filter, diff driver and merge driver in this repository's .git/config."""
+    from moerge.vcs.repo import install
+
+    with _user_errors():
+        settings = install(repo)
+    out.print(f"installed in {repo.resolve()}/.git/config: filter, diff and merge drivers 'moerge' "
+              f"({len(settings)} settings); now `moerge git track '*.safetensors'`", highlight=False, markup=False)
+
+
+@git_app.command("track")
+def git_track(
+    patterns: list[str] = typer.Argument(None, help="gitattributes patterns (default: *.safetensors)."),
+    repo: Path = typer.Option(Path("."), "--repo", help="The git repository (default: the current one)."),
+) -> None:
+    """Track files matching PATTERN with moerge (.gitattributes: filter, diff and merge = moerge)."""
+    from moerge.vcs.repo import DEFAULT_PATTERNS, installed, track
+
+    with _user_errors():
+        added = track(patterns or list(DEFAULT_PATTERNS), repo)
+        ready = installed(repo)
+    what = ", ".join(added) if added else "nothing new (already tracked)"
+    out.print(f"tracking {what} in .gitattributes" + ("" if ready else "; run `moerge git install` too (this clone has "
+                                                             "no drivers yet)"), highlight=False, markup=False)
+
+
+def _transfer_line(verb: str, url: str, res) -> str:
+    line = f"{verb} {res.moved} object(s), {res.bytes / 1e6:.1f} MB ({res.already} already there) {url}"
+    if res.missing:
+        line += f"; {len(res.missing)} object(s) neither side has, e.g. {res.missing[0]}"
+    return line
+
+
+REMOTE_ARG = typer.Argument(..., help="Where objects are shared: a folder or fsspec URL (s3://bucket/prefix, ...).")
+REPO_OPT = typer.Option(Path("."), "--repo", help="The git repository (default: the current one).")
+
+
+@git_app.command("push")
+def git_push(remote: str = REMOTE_ARG, repo: Path = REPO_OPT) -> None:
+    """Send the tensor objects the remote lacks (those named by tracked checkpoints in any commit)."""
+    _transfer("push", remote, repo)
+
+
+@git_app.command("pull")
+def git_pull(remote: str = REMOTE_ARG, repo: Path = REPO_OPT) -> None:
+    """Fetch the tensor objects this clone lacks (run `git fetch`/`git pull` first for new commits), then
+    write the working tree's checkpoints that were still manifests."""
+    _transfer("pull", remote, repo)
+
+
+def _transfer(kind: str, remote: str, repo: Path) -> None:
+    from moerge.vcs import remote as vr
+
+    written = []
+    with _user_errors():
+        res = (vr.push if kind == "push" else vr.pull)(remote, repo)
+        out.print(_transfer_line("sent" if kind == "push" else "fetched", ("to " if kind == "push" else "from ") + remote, res),
+                  highlight=False, markup=False)
+        if res.missing:
+            raise typer.Exit(1)
+        if kind == "pull":
+            written = vr.materialize(repo)
+    if written:
+        out.print(f"wrote {len(written)} checkpoint(s) in the working tree: {', '.join(written[:5])}"
+                  + (" ..." if len(written) > 5 else ""), highlight=False, markup=False)
+
+
+@git_app.command("verify")
+def git_verify(repo: Path = REPO_OPT) -> None:
+    """Re-hash every object the repository's checkpoints name; exit 1 naming file and tensor if any is bad."""
+    from moerge.vcs.remote import verify
+
+    with _user_errors():
+        problems = verify(repo)
+    for p in problems:
+        out.print(p, highlight=False, markup=False)
+    if problems:
+        raise typer.Exit(1)
+    out.print("every object of every tracked checkpoint is present and sound", highlight=False, markup=False)
+
+
+def main() -> None:  # console_scripts entry point
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,7 @@ def test_fuse_averages_contributions_into_the_next_base(lib, contribs):
     res = fuse(lib, method="average")
     new = res.base
     assert new.ref == "base@2" and lib.base().version == 2 and [b.ref for b in lib.bases()] == ["base@1", "base@2"]
-    assert new.path == lib.root / "bases" / "base@2" and (new.path / "config.json").is_file()
+    assert new.path == lib.root / "bases" / "v2" and (new.path / "config.json").is_file()
     got = weights(new.path)
     a, b = merged(base_dir, contribs["rev"]), merged(base_dir, contribs["up"])
     for name, t in got.items():
@@ -145,7 +145,7 @@ def test_crash_before_registering_leaves_no_base_and_the_next_fusion_recovers(li
                        capture_output=True, text=True)
     assert r.returncode == 137
     assert [b.ref for b in Library.open(lib.root).bases()] == ["base@1"]  # the folder exists, unregistered
-    assert (lib.root / "bases" / "base@2").is_dir()
+    assert (lib.root / "bases" / "v2").is_dir()
     assert fuse(lib).base.ref == "base@2"  # replaced, then registered
 
 
@@ -179,7 +179,7 @@ def test_cli_fuse_bases_rebase(lib, tmp_path):
     r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--dry-run"])
     assert r.exit_code == 0 and "2 contribution(s) on base@1 -> base@2" in r.output and not (lib.root / "bases").exists()
     r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--eval", "nope"])
-    assert r.exit_code == 1 and "nope" in r.output and not (lib.root / "bases" / "base@2").exists()
+    assert r.exit_code == 1 and "nope" in r.output and not (lib.root / "bases" / "v2").exists()
     r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--method", "ties", "--param", "density=0.5", "-q",
                             "--eval", "reverse,uppercase", "--n-eval", "5"])
     assert r.exit_code == 0, r.output
@@ -219,6 +219,8 @@ def test_simulate_two_rounds(serial, tmp_path):
     assert [b.ref for b in lib.bases()] == ["base@1", "base@2", "base@3"]
     assert lib.base(3).card["scores"]["zero_shot"] == data["rounds"][1]["scores"]
     assert (d / "c.png").stat().st_size > 1000 and res["rounds"][1]["base"] == "base@3"
+    assert (d / "sim" / "curves.png").is_file() and data["original"]["all"] == data["original"]["seen"]
+    assert data["library"] == str(d / "sim" / "library")
     with pytest.raises(MoergeError, match="already exists"):
         simulate(d / "sim", rounds=1)
     with pytest.raises(MoergeError, match="--heldout reverse: is also a contributor task"):
@@ -245,3 +247,64 @@ def test_simulate_on_a_local_ray_matches_the_serial_run(serial, tmp_path):
         assert a["scores"] == b["scores"] and a["heldout"] == b["heldout"]
     fa = Library.open(d / "sim" / "library").base(3).fingerprint
     assert fa == Library.open(tmp_path / "b" / "library").base(3).fingerprint
+
+
+def test_second_round_with_a_relative_library_and_ties(lib, contribs, tmp_path, monkeypatch):
+    """A fused base's folder is a plain path: methods that take the base (ties) work in later rounds,
+    with the library given relative to the current folder."""
+    fuse(lib)
+    train_expert(tmp_path / "on2", base=lib.base().path, task="sort", steps=2, n_train=32, batch_size=8, progress=False)
+    lib.add(tmp_path / "on2", "srt")
+    monkeypatch.chdir(lib.root.parent)
+    r = runner.invoke(app, ["fuse", "--library", lib.root.name, "--method", "ties", "--param", "density=0.5", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "into base@3 (ties)" in r.output and Library.open(lib.root).base(3).path == lib.root / "bases" / "v3"
+    # a folder whose name holds '@' is a folder, not NAME@REVISION
+    at = tmp_path / "model@2"
+    (tmp_path / "model@2").mkdir()
+    from moerge.engine.recipe import split_ref
+
+    monkeypatch.chdir(tmp_path)
+    assert split_ref("model@2") == ("model@2", None, None) and split_ref("org/name@v1") == ("org/name", "v1", None)
+    assert at.is_dir()
+
+
+def test_fuse_option_errors_name_the_option(lib):
+    with pytest.raises(MoergeError, match=r"^--param density=abc: must be a number"):
+        fuse(lib, method="ties", parameters={"density": "abc"})
+    with pytest.raises(MoergeError, match=r"--experts: empty"):
+        fuse(lib, experts=[])
+    with pytest.raises(MoergeError, match=r"--experts: rev is given twice"):
+        fuse(lib, experts=["rev", "rev"])
+    with pytest.raises(MoergeError, match=r"--experts: rev and rev@1 are both rev@1"):
+        fuse(lib, experts=["rev", "rev@1"])
+    with pytest.raises(MoergeError, match=r"--n-eval must be at least 1"):
+        plan_fuse(lib, eval_tasks="reverse", n_eval=0)
+    with pytest.raises(MoergeError, match=r"nosuchtask"):
+        plan_fuse(lib, eval_tasks="nosuchtask")
+    r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--param", "density=0.5", "--param", "density=0.6"])
+    assert r.exit_code == 1 and "--param density: given twice" in r.output
+    assert [b.ref for b in lib.bases()] == ["base@1"]
+
+
+def test_simulate_checks_options_first_and_replaces_only_when_complete(serial, tmp_path, monkeypatch):
+    d, _ = serial
+    with pytest.raises(MoergeError, match=r"--method 'tiez': unknown merge method"):
+        simulate(tmp_path / "s1", method="tiez")
+    with pytest.raises(MoergeError, match=r"curves.txt: curves \(--plot\) are drawn as .png"):
+        simulate(tmp_path / "s2", plot_file=tmp_path / "curves.txt")
+    assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
+    # an --overwrite run that fails leaves the earlier run as it was
+    import importlib
+
+    sim_mod = importlib.import_module("moerge.fusion.simulate")  # the module (the package exports the function)
+    before = sorted(p.name for p in (d / "sim" / "library" / "bases").iterdir())
+
+    def boom(*a, **k):
+        raise MoergeError("interrupted")
+
+    monkeypatch.setattr(sim_mod, "_loop", boom)
+    with pytest.raises(MoergeError, match="interrupted"):
+        simulate(d / "sim", overwrite=True, **SIM)
+    assert sorted(p.name for p in (d / "sim" / "library" / "bases").iterdir()) == before == ["v2", "v3"]
+    assert not [p for p in d.iterdir() if p.name.startswith(".sim.partial")]

@@ -279,3 +279,22 @@ def test_lazy_reuses_kept_stages_whose_recipe_matches(tiny, tmp_path, monkeypatc
     (tmp_path / "one.yaml").write_text(ties(tiny))
     r = runner.invoke(app, ["merge", str(tmp_path / "one.yaml"), str(tmp_path / "out5"), "--lazy"])
     assert r.exit_code == 1 and "one stage" in r.output and "drop --lazy" in r.output
+
+
+def test_lazy_refuses_a_kept_stage_whose_input_changed_on_disk(tiny, tmp_path):
+    import shutil
+
+    from moerge.tiny import make_finetune
+
+    mine = tmp_path / "mine"
+    shutil.copytree(tiny["ft1"], mine)
+    text = "name: a\n" + linear(mine, tiny["ft2"]) + "---\n" + linear("a", tiny["ft3"])
+    keep = tmp_path / "k"
+    moerge.merge(text, tmp_path / "out", keep_intermediates=keep)
+    shutil.rmtree(mine)
+    make_finetune(tiny["base"], mine, seed=42)  # same path, other weights
+    with pytest.raises(MoergeError, match=r"k/a: was merged from another .*mine \(its fingerprint is now sha256:"):
+        moerge.merge(text, tmp_path / "out2", keep_intermediates=keep, lazy=True)
+    (keep / "a" / "model.safetensors").write_bytes(b"garbage")
+    moerge.merge(text, tmp_path / "out3", keep_intermediates=keep, lazy=True, overwrite=True)  # merged again
+    same(keep / "a", moerge.merge(linear(mine, tiny["ft2"]), tmp_path / "h").out_dir)

@@ -525,14 +525,33 @@ def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path
             _check_output(plan, dest)
 
 
-def _kept_same(dest: Path, expected: str, stage: Stage, overwrite: bool, source: str) -> bool:
-    """--lazy: whether the kept output in ``dest`` is this stage's merge (its saved recipe matches)."""
-    saved = dest / "moerge_recipe.yaml"
-    if saved.is_file() and saved.read_text(encoding="utf-8", errors="replace") == expected:
+def _kept_same(dest: Path, plan: "Plan", expected: str, stage: Stage, overwrite: bool, source: str) -> bool:
+    """--lazy: whether the kept output in ``dest`` is this stage's merge: its saved recipe is the one the
+    stage would write, its card records the inputs' current fingerprints (an input changed on disk
+    since is not reused), and its weights open."""
+    from moerge.engine.card import lineage
+    from moerge.io.source import open_source
+
+    saved, card = dest / "moerge_recipe.yaml", dest / "README.md"
+    why = None
+    if not saved.is_file():
+        why = "has no moerge_recipe.yaml"
+    elif saved.read_text(encoding="utf-8", errors="replace") != expected:
+        why = "holds another merge (its moerge_recipe.yaml differs)"
+    else:
+        text = card.read_text(encoding="utf-8", errors="replace") if card.is_file() else ""
+        changed = next((m for m in lineage(plan) if m["fingerprint"] not in text), None)
+        if changed is not None:
+            why = f"was merged from another {changed['model']} (its fingerprint is now {changed['fingerprint']})"
+        else:
+            try:
+                open_source(dest)
+            except MoergeError as e:
+                why = f"cannot be read ({e})"
+    if why is None:
         return True
     if overwrite:
         return False
-    why = "has no moerge_recipe.yaml" if not saved.is_file() else "holds another merge (its moerge_recipe.yaml differs)"
     raise MoergeError(f"{_where(source, stage.line, stage)} {dest}: {why}, so --lazy cannot reuse it for {stage.label}; "
                       "remove it, or pass --overwrite to merge it again")
 
@@ -592,7 +611,8 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
             earlier = [records[s.name] for s in recipe.needs(stage)]
             if earlier:
                 plan.chain = earlier  # read by card.write_extras: the card and saved recipe record the whole chain
-            reuse = lazy and not final and dest.exists() and _kept_same(dest, saved_recipe(plan), stage, overwrite, source)
+            reuse = lazy and not final and dest.exists() and _kept_same(dest, plan, saved_recipe(plan), stage, overwrite,
+                                                                          source)
             if on_stage is not None:
                 on_stage(i, len(recipe.stages), stage, dest)
             elif progress:  # one plain line per stage, as every long command prints per phase

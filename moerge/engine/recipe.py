@@ -8,6 +8,7 @@ of ``{filter, value}`` conditions matched against tensor names.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Annotated, Any, Union
 
@@ -104,7 +105,7 @@ def split_ref(ref: str) -> tuple[str, str | None, str | None]:
     returns (model, revision, lora)."""
     model, _, lora = ref.partition("+")
     rev = None
-    if "@" in model and not model.startswith(("/", ".", "~")):
+    if "@" in model and not model.startswith(("/", ".", "~")) and not os.path.exists(model):  # a folder named a@b is a folder
         model, _, rev = model.partition("@")
     return model, rev, lora or None
 

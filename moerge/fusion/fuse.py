@@ -55,7 +55,13 @@ def contributions(lib, refs: list[str] | None = None) -> tuple[object, list]:
     """The latest base and the experts to fuse: those named (each must be made on the latest base), or
     by default each name's newest version made on it."""
     parent = lib.base()
-    if refs:
+    if refs is not None:
+        if not refs:
+            raise MoergeError("--experts: empty; give NAME[@V] references, comma-separated, or leave it out to fuse every "
+                              f"contribution on {parent.ref}")
+        twice = next((r for i, r in enumerate(refs) if r in refs[:i]), None)
+        if twice:
+            raise MoergeError(f"--experts: {twice} is given twice; each contribution is fused once")
         entries = []
         for r in refs:
             e = lib.get(r.removeprefix("library://"))
@@ -71,8 +77,11 @@ def contributions(lib, refs: list[str] | None = None) -> tuple[object, list]:
     if not entries:
         raise MoergeError(f"{lib.root}: has no contributions on {parent.ref} to fuse; add experts made on {parent.path} "
                           "(moerge library add)")
-    if len({e.ref for e in entries}) != len(entries):
-        raise MoergeError("each contribution can be fused once; a reference is repeated")
+    seen: dict[str, str] = {}
+    for r, e in zip(refs or [e.ref for e in entries], entries):
+        if e.ref in seen:
+            raise MoergeError(f"--experts: {seen[e.ref]} and {r} are both {e.ref}; each contribution is fused once")
+        seen[e.ref] = r
     return parent, entries
 
 
@@ -88,8 +97,18 @@ def _excluded(patterns: list[str], names: list[str]) -> list[str]:
     return hit
 
 
+def check_method(method: str) -> str:
+    """The engine's name for a fusion method (average is linear), or one line naming the choices."""
+    from moerge.methods import registry
+
+    name = ALIASES.get(method, method)
+    if name not in registry.names():
+        raise MoergeError(f"--method {method!r}: unknown merge method; use average or one of {', '.join(registry.names())}")
+    return name
+
+
 def plan_fuse(library, *, method: str = "average", experts: list[str] | None = None, exclude: list[str] | tuple = (),
-              parameters: dict | None = None) -> FusePlan:
+              parameters: dict | None = None, eval_tasks: str | list[str] | None = None, n_eval: int = 100) -> FusePlan:
     """Check everything and plan the merge of the contributions into the next base (nothing written)."""
     import moerge
     from moerge.engine.plan import Model, Planner, _read_config
@@ -98,35 +117,57 @@ def plan_fuse(library, *, method: str = "average", experts: list[str] | None = N
     from moerge.methods import registry
 
     lib = library if isinstance(library, Library) else Library.open(library)
-    name = ALIASES.get(method, method)
-    if name not in registry.names():
-        raise MoergeError(f"--method {method!r}: unknown merge method; use average or one of {', '.join(registry.names())}")
+    name = check_method(method)
+    if eval_tasks:
+        from moerge.eval import resolve_tasks
+
+        resolve_tasks(eval_tasks)  # an unknown task fails now, before the merge (and in --dry-run)
+        if n_eval < 1:
+            raise MoergeError(f"--n-eval must be at least 1, got {n_eval}")
     parent, entries = contributions(lib, experts)
     base_src = lib.base_source(parent.version)
     excluded = _excluded(list(exclude), base_src.names())
     params = dict(parameters or {})
     refs = [f"library://{e.ref}" for e in entries]
-    # each contribution counts alike: weight 1/K (the average; task arithmetic then adds the mean delta)
-    weight = {} if "weight" in params else {"parameters": {"weight": 1.0 / len(refs)}}
+    # each contribution counts alike: weight 1/K (the average; task arithmetic then adds the mean delta),
+    # for the methods that take a weight
+    uses_weight = registry.get(name).param("weight") is not None
+    weight = {} if "weight" in params or not uses_weight else {"parameters": {"weight": 1.0 / len(refs)}}
     recipe = {"merge_method": name, "dtype": None, "models": [{"model": r, **weight} for r in refs]}
     if name != "linear":  # the base is the reference point of every other method (task vectors, slerp, ...)
         recipe["base_model"] = str(parent.path)
     recipe = {k: v for k, v in recipe.items() if v is not None}
     if params:
         recipe["parameters"] = params
-    r = moerge.load_recipe(recipe)
+    try:
+        r = moerge.load_recipe(recipe)
+    except MoergeError as e:  # the recipe is ours: point at the option the value came from
+        raise MoergeError(_as_option(str(e), params)) from None
     models = {}
     for e, ref in zip(entries, refs):
         x = lib.load(e.ref)
         if excluded:
             x.updates = {k: v for k, v in x.updates.items() if k not in set(excluded)}
         models[ref] = Model(ref, parent.path, ExpertAppliedSource(base_src, x, ref), _read_config(parent.path), None, ref)
-    plan = Planner(r, models=models, library=lib.root).build()
-    out = lib.root / "bases" / f"base@{parent.version + 1}"
+    try:
+        plan = Planner(r, models=models, library=lib.root).build()
+    except MoergeError as e:
+        raise MoergeError(_as_option(str(e), params)) from None
+    out = lib.root / "bases" / f"v{parent.version + 1}"  # no '@' in the path: refs read NAME@REV
     fp = FusePlan(lib, parent, entries, name if method not in ALIASES else method, params, list(exclude), excluded, plan, out)
     if name == "linear" and len(entries) == 1:
         fp.notes.append("note: one contribution: the new base is that contribution applied to the base")
     return fp
+
+
+def _as_option(message: str, params: dict) -> str:
+    """An engine message about the recipe fuse wrote, told in terms of the options the user gave."""
+    import re
+
+    m = re.search(r"parameters\.(\w+): (.*)$", message)
+    if m and m.group(1) in params:
+        return f"--param {m.group(1)}={params[m.group(1)]}: {m.group(2)}"
+    return re.sub(r"^<recipe>(: line \d+)?: ", "", message)
 
 
 @dataclass
@@ -147,11 +188,12 @@ def fuse(library, *, method: str = "average", experts: list[str] | None = None, 
     from moerge.io.fingerprint import fingerprint
 
     start = time.perf_counter()
-    fp = plan_fuse(library, method=method, experts=experts, exclude=exclude, parameters=parameters)
+    fp = plan_fuse(library, method=method, experts=experts, exclude=exclude, parameters=parameters,
+                   eval_tasks=eval_tasks, n_eval=n_eval)
     if eval_tasks:
         from moerge.eval import resolve_tasks
 
-        eval_tasks = resolve_tasks(eval_tasks)  # an unknown task fails now, before the merge
+        eval_tasks = resolve_tasks(eval_tasks)
     lib, out = fp.library, fp.out
     registered = {b.path.resolve() for b in lib.bases()}
     stale = out.exists() and out.resolve() not in registered  # left by a fusion that crashed before registering

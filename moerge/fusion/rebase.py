@@ -101,7 +101,8 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
         new_card = dict(card) | {"base": str(target.path), "base_fingerprint": target.fingerprint,
                                  "rebased": {"from": label, "from_base": old.ref, "to_base": target.ref,
                                              "earlier": lineage or None}}
-        for k in ("centroid", "centroids", "centroid_base", "library_ref"):  # computed on the old base
+        # computed on the old base, or validated there: not true of the rebased expert
+        for k in ("centroid", "centroids", "centroid_base", "library_ref", "validation_accuracy"):
             new_card.pop(k, None)
         (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
         task = card.get("task")
@@ -110,7 +111,9 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
         if rows:
             before = _score(old.path, src_dir, rows)
             after = _score(target.path, new_dir, rows)
-        entry = lib.add(new_dir, name, task=task)
+            new_card["rebased"] |= {"exact_match_before": before, "exact_match_after": after, "test_prompts": len(rows)}
+            (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
+        entry = lib.add(new_dir, name, task=task, source=f"{label} rebased from {old.ref} to {target.ref}")
     return RebaseResult(entry, label, old.version, target.version, task, before, after)
 
 

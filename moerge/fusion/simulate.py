@@ -94,8 +94,13 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
              method: str = "average", steps: int = 100, finetune_steps: int = 40, batch_size: int = 32,
              n_eval: int = 100, seed: int = 0, base: str | Path | None = None, ray: bool | str | None = None,
              json_file: str | Path | None = None, plot_file: str | Path | None = None, console=None,
-             overwrite: bool = False) -> dict:
-    """Run the loop (module doc) and return the results: ``{"original": {...}, "rounds": [...]}``."""
+             overwrite: bool = False, parameters: dict | None = None) -> dict:
+    """Run the loop (module doc) and return the results: ``{"original": {...}, "rounds": [...]}``.
+
+    The workspace ``out_dir`` (a library holding every base version, and ``curves.png`` unless
+    ``plot_file`` says otherwise) is built under a temporary name and appears when the run is
+    complete; with ``overwrite`` an earlier run's folder is replaced only then."""
+    from moerge.fusion.fuse import check_method
     from moerge import base as base_model
     from moerge.eval import resolve_tasks
     from moerge.tasks import skills
@@ -110,40 +115,54 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
                          ("--finetune-steps", finetune_steps, 1), ("--n-eval", n_eval, 1), ("--batch-size", batch_size, 1)):
         if v < low:
             raise MoergeError(f"{name} must be at least {low}, got {v}")
+    check_method(method)
+    if tasks is not None and not tasks:
+        raise MoergeError("--tasks: empty; give the contributors' tasks, comma-separated, or leave it out")
     pool = resolve_tasks(tasks or list(skills.EXPERTS))
     held = resolve_tasks(heldout) if heldout is not None else [h for h in skills.HELDOUT
                                                                if all(p in pool for p in skills.SKILLS[h].parts)]
     clash = [t for t in held if t in pool]
     if clash:
         raise MoergeError(f"--heldout {clash[0]}: is also a contributor task; held-out tasks must never be contributed")
-    out = check_output_dir(out_dir, overwrite)
-    for f, what in ((json_file, "results (--json)"), (plot_file, "curves (--plot)")):
-        if f:
-            output_file(f, what)
+    out = check_output_dir(Path(out_dir).absolute(), overwrite)  # absolute: Ray workers may run elsewhere
     if out.exists() and overwrite and any(out.iterdir()):
         if not (out / "library" / "library.json").is_file():  # --overwrite replaces an earlier run, nothing else
             raise MoergeError(f"{out}: is not the output of an earlier `moerge fuse simulate` (no library/ inside); "
                               "choose a new folder")
-        shutil.rmtree(out)
+    if json_file:
+        output_file(json_file, "results (--json)")
+    if plot_file:
+        from moerge.util import check_figure
+
+        check_figure(plot_file, "curves (--plot)")
     base_dir = Path(base) if base else base_model.default_base()
     base_model.check_model_folder(base_dir, "base")
     say = (lambda text: console.print(text, highlight=False, markup=False)) if console is not None else (lambda text: None)
     start = time.perf_counter()
+    from moerge.util import atomic_dir, write_json
+
     runner = Runner(ray)
     try:
-        return _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps,
-                     batch_size, n_eval, seed, ray, json_file, plot_file, say, start)
+        with atomic_dir(out, overwrite) as work:
+            results = _loop(runner, work, base_dir, pool, held, rounds, contributors, adapter, method, steps,
+                            finetune_steps, batch_size, n_eval, seed, ray, say, start, parameters or {})
+            plot(results, work / "curves.png")
     finally:
         runner.close()
+    results["library"] = str(out / "library")
+    if json_file:
+        write_json(json_file, results)
+    if plot_file:
+        plot(results, Path(plot_file))
+    return results
 
 
 def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps, batch_size,
-          n_eval, seed, ray, json_file, plot_file, say, start) -> dict:
+          n_eval, seed, ray, say, start, parameters: dict) -> dict:
     from moerge import base as base_model
     from moerge.eval import evaluate
     from moerge.fusion.fuse import fuse, rescore
     from moerge.library import Library
-    from moerge.util import write_json
 
     lib = Library.init(out / "library", base_dir)
     rng = random.Random(seed)
@@ -161,12 +180,13 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
         f"{len(held)} held-out task(s) ({finetune_steps} steps each)")
     orig_scores = zero_shot(base_dir)
     orig_held = {r["task"]: r["scores"][r["task"]] for r in runner.map(heldout_jobs(base_dir, "r0"))}
-    original = {"seen": _mean(orig_scores.values()), "heldout_finetuned": _mean(orig_held.values()),
-                "scores": orig_scores, "heldout": orig_held}
+    original = {"seen": _mean(orig_scores.values()), "all": _mean(orig_scores.values()),
+                "heldout_finetuned": _mean(orig_held.values()), "scores": orig_scores, "heldout": orig_held}
     results: dict = {"original": original, "rounds": [], "pool": pool, "heldout_tasks": held,
                      "settings": {"rounds": rounds, "contributors": contributors, "adapter": adapter, "method": method,
                                   "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size,
-                                  "n_eval": n_eval, "seed": seed, "base": str(base_dir), "ray": bool(ray)}}
+                                  "n_eval": n_eval, "seed": seed, "base": str(base_dir), "ray": bool(ray),
+                                  "parameters": parameters}}
     seen: list[str] = []
     current = lib.base()
     for r in range(1, rounds + 1):
@@ -184,7 +204,7 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
         for t in drawn:
             if t not in seen:
                 seen.append(t)
-        fused = fuse(lib, method=method, experts=refs)
+        fused = fuse(lib, method=method, experts=refs, parameters=parameters)
         current = fused.base
         for job in jobs:  # contributions live on in the library; the training folders are scratch
             shutil.rmtree(job["out_dir"], ignore_errors=True)
@@ -204,11 +224,6 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
     shutil.rmtree(out / "work", ignore_errors=True)
     shutil.rmtree(out / "contributions", ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
-    results["library"] = str(out / "library")
-    if json_file:
-        write_json(json_file, results)
-    if plot_file:
-        plot(results, Path(plot_file))
     return results
 
 

@@ -22,7 +22,6 @@ Why it cannot lose or mix up an expert:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -38,6 +37,7 @@ from typing import Iterator
 import torch
 
 from moerge.errors import MoergeError, MoergeWarning
+from moerge.io.blobs import BlobError, BlobStore
 from moerge.train.expert import ADAPTERS, ALIASES
 
 FORMAT = 1
@@ -122,7 +122,10 @@ def check_kind(kind: str) -> str:
 
 
 def _readd_hint(entry: "Entry") -> str:
-    """The command that re-adds an expert from the folder it was added from."""
+    """The command that re-adds an expert from the folder it was added from (a rebased one: rebased again)."""
+    rebased = entry.card.get("rebased") or {}
+    if rebased.get("from"):
+        return f"moerge expert rebase {rebased['from']} --name {entry.name}"
     source = (entry.card.get("lineage") or {}).get("source") or "DIR"
     return f"moerge library add {source} --name {entry.name}"
 
@@ -201,6 +204,7 @@ class Library:
         self.meta = json.loads(meta.read_text())
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"
+        self.store = BlobStore(self.blobs, self.tmp)
         self._migrate()
 
     def _migrate(self) -> None:
@@ -324,38 +328,21 @@ class Library:
     # ------------------------------------------------------------------ blobs
 
     def _blob_path(self, digest: str) -> Path:
-        return self.blobs / digest[:2] / digest[2:]
+        return self.store.path(digest)
 
     def _put_blob(self, data: bytes) -> tuple[str, bool]:
-        """Store ``data`` once; returns (its sha256, whether a damaged copy already there was rewritten).
-        An existing blob is compared byte for byte (cheap next to hashing), so re-adding an expert
-        repairs a corrupt blob instead of keeping it."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self._blob_path(digest)
-        existed = path.exists()
-        if existed and path.stat().st_size == len(data) and path.read_bytes() == data:
-            os.utime(path)  # dedup; a fresh mtime keeps a concurrent `gc` from taking it before our commit
-            return digest, False
-        path.parent.mkdir(exist_ok=True)
-        tmp = self.tmp / f"{digest}.{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return digest, existed
+        """Store ``data`` once; returns (its sha256, whether a damaged copy already there was rewritten):
+        re-adding an expert repairs a corrupt blob instead of keeping it."""
+        return self.store.put(data, repair=True)
 
     def _get_blob(self, digest: str, dtype: str, shape: list[int], nbytes: int, entry: "Entry", key: str) -> torch.Tensor:
         """A tensor from its blob, checked against the catalog (size and sha256: about 1 ms per MB)."""
         try:
-            data = self._blob_path(digest).read_bytes()
-        except FileNotFoundError:
-            raise MoergeError(f"{self.root}: {entry.ref} tensor {key}: its blob {digest[:12]} is missing; run `moerge library "
-                              f"verify`, then re-add the expert (`{_readd_hint(entry)}` rewrites it)") from None
-        if len(data) != nbytes or hashlib.sha256(data).hexdigest() != digest:
-            what = f"{len(data)} bytes instead of {nbytes}" if len(data) != nbytes else "sha256 mismatch"
-            raise MoergeError(f"{self.root}: {entry.ref} tensor {key}: its blob {digest[:12]} is corrupt ({what}); run `moerge "
-                              f"library verify`, then re-add the expert (`{_readd_hint(entry)}` rewrites it)")
+            data = self.store.read(digest, nbytes)
+        except BlobError as e:
+            what = f" ({e.detail})" if e.detail else ""
+            raise MoergeError(f"{self.root}: {entry.ref} tensor {key}: its blob {digest[:12]} is {e.state}{what}; run `moerge "
+                              f"library verify`, then re-add the expert (`{_readd_hint(entry)}` rewrites it)") from None
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
         return t.view(DTYPES[dtype]).reshape(shape)
 
@@ -363,7 +350,7 @@ class Library:
 
     def add(self, adapter_dir: str | os.PathLike, name: str, *, task: str | None = None, tags: list[str] | tuple = (),
             contributor: str | None = None, license: str | None = None, prompts: list[str] | None = None,
-            embedder: str | os.PathLike | None = None) -> Entry:
+            embedder: str | os.PathLike | None = None, source: str | None = None) -> Entry:
         """Store a PEFT adapter folder (or a full fine-tune's changed tensors) as the next version of ``name``.
         With ``prompts`` (a few hundred of its task's), the stored card gets their task centroids (by the
         library's base, or by ``embedder``), so task-level routers can route to an adapter from a hub.
@@ -397,7 +384,8 @@ class Library:
 
             card, _ = with_task_embedding(card, prompts, base=current.path, embedder=embedder)
         config, tensors = expert.config, expert.tensors
-        card["lineage"] = {"source": str(adapter_dir.resolve()), "digest": expert.digest(),
+        # ``source``: what the expert came from when ``adapter_dir`` is a scratch folder (expert rebase)
+        card["lineage"] = {"source": source or str(adapter_dir.resolve()), "digest": expert.digest(),
                            "base_fingerprint": current.fingerprint, "base_version": current.version, "added": time.time()}
         gates_file = adapter_dir / "gates.safetensors"  # PHATGOOSE gates travel with their expert
         if gates_file.is_file():
@@ -427,11 +415,13 @@ class Library:
             if repaired:
                 warnings.warn(f"{same}: {fixed_note}; nothing added (the folder is identical to {same})", NothingAdded, stacklevel=2)
                 return self.get(same)
-            raise MoergeError(f"{adapter_dir}: identical to {same}; nothing added (same tensors, gates, adapter config, card and task)")
+            raise MoergeError(f"{source or adapter_dir}: identical to {same}; nothing added (same tensors, gates, adapter config, "
+                              "card and task)")
         if repaired:
             warnings.warn(f"{name}@{version}: {fixed_note}", LibraryWarning, stacklevel=2)
         if twin:
-            warnings.warn(f"{adapter_dir}: same tensors as {twin}; added as {name}@{version} anyway (no new bytes stored)",
+            warnings.warn(f"{source or adapter_dir}: same tensors as {twin}; added as {name}@{version} anyway (no new bytes "
+                          "stored)",
                           LibraryWarning, stacklevel=2)
         return self.get(f"{name}@{version}")
 
@@ -655,17 +645,15 @@ class Library:
         return refs
 
     def _stored(self) -> set[str]:
-        return {p.parent.name + p.name for p in self.blobs.glob("??/*")}
+        return self.store.digests()
 
     def verify(self) -> tuple[list[str], list[str]]:
         """Re-hash every referenced blob. Returns (problems naming expert and tensor, unreferenced blobs)."""
         problems = []
         refs = self._referenced()
         for blob, users in sorted(refs.items()):
-            path = self._blob_path(blob)
-            ok = path.is_file() and path.stat().st_size == users[0][2] and hashlib.sha256(path.read_bytes()).hexdigest() == blob
-            if not ok:
-                state = "missing" if not path.is_file() else "corrupt"
+            state = self.store.check(blob, users[0][2])
+            if state:
                 problems += [f"{ref} tensor {key}: blob {blob[:12]} is {state}" for ref, key, _ in users]
         return problems, sorted(self._stored() - set(refs))
 

@@ -88,7 +88,7 @@ class MoEPlan:
 
     def summary(self) -> str:
         c = self.config
-        kinds = {k: sum(t.kind == k for t in self.tasks) for k in ("copy", "expert", "fused", "router", "shared_gate")}
+        kinds = {k: sum(t.kind == k for t in self.tasks) for k in ("copy", "expert", "fused", "router", "shared_gate", "zeros")}
         lines = [
             f"method: moe ({self.arch.name} output, gate_mode {c.gate_mode}" + (f", seed {c.seed}" if c.gate_mode in ("random", "uniform_random") else "") + ")",
             f"base: {self.base.pinned}",
@@ -100,7 +100,8 @@ class MoEPlan:
         lines += [
             f"experts per token: {c.experts_per_token} of {len(c.experts)}",
             f"output tensors: {len(self.tasks)}  ({kinds['copy']} from the base, {kinds['expert'] + kinds['fused']} expert "
-            f"MLP, {kinds['router'] + kinds['shared_gate']} router)",
+            f"MLP, {kinds['router'] + kinds['shared_gate']} router" + (f", {kinds['zeros']} zero q/k/v biases" if kinds["zeros"]
+                                                                     else "") + ")",
             f"output size: {_human(self.output_bytes)}  (dtype {', '.join(sorted({DTYPE_NAMES.get(t.dtype, str(t.dtype)) for t in self.tasks}))})",
             f"layers: {self.num_layers}",
         ]

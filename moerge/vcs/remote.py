@@ -1,0 +1,209 @@
+"""Sharing a repository's checkpoint objects: git moves the manifests (``git push``/``git fetch``), and
+``moerge git push/pull REMOTE`` moves the tensor objects they name, through fsspec (a folder, an S3
+bucket, any fsspec URL), sending or fetching only what the other side lacks.
+
+A remote is a prefix holding ``objects/ab/cdef...`` laid out as the local store. Which objects matter
+is read from git itself: every tracked checkpoint manifest in every commit reachable from any ref
+(``git rev-list --objects --all``), so a pull after ``git fetch`` gets what the fetched commits need.
+Objects are verified (size and sha256) before they are sent and after they arrive; an object arrives
+under a temporary name and is renamed into place (S3 writes are atomic by themselves).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+
+from moerge.errors import MoergeError
+from moerge.io.blobs import BlobError, sha256
+from moerge.vcs import manifest as mf
+from moerge.vcs.repo import DRIVER, git, objects, worktree
+
+
+@dataclass
+class Needed:
+    nbytes: int
+    users: list[tuple[str, str]] = field(default_factory=list)  # (path, part label)
+
+
+def referenced(cwd=None) -> dict[str, Needed]:
+    """Every object named by a tracked checkpoint in any commit reachable from a ref, with who uses it."""
+    top = worktree(cwd)
+    listing = git("rev-list", "--objects", "--all", cwd=top).splitlines()
+    blobs: dict[str, str] = {}
+    for line in listing:
+        sha, _, path = line.partition(" ")
+        if path:
+            blobs.setdefault(sha, path)
+    if not blobs:
+        return {}
+    paths = sorted(set(blobs.values()))
+    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(paths) + "\n",
+                       capture_output=True, text=True)
+    tracked = {ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")}
+    wanted = [(sha, p) for sha, p in blobs.items() if p in tracked]
+    out: dict[str, Needed] = {}
+    if not wanted:
+        return out
+    proc = subprocess.run(["git", "cat-file", "--batch"], cwd=top, input=("\n".join(s for s, _ in wanted) + "\n").encode(),
+                          capture_output=True)
+    data, pos = proc.stdout, 0
+    for sha, path in wanted:
+        end = data.index(b"\n", pos)
+        head = data[pos:end].split()
+        size = int(head[2]) if len(head) == 3 else 0
+        body = data[end + 1:end + 1 + size]
+        pos = end + 1 + size + 1
+        if not mf.is_manifest(body[:len(mf.MAGIC)]):
+            continue
+        for p in mf.parse(body, path).parts:
+            need = out.setdefault(p.digest, Needed(p.nbytes))
+            need.users.append((path, p.label))
+    return out
+
+
+def _remote(url: str):
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as e:
+        raise MoergeError(f"{url}: cannot open this remote ({e}); for s3:// install s3fs (pip install 'moerge[s3]')") from None
+    return fs, root.rstrip("/")
+
+
+def _listing(fs, root: str) -> dict[str, int]:
+    try:
+        found = fs.find(f"{root}/objects", detail=True)
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # botocore/aiohttp raise their own types for a wrong endpoint or credentials
+        raise MoergeError(f"{root}: cannot list the remote's objects ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    out = {}
+    for path, info in found.items():
+        parts = path.rstrip("/").split("/")
+        if len(parts) >= 2 and len(parts[-2]) == 2 and len(parts[-1]) == 62:
+            out[parts[-2] + parts[-1]] = int(info.get("size") or 0)
+    return out
+
+
+@dataclass
+class Transfer:
+    moved: int = 0
+    bytes: int = 0
+    already: int = 0
+    missing: list[str] = field(default_factory=list)  # objects neither side has, as "path: tensor"
+
+
+def push(url: str, cwd=None) -> Transfer:
+    """Send the objects the remote lacks (every referenced object we have)."""
+    store = objects(cwd)
+    fs, root = _remote(url)
+    theirs = _listing(fs, root)
+    res = Transfer()
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    for digest, need in sorted(referenced(cwd).items()):
+        if theirs.get(digest) == need.nbytes:
+            res.already += 1
+            continue
+        try:
+            data = store.read(digest, need.nbytes)  # never spread a damaged object
+        except BlobError as e:
+            if e.state == "missing":
+                res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
+                continue
+            raise MoergeError(f"{need.users[0][0]}: {need.users[0][1]}: local {e}; restore it (`moerge git pull` from a "
+                              "remote that has it) before pushing") from None
+        dest = f"{root}/objects/{digest[:2]}/{digest[2:]}"
+        try:
+            if local:
+                fs.makedirs(f"{root}/objects/{digest[:2]}", exist_ok=True)
+                tmp = f"{root}/objects/{digest[:2]}/.{digest[2:]}.{uuid.uuid4().hex}"
+                fs.pipe_file(tmp, data)
+                fs.mv(tmp, dest)
+            else:
+                fs.pipe_file(dest, data)
+        except Exception as e:
+            raise MoergeError(f"{url}: cannot write object {digest[:12]} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        res.moved += 1
+        res.bytes += len(data)
+    return res
+
+
+def pull(url: str, cwd=None) -> Transfer:
+    """Fetch the referenced objects we lack (run ``git fetch`` first for new commits' manifests)."""
+    store = objects(cwd)
+    fs, root = _remote(url)
+    res = Transfer()
+    needed = referenced(cwd)
+    todo = {d: n for d, n in needed.items() if not store.has(d, n.nbytes)}
+    res.already = len(needed) - len(todo)
+    if not todo:
+        return res
+    theirs = _listing(fs, root)
+    for digest, need in sorted(todo.items()):
+        if digest not in theirs:
+            res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
+            continue
+        try:
+            data = fs.cat_file(f"{root}/objects/{digest[:2]}/{digest[2:]}")
+        except Exception as e:
+            raise MoergeError(f"{url}: cannot read object {digest[:12]} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        if len(data) != need.nbytes or sha256(data) != digest:
+            raise MoergeError(f"{url}: object {digest[:12]} ({need.users[0][0]}: {need.users[0][1]}) is damaged on the "
+                              "remote (its bytes do not match its name); push it again from a clone that has it")
+        store.put(data, repair=True, digest=digest)
+        res.moved += 1
+        res.bytes += len(data)
+    return res
+
+
+def verify(cwd=None) -> list[str]:
+    """Every referenced object that is missing or damaged here, as 'path: tensor: state'."""
+    store = objects(cwd)
+    problems = []
+    for digest, need in sorted(referenced(cwd).items()):
+        state = store.check(digest, need.nbytes)
+        if state:
+            problems += [f"{path}: {label}: object {digest[:12]} is {state}" for path, label in need.users[:3]]
+    return problems
+
+
+def materialize(cwd=None) -> list[str]:
+    """Write out tracked files of the working tree that are still manifests (a clone made before the
+    drivers were installed, or whose objects were missing), now that their objects are here; then
+    refresh git's index so they show as unchanged. Returns the paths written."""
+    from moerge.vcs.filter import FilterError, smudge
+
+    top = worktree(cwd)
+    store = objects(cwd)
+    files = [f for f in git("ls-files", "-z", cwd=top).split("\0") if f]
+    if not files:
+        return []
+    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(files) + "\n",
+                       capture_output=True, text=True)
+    tracked = [ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")]
+    written = []
+    for rel in tracked:
+        path = top / rel
+        try:
+            with open(path, "rb") as f:
+                if not mf.is_manifest(f.read(len(mf.MAGIC))):
+                    continue
+        except FileNotFoundError:
+            continue
+        tmp = path.with_name(f".{path.name}.moerge-{uuid.uuid4().hex}")
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                smudge(src, dst, store, rel)
+            tmp.replace(path)
+        except FilterError as e:
+            raise MoergeError(str(e)) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(rel)
+    if written:  # their content is what the index holds; re-adding records the new size and time (no new blob)
+        git("add", "--", *written, cwd=top)
+    return written
+
