@@ -1,5 +1,6 @@
 """Version control of checkpoints in real git: filters, diff, merge driver, object sharing (folder, S3)."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -54,7 +55,7 @@ def commit(repo, sd, msg, name="model.safetensors", meta=None):
 
 def test_commit_stores_manifests_and_checkout_is_bit_identical(repo, tmp_path):
     sd = checkpoint()
-    meta = {"format": "pt", "note": "first"}
+    meta = {"format": "pt"}  # one key: safetensors writes several metadata keys in a random order
     commit(repo, sd, "v1", meta=meta)
     v1 = (repo / "model.safetensors").read_bytes()
     stored = git(repo, "show", "HEAD:model.safetensors").stdout
@@ -303,3 +304,20 @@ def test_cli_install_track_and_errors(tmp_path):
     # the filters start without torch (git runs them once per file)
     code = "import sys, moerge.vcs.filter, moerge.vcs.diff; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_one_filter_process_serves_many_files(repo):
+    """git's long-running filter protocol: several checkpoints in one `git add` and one checkout, through
+    one moerge process (git's trace shows a single start), each file round-tripping exactly."""
+    for i in range(4):
+        save_file(checkpoint(i), repo / f"m{i}.safetensors")
+    originals = {i: (repo / f"m{i}.safetensors").read_bytes() for i in range(4)}
+    env = dict(os.environ, GIT_TRACE="1")
+    r = subprocess.run(["git", "add", "-A"], cwd=repo, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr.count("moerge.vcs.process") == 1
+    git(repo, "commit", "-qm", "four")
+    for i in range(4):
+        (repo / f"m{i}.safetensors").unlink()
+    r = subprocess.run(["git", "checkout", "--", "."], cwd=repo, capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stderr.count("moerge.vcs.process") == 1
+    assert all((repo / f"m{i}.safetensors").read_bytes() == originals[i] for i in range(4))

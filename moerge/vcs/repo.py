@@ -67,6 +67,7 @@ def install(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     settings = {
         f"filter.{DRIVER}.clean": f"{_module('filter')} clean %f",
         f"filter.{DRIVER}.smudge": f"{_module('filter')} smudge %f",
+        f"filter.{DRIVER}.process": f"{_module('process')}",  # one process per git command (clean/smudge: fallback)
         f"filter.{DRIVER}.required": "true",
         f"diff.{DRIVER}.command": f"{_module('diff')}",
         f"diff.{DRIVER}.textconv": f"{_module('diff')} --textconv",
