@@ -925,6 +925,20 @@ def _transfer(kind: str, remote: str, repo: Path) -> None:
                   + (" ..." if len(written) > 5 else ""), highlight=False, markup=False)
 
 
+@git_app.command("gc")
+def git_gc(
+    min_age: float = typer.Option(3600, "--min-age", help="Keep unreferenced objects younger than this many seconds "
+                                  "(a `git add` may still be running)."),
+    repo: Path = REPO_OPT,
+) -> None:
+    """Delete tensor objects no tracked checkpoint names (in any commit, reflog entry or the index)."""
+    from moerge.vcs.remote import gc
+
+    with _user_errors():
+        removed, freed = gc(repo, min_age)
+    out.print(f"removed {removed} unreferenced object(s), {freed / 1e6:.1f} MB", highlight=False, markup=False)
+
+
 @git_app.command("verify")
 def git_verify(repo: Path = REPO_OPT) -> None:
     """Re-hash every object the repository's checkpoints name; exit 1 naming file and tensor if any is bad."""

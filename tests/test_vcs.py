@@ -321,3 +321,34 @@ def test_one_filter_process_serves_many_files(repo):
     r = subprocess.run(["git", "checkout", "--", "."], cwd=repo, capture_output=True, text=True, env=env)
     assert r.returncode == 0 and r.stderr.count("moerge.vcs.process") == 1
     assert all((repo / f"m{i}.safetensors").read_bytes() == originals[i] for i in range(4))
+
+
+def test_gc_keeps_what_commits_reflogs_and_the_index_name(repo):
+    sd = checkpoint()
+    commit(repo, sd, "v1")
+    store = objects(repo)
+    sd["a.weight"] += 1
+    save_file(sd, repo / "model.safetensors")
+    git(repo, "add", "-A")  # staged only
+    staged = set(store.digests())
+    sd["a.weight"] += 1
+    save_file(sd, repo / "model.safetensors")
+    git(repo, "add", "-A")  # restaged: the previous a.weight is now unreferenced
+    orphan = staged - set(referenced_now(repo))
+    assert len(orphan) == 1
+    r = runner.invoke(app, ["git", "gc", "--repo", str(repo)])
+    assert r.exit_code == 0 and "removed 0" in r.output  # younger than --min-age
+    r = runner.invoke(app, ["git", "gc", "--min-age", "0", "--repo", str(repo)])
+    assert r.exit_code == 0 and "removed 1 unreferenced object(s)" in r.output
+    assert not (orphan & store.digests())
+    git(repo, "commit", "-qm", "v2")
+    git(repo, "reset", "-q", "--hard", "HEAD~1")  # v2 is only in the reflog now: kept
+    runner.invoke(app, ["git", "gc", "--min-age", "0", "--repo", str(repo)])
+    git(repo, "checkout", "-q", "HEAD@{1}", "--", "model.safetensors")
+    assert torch.equal(load_file(repo / "model.safetensors")["a.weight"], sd["a.weight"])
+
+
+def referenced_now(repo):
+    from moerge.vcs.remote import referenced
+
+    return referenced(repo, keep_all=True)

@@ -27,15 +27,20 @@ class Needed:
     users: list[tuple[str, str]] = field(default_factory=list)  # (path, part label)
 
 
-def referenced(cwd=None) -> dict[str, Needed]:
-    """Every object named by a tracked checkpoint in any commit reachable from a ref, with who uses it."""
+def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
+    """Every object named by a tracked checkpoint in any commit reachable from a ref, with who uses it;
+    ``keep_all`` (for gc) also counts commits only the reflogs reach and what the index holds."""
     top = worktree(cwd)
-    listing = git("rev-list", "--objects", "--all", cwd=top).splitlines()
+    listing = git("rev-list", "--objects", "--all", *(["--reflog"] if keep_all else []), cwd=top).splitlines()
     blobs: dict[str, str] = {}
     for line in listing:
         sha, _, path = line.partition(" ")
         if path:
             blobs.setdefault(sha, path)
+    if keep_all:  # staged, not committed yet: "<mode> <sha> <stage>\t<path>"
+        for line in git("ls-files", "-s", cwd=top).splitlines():
+            meta, _, path = line.partition("\t")
+            blobs.setdefault(meta.split()[1], path)
     if not blobs:
         return {}
     paths = sorted(set(blobs.values()))
@@ -206,4 +211,27 @@ def materialize(cwd=None) -> list[str]:
     if written:  # their content is what the index holds; re-adding records the new size and time (no new blob)
         git("add", "--", *written, cwd=top)
     return written
+
+
+def gc(cwd=None, min_age_seconds: float = 3600) -> tuple[int, int]:
+    """Delete objects that no tracked checkpoint names (in any commit, reflog entry or the index) and
+    that are older than ``min_age_seconds`` (a ``git add`` in flight may not have staged its objects
+    yet), and stale temporary files. Returns (objects removed, bytes freed)."""
+    import time
+
+    store = objects(cwd)
+    keep = set(referenced(cwd, keep_all=True))
+    now, removed, freed = time.time(), 0, 0
+    for digest in store.digests() - keep:
+        path = store.path(digest)
+        st = path.stat()
+        if now - st.st_mtime >= min_age_seconds:
+            path.unlink(missing_ok=True)
+            removed += 1
+            freed += st.st_size
+    if store.tmp.is_dir():
+        for p in store.tmp.iterdir():
+            if now - p.stat().st_mtime >= min_age_seconds:
+                p.unlink(missing_ok=True)
+    return removed, freed
 
