@@ -860,12 +860,15 @@ app.add_typer(git_app, name="git")
 @git_app.command("install")
 def git_install(repo: Path = typer.Option(Path("."), "--repo", help="The git repository (default: the current one).")) -> None:
     """Register moerge's clean/smudge filter, diff driver and merge driver in this repository's .git/config."""
-    from moerge.vcs.repo import install
+    from moerge.vcs.repo import git_dir, install, tracked_patterns
 
     with _user_errors():
         settings = install(repo)
-    out.print(f"installed in {repo.resolve()}/.git/config: filter, diff and merge drivers 'moerge' "
-              f"({len(settings)} settings); now `moerge git track '*.safetensors'`", highlight=False, markup=False)
+        tracked = tracked_patterns(repo)
+        where = git_dir(repo) / "config"
+    nxt = (f"tracking {', '.join(tracked)}" if tracked else "now `moerge git track '*.safetensors'`")
+    out.print(f"installed in {where}: filter, diff and merge drivers 'moerge' ({len(settings)} settings); {nxt}",
+              highlight=False, markup=False, soft_wrap=True)
 
 
 @git_app.command("track")
@@ -881,7 +884,7 @@ def git_track(
         ready = installed(repo)
     what = ", ".join(added) if added else "nothing new (already tracked)"
     out.print(f"tracking {what} in .gitattributes" + ("" if ready else "; run `moerge git install` too (this clone has "
-                                                             "no drivers yet)"), highlight=False, markup=False)
+                                                             "no drivers yet)"), highlight=False, markup=False, soft_wrap=True)
 
 
 def _transfer_line(verb: str, url: str, res) -> str:
@@ -915,14 +918,14 @@ def _transfer(kind: str, remote: str, repo: Path) -> None:
     with _user_errors():
         res = (vr.push if kind == "push" else vr.pull)(remote, repo)
         out.print(_transfer_line("sent" if kind == "push" else "fetched", ("to " if kind == "push" else "from ") + remote, res),
-                  highlight=False, markup=False)
+                  highlight=False, markup=False, soft_wrap=True)
         if res.missing:
             raise typer.Exit(1)
         if kind == "pull":
             written = vr.materialize(repo)
     if written:
         out.print(f"wrote {len(written)} checkpoint(s) in the working tree: {', '.join(written[:5])}"
-                  + (" ..." if len(written) > 5 else ""), highlight=False, markup=False)
+                  + (" ..." if len(written) > 5 else ""), highlight=False, markup=False, soft_wrap=True)
 
 
 @git_app.command("gc")
@@ -936,7 +939,7 @@ def git_gc(
 
     with _user_errors():
         removed, freed = gc(repo, min_age)
-    out.print(f"removed {removed} unreferenced object(s), {freed / 1e6:.1f} MB", highlight=False, markup=False)
+    out.print(f"removed {removed} unreferenced object(s), {freed / 1e6:.1f} MB", highlight=False, markup=False, soft_wrap=True)
 
 
 @git_app.command("verify")
@@ -947,10 +950,12 @@ def git_verify(repo: Path = REPO_OPT) -> None:
     with _user_errors():
         problems = verify(repo)
     for p in problems:
-        out.print(p, highlight=False, markup=False)
+        out.print(p, highlight=False, markup=False, soft_wrap=True)
     if problems:
+        out.print(f"{len(problems)} object(s) missing or damaged; `moerge git pull REMOTE` fetches them again",
+                  highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
-    out.print("every object of every tracked checkpoint is present and sound", highlight=False, markup=False)
+    out.print("every object of every tracked checkpoint is present and sound", highlight=False, markup=False, soft_wrap=True)
 
 
 def main() -> None:  # console_scripts entry point

@@ -205,14 +205,34 @@ def test_truncated_input_to_clean_leaves_the_store_consistent(repo, tmp_path):
     assert not store.tmp.exists() or not list(store.tmp.iterdir())  # no temporary files left
 
 
-def test_non_safetensors_content_round_trips(repo):
-    (repo / "weird.safetensors").write_bytes(b"not a checkpoint at all\x00\x01" * 1000)
+def test_non_safetensors_content_round_trips_and_broken_checkpoints_are_refused(repo, tmp_path):
+    track(["*.bin"], repo)
+    (repo / "weird.bin").write_bytes(b"not a checkpoint at all\x00\x01" * 1000)
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "raw")
-    assert git(repo, "show", "HEAD:weird.safetensors").stdout.startswith(mf.MAGIC)
-    (repo / "weird.safetensors").unlink()
-    git(repo, "checkout", "--", "weird.safetensors")
-    assert (repo / "weird.safetensors").read_bytes() == b"not a checkpoint at all\x00\x01" * 1000
+    assert git(repo, "show", "HEAD:weird.bin").stdout.startswith(mf.MAGIC)
+    (repo / "weird.bin").unlink()
+    git(repo, "checkout", "--", "weird.bin")
+    assert (repo / "weird.bin").read_bytes() == b"not a checkpoint at all\x00\x01" * 1000
+    # a .safetensors file that is empty or cut inside its header is refused, not stored as bytes
+    save_file(checkpoint(), tmp_path / "good.safetensors")
+    good = (tmp_path / "good.safetensors").read_bytes()
+    for n in (0, 5, 8, 100):
+        (repo / "broken.safetensors").write_bytes(good[:n])
+        r = git(repo, "add", "broken.safetensors", check=False)
+        assert r.returncode != 0 and "broken.safetensors: is not a readable safetensors file" in r.stderr, n
+    (repo / "broken.safetensors").unlink()
+    # a tensor name holding a newline cannot be a manifest line: refused at add, so nothing unreadable is committed
+    save_file({"x\ny": torch.zeros(2), "ok": torch.ones(2)}, repo / "names.safetensors")
+    r = git(repo, "add", "names.safetensors", check=False)
+    assert r.returncode != 0 and "its name holds a newline" in r.stderr
+    save_file({"a b\tc\rd\x85e": torch.zeros(2)}, repo / "names.safetensors")  # other odd names round-trip
+    data = (repo / "names.safetensors").read_bytes()
+    git(repo, "add", "names.safetensors")
+    git(repo, "commit", "-qm", "names")
+    (repo / "names.safetensors").unlink()
+    git(repo, "checkout", "--", "names.safetensors")
+    assert (repo / "names.safetensors").read_bytes() == data
 
 
 def _clone_and_pull(repo, tmp_path, remote, env=None):
@@ -245,8 +265,25 @@ def test_push_pull_through_a_folder(repo, tmp_path):
     obj.write_bytes(b"\0" * 8192)
     other = tmp_path / "other"
     git(tmp_path, "clone", "-q", str(repo), str(other))
+    res = runner.invoke(app, ["git", "pull", remote, "--repo", str(other)])  # no drivers: git would store raw weights
+    assert res.exit_code == 1 and "run `moerge git install` first" in res.output
+    install(other)
     res = runner.invoke(app, ["git", "pull", remote, "--repo", str(other)])
-    assert res.exit_code == 1 and "is damaged on the remote" in res.output
+    assert res.exit_code == 1 and "1 object(s) are damaged there" in res.output and "delete" in res.output
+    assert "6 other object(s) were fetched" in res.output
+    # a damaged local object is fetched again by pull (pull re-hashes what it has)
+    local = objects(clone)
+    victim = next(d for d in local.digests() if local.size(d) == 2048)
+    data = bytearray(local.path(victim).read_bytes())
+    data[0] ^= 1
+    local.path(victim).write_bytes(bytes(data))
+    assert runner.invoke(app, ["git", "verify", "--repo", str(clone)]).exit_code == 1
+    res = runner.invoke(app, ["git", "pull", remote, "--repo", str(clone)])
+    assert res.exit_code == 0 and "fetched 1 object(s)" in res.output
+    assert runner.invoke(app, ["git", "verify", "--repo", str(clone)]).exit_code == 0
+    res = runner.invoke(app, ["git", "pull", str(tmp_path / "typo"), "--repo", str(clone)])
+    assert res.exit_code == 1 and "no such remote" in res.output
+    assert runner.invoke(app, ["git", "push", "", "--repo", str(clone)]).exit_code == 1
 
 
 def _free_port() -> int:
@@ -281,7 +318,7 @@ def test_push_pull_through_s3_on_a_local_server(repo, tmp_path, monkeypatch):
         _, out = _clone_and_pull(repo, tmp_path, "s3://models/team")
         assert "fetched 6 object(s)" in out
         res = runner.invoke(app, ["git", "pull", "s3://nobucket/x", "--repo", str(repo)])
-        assert res.exit_code == 0 and "fetched 0 object(s)" in res.output  # nothing missing: nothing asked of S3
+        assert res.exit_code == 1 and "s3://nobucket/x: no such remote" in res.output
     finally:
         server.stop()
 
@@ -341,6 +378,17 @@ def test_gc_keeps_what_commits_reflogs_and_the_index_name(repo):
     r = runner.invoke(app, ["git", "gc", "--min-age", "0", "--repo", str(repo)])
     assert r.exit_code == 0 and "removed 1 unreferenced object(s)" in r.output
     assert not (orphan & store.digests())
+    # a change staged in another worktree is kept too
+    wt = repo.parent / "wt"
+    git(repo, "worktree", "add", "-q", str(wt), "-b", "side")
+    s2 = load_file(wt / "model.safetensors")
+    s2["c.bias"] += 5
+    save_file(s2, wt / "model.safetensors")
+    git(wt, "add", "-A")
+    runner.invoke(app, ["git", "gc", "--min-age", "0", "--repo", str(repo)])
+    (wt / "model.safetensors").unlink()
+    git(wt, "checkout", "--", "model.safetensors")
+    assert torch.equal(load_file(wt / "model.safetensors")["c.bias"], s2["c.bias"])
     git(repo, "commit", "-qm", "v2")
     git(repo, "reset", "-q", "--hard", "HEAD~1")  # v2 is only in the reflog now: kept
     runner.invoke(app, ["git", "gc", "--min-age", "0", "--repo", str(repo)])
@@ -352,3 +400,39 @@ def referenced_now(repo):
     from moerge.vcs.remote import referenced
 
     return referenced(repo, keep_all=True)
+
+
+def test_diff_shows_metadata_and_merge_settings_are_checked(repo):
+    sd = checkpoint()
+    commit(repo, sd, "v1", meta={"step": "100"})
+    save_file(sd, repo / "model.safetensors", metadata={"step": "200"})
+    out = git(repo, "diff").stdout
+    assert "metadata  step: '100' -> '200'" in out and "0 of 5 tensors changed" in out and "1 metadata key(s)" in out
+    git(repo, "checkout", "-q", "--", "model.safetensors")
+
+    def ours(sd):
+        sd["a.weight"] += 1.0
+
+    def theirs(sd):
+        sd["a.weight"] += 3.0
+
+    git(repo, "checkout", "-qb", "feat")
+    s2 = {k: v.clone() for k, v in sd.items()}
+    theirs(s2)
+    commit(repo, s2, "feat", meta={"step": "100"})
+    git(repo, "checkout", "-q", "main")
+    s3 = {k: v.clone() for k, v in sd.items()}
+    ours(s3)
+    commit(repo, s3, "main", meta={"step": "100"})
+    git(repo, "config", "moerge.merge.density", "0")
+    r = git(repo, "merge", "feat", "-m", "m", check=False)
+    assert r.returncode != 0 and "git config moerge.merge.density 0: the TIES density must be a number in (0, 1]" in r.stderr
+    git(repo, "merge", "--abort", check=False)
+    git(repo, "config", "moerge.merge.density", "1")
+    git(repo, "config", "moerge.merge.method", "bogus")
+    r = git(repo, "merge", "feat", "-m", "m", check=False)
+    assert r.returncode != 0 and "git config moerge.merge.method bogus: unknown merge method" in r.stderr
+    git(repo, "merge", "--abort", check=False)
+    git(repo, "config", "moerge.merge.method", "ties")  # TIES averages agreeing changes, as recipes' ties does
+    git(repo, "merge", "feat", "-m", "m")
+    torch.testing.assert_close(load_file(repo / "model.safetensors")["a.weight"], sd["a.weight"] + 2.0)

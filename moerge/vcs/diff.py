@@ -42,6 +42,12 @@ class Tensor:
         return math.prod(self.shape)
 
 
+class Side(dict):
+    """One side of a diff: its tensors by name, and its header's ``__metadata__``."""
+
+    metadata: dict | None = None
+
+
 def values(t: Tensor, data: bytes):
     """The tensor's values as a float64 numpy array (None for dtypes numpy cannot read, e.g. FP8)."""
     import numpy as np
@@ -62,7 +68,13 @@ def _from_manifest(m: mf.Manifest, store: BlobStore, where: str) -> dict[str, Te
                 raise SystemExit(f"moerge: error: {where}: tensor {p.name}: {e}; fetch it with `moerge git pull REMOTE`")
         return read
 
-    return {p.name: Tensor(p.name, p.dtype, p.shape, p.digest, reader(p)) for p in m.parts if p.kind == "tensor"}
+    side = Side({p.name: Tensor(p.name, p.dtype, p.shape, p.digest, reader(p)) for p in m.parts if p.kind == "tensor"})
+    if m.is_safetensors:
+        h = m.parts[0]
+        raw = reader(mf.Part("tensor", h.digest, h.nbytes, name="header"))()
+        (n,) = struct.unpack("<Q", raw[:8])
+        side.metadata = json.loads(raw[8:8 + n]).get("__metadata__")
+    return side
 
 
 def _from_file(path: Path) -> dict[str, Tensor] | None:
@@ -77,7 +89,8 @@ def _from_file(path: Path) -> dict[str, Tensor] | None:
     if parsed is None:
         return None
     n, header = parsed
-    out = {}
+    out = Side()
+    out.metadata = header.get("__metadata__")
     for name, v in header.items():
         if name == "__metadata__":
             continue
@@ -92,9 +105,9 @@ def _from_file(path: Path) -> dict[str, Tensor] | None:
 
 
 def load(path: str | None, store: BlobStore | None) -> dict[str, Tensor] | None:
-    """A side of a diff: {} for /dev/null, None if it is not a checkpoint."""
+    """A side of a diff: empty for /dev/null, None if it is not a checkpoint."""
     if path is None or path == "/dev/null":
-        return {}
+        return Side()
     p = Path(path)
     with open(p, "rb") as f:
         head = f.read(len(mf.MAGIC))
@@ -120,7 +133,7 @@ def compare(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict:
     """Per-tensor changes between two checkpoints and the summary (a dict, JSON-ready)."""
     import numpy as np
 
-    rows, changed_params, total_params, d2, o2 = [], 0, 0, 0.0, 0.0
+    rows, changed_entries, changed_numel, d2, o2 = [], 0, 0, 0.0, 0.0
     for name in sorted(set(old) | set(new)):
         a, b = old.get(name), new.get(name)
         if a is None:
@@ -129,7 +142,6 @@ def compare(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict:
         if b is None:
             rows.append({"tensor": name, "status": "removed", "dtype": a.dtype, "shape": list(a.shape)})
             continue
-        total_params += b.numel
         if a.shape != b.shape or a.dtype != b.dtype:
             rows.append({"tensor": name, "status": "reshaped", "from": f"{a.dtype} {_shape(a.shape)}",
                          "to": f"{b.dtype} {_shape(b.shape)}"})
@@ -144,15 +156,25 @@ def compare(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict:
             nz = int(np.count_nonzero(diff))
             n_old = float(np.dot(va, va))
             dd = float(np.dot(diff, diff))
-            d2, o2 = d2 + dd, o2 + n_old
+            if b.dtype.startswith(("F", "BF")):  # the overall relative change is over floating tensors
+                d2, o2 = d2 + dd, o2 + n_old
             row.update(rel_l2=math.sqrt(dd / n_old) if n_old > 0 else (math.inf if dd else 0.0),
-                       max_abs=float(np.abs(diff).max()) if diff.size else 0.0, changed_share=nz / max(1, diff.size))
-            changed_params += nz
+                       max_abs=float(np.abs(diff).max()) if diff.size else 0.0, changed_share=nz / max(1, diff.size),
+                       changed_entries=nz)
+            changed_entries += nz
+            changed_numel += b.numel
         rows.append(row)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("changed", "added", "removed", "reshaped")}
-    return {"tensors": rows, "summary": {**counts, "compared": len(set(old) & set(new)),
-                                         "changed_share_of_parameters": changed_params / max(1, total_params),
-                                         "rel_l2": math.sqrt(d2 / o2) if o2 > 0 else None}}
+    meta_old, meta_new = getattr(old, "metadata", None), getattr(new, "metadata", None)
+    metadata = None
+    if (old or meta_old) and meta_old != meta_new:
+        keys = sorted(set(meta_old or {}) | set(meta_new or {}))
+        metadata = {k: [(meta_old or {}).get(k), (meta_new or {}).get(k)] for k in keys
+                    if (meta_old or {}).get(k) != (meta_new or {}).get(k)}
+    return {"tensors": rows, "metadata": metadata,
+            "summary": {**counts, "compared": len(set(old) & set(new)),
+                        "changed_share_of_changed_tensors": changed_entries / max(1, changed_numel),
+                        "rel_l2_of_changed_tensors": math.sqrt(d2 / o2) if o2 > 0 else None}}
 
 
 def render(path: str, result: dict) -> str:
@@ -160,18 +182,24 @@ def render(path: str, result: dict) -> str:
     for r in result["tensors"]:
         if r["status"] == "changed":
             if "rel_l2" in r:
+                share = f"{r['changed_share']:.1%}" if r["changed_share"] >= 0.001 or not r["changed_entries"] else \
+                    f"{r['changed_entries']} of {math.prod(r['shape'])}"
                 lines.append(f"  changed   {r['tensor']}  {r['dtype']} {_shape(r['shape'])}  rel L2 {r['rel_l2']:.3g}  "
-                             f"max |d| {r['max_abs']:.3g}  entries changed {r['changed_share']:.1%}")
+                             f"max |d| {r['max_abs']:.3g}  entries changed {share}")
             else:
                 lines.append(f"  changed   {r['tensor']}  {r['dtype']} {_shape(r['shape'])}  (bytes differ)")
         elif r["status"] == "reshaped":
             lines.append(f"  reshaped  {r['tensor']}  {r['from']} -> {r['to']}")
         else:
             lines.append(f"  {r['status']:<9} {r['tensor']}  {r['dtype']} {_shape(r['shape'])}")
+    for k, (a, b) in (result.get("metadata") or {}).items():
+        lines.append(f"  metadata  {k}: {a!r} -> {b!r}")
     s = result["summary"]
-    rel = "" if s["rel_l2"] is None else f"; whole checkpoint rel L2 {s['rel_l2']:.3g}"
-    lines.append(f"  summary: {s['changed']} of {s['compared']} tensors changed ({s['changed_share_of_parameters']:.1%} of "
-                 f"their entries), {s['added']} added, {s['removed']} removed, {s['reshaped']} reshaped{rel}")
+    rel = "" if s["rel_l2_of_changed_tensors"] is None else f", together rel L2 {s['rel_l2_of_changed_tensors']:.3g}"
+    share = f" ({s['changed_share_of_changed_tensors']:.1%} of their entries{rel})" if s["changed"] else ""
+    lines.append(f"  summary: {s['changed']} of {s['compared']} tensors changed{share}, {s['added']} added, "
+                 f"{s['removed']} removed, {s['reshaped']} reshaped"
+                 + (f", {len(result['metadata'])} metadata key(s) changed" if result.get("metadata") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -208,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         path, old, new = args[0], args[1], args[4]
         a, b = load(old, None), load(new, None)
         if a is None or b is None:
-            sys.stdout.write(f"moerge diff {path}: not a safetensors checkpoint on one side; bytes differ\n")
+            sys.stdout.write(f"moerge diff {path}: not a safetensors checkpoint (on one side or both); bytes differ\n")
             return 0
         res = compare(a, b)
         sys.stdout.write(json.dumps(res) + "\n" if as_json else render(path, res))

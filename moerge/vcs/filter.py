@@ -55,6 +55,9 @@ def clean(src: BinaryIO, dst: BinaryIO, store: BlobStore, path: str = "<stdin>")
         raise FilterError(f"{path}: {e}") from None
     finally:
         pool.shutdown(wait=True)
+    if path.endswith(".safetensors") and not m.is_safetensors:  # empty, or cut or damaged inside its header
+        raise FilterError(f"{path}: is not a readable safetensors file ({m.size} bytes, no valid header); it was "
+                          "probably truncated or damaged: write it again (or untrack non-checkpoint files)")
     dst.write(m.text().encode())
     return m
 

@@ -78,7 +78,9 @@ def is_manifest(head: bytes) -> bool:
 def parse(text: str | bytes, where: str = "manifest") -> Manifest:
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
-    lines = text.splitlines()
+    lines = text.split("\n")  # only "\n" ends a line: a tensor name may hold other line-breaking characters
+    if lines and lines[-1] == "":
+        lines.pop()
     if not lines or lines[0] != MAGIC:
         raise ManifestError(f"{where}: not a moerge checkpoint manifest")
     try:
@@ -170,6 +172,8 @@ def split(f: BinaryIO, store: Callable[[bytes], str]) -> Manifest:
             if len(gap) < start - pos:
                 raise ManifestError("the file ends inside the data of its tensors (truncated)")
             m.parts.append(Part("pad", store(gap), len(gap)))
+        if "\n" in name:
+            raise ManifestError(f"tensor {name!r}: its name holds a newline, which a manifest line cannot; rename it")
         data = _read_exactly(f, end - start)
         if len(data) < end - start:
             raise ManifestError(f"the file ends inside tensor {name} (truncated)")

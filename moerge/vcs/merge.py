@@ -66,7 +66,9 @@ def merge_tensor(store: BlobStore, o: mf.Part, a: mf.Part, b: mf.Part, method: s
     work = torch.float64 if ta.dtype == torch.float64 else torch.float32
     base = to.to(work)
     if method == "ties":
-        out = registry.get("ties")(base, [ta.to(work), tb.to(work)], weight=[1.0, 1.0], density=[density, density])
+        # TIES as recipes run it (normalize: the elected changes are averaged, not summed)
+        out = registry.get("ties")(base, [ta.to(work), tb.to(work)], weight=[1.0, 1.0], density=[density, density],
+                                   normalize=True)
     else:
         w = 0.5 if method == "average" else 1.0
         out = registry.get("task_arithmetic")(base, [ta.to(work), tb.to(work)], weight=[w, w])
@@ -147,16 +149,43 @@ def merge3(store: BlobStore, o: mf.Manifest | None, a: mf.Manifest, b: mf.Manife
                 conflicts.append(str(e))
                 out.append(pa)
     meta = _header(store, a).get("__metadata__") if a.is_safetensors else None
+    if a.is_safetensors and b.is_safetensors:
+        mo = _header(store, o).get("__metadata__") if o is not None and o.is_safetensors else None
+        mb = _header(store, b).get("__metadata__")
+        if mb != meta:
+            if mo == meta:  # only theirs changed the metadata
+                meta = mb
+            elif mo != mb:
+                counts["metadata kept from ours (both sides changed it)"] = 1
     return _build(store, out, meta), counts, conflicts
 
 
-def _setting(path: str, key: str, attr: str, default: str) -> str:
+def _setting(path: str, key: str, attr: str, default: str) -> tuple[str, str]:
+    """(value, where it came from) of a setting: the path's attribute, else git config, else the default."""
     from moerge.vcs.repo import git
 
     v = git("check-attr", attr, "--", path, check=False).strip().rsplit(": ", 1)[-1] if path else ""
     if v and v not in ("unspecified", "unset", "set"):
-        return v
-    return git("config", "--get", key, check=False).strip() or default
+        return v, f"the attribute {attr}={v} of {path}"
+    v = git("config", "--get", key, check=False).strip()
+    return (v, f"git config {key} {v}") if v else (default, "the default")
+
+
+def settings(path: str) -> tuple[str, float]:
+    """The merge method and TIES density for ``path``, checked; a bad one is one line naming its source."""
+    import math
+
+    method, where = _setting(path, "moerge.merge.method", "moerge-merge", "average")
+    if method not in METHODS:
+        raise Conflict(f"{where}: unknown merge method; use one of {', '.join(METHODS)}")
+    text, where = _setting(path, "moerge.merge.density", "moerge-merge-density", "1.0")
+    try:
+        density = float(text)
+    except ValueError:
+        density = math.nan
+    if not (0 < density <= 1):
+        raise Conflict(f"{where}: the TIES density must be a number in (0, 1], the share of each change kept")
+    return method, density
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"moerge: {path}: not a tracked checkpoint on every side; resolve it by hand (git checkout --ours/--theirs)",
                   file=sys.stderr)
             return 1
-        method = _setting(path, "moerge.merge.method", "moerge-merge", "average")
-        density = float(_setting(path, "moerge.merge.density", "moerge-merge-density", "1.0"))
+        method, density = settings(path)
         merged, counts, conflicts = merge3(store, o, a, b, method, density)
     except (Conflict, ValueError) as e:
         print(f"moerge: error: {path}: {e}", file=sys.stderr)
@@ -198,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moerge: {path}: {len(conflicts)} conflicting tensor(s); the file keeps our side; resolve, `git add`, commit",
               file=sys.stderr)
         return 1
-    tmp = a_path.with_name(a_path.name + ".moerge-merge")
-    tmp.write_text(merged.text())
-    tmp.replace(a_path)
+    a_path.write_text(merged.text())  # in place: git made this file, with the mode it wants
     done = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
     print(f"moerge: merged {path} ({method}): {done}", file=sys.stderr)
     return 0

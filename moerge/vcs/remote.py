@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moerge.errors import MoergeError
 from moerge.io.blobs import BlobError, sha256
@@ -37,10 +38,16 @@ def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
         sha, _, path = line.partition(" ")
         if path:
             blobs.setdefault(sha, path)
-    if keep_all:  # staged, not committed yet: "<mode> <sha> <stage>\t<path>"
-        for line in git("ls-files", "-s", cwd=top).splitlines():
-            meta, _, path = line.partition("\t")
-            blobs.setdefault(meta.split()[1], path)
+    if keep_all:  # staged, not committed yet, in every worktree's index: "<mode> <sha> <stage>\t<path>"
+        trees = [ln[len("worktree "):] for ln in git("worktree", "list", "--porcelain", cwd=top).splitlines()
+                 if ln.startswith("worktree ")]
+        for tree in trees or [str(top)]:
+            if not Path(tree).is_dir():
+                continue
+            for line in git("ls-files", "-s", cwd=tree, check=False).splitlines():
+                meta, _, path = line.partition("\t")
+                if meta:
+                    blobs.setdefault(meta.split()[1], path)
     if not blobs:
         return {}
     paths = sorted(set(blobs.values()))
@@ -68,23 +75,40 @@ def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
     return out
 
 
-def _remote(url: str):
+def _remote(url: str, must_exist: bool = False):
     import fsspec
 
+    if not url.strip():
+        raise MoergeError("REMOTE is empty; give a folder or an fsspec URL such as s3://bucket/team")
     try:
         fs, root = fsspec.core.url_to_fs(url)
     except (ImportError, ValueError) as e:
         raise MoergeError(f"{url}: cannot open this remote ({e}); for s3:// install s3fs (pip install 'moerge[s3]')") from None
-    return fs, root.rstrip("/")
+    root = root.rstrip("/")
+    if must_exist:
+        try:
+            there = fs.exists(root)
+        except Exception as e:  # credentials, endpoint: the client's own exception types
+            raise MoergeError(_remote_error(url, e)) from None
+        if not there:
+            raise MoergeError(f"{url}: no such remote (nothing there); check the path, or `moerge git push` to it first")
+    return fs, root
 
 
-def _listing(fs, root: str) -> dict[str, int]:
+def _remote_error(url: str, e: Exception) -> str:
+    text = (str(e).splitlines() or [""])[0][:160]
+    hint = ("; check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a profile) and, for an S3-compatible "
+            "store, FSSPEC_S3_ENDPOINT_URL") if url.startswith(("s3://", "s3a://")) else ""
+    return f"{url}: cannot reach the remote ({type(e).__name__}: {text}){hint}"
+
+
+def _listing(fs, root: str, url: str) -> dict[str, int]:
     try:
         found = fs.find(f"{root}/objects", detail=True)
     except FileNotFoundError:
         return {}
     except Exception as e:  # botocore/aiohttp raise their own types for a wrong endpoint or credentials
-        raise MoergeError(f"{root}: cannot list the remote's objects ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        raise MoergeError(_remote_error(url, e)) from None
     out = {}
     for path, info in found.items():
         parts = path.rstrip("/").split("/")
@@ -105,11 +129,11 @@ def push(url: str, cwd=None) -> Transfer:
     """Send the objects the remote lacks (every referenced object we have)."""
     store = objects(cwd)
     fs, root = _remote(url)
-    theirs = _listing(fs, root)
+    theirs = _listing(fs, root, url)
     res = Transfer()
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     for digest, need in sorted(referenced(cwd).items()):
-        if theirs.get(digest) == need.nbytes:
+        if theirs.get(digest) == need.nbytes:  # a same-size damaged copy there: delete it, then push (pull says so)
             res.already += 1
             continue
         try:
@@ -130,7 +154,7 @@ def push(url: str, cwd=None) -> Transfer:
             else:
                 fs.pipe_file(dest, data)
         except Exception as e:
-            raise MoergeError(f"{url}: cannot write object {digest[:12]} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot write object {digest[:12]}")) from None
         res.moved += 1
         res.bytes += len(data)
     return res
@@ -138,29 +162,42 @@ def push(url: str, cwd=None) -> Transfer:
 
 def pull(url: str, cwd=None) -> Transfer:
     """Fetch the referenced objects we lack (run ``git fetch`` first for new commits' manifests)."""
+    from moerge.vcs.repo import installed
+
+    if not installed(cwd):
+        raise MoergeError(f"{Path(cwd or '.').resolve()}: moerge's filters are not installed in this clone, so git would store "
+                          "the checkpoints pull writes as raw weights; run `moerge git install` first")
     store = objects(cwd)
-    fs, root = _remote(url)
+    fs, root = _remote(url, must_exist=True)
     res = Transfer()
     needed = referenced(cwd)
-    todo = {d: n for d, n in needed.items() if not store.has(d, n.nbytes)}
+    # an object here that is missing, truncated or damaged is fetched again (each one is re-hashed)
+    todo = {d: n for d, n in needed.items() if store.check(d, n.nbytes) is not None}
     res.already = len(needed) - len(todo)
     if not todo:
         return res
-    theirs = _listing(fs, root)
+    theirs = _listing(fs, root, url)
+    damaged = []
     for digest, need in sorted(todo.items()):
         if digest not in theirs:
             res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
             continue
+        remote_path = f"{root}/objects/{digest[:2]}/{digest[2:]}"
         try:
-            data = fs.cat_file(f"{root}/objects/{digest[:2]}/{digest[2:]}")
+            data = fs.cat_file(remote_path)
         except Exception as e:
-            raise MoergeError(f"{url}: cannot read object {digest[:12]} ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot read object {digest[:12]}")) from None
         if len(data) != need.nbytes or sha256(data) != digest:
-            raise MoergeError(f"{url}: object {digest[:12]} ({need.users[0][0]}: {need.users[0][1]}) is damaged on the "
-                              "remote (its bytes do not match its name); push it again from a clone that has it")
+            damaged.append((digest, need, remote_path))
+            continue  # fetch the others; report the damaged ones at the end
         store.put(data, repair=True, digest=digest)
         res.moved += 1
         res.bytes += len(data)
+    if damaged:
+        digest, need, remote_path = damaged[0]
+        raise MoergeError(f"{url}: {len(damaged)} object(s) are damaged there (their bytes do not match their names), e.g. "
+                          f"{digest[:12]} ({need.users[0][0]}: {need.users[0][1]}); delete {remote_path} there and "
+                          f"`moerge git push` it again from a clone that has it ({res.moved} other object(s) were fetched)")
     return res
 
 
@@ -171,7 +208,8 @@ def verify(cwd=None) -> list[str]:
     for digest, need in sorted(referenced(cwd).items()):
         state = store.check(digest, need.nbytes)
         if state:
-            problems += [f"{path}: {label}: object {digest[:12]} is {state}" for path, label in need.users[:3]]
+            (path, label), more = need.users[0], len({u for u in need.users}) - 1
+            problems.append(f"{path}: {label}: object {digest[:12]} is {state}" + (f" (and {more} more uses)" if more else ""))
     return problems
 
 

@@ -49,6 +49,11 @@ def git_dir(cwd: str | os.PathLike | None = None) -> Path:
 
 
 def worktree(cwd: str | os.PathLike | None = None) -> Path:
+    """The top of the working tree (refused in a bare repository or inside .git)."""
+    git_dir(cwd)  # outside any repository: the one clear message
+    if git("rev-parse", "--is-inside-work-tree", cwd=cwd, check=False).strip() != "true":
+        raise MoergeError(f"{Path(cwd or '.').resolve()}: not in a working tree (a bare repository, or inside .git); run "
+                          "moerge git commands in the repository's working folder")
     return Path(git("rev-parse", "--show-toplevel", cwd=cwd).strip())
 
 
@@ -63,7 +68,7 @@ def _module(name: str) -> str:
 
 def install(cwd: str | os.PathLike | None = None) -> dict[str, str]:
     """Register the drivers in this repository's .git/config (idempotent); returns what was set."""
-    git_dir(cwd)  # a clear error outside a repository
+    worktree(cwd)  # a clear error outside a repository, in a bare one, or inside .git
     settings = {
         f"filter.{DRIVER}.clean": f"{_module('filter')} clean %f",
         f"filter.{DRIVER}.smudge": f"{_module('filter')} smudge %f",
@@ -82,6 +87,12 @@ def install(cwd: str | os.PathLike | None = None) -> dict[str, str]:
 
 def installed(cwd: str | os.PathLike | None = None) -> bool:
     return bool(git("config", "--local", "--get", f"filter.{DRIVER}.clean", cwd=cwd, check=False).strip())
+
+
+def tracked_patterns(cwd: str | os.PathLike | None = None) -> list[str]:
+    path = worktree(cwd) / ".gitattributes"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [ln.split()[0] for ln in lines if ln.strip() and not ln.startswith("#") and f"filter={DRIVER}" in ln]
 
 
 def track(patterns: list[str] | tuple[str, ...] = DEFAULT_PATTERNS, cwd: str | os.PathLike | None = None) -> list[str]:
