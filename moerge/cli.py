@@ -130,8 +130,13 @@ def merge(
 
     with _user_errors():
         if dry_run:
-            out.print(moerge.plan(recipe, seed=seed, library=library, allow_same_experts=allow_same_experts,
-                                  keep_intermediates=keep_intermediates).summary(), highlight=False)
+            from moerge.engine.multi import MultiPlan, check_outputs
+
+            p = moerge.plan(recipe, seed=seed, library=library, allow_same_experts=allow_same_experts,
+                            keep_intermediates=keep_intermediates)
+            if isinstance(p, MultiPlan):  # what the run would refuse about OUT and the kept stages, refused now
+                check_outputs(p, out_dir, keep_intermediates, overwrite, lazy)
+            out.print(p.summary(), highlight=False)
             return
         res = moerge.merge(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=out_shard_size,
                            progress=not quiet, library=library, keep_intermediates=keep_intermediates,

@@ -298,3 +298,19 @@ def test_lazy_refuses_a_kept_stage_whose_input_changed_on_disk(tiny, tmp_path):
     (keep / "a" / "model.safetensors").write_bytes(b"garbage")
     moerge.merge(text, tmp_path / "out3", keep_intermediates=keep, lazy=True, overwrite=True)  # merged again
     same(keep / "a", moerge.merge(linear(mine, tiny["ft2"]), tmp_path / "h").out_dir)
+
+
+def test_dry_run_checks_out_and_kept_folders_as_the_run_would(tiny, tmp_path):
+    text = "name: a\n" + ties(tiny) + "---\n" + linear("a", tiny["ft3"])
+    (tmp_path / "m.yaml").write_text(text)
+    keep = tmp_path / "k"
+    moerge.merge(text, tmp_path / "out", keep_intermediates=keep)
+    r = runner.invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out2"), "--keep-intermediates", str(keep),
+                            "--dry-run"])
+    assert r.exit_code == 1 and "k/a: already exists" in r.output and "--lazy" in r.output
+    r = runner.invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), "--dry-run"])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(app, ["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out2"), "--keep-intermediates", str(keep),
+                            "--lazy", "--dry-run"])
+    assert r.exit_code == 0 and "--lazy: kept output(s) a" in r.output
+    assert not (tmp_path / "out2").exists()

@@ -525,6 +525,23 @@ def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path
             _check_output(plan, dest)
 
 
+def _lazy_needs_keep(lazy: bool, keep) -> None:
+    if lazy and keep is None:
+        raise MoergeError("--lazy reuses intermediate outputs kept by an earlier run, so it needs --keep-intermediates DIR "
+                          "(the folder that run kept them in)")
+
+
+def check_outputs(mp: MultiPlan, out_dir, keep, overwrite: bool = False, lazy: bool = False) -> None:
+    """What a run would refuse about its output folders (``--dry-run`` checks it too)."""
+    _lazy_needs_keep(lazy, keep)
+    _check_outputs(mp.recipe, mp, Path(out_dir), Path(keep) if keep is not None else None, overwrite, lazy)
+    if lazy:
+        kept = [s.name for s in mp.recipe.stages[:-1] if (Path(keep) / s.name).exists()]
+        if kept:
+            mp.notes.append(f"note: --lazy: kept output(s) {', '.join(kept)} in {keep} are reused if their saved recipe "
+                            "and inputs' fingerprints still match (checked when the stage runs)")
+
+
 def _kept_same(dest: Path, plan: "Plan", expected: str, stage: Stage, overwrite: bool, source: str) -> bool:
     """--lazy: whether the kept output in ``dest`` is this stage's merge: its saved recipe is the one the
     stage would write, its card records the inputs' current fingerprints (an input changed on disk
@@ -587,9 +604,7 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
     start = time.perf_counter()
     out_dir = Path(out_dir)
     keep = Path(keep_intermediates) if keep_intermediates is not None else None
-    if lazy and keep is None:
-        raise MoergeError("--lazy reuses intermediate outputs kept by an earlier run, so it needs --keep-intermediates DIR "
-                          "(the folder that run kept them in)")
+    _lazy_needs_keep(lazy, keep)
     parse_size(shard_size)
     mp = plan_stages(recipe, seed=seed, library=library, keep=keep is not None)
     _check_outputs(recipe, mp, out_dir, keep, overwrite, lazy)
