@@ -71,10 +71,15 @@ class TensorTask:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.out_dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.shape, self.out_dtype)
+
+
+def tensor_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of a tensor of this shape and dtype (what an output file will hold)."""
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
 
 
 @dataclass

@@ -86,6 +86,14 @@ class BlobStore:
             return e.state
         return None
 
+    def quarantine(self, digest: str) -> None:
+        """Move a damaged object aside (into ``tmp``), so that it counts as missing and is fetched again."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.path(digest), self.tmp / f"damaged-{digest}.{uuid.uuid4().hex}")
+        except FileNotFoundError:
+            pass
+
     def digests(self) -> set[str]:
         return {p.parent.name + p.name for p in self.root.glob("??/*")}
 

@@ -35,17 +35,16 @@ class Arch:
         """Why this architecture cannot write the config (None when it can)."""
         if model_type not in self.inputs:
             return f"needs {' or '.join(self.inputs)} inputs (these are {model_type or 'unknown'})"
-        if self.name == "Mixtral" and shared:
-            return "has no shared experts"
-        if self.name == "Qwen3 MoE" and shared:
-            return "has no shared experts"
-        if self.name == "DeepSeek MoE" and shared and (shared[0].positive_prompts or shared[0].negative_prompts):
-            return "does not gate its shared expert (remove the shared expert's prompts)"
-        if self.name == "Qwen MoE":
-            if len(shared) != 1:
-                return "needs exactly one shared expert"
-            if gate_mode not in ("random", "library") and not shared[0].positive_prompts:
-                return "gates its shared expert, so the shared expert needs positive_prompts"
+        if self.shared_name is None:  # Mixtral, Qwen3 MoE
+            return "has no shared experts" if shared else None
+        if self.shared_gate_name is None:  # DeepSeek MoE: a shared expert every token goes through, ungated
+            if shared and (shared[0].positive_prompts or shared[0].negative_prompts):
+                return "does not gate its shared expert (remove the shared expert's prompts)"
+            return None
+        if len(shared) != 1:  # Qwen MoE: exactly one shared expert, with a gate of its own
+            return "needs exactly one shared expert"
+        if gate_mode not in ("random", "library") and not shared[0].positive_prompts:
+            return "gates its shared expert, so the shared expert needs positive_prompts"
         return None
 
     def gates_shared(self, shared: list) -> bool:

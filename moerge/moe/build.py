@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from moerge.engine.plan import DTYPES, Model, _human, open_model, tensor_seed
+from moerge.engine.plan import DTYPES, Model, _human, open_model, tensor_nbytes, tensor_seed
 from moerge.engine.recipe import _line_map
 from moerge.errors import MoergeError
 from moerge.moe.arch import PROJS, Arch, fused_experts, select
@@ -47,10 +47,7 @@ class Task:
 
     @property
     def nbytes(self) -> int:
-        n = torch.empty((), dtype=self.dtype).element_size()
-        for d in self.shape:
-            n *= d
-        return n
+        return tensor_nbytes(self.shape, self.dtype)
 
 
 @dataclass

@@ -69,11 +69,8 @@ def _from_manifest(m: mf.Manifest, store: BlobStore, where: str) -> dict[str, Te
         return read
 
     side = Side({p.name: Tensor(p.name, p.dtype, p.shape, p.digest, reader(p)) for p in m.parts if p.kind == "tensor"})
-    if m.is_safetensors:
-        h = m.parts[0]
-        raw = reader(mf.Part("tensor", h.digest, h.nbytes, name="header"))()
-        (n,) = struct.unpack("<Q", raw[:8])
-        side.metadata = json.loads(raw[8:8 + n]).get("__metadata__")
+    h = mf.header(m, lambda p: reader(p)())
+    side.metadata = h.get("__metadata__") if h else None
     return side
 
 

@@ -17,7 +17,6 @@ checkpoint was tracked).
 from __future__ import annotations
 
 import sys
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -38,14 +37,14 @@ def clean(src: BinaryIO, dst: BinaryIO, store: BlobStore, path: str = "<stdin>")
     # reading part i+1 overlaps hashing and storing part i (hashlib and file I/O release the GIL);
     # at most two parts are in memory
     pool = ThreadPoolExecutor(1, thread_name_prefix="moerge-clean")
-    inflight: deque[Future] = deque()
+    pending: Future | None = None
 
     def submit(data: bytes) -> Future:
-        while len(inflight) >= 1:
-            inflight.popleft().result()
-        fut = pool.submit(lambda: store.put(data, repair=False)[0])
-        inflight.append(fut)
-        return fut
+        nonlocal pending
+        if pending is not None:
+            pending.result()  # the previous part is stored before the next one is queued
+        pending = pool.submit(lambda: store.put(data, repair=False)[0])
+        return pending
 
     try:
         m = mf.split(src, submit)
@@ -78,6 +77,8 @@ def smudge(src: BinaryIO, dst: BinaryIO, store: BlobStore, path: str = "<stdin>"
             try:
                 data = ahead.result()
             except BlobError as e:
+                if e.state == "corrupt":
+                    store.quarantine(e.digest)  # now missing: `moerge git pull` fetches it again
                 _missing(e, p, path)
             if i + 1 < len(m.parts):
                 nxt = m.parts[i + 1]
@@ -90,7 +91,7 @@ def _missing(e: BlobError, p: mf.Part, path: str):
     fix = ("fetch the objects with `moerge git pull REMOTE` (or copy .git/moerge/objects from a clone that has them), "
            "then `git checkout -- " + path + "`")
     if e.state == "corrupt":
-        fix = "it was damaged or tampered with; " + fix
+        fix = "it was damaged or tampered with and is moved aside; " + fix
     raise FilterError(f"{path}: {p.label}: {e}; {fix}") from None
 
 

@@ -206,6 +206,15 @@ def _raw(first: bytes, f: BinaryIO, store) -> Manifest:
     return m
 
 
+def header(m: Manifest, read: Callable[[Part], bytes]) -> dict | None:
+    """The JSON header of a safetensors manifest (None for raw content); ``read`` fetches the part."""
+    if not m.is_safetensors:
+        return None
+    raw = read(m.parts[0])
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n])
+
+
 def join(m: Manifest, read: Callable[[Part], bytes]) -> Iterator[bytes]:
     """The file's bytes, part by part (``read`` fetches and checks each part)."""
     for p in m.parts:

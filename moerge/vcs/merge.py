@@ -77,11 +77,9 @@ def merge_tensor(store: BlobStore, o: mf.Part, a: mf.Part, b: mf.Part, method: s
     return mf.Part("tensor", digest, len(data), a.dtype, a.shape, a.name)
 
 
-def _header(store: BlobStore, m: mf.Manifest) -> dict:
-    h = m.parts[0]
-    raw = store.read(h.digest, h.nbytes)
-    (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n])
+def _metadata(store: BlobStore, m: mf.Manifest | None) -> dict | None:
+    h = mf.header(m, lambda p: store.read(p.digest, p.nbytes)) if m is not None else None
+    return h.get("__metadata__") if h else None
 
 
 def _build(store: BlobStore, tensors: list[mf.Part], metadata: dict | None) -> mf.Manifest:
@@ -148,10 +146,9 @@ def merge3(store: BlobStore, o: mf.Manifest | None, a: mf.Manifest, b: mf.Manife
             except Conflict as e:
                 conflicts.append(str(e))
                 out.append(pa)
-    meta = _header(store, a).get("__metadata__") if a.is_safetensors else None
+    meta = _metadata(store, a)
     if a.is_safetensors and b.is_safetensors:
-        mo = _header(store, o).get("__metadata__") if o is not None and o.is_safetensors else None
-        mb = _header(store, b).get("__metadata__")
+        mo, mb = _metadata(store, o), _metadata(store, b)
         if mb != meta:
             if mo == meta:  # only theirs changed the metadata
                 meta = mb

@@ -28,6 +28,15 @@ class Needed:
     users: list[tuple[str, str]] = field(default_factory=list)  # (path, part label)
 
 
+def _tracked(top: Path, paths: list[str]) -> list[str]:
+    """The paths whose gitattributes say filter=moerge (one ``git check-attr`` for all of them)."""
+    if not paths:
+        return []
+    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(paths) + "\n",
+                       capture_output=True, text=True)
+    return [ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")]
+
+
 def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
     """Every object named by a tracked checkpoint in any commit reachable from a ref, with who uses it;
     ``keep_all`` (for gc) also counts commits only the reflogs reach and what the index holds."""
@@ -50,10 +59,7 @@ def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
                     blobs.setdefault(meta.split()[1], path)
     if not blobs:
         return {}
-    paths = sorted(set(blobs.values()))
-    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(paths) + "\n",
-                       capture_output=True, text=True)
-    tracked = {ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")}
+    tracked = set(_tracked(top, sorted(set(blobs.values()))))
     wanted = [(sha, p) for sha, p in blobs.items() if p in tracked]
     out: dict[str, Needed] = {}
     if not wanted:
@@ -171,8 +177,9 @@ def pull(url: str, cwd=None) -> Transfer:
     fs, root = _remote(url, must_exist=True)
     res = Transfer()
     needed = referenced(cwd)
-    # an object here that is missing, truncated or damaged is fetched again (each one is re-hashed)
-    todo = {d: n for d, n in needed.items() if store.check(d, n.nbytes) is not None}
+    # missing or truncated here: fetched. A damaged one was moved aside when smudge or verify found it, so it is
+    # missing too; pull does not re-hash the whole history's objects every time
+    todo = {d: n for d, n in needed.items() if not store.has(d, n.nbytes)}
     res.already = len(needed) - len(todo)
     if not todo:
         return res
@@ -202,11 +209,15 @@ def pull(url: str, cwd=None) -> Transfer:
 
 
 def verify(cwd=None) -> list[str]:
-    """Every referenced object that is missing or damaged here, as 'path: tensor: state'."""
+    """Every referenced object that is missing or damaged here, as 'path: tensor: state'; damaged ones are
+    moved aside, so that ``pull`` fetches them again."""
     store = objects(cwd)
     problems = []
     for digest, need in sorted(referenced(cwd).items()):
         state = store.check(digest, need.nbytes)
+        if state == "corrupt":
+            store.quarantine(digest)
+            state = "corrupt (moved aside)"
         if state:
             (path, label), more = need.users[0], len({u for u in need.users}) - 1
             problems.append(f"{path}: {label}: object {digest[:12]} is {state}" + (f" (and {more} more uses)" if more else ""))
@@ -222,11 +233,7 @@ def materialize(cwd=None) -> list[str]:
     top = worktree(cwd)
     store = objects(cwd)
     files = [f for f in git("ls-files", "-z", cwd=top).split("\0") if f]
-    if not files:
-        return []
-    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(files) + "\n",
-                       capture_output=True, text=True)
-    tracked = [ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")]
+    tracked = _tracked(top, files)
     written = []
     for rel in tracked:
         path = top / rel
