@@ -98,9 +98,11 @@ class PktWriter:
         self.f = f
 
     def write(self, data: bytes) -> int:
-        view = memoryview(data)
-        for i in range(0, len(view), MAX_DATA):
-            write_pkt(self.f, bytes(view[i:i + MAX_DATA]))
+        view, f = memoryview(data), self.f
+        for i in range(0, len(view), MAX_DATA):  # no copies: the length, then a slice of the caller's buffer
+            chunk = view[i:i + MAX_DATA]
+            f.write(b"%04x" % (len(chunk) + 4))
+            f.write(chunk)
         return len(data)
 
 
