@@ -21,3 +21,19 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
         "base": base,
         **{f"ft{i}": make_finetune(base, root / f"ft{i}", seed=i) for i in (1, 2, 3)},
     }
+
+
+@pytest.fixture()
+def repo(tmp_path):
+    """A git repository with moerge's drivers installed and *.safetensors tracked (version-control tests)."""
+    import subprocess
+
+    from moerge.vcs.repo import install, track
+
+    r = tmp_path / "repo"
+    r.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
+        subprocess.run(["git", *args], cwd=r, check=True, capture_output=True)
+    install(r)
+    track(["*.safetensors"], r)
+    return r

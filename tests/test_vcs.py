@@ -35,18 +35,6 @@ def checkpoint(seed=0) -> dict[str, torch.Tensor]:
     }
 
 
-@pytest.fixture()
-def repo(tmp_path):
-    r = tmp_path / "repo"
-    r.mkdir()
-    git(r, "init", "-q", "-b", "main")
-    git(r, "config", "user.email", "t@example.com")
-    git(r, "config", "user.name", "t")
-    install(r)
-    track(["*.safetensors"], r)
-    return r
-
-
 def commit(repo, sd, msg, name="model.safetensors", meta=None):
     save_file(sd, repo / name, metadata=meta or {"format": "pt"})
     git(repo, "add", "-A")

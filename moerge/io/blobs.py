@@ -36,11 +36,11 @@ class BlobStore:
         return self.root / digest[:2] / digest[2:]
 
     def has(self, digest: str, nbytes: int | None = None) -> bool:
-        p = self.path(digest)
         try:
-            return nbytes is None or p.stat().st_size == nbytes
+            size = self.path(digest).stat().st_size
         except FileNotFoundError:
             return False
+        return nbytes is None or size == nbytes
 
     def put(self, data: bytes, *, repair: bool = True, digest: str | None = None) -> tuple[str, bool]:
         """Store ``data`` once; returns (its sha256, whether a damaged copy already there was rewritten).
@@ -53,9 +53,14 @@ class BlobStore:
         if existed and path.stat().st_size == len(data) and (not repair or path.read_bytes() == data):
             os.utime(path)  # a fresh mtime keeps a concurrent garbage collection from taking it
             return digest, False
+        self.write(path, data)
+        return digest, existed
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` in the store atomically: a temporary file in ``tmp``, flushed, renamed."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp / f"{digest}.{uuid.uuid4().hex}"
+        tmp = self.tmp / f"{path.name}.{uuid.uuid4().hex}"
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -64,7 +69,6 @@ class BlobStore:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        return digest, existed
 
     def read(self, digest: str, nbytes: int | None = None) -> bytes:
         """The object's bytes, checked against ``nbytes`` and its sha256 (BlobError otherwise)."""
@@ -95,7 +99,7 @@ class BlobStore:
             pass
 
     def digests(self) -> set[str]:
-        return {p.parent.name + p.name for p in self.root.glob("??/*")}
+        return {p.parent.name + p.name for p in self.root.glob("??/*") if "." not in p.name}
 
     def size(self, digest: str) -> int:
         return self.path(digest).stat().st_size

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from moerge.errors import MoergeError
 from moerge.io.blobs import BlobError, sha256
+from moerge.vcs import lowrank
 from moerge.vcs import manifest as mf
+from moerge.vcs.objects import SUFFIX
 from moerge.vcs.repo import DRIVER, git, objects, worktree
 
 
@@ -108,19 +110,28 @@ def _remote_error(url: str, e: Exception) -> str:
     return f"{url}: cannot reach the remote ({type(e).__name__}: {text}){hint}"
 
 
-def _listing(fs, root: str, url: str) -> dict[str, int]:
+def _listing(fs, root: str, url: str) -> tuple[dict[str, int], set[str]]:
+    """The remote's objects: plain ones with their sizes, and those kept as low-rank deltas."""
     try:
         found = fs.find(f"{root}/objects", detail=True)
     except FileNotFoundError:
-        return {}
+        return {}, set()
     except Exception as e:  # botocore/aiohttp raise their own types for a wrong endpoint or credentials
         raise MoergeError(_remote_error(url, e)) from None
-    out = {}
+    plain, deltas = {}, set()
     for path, info in found.items():
         parts = path.rstrip("/").split("/")
-        if len(parts) >= 2 and len(parts[-2]) == 2 and len(parts[-1]) == 62:
-            out[parts[-2] + parts[-1]] = int(info.get("size") or 0)
-    return out
+        if len(parts) < 2 or len(parts[-2]) != 2:
+            continue
+        if len(parts[-1]) == 62:
+            plain[parts[-2] + parts[-1]] = int(info.get("size") or 0)
+        elif len(parts[-1]) == 62 + len(SUFFIX) and parts[-1].endswith(SUFFIX):
+            deltas.add(parts[-2] + parts[-1][:62])
+    return plain, deltas
+
+
+def _remote_path(root: str, digest: str, delta: bool = False) -> str:
+    return f"{root}/objects/{digest[:2]}/{digest[2:]}" + (SUFFIX if delta else "")
 
 
 @dataclass
@@ -132,38 +143,52 @@ class Transfer:
 
 
 def push(url: str, cwd=None) -> Transfer:
-    """Send the objects the remote lacks (every referenced object we have)."""
+    """Send the objects the remote lacks (every referenced object we have, and the objects that those
+    kept as low-rank deltas are built on)."""
     store = objects(cwd)
     fs, root = _remote(url)
-    theirs = _listing(fs, root, url)
+    plain, deltas = _listing(fs, root, url)
     res = Transfer()
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    for digest, need in sorted(referenced(cwd).items()):
-        if theirs.get(digest) == need.nbytes:  # a same-size damaged copy there: delete it, then push (pull says so)
+    queue = sorted(referenced(cwd).items())
+    seen = {d for d, _ in queue}
+    while queue:
+        digest, need = queue.pop(0)
+        if plain.get(digest) == need.nbytes or digest in deltas:  # a same-size damaged copy there: delete it, then push
             res.already += 1
             continue
         try:
-            data = store.read(digest, need.nbytes)  # never spread a damaged object
+            data = store.read(digest, need.nbytes)  # never spread a damaged object (a delta: rebuilt and checked)
         except BlobError as e:
             if e.state == "missing":
                 res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
                 continue
             raise MoergeError(f"{need.users[0][0]}: {need.users[0][1]}: local {e}; restore it (`moerge git pull` from a "
                               "remote that has it) before pushing") from None
-        dest = f"{root}/objects/{digest[:2]}/{digest[2:]}"
-        try:
-            if local:
-                fs.makedirs(f"{root}/objects/{digest[:2]}", exist_ok=True)
-                tmp = f"{root}/objects/{digest[:2]}/.{digest[2:]}.{uuid.uuid4().hex}"
-                fs.pipe_file(tmp, data)
-                fs.mv(tmp, dest)
-            else:
-                fs.pipe_file(dest, data)
-        except Exception as e:
-            raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot write object {digest[:12]}")) from None
+        parent = store.delta_parent(digest)
+        if parent is not None:  # send the delta as it is kept, and what it is built on
+            data = store.lr_path(digest).read_bytes()
+            if parent[0] not in seen:
+                seen.add(parent[0])
+                queue.append((parent[0], Needed(parent[1], need.users)))
+        _send(fs, root, url, digest, data, local, delta=parent is not None)
         res.moved += 1
         res.bytes += len(data)
     return res
+
+
+def _send(fs, root: str, url: str, digest: str, data: bytes, local: bool, delta: bool) -> None:
+    dest = _remote_path(root, digest, delta)
+    try:
+        if local:  # a folder: write under a temporary name, then rename (S3 writes are atomic by themselves)
+            fs.makedirs(f"{root}/objects/{digest[:2]}", exist_ok=True)
+            tmp = f"{root}/objects/{digest[:2]}/.{digest[2:]}.{uuid.uuid4().hex}"
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, dest)
+        else:
+            fs.pipe_file(dest, data)
+    except Exception as e:
+        raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot write object {digest[:12]}")) from None
 
 
 def pull(url: str, cwd=None) -> Transfer:
@@ -180,26 +205,53 @@ def pull(url: str, cwd=None) -> Transfer:
     # missing or truncated here: fetched. A damaged one was moved aside when smudge or verify found it, so it is
     # missing too; pull does not re-hash the whole history's objects every time
     todo = {d: n for d, n in needed.items() if not store.has(d, n.nbytes)}
+    for d, n in needed.items():  # a delta here whose parent is not (an interrupted pull): fetch the parent
+        parent = store.delta_parent(d)
+        if parent is not None and not store.has(*parent) and parent[0] not in todo:
+            todo[parent[0]] = Needed(parent[1], n.users)
     res.already = len(needed) - len(todo)
     if not todo:
         return res
-    theirs = _listing(fs, root, url)
-    damaged = []
-    for digest, need in sorted(todo.items()):
-        if digest not in theirs:
+    plain, deltas = _listing(fs, root, url)
+    damaged, fetched_deltas = [], []
+    queue = sorted(todo.items())
+    seen = set(todo)
+    while queue:
+        digest, need = queue.pop(0)
+        delta = digest not in plain and digest in deltas
+        if digest not in plain and not delta:
             res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
             continue
-        remote_path = f"{root}/objects/{digest[:2]}/{digest[2:]}"
+        remote_path = _remote_path(root, digest, delta)
         try:
             data = fs.cat_file(remote_path)
         except Exception as e:
             raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot read object {digest[:12]}")) from None
-        if len(data) != need.nbytes or sha256(data) != digest:
+        if delta:  # checked once what it is built on is here too (below)
+            try:
+                head = lowrank.header(data)
+            except lowrank.LowRankError:
+                damaged.append((digest, need, remote_path))
+                continue
+            store.put_delta(digest, data)
+            fetched_deltas.append((digest, need, remote_path))
+            parent = head["parent"]
+            if parent not in seen and not store.has(parent, head["parent_nbytes"]):
+                seen.add(parent)
+                queue.append((parent, Needed(head["parent_nbytes"], need.users)))
+        elif len(data) != need.nbytes or sha256(data) != digest:
             damaged.append((digest, need, remote_path))
             continue  # fetch the others; report the damaged ones at the end
-        store.put(data, repair=True, digest=digest)
+        else:
+            store.put(data, repair=True, digest=digest)
         res.moved += 1
         res.bytes += len(data)
+    for digest, need, remote_path in fetched_deltas:  # rebuilt and hashed: a damaged delta is moved aside
+        state = store.check(digest, need.nbytes)
+        if state == "corrupt":
+            store.quarantine(digest)
+            damaged.append((digest, need, remote_path))
+            res.moved -= 1
     if damaged:
         digest, need, remote_path = damaged[0]
         raise MoergeError(f"{url}: {len(damaged)} object(s) are damaged there (their bytes do not match their names), e.g. "
@@ -266,14 +318,23 @@ def gc(cwd=None, min_age_seconds: float = 3600) -> tuple[int, int]:
 
     store = objects(cwd)
     keep = set(referenced(cwd, keep_all=True))
+    todo = list(keep)
+    while todo:  # what kept deltas are built on is kept too
+        parent = store.delta_parent(todo.pop())
+        if parent is not None and parent[0] not in keep:
+            keep.add(parent[0])
+            todo.append(parent[0])
     now, removed, freed = time.time(), 0, 0
     for digest in store.digests() - keep:
-        path = store.path(digest)
-        st = path.stat()
-        if now - st.st_mtime >= min_age_seconds:
-            path.unlink(missing_ok=True)
-            removed += 1
-            freed += st.st_size
+        for path in (store.path(digest), store.lr_path(digest)):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            if now - st.st_mtime >= min_age_seconds:
+                path.unlink(missing_ok=True)
+                removed += 1
+                freed += st.st_size
     if store.tmp.is_dir():
         for p in store.tmp.iterdir():
             if now - p.stat().st_mtime >= min_age_seconds:

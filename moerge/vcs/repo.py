@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from moerge.errors import MoergeError
-from moerge.io.blobs import BlobStore
+from moerge.vcs.objects import ObjectStore
 
 DRIVER = "moerge"
 DEFAULT_PATTERNS = ("*.safetensors",)
@@ -57,9 +57,9 @@ def worktree(cwd: str | os.PathLike | None = None) -> Path:
     return Path(git("rev-parse", "--show-toplevel", cwd=cwd).strip())
 
 
-def objects(cwd: str | os.PathLike | None = None, gdir: Path | None = None) -> BlobStore:
+def objects(cwd: str | os.PathLike | None = None, gdir: Path | None = None) -> ObjectStore:
     g = gdir or git_dir(cwd)
-    return BlobStore(g / "moerge" / "objects", g / "moerge" / "tmp")
+    return ObjectStore(g / "moerge" / "objects", g / "moerge" / "tmp")
 
 
 def _module(name: str) -> str:
