@@ -40,6 +40,20 @@ def default_base() -> Path:
     raise MoergeError(f"no built-in base in {built} or {PACKAGED}; run `moerge base build`")
 
 
+def resolve(base: str | os.PathLike | None) -> Path:
+    """The folder a ``--base`` value names: the built-in base when empty, a folder as given, or a real base
+    moerge knows by name (``smollm2-135m-instruct``, fetched by ``moerge base get``)."""
+    if base is None or str(base) == "":
+        return default_base()
+    path = Path(base)
+    if not path.exists():
+        from moerge import zoo
+
+        if str(base) in zoo.KNOWN:
+            return zoo.resolve(str(base))
+    return path
+
+
 def build_base(out_dir: str | os.PathLike | None = None, *, seed: int = 0, steps: int = PRETRAIN_STEPS,
                overwrite: bool = False, progress: bool = True) -> Path:
     """Pretrain the tiny base and save it (model, tokenizer, card) atomically into ``out_dir``."""
@@ -104,11 +118,13 @@ def load(path: str | os.PathLike | None = None):
 
     from moerge.util import quiet_transformers
 
-    folder = Path(path) if path else default_base()
+    folder = resolve(path)
     check_model_folder(folder)
     quiet_transformers()
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        # float32 whatever the stored dtype: on a CPU, bf16 matmuls train 2x and generate ~4x slower
+        # (SmolLM2-135M, measured here); merges keep the dtype their recipe asks for
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, json.JSONDecodeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]

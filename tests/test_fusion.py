@@ -197,7 +197,8 @@ def test_cli_fuse_bases_rebase(lib, tmp_path):
     assert r.exit_code == 1 and "not an expert library" in r.output
 
 
-SIM = dict(rounds=2, contributors=2, tasks=["reverse", "uppercase"], steps=3, finetune_steps=3, batch_size=8, n_eval=8)
+SIM = dict(rounds=2, contributors=2, tasks=["reverse", "uppercase"], steps=3, finetune_steps=3, batch_size=8, n_eval=8,
+           seen_finetune=True)
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +216,9 @@ def test_simulate_two_rounds(serial, tmp_path):
         assert row["round"] == i and row["base"] == f"base@{i + 1}" and len(row["contributors"]) == 2
         assert 0 <= row["seen"] <= 1 and 0 <= row["heldout_finetuned"] <= 1
         assert set(row["seen_tasks"]) <= {"reverse", "uppercase"}
+        assert set(row["finetuned"]) == set(row["seen_tasks"]) and 0 <= row["seen_finetuned"] <= 1
+        assert row["seen_finetuned_original"] == sum(data["original"]["finetuned"][t] for t in row["seen_tasks"]) / len(
+            row["seen_tasks"])
     lib = Library.open(d / "sim" / "library")
     assert [b.ref for b in lib.bases()] == ["base@1", "base@2", "base@3"]
     assert lib.base(3).card["scores"]["zero_shot"] == data["rounds"][1]["scores"]
@@ -244,7 +248,7 @@ def test_simulate_on_a_local_ray_matches_the_serial_run(serial, tmp_path):
     assert on_ray["settings"]["ray"] is True
     for a, b in zip(serial["rounds"], on_ray["rounds"]):
         assert [c["task"] for c in a["contributors"]] == [c["task"] for c in b["contributors"]]
-        assert a["scores"] == b["scores"] and a["heldout"] == b["heldout"]
+        assert a["scores"] == b["scores"] and a["heldout"] == b["heldout"] and a["finetuned"] == b["finetuned"]
     fa = Library.open(d / "sim" / "library").base(3).fingerprint
     assert fa == Library.open(tmp_path / "b" / "library").base(3).fingerprint
 
@@ -308,3 +312,35 @@ def test_simulate_checks_options_first_and_replaces_only_when_complete(serial, t
         simulate(d / "sim", overwrite=True, **SIM)
     assert sorted(p.name for p in (d / "sim" / "library" / "bases").iterdir()) == before == ["v2", "v3"]
     assert not [p for p in d.iterdir() if p.name.startswith(".sim.partial")]
+
+
+def test_push_and_pull_carry_fused_bases(lib, contribs, tmp_path):
+    """A library with fused bases pushes them (same version, same fingerprint, the card) before the experts
+    made on them, so library:// works there; a library that fused differently is refused, nothing copied."""
+    fuse(lib)
+    train_expert(tmp_path / "on2", base=lib.base().path, task="sort", steps=2, n_train=32, batch_size=8, progress=False)
+    lib.add(tmp_path / "on2", "srt")
+    r = runner.invoke(app, ["library", "push", str(tmp_path / "copy"), "--library", str(lib.root)])
+    assert r.exit_code == 0 and "pushed 3 expert versions" in r.output and "1 fused base version(s): base@2" in r.output
+    copy = Library.open(tmp_path / "copy")
+    assert [(b.version, b.fingerprint) for b in copy.bases()] == [(b.version, b.fingerprint) for b in lib.bases()]
+    assert copy.base(2).path == copy.root / "bases" / "v2" and copy.base(2).card["contributions"]
+    assert copy.get("srt").base_version == 2
+    from moerge.engine.plan import open_model
+
+    m = open_model("library://srt", library=copy.root)
+    name = next(iter(copy.load("srt@1").updates))
+    assert torch.equal(m.source.get(name), open_model("library://srt", library=lib.root).source.get(name))
+    r = runner.invoke(app, ["library", "push", str(tmp_path / "copy"), "--library", str(lib.root)])
+    assert r.exit_code == 0 and "pushed 0 expert versions" in r.output and "base@" not in r.output
+    # another library of the same base1 that fused other contributions: refused before anything is copied
+    other = Library.init(tmp_path / "other", base_model.default_base())
+    other.add(contribs["srt"], "srt0")
+    fuse(other)
+    before = sorted(p.name for p in (tmp_path / "other").rglob("*"))
+    r = runner.invoke(app, ["library", "push", str(tmp_path / "other"), "--library", str(lib.root)])
+    assert r.exit_code == 1 and "base@2 differs from ours" in r.output and "nothing was copied" in r.output
+    assert sorted(p.name for p in (tmp_path / "other").rglob("*")) == before
+    # pull goes the other way with the same rules
+    fresh = Library.init(tmp_path / "fresh", base_model.default_base())
+    assert "base@2" in fresh.pull(lib.root) and fresh.base().fingerprint == lib.base().fingerprint

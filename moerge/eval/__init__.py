@@ -14,12 +14,15 @@ __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
-    """Comma-separated task names and groups: ``all`` (every built-in skill), ``experts``, ``heldout``,
-    and users' tasks as JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split)."""
+    """Comma-separated task names and groups: ``all`` (every skill of the tiny base's suite), ``experts``,
+    ``heldout``; ``real`` (the real-model suite), ``real-experts``, ``real-heldout``; and users' tasks as
+    JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split)."""
     from moerge.tasks import skills
     from moerge.tasks.data import is_user_task, user_rows
 
-    groups = {"all": list(skills.SKILLS), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT)}
+    groups = {"all": list(skills.TINY), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT),
+              "real": list(skills.REAL_EXPERTS + skills.REAL_HELDOUT), "real-experts": list(skills.REAL_EXPERTS),
+              "real-heldout": list(skills.REAL_HELDOUT)}
     if isinstance(spec, str):
         spec = [s.strip() for s in spec.split(",") if s.strip()]
     names: list[str] = []

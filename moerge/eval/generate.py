@@ -7,12 +7,13 @@ from typing import Sequence
 
 import torch
 
+from moerge.tasks.chat import prompt_ids
 from moerge.tasks.data import Example
 
 
 def encode_left_padded(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """bos + prompt, left-padded (as generation sees them)."""
-    ids = [[tokenizer.bos_token_id] + p for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    """The prompts as the model sees them (``prompt_ids``: chat template or bos + text), left-padded."""
+    ids = prompt_ids(tokenizer, prompts)
     width = max(len(p) for p in ids)
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)

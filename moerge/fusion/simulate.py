@@ -9,6 +9,9 @@ into the next base version by ``moerge fuse`` (the average by default). The new 
 - as a starting point: a short fine-tune on each held-out task (never contributed), scored after
   (``heldout_finetuned``), compared with the same short fine-tune from the original base. This is the
   paper's claim: the fused model is a better starting point for unseen tasks.
+- with ``seen_finetune``, also as a starting point for the tasks seen so far (``seen_finetuned``, and
+  the original base's ``seen_finetuned_original``): the paper measures seen datasets this way, since
+  its fused body keeps no task heads; zero-shot ``seen`` is the stricter test.
 
 Contributors' fine-tunes and the held-out fine-tunes of a round are independent jobs: they run one
 after another, or as Ray tasks with ``ray=`` (``True``/``"local"`` starts a local Ray; an address joins a
@@ -26,7 +29,7 @@ from moerge.errors import MoergeError
 
 
 def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, steps: int, batch_size: int, seed: int,
-                        eval_tasks: list[str], n_eval: int, keep: bool, threads: int | None) -> dict:
+                        eval_tasks: list[str], n_eval: int, keep: bool, threads: int | None, lr: float | None = None) -> dict:
     """One job: fine-tune ``base_dir`` on ``task``, score the result on ``eval_tasks``. Runs in this
     process or in a Ray worker (everything it needs is in its arguments)."""
     from moerge.eval import evaluate
@@ -37,8 +40,8 @@ def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, st
         set_threads(threads)
     quiet_transformers()
     t0 = time.perf_counter()
-    card = train_expert(out_dir, base=base_dir, task=task, adapter=adapter, steps=steps, batch_size=batch_size, seed=seed,
-                        overwrite=True, progress=False)
+    card = train_expert(out_dir, base=base_dir, task=task, adapter=adapter, steps=steps, lr=lr, batch_size=batch_size,
+                        seed=seed, overwrite=True, progress=False)
     scores = {}
     if eval_tasks:
         model, tok = load_expert(base_dir, out_dir)
@@ -94,8 +97,11 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
              method: str = "average", steps: int = 100, finetune_steps: int = 40, batch_size: int = 32,
              n_eval: int = 100, seed: int = 0, base: str | Path | None = None, ray: bool | str | None = None,
              json_file: str | Path | None = None, plot_file: str | Path | None = None, console=None,
-             overwrite: bool = False, parameters: dict | None = None) -> dict:
+             overwrite: bool = False, parameters: dict | None = None, lr: float | None = None,
+             seen_finetune: bool = False) -> dict:
     """Run the loop (module doc) and return the results: ``{"original": {...}, "rounds": [...]}``.
+    ``lr`` is the contributors' learning rate (default: the adapter's usual one); the held-out
+    fine-tunes always use the usual one, so every base is measured the same way.
 
     The workspace ``out_dir`` (a library holding every base version, and ``curves.png`` unless
     ``plot_file`` says otherwise) is built under a temporary name and appears when the run is
@@ -115,6 +121,8 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
                          ("--finetune-steps", finetune_steps, 1), ("--n-eval", n_eval, 1), ("--batch-size", batch_size, 1)):
         if v < low:
             raise MoergeError(f"{name} must be at least {low}, got {v}")
+    if lr is not None and not (0 < lr < 1):
+        raise MoergeError(f"--lr must be in (0, 1), got {lr}")
     check_method(method)
     if tasks is not None and not tasks:
         raise MoergeError("--tasks: empty; give the contributors' tasks, comma-separated, or leave it out")
@@ -135,7 +143,7 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
         from moerge.util import check_figure
 
         check_figure(plot_file, "curves (--plot)")
-    base_dir = Path(base) if base else base_model.default_base()
+    base_dir = base_model.resolve(base)
     base_model.check_model_folder(base_dir, "base")
     say = (lambda text: console.print(text, highlight=False, markup=False)) if console is not None else (lambda text: None)
     start = time.perf_counter()
@@ -145,7 +153,8 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     try:
         with atomic_dir(out, overwrite) as work:
             results = _loop(runner, work, base_dir, pool, held, rounds, contributors, adapter, method, steps,
-                            finetune_steps, batch_size, n_eval, seed, ray, say, start, parameters or {})
+                            finetune_steps, batch_size, n_eval, seed, ray, say, start, parameters or {}, lr,
+                            seen_finetune)
             plot(results, work / "curves.png")
     finally:
         runner.close()
@@ -158,7 +167,7 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
 
 
 def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps, batch_size,
-          n_eval, seed, ray, say, start, parameters: dict) -> dict:
+          n_eval, seed, ray, say, start, parameters: dict, lr: float | None = None, seen_finetune: bool = False) -> dict:
     from moerge import base as base_model
     from moerge.eval import evaluate
     from moerge.fusion.fuse import fuse, rescore
@@ -167,10 +176,13 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
     lib = Library.init(out / "library", base_dir)
     rng = random.Random(seed)
 
-    def heldout_jobs(from_dir: Path, tag: str) -> list[dict]:
+    def heldout_jobs(from_dir: Path, tag: str, tasks: list[str] = held) -> list[dict]:
         return [dict(base_dir=str(from_dir), out_dir=str(out / "work" / f"{tag}-{h}"), task=h, adapter=adapter,
                      steps=finetune_steps, batch_size=batch_size, seed=seed * 7919 + i, eval_tasks=[h], n_eval=n_eval,
-                     keep=False) for i, h in enumerate(held)]
+                     keep=False) for i, h in enumerate(tasks)]
+
+    def finetuned(from_dir: Path, tag: str, tasks: list[str]) -> dict[str, float]:
+        return {r["task"]: r["scores"][r["task"]] for r in runner.map(heldout_jobs(from_dir, tag, tasks))}
 
     def zero_shot(folder: Path) -> dict[str, float]:
         model, tok = base_model.load(folder)
@@ -179,14 +191,20 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
     say(f"[{time.perf_counter() - start:5.0f} s] scoring the original base on {len(pool)} tasks and fine-tuning it on "
         f"{len(held)} held-out task(s) ({finetune_steps} steps each)")
     orig_scores = zero_shot(base_dir)
-    orig_held = {r["task"]: r["scores"][r["task"]] for r in runner.map(heldout_jobs(base_dir, "r0"))}
+    orig_held = finetuned(base_dir, "r0", held)
     original = {"seen": _mean(orig_scores.values()), "all": _mean(orig_scores.values()),
                 "heldout_finetuned": _mean(orig_held.values()), "scores": orig_scores, "heldout": orig_held}
+    orig_seen_ft: dict[str, float] = {}
+    if seen_finetune:  # the original base fine-tuned on every pool task: each round compares with its seen ones
+        say(f"[{time.perf_counter() - start:5.0f} s] fine-tuning the original base on the {len(pool)} contributor tasks")
+        orig_seen_ft = finetuned(base_dir, "r0-seen", pool)
+        original["seen_finetuned"] = _mean(orig_seen_ft.values())
+        original["finetuned"] = orig_seen_ft
     results: dict = {"original": original, "rounds": [], "pool": pool, "heldout_tasks": held,
                      "settings": {"rounds": rounds, "contributors": contributors, "adapter": adapter, "method": method,
                                   "steps": steps, "finetune_steps": finetune_steps, "batch_size": batch_size,
                                   "n_eval": n_eval, "seed": seed, "base": str(base_dir), "ray": bool(ray),
-                                  "parameters": parameters}}
+                                  "parameters": parameters, "lr": lr, "seen_finetune": seen_finetune}}
     seen: list[str] = []
     current = lib.base()
     for r in range(1, rounds + 1):
@@ -195,7 +213,7 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
             f"{', '.join(drawn)} ({steps} steps each)")
         jobs = [dict(base_dir=str(current.path), out_dir=str(out / "contributions" / f"round{r}" / f"{k}-{t}"), task=t,
                      adapter=adapter, steps=steps, batch_size=batch_size, seed=seed * 1000 + r * 100 + k, eval_tasks=[],
-                     n_eval=n_eval, keep=True) for k, t in enumerate(drawn)]
+                     n_eval=n_eval, keep=True, lr=lr) for k, t in enumerate(drawn)]
         done = runner.map(jobs)
         refs = []
         for k, (job, res) in enumerate(zip(jobs, done)):
@@ -211,16 +229,24 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
         say(f"[{time.perf_counter() - start:5.0f} s] round {r}: fused into {current.ref}; scoring it zero-shot and as a "
             "starting point")
         scores = zero_shot(current.path)
-        held_scores = {x["task"]: x["scores"][x["task"]] for x in runner.map(heldout_jobs(current.path, f"r{r}"))}
+        held_scores = finetuned(current.path, f"r{r}", held)
         row = {"round": r, "base": current.ref, "contributors": [{"task": x["task"], "expert": ref, "validation": x["validation"],
                                                                    "seconds": x["seconds"]} for x, ref in zip(done, refs)],
                "seen_tasks": list(seen), "seen": _mean(scores[t] for t in seen),
                "seen_original": _mean(orig_scores[t] for t in seen), "all": _mean(scores.values()),
                "heldout_finetuned": _mean(held_scores.values()), "scores": scores, "heldout": held_scores}
+        recorded = {"zero_shot": scores, "heldout_finetuned": held_scores}
+        if seen_finetune:
+            seen_ft = finetuned(current.path, f"r{r}-seen", seen)
+            row.update(seen_finetuned=_mean(seen_ft.values()), seen_finetuned_original=_mean(orig_seen_ft[t] for t in seen),
+                       finetuned=seen_ft)
+            recorded["seen_finetuned"] = seen_ft
         results["rounds"].append(row)
-        rescore(lib, current.version, {"zero_shot": scores, "heldout_finetuned": held_scores})
-        say(f"round {r}: seen {row['seen']:.1%} (original {row['seen_original']:.1%}), held-out after fine-tuning "
-            f"{_fmt(row['heldout_finetuned'])} (original {_fmt(original['heldout_finetuned'])})")
+        rescore(lib, current.version, recorded)
+        say(f"round {r}: seen {row['seen']:.1%} (original {row['seen_original']:.1%})"
+            + (f", seen after fine-tuning {_fmt(row['seen_finetuned'])} (original {_fmt(row['seen_finetuned_original'])})"
+               if seen_finetune else "")
+            + f", held-out after fine-tuning {_fmt(row['heldout_finetuned'])} (original {_fmt(original['heldout_finetuned'])})")
     shutil.rmtree(out / "work", ignore_errors=True)
     shutil.rmtree(out / "contributions", ignore_errors=True)
     results["seconds"] = round(time.perf_counter() - start, 1)
@@ -236,12 +262,16 @@ def table(results: dict):
     from rich.table import Table
 
     o = results["original"]
+    ft = "seen_finetuned" in o
     t = Table("round", "base", "contributors", "seen tasks (zero-shot)", "original on them", "all tasks",
-              "held-out after fine-tune", title="ColD Fusion rounds")
-    t.add_row("0", "base@1", "", "", "", _fmt(o["seen"]), _fmt(o["heldout_finetuned"]))
+              *(["seen after fine-tune", "original, same"] if ft else []), "held-out after fine-tune",
+              title="ColD Fusion rounds")
+    t.add_row("0", "base@1", "", "", "", _fmt(o["seen"]), *(["", ""] if ft else []), _fmt(o["heldout_finetuned"]))
     for r in results["rounds"]:
         t.add_row(str(r["round"]), r["base"], ", ".join(c["task"] for c in r["contributors"]), _fmt(r["seen"]),
-                  _fmt(r["seen_original"]), _fmt(r["all"]), _fmt(r["heldout_finetuned"]))
+                  _fmt(r["seen_original"]), _fmt(r["all"]),
+                  *([_fmt(r["seen_finetuned"]), _fmt(r["seen_finetuned_original"])] if ft else []),
+                  _fmt(r["heldout_finetuned"]))
     return t
 
 
@@ -259,6 +289,11 @@ def plot(results: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(rounds, allv, "o-", label="zero-shot, all contributor tasks")
     ax.plot(rounds[1:], seenv[1:], "s-", label="zero-shot, tasks seen so far")
+    if "seen_finetuned" in o:
+        ax.plot(rounds[1:], [r["seen_finetuned"] for r in results["rounds"]], "D-",
+                label="seen tasks after a short fine-tune")
+        ax.plot(rounds[1:], [r["seen_finetuned_original"] for r in results["rounds"]], ":", color="C3",
+                label="original base, same fine-tune on them")
     if o["heldout_finetuned"] is not None:
         ax.plot(rounds, held, "^-", label="held-out tasks after a short fine-tune")
         ax.axhline(o["heldout_finetuned"], color="C2", linestyle="--", linewidth=1, label="original base, same fine-tune")

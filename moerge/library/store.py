@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sqlite3
 import time
 import uuid
@@ -576,7 +577,8 @@ class Library:
     # ------------------------------------------------------------------ transfer
 
     def push(self, dest: str | os.PathLike) -> list[str]:
-        """Copy every expert version that ``dest`` lacks, sending only the blobs it lacks.
+        """Copy every expert version that ``dest`` lacks, sending only the blobs it lacks, and the fused
+        base versions it lacks (first, so that every expert arrives with the base it was made on).
 
         ``dest`` is an fsspec URL or path; a missing library there is created for the same base. The
         blobs travel through fsspec; the catalog rows are then committed in ``dest``'s own SQLite
@@ -594,18 +596,20 @@ class Library:
             raise MoergeError(f"{dest}: is a library of another base ({other.meta['base']}, "
                               f"{other.meta['base_fingerprint']}); push only between libraries of one base")
         theirs = {e.ref: e.digest for e in other.experts()}
-        their_bases = {b.version: b.fingerprint for b in other.bases()}
+        mine, their_chain = self.bases(), other.bases()
+        for b in their_chain[1:]:  # their chain must be a beginning of ours: fused bases are never merged
+            if b.version > len(mine) or mine[b.version - 1].fingerprint != b.fingerprint:
+                what = "has no such version here" if b.version > len(mine) else "differs from ours"
+                raise MoergeError(f"{dest}: its base@{b.version} {what}: the two libraries fused different bases; "
+                                  "push to a new location, or pull from it instead, nothing was copied")
         todo = []
         for e in self.experts():
-            if their_bases.get(e.base_version) != self.base(e.base_version).fingerprint:
-                raise MoergeError(f"{dest}: lacks base@{e.base_version}, which {e.ref} was made on (base versions are not "
-                                  "pushed yet); push from a library whose experts are all on base@1, or copy the library folder")
             if e.ref in theirs:
                 if theirs[e.ref] != e.digest:
                     raise MoergeError(f"{dest}: already has {e.ref} with other contents; rename one of them before syncing")
                 continue
             todo.append(e)
-        copied = []
+        copied = [self._push_base(b, other, dest) for b in mine[len(their_chain):]]
         for e in todo:
             with self._db() as db:
                 rows = db.execute("SELECT key, blob, dtype, shape, nbytes FROM tensors WHERE expert_id = ?", (e.id,)).fetchall()
@@ -625,6 +629,29 @@ class Library:
                              e.base_version), rows)
             copied.append(e.ref)
         return copied
+
+    def _push_base(self, b: BaseVersion, other: "Library", dest) -> str:
+        """Copy fused base ``b`` into ``other`` (under a temporary name, renamed when complete, checked by
+        fingerprint) and register it there as the same version."""
+        from moerge.io.fingerprint import folder_fingerprint
+
+        if not b.path.is_dir():
+            raise MoergeError(f"{self.root}: its {b.ref} is no longer at {b.path}; restore it there before pushing")
+        target = other.root / "bases" / f"v{b.version}"
+        part = other.tmp / f"base-v{b.version}.{uuid.uuid4().hex}"
+        try:
+            shutil.copytree(b.path, part)
+            if folder_fingerprint(part) != b.fingerprint:
+                raise MoergeError(f"{self.root}: {b.ref}'s folder {b.path} changed since it was fused (its fingerprint "
+                                  "differs); restore it, nothing of it was copied")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():  # left by a push or fusion that stopped before registering it
+                shutil.rmtree(target)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(part, ignore_errors=True)
+        other.register_base(target, b.card, b.version - 1)
+        return b.ref
 
     def pull(self, src: str | os.PathLike) -> list[str]:
         """Copy what ``src`` (another library of the same base) has and this one lacks."""

@@ -122,7 +122,7 @@ def with_task_embedding(card: dict, prompts: Sequence[str], *, base: str | os.Pa
     from moerge import base as base_model
     from moerge.io.fingerprint import folder_fingerprint
 
-    base_dir = Path(base) if base else base_model.default_base()
+    base_dir = base_model.resolve(base)
     model, tok = base_model.load(base_dir)
     mean, cents = task_centroids(model, tok, prompts)
     entry = {"centroid": mean, "centroids": cents, "centroid_base": folder_fingerprint(base_dir)}

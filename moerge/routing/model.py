@@ -168,7 +168,7 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
     else:
         if not experts:
             raise MoergeError("give expert folders or --library")
-        base_dir = Path(base) if base else base_model.default_base()
+        base_dir = base_model.resolve(base)
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]
         cards = [_card(Path(d)) | {"name": Path(d).name, "gates_path": str(Path(d) / "gates.safetensors")} for d in experts]

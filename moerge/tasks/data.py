@@ -77,7 +77,7 @@ def examples(task: str, split: str, n: int, seed: int = 0) -> list[Example]:
             return out
         x, y = skill.sample(rng)
         if split_of(x) == split:
-            out.append(Example(format_prompt(rng.choice(skill.instructions), x), y, task))
+            out.append(Example(skill.prompt(rng.choice(skill.instructions), x), y, task))
     raise MoergeError(f"task {task}: its inputs are too few for {n} {split} examples; ask for fewer")
 
 

@@ -26,6 +26,12 @@ class Skill:
     make_input: Callable[[random.Random], str]
     parts: tuple[str, ...] = field(default=())  # a composite: the skills applied, in order
     identity: bool = False  # copy: the one skill whose answer is its input
+    template: str = ""  # the prompt's form, e.g. "{instruction}: {x}"; empty: the tiny suite's "instruction: x="
+
+    def prompt(self, instruction: str, x: str) -> str:
+        if self.template:
+            return self.template.format(instruction=instruction, x=x)
+        return f"{instruction}: {x}="
 
     @property
     def composite(self) -> bool:
@@ -152,6 +158,13 @@ EXPERTS = ("reverse", "sort", "uppercase", "shift", "dedupe", "novowels")
 QUICK_EXPERTS = ("reverse", "uppercase", "novowels")
 HELDOUT = tuple(s.name for s in _COMPOSITES)
 QUICK_HELDOUT = ("reverse_uppercase", "novowels_uppercase")
+TINY = tuple(SKILLS)  # the suite of the built-in character base (the `all` group)
+
+# the real-model suite (natural-language instructions for a pretrained chat model), same registry
+from moerge.tasks import real as _real  # noqa: E402  (it needs Skill, defined above)
+
+SKILLS.update({s.name: s for s in _real.BASIC + _real.COMPOSITES})
+REAL_EXPERTS, REAL_HELDOUT = _real.EXPERTS, _real.HELDOUT
 
 
 def get(name: str) -> Skill:

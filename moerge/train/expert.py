@@ -173,7 +173,7 @@ def train_expert(
                               "so the expert could not be validated; add more examples")
         # the card pins the data by absolute path and hash, so it is found (and checked) from any folder
         task, source = Path(data).stem, str(Path(data).resolve())
-    base_dir = Path(base) if base else base_model.default_base()
+    base_dir = base_model.resolve(base)
     model, tok = base_model.load(base_dir)
     from moerge.routing.embed import SentenceEmbedder, record_embedding, task_centroids
 
@@ -201,7 +201,7 @@ def train_expert(
             tok.save_pretrained(tmp)
         weights = [f for f in tmp.iterdir() if f.suffix in (".safetensors", ".bin")]
         card = ExpertCard(
-            task=task, adapter=adapter, base=str(base_dir), base_fingerprint=folder_fingerprint(base_dir),
+            task=task, adapter=adapter, base=str(base_dir.absolute()), base_fingerprint=folder_fingerprint(base_dir),
             trainable_params=trainable, adapter_bytes=sum(f.stat().st_size for f in weights), data=source,
             data_sha256=_data_hash(train_rows), examples=len(train_rows), steps=steps, lr=lr, batch_size=batch_size,
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
@@ -232,7 +232,7 @@ def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLik
         if (expert_dir / "config.json").is_file():  # a full fine-tune is a model of its own
             return base_model.load(expert_dir)
         raise MoergeError(f"{expert_dir}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)")
-    base_dir = Path(base_dir) if base_dir else base_model.default_base()
+    base_dir = base_model.resolve(base_dir)
     base_model.check_model_folder(base_dir, "base model")
     load_adapter(expert_dir, open_source(base_dir))  # the base check, and a truncated or mismatched adapter
     from peft import PeftModel

@@ -26,11 +26,14 @@ class TrainStats:
 
 
 def encode(tokenizer, rows: Sequence[Example]) -> list[tuple[list[int], int]]:
-    """(token ids of bos + prompt + completion + eos, number of prompt tokens incl. bos) per row."""
-    prompts = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"]
+    """(token ids of prompt + completion + eos, number of prompt tokens) per row; the prompt as
+    ``prompt_ids`` renders it (chat template, or bos + text)."""
+    from moerge.tasks.chat import prompt_ids
+
+    prompts = prompt_ids(tokenizer, [r.prompt for r in rows])
     answers = tokenizer([r.completion for r in rows], add_special_tokens=False)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return [([bos] + p + a + [eos], 1 + len(p)) for p, a in zip(prompts, answers)]
+    eos = tokenizer.eos_token_id
+    return [(p + a + [eos], len(p)) for p, a in zip(prompts, answers)]
 
 
 def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:

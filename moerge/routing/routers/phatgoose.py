@@ -71,7 +71,7 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
         base = base or (card.base if Path(card.base).is_dir() else None)
     if not rows:
         raise MoergeError("PHATGOOSE gates need some examples of the expert's task")
-    base_dir = Path(base) if base else base_model.default_base()
+    base_dir = base_model.resolve(base)
     model, tok = base_model.load(base_dir)
     for p in model.parameters():
         p.requires_grad_(False)
