@@ -198,14 +198,16 @@ def demo(
     report_dir: Path = typer.Option(Path("demo-report"), "--report", help="Where scoreboard.png is drawn."),
     skills: Optional[str] = typer.Option(None, "--skills", help="Built-in skills to train experts on, comma-separated "
                                          "(default: the six expert skills; see `moerge tasks list`)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base: the built-in tiny one (default), a real base by "
+                                       "name (smollm2-135m-instruct, after `moerge base get`) or a model folder."),
     threads: Optional[int] = THREADS_OPT,
 ) -> None:
-    """Train one expert per built-in skill, merge them, train a multitask baseline, score everything (offline)."""
+    """Train one expert per built-in skill, merge them, route, train a multitask baseline, score everything (offline)."""
     from moerge.demo import run_demo
 
     with _user_errors():
         run_demo(out_dir, quick=quick, json_file=json_file, report_dir=report_dir, console=out, progress=True,
-                 skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None)
+                 skills=[t.strip() for t in skills.split(",") if t.strip()] if skills else None, base=base)
 
 
 base_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Base models: the built-in tiny base, and real bases fetched by name.")

@@ -1,9 +1,12 @@
-"""``moerge demo``: the main job on the embedded default, offline.
+"""``moerge demo``: the main job, offline, on the embedded tiny base or a real one.
 
-From the built-in tiny base it trains one LoRA expert per skill, merges them through the merge
-engine (each expert enters a recipe as ``base+expert``), trains a multitask LoRA on the union of the
-experts' data (the upper baseline that needs everybody's data), and scores everything on each
-skill and on held-out composites of them. The scoreboard is printed, written as JSON and drawn.
+From the base it trains one LoRA expert per skill, merges them through the merge engine (each
+expert enters a recipe as ``base+expert``), trains a multitask LoRA on the union of the experts'
+data (the upper baseline that needs everybody's data), routes among the experts with every router,
+and scores everything on each skill and on held-out composites of them. The scoreboard is printed,
+written as JSON and drawn. On the tiny base it uses the tiny suite; on a real chat model
+(``--base smollm2-135m-instruct``) the real-model suite, with settings sized for a 135M model on a
+CPU (``SETTINGS``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,33 @@ ROUTERS = [("oracle", None), ("uniform", None), ("centroid", 1), ("smear", None)
 FEW_SHOT = [("lorahub", None)]
 
 
+# per kind of base: (quick, full) settings. The real model trains at batch 8 (its chat-templated rows are
+# ~50 tokens; a step takes seconds on one CPU thread), so it takes fewer steps and test prompts.
+SETTINGS = {
+    "tiny": {"steps": (120, 200), "n_eval": (100, 200), "gate_steps": (30, 100), "batch_size": 64, "lr": None,
+             "multitask": (2, 3)},
+    "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 15), "batch_size": 8, "lr": 2e-3,
+             "multitask": (2, 3)},
+}
+
+
+def suite_for(base_dir: Path, quick: bool) -> tuple[str, list[str], list[str]]:
+    """("tiny" or "real", default skills, held-out composites) for a base: a chat model gets the
+    real-model suite."""
+    import json
+
+    from moerge.tasks import real, skills as suite
+
+    cfg = base_dir / "tokenizer_config.json"
+    chat = (base_dir / "chat_template.jinja").is_file() or (
+        cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template")))
+    if not chat:
+        return "tiny", list(suite.QUICK_EXPERTS if quick else suite.EXPERTS), list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
+    if quick:
+        return "real", ["reverse_words", "caps", "acronym"], ["reverse_words_caps", "reverse_words_acronym"]
+    return "real", list(real.EXPERTS), list(real.HELDOUT)
+
+
 def routers() -> tuple[list, str | None]:
     """The routers this installation can run, and a note about any left out."""
     try:
@@ -50,7 +80,7 @@ def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 
 
 def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,
              report_dir: str | Path | None = "demo-report", console: Console | None = None, progress: bool = True,
-             skills: list[str] | None = None) -> dict:
+             skills: list[str] | None = None, base: str | Path | None = None) -> dict:
     import moerge
     from moerge import base as base_model
     from moerge.errors import MoergeError
@@ -68,25 +98,27 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     chosen = skills
     console = console or util_console()
     out_dir = Path(out_dir)
+    base_dir = base_model.resolve(base)
+    base_model.check_model_folder(base_dir, "base")
+    kind, tasks, heldout = suite_for(base_dir, quick)
     if chosen:  # the given skills; held out: the composites of two of them
         unknown = [t for t in chosen if t not in suite.SKILLS or suite.SKILLS[t].parts]
         if unknown or len(chosen) < 2:
             raise MoergeError(f"--skills: {', '.join(unknown) or 'give at least two'}; pick two or more skills (not composites) "
                               "from `moerge tasks list`")
         tasks = list(dict.fromkeys(chosen))
-        heldout = [h for h in suite.HELDOUT if all(p in tasks for p in suite.SKILLS[h].parts)]
-    else:
-        tasks = list(suite.QUICK_EXPERTS if quick else suite.EXPERTS)
-        heldout = list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
+        heldout = [h for h in suite.HELDOUT + suite.REAL_HELDOUT if all(p in tasks for p in suite.SKILLS[h].parts)]
     from moerge.util import output_file
 
     if json_file:
         output_file(json_file, "scoreboard (--json)")
     if report_dir:
         output_file(Path(report_dir) / "scoreboard.png", "report (--report)")
-    steps, n_eval, gate_steps = (120, 100, 30) if quick else (200, 200, 100)
+    cfg = SETTINGS[kind]
+    pick = 0 if quick else 1
+    steps, n_eval, gate_steps = cfg["steps"][pick], cfg["n_eval"][pick], cfg["gate_steps"][pick]
+    batch, lr = cfg["batch_size"], cfg["lr"]
     columns = tasks + heldout
-    base_dir = base_model.default_base()
     start = time.perf_counter()
     rows: list[dict] = []
 
@@ -107,12 +139,13 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     for task in tasks:
         phase(f"training the {task} expert ({steps} steps), then scoring it and training its PHATGOOSE gates")
         path = out_dir / "experts" / task
-        card = train_expert(path, base=base_dir, task=task, steps=steps, overwrite=True, progress=progress)
+        card = train_expert(path, base=base_dir, task=task, steps=steps, lr=lr, batch_size=batch, overwrite=True,
+                            progress=progress)
         experts[task] = path
         model, tok = load_expert(base_dir, path)
         score(f"expert:{task}", model, tok, card.seconds)
         t0 = time.perf_counter()
-        train_gates(path, base=base_dir, steps=gate_steps, progress=progress)  # PHATGOOSE's gates, expert frozen
+        train_gates(path, base=base_dir, steps=gate_steps, batch_size=min(32, batch), progress=progress)  # expert frozen
         console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}; "
                       f"its PHATGOOSE gates: {time.perf_counter() - t0:.0f} s", highlight=False)
     for method in MERGES:
@@ -122,8 +155,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
     phase(f"training the multitask baseline on all {len(tasks)} skills' data")
-    card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks), steps=steps * (2 if quick else 3),
-                        overwrite=True, progress=progress)
+    card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks),
+                        steps=steps * cfg["multitask"][pick], lr=lr, batch_size=batch, overwrite=True, progress=progress)
     model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
     score("multitask", model, tok, card.seconds)
     routing = {}
@@ -138,7 +171,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         console.print(note, highlight=False, markup=False)
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
-             "quick": quick, "base": str(base_dir), "experts": list(experts), "routing": routing}
+             "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
+             "settings": {"steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)

@@ -122,6 +122,14 @@ def test_chat_models_get_their_template_and_the_tiny_base_bos(tiny):
     assert tok.decode(ids) == "<user>ab|<assistant>"
     (full, n_prompt), = encode(tok, [Example("ab", "cd")])
     assert full[:n_prompt] == ids and tok.decode(full[n_prompt:-1]) == "cd" and full[-1] == tok.eos_token_id
+    # and back: routers that read a prompt's words get the user message, not the template around it
+    from moerge.eval.generate import encode_left_padded
+    from moerge.tasks.chat import prompt_texts
+
+    prompts = ["sort: cab=", "a longer prompt: x="]
+    assert prompt_texts(tok, *encode_left_padded(tok, prompts)) == prompts
+    tok.chat_template = None
+    assert prompt_texts(tok, *encode_left_padded(tok, prompts)) == prompts
 
 
 def test_unknown_task_lists_the_known_ones():

@@ -189,3 +189,23 @@ def test_bad_sources_are_refused_in_one_line(sources, tmp_path, monkeypatch):
     monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "emptycache"))
     r = runner.invoke(app, ["eval", NAME, "--tasks", "reverse"])
     assert r.exit_code == 1 and f"run `moerge base get {NAME}`" in r.output
+
+
+def test_the_demo_picks_the_suite_by_the_bases_tokenizer(tiny, tmp_path):
+    """A chat model (its tokenizer has a chat template) gets the real-model suite and its settings; the
+    tiny base keeps its own."""
+    import shutil
+
+    from moerge.demo import SETTINGS, suite_for
+    from moerge.tasks import SKILLS
+    from moerge.tasks.real import EXPERTS, HELDOUT
+
+    assert suite_for(tiny["base"], quick=False)[0] == "tiny"
+    chat = tmp_path / "chat"
+    shutil.copytree(tiny["base"], chat)
+    (chat / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    kind, tasks, heldout = suite_for(chat, quick=False)
+    assert (kind, tasks, heldout) == ("real", list(EXPERTS), list(HELDOUT))
+    kind, tasks, heldout = suite_for(chat, quick=True)
+    assert all(p in tasks for h in heldout for p in SKILLS[h].parts)
+    assert SETTINGS["real"]["batch_size"] < SETTINGS["tiny"]["batch_size"]

@@ -42,6 +42,10 @@ def resolve(ref: str, revision: str | None = None, *, want_bin: bool = False) ->
     local = _local(ref)
     if local is not None:
         return local
+    from moerge import zoo
+
+    if ref in zoo.KNOWN and revision is None:  # a real base by name (no hub id has no "/"): its fetched folder
+        return zoo.resolve(ref)
     if looks_local(ref):
         raise MoergeError(f"{_show(ref)}: no such file or folder; check the path")
     from huggingface_hub import snapshot_download

@@ -55,8 +55,9 @@ class RoutedModel:
         if self.router.level == "token":
             self.state.example_weights, self.state.token_router = None, self.router.token_weights
             return
-        pad = self.tokenizer.pad_token_id
-        prompts = [self.tokenizer.decode([t for t in row if t != pad], skip_special_tokens=True) for row in input_ids.tolist()]
+        from moerge.tasks.chat import prompt_texts
+
+        prompts = prompt_texts(self.tokenizer, input_ids, attention_mask)
         self.state.token_router = None
         self.state.example_weights = self.router.example_weights(self, prompts, input_ids, attention_mask)
 

@@ -23,3 +23,27 @@ def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
                                                tokenize=False) for p in prompts]
         return tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [[tokenizer.bos_token_id] + p for p in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+
+
+_MARK = "\x00moerge-prompt\x00"
+
+
+def prompt_texts(tokenizer, input_ids, attention_mask=None) -> list[str]:
+    """The prompts back from their ids (what ``prompt_ids`` made, left-padded): for a chat model the user
+    message inside its template, else the text after bos. Routers that read the words of a prompt (the
+    oracle, LoraHub's task lookup) see exactly what the caller wrote."""
+    rows = input_ids.tolist()
+    masks = attention_mask.tolist() if attention_mask is not None else [[1] * len(r) for r in rows]
+    kept = [[t for t, m in zip(r, mk) if m] for r, mk in zip(rows, masks)]
+    if not uses_chat(tokenizer):
+        return [tokenizer.decode(r, skip_special_tokens=True) for r in kept]
+    frame = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], add_generation_prompt=True, tokenize=False)
+    head, _, tail = frame.partition(_MARK)
+    out = []
+    for r in kept:
+        text = tokenizer.decode(r, skip_special_tokens=False)
+        if text.startswith(head) and text.endswith(tail):
+            out.append(text[len(head):len(text) - len(tail)])
+        else:  # ids that did not come from prompt_ids: their text without special tokens
+            out.append(tokenizer.decode(r, skip_special_tokens=True))
+    return out

@@ -1,0 +1,28 @@
+"""The real-model base end to end (SmolLM2-135M-Instruct). These tests need the model fetched
+(`moerge base get smollm2-135m-instruct`) and take minutes on a CPU, so they run only when asked:
+MOERGE_REAL_TESTS=1. CI and the default test command skip them (no network, and the suite stays fast)."""
+
+import os
+
+import pytest
+
+from moerge import zoo
+
+NAME = "smollm2-135m-instruct"
+pytestmark = pytest.mark.skipif(
+    os.environ.get("MOERGE_REAL_TESTS") != "1" or zoo.cached(NAME) is None,
+    reason=f"real-model tests run with MOERGE_REAL_TESTS=1 once `moerge base get {NAME}` has fetched the model")
+
+
+def test_an_expert_on_the_real_model_beats_the_base(tmp_path):
+    from moerge import base as base_model
+    from moerge.eval import evaluate
+    from moerge.train.expert import load_expert, train_expert
+
+    model, tok = base_model.load(NAME)
+    before = evaluate(model, tok, ["acronym"], n=20)["acronym"]
+    card = train_expert(tmp_path / "acr", base=NAME, task="acronym", steps=30, lr=2e-3, batch_size=8, progress=False)
+    assert card.base == str(zoo.cached(NAME))  # absolute, from any folder
+    model, tok = load_expert(NAME, tmp_path / "acr")
+    after = evaluate(model, tok, ["acronym"], n=20)["acronym"]
+    assert after >= before + 0.5, (before, after)
