@@ -45,16 +45,14 @@ SETTINGS = {
 
 
 def suite_for(base_dir: Path, quick: bool) -> tuple[str, list[str], list[str]]:
-    """("tiny" or "real", default skills, held-out composites) for a base: a chat model gets the
-    real-model suite."""
-    import json
+    """("tiny" or "real", default skills, held-out composites) for a base: a chat model (its tokenizer has
+    a chat template, as ``moerge.tasks.chat`` decides) gets the real-model suite."""
+    from transformers import AutoTokenizer
 
     from moerge.tasks import real, skills as suite
+    from moerge.tasks.chat import uses_chat
 
-    cfg = base_dir / "tokenizer_config.json"
-    chat = (base_dir / "chat_template.jinja").is_file() or (
-        cfg.is_file() and bool(json.loads(cfg.read_text()).get("chat_template")))
-    if not chat:
+    if not uses_chat(AutoTokenizer.from_pretrained(base_dir)):
         return "tiny", list(suite.QUICK_EXPERTS if quick else suite.EXPERTS), list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
     if quick:
         return "real", ["reverse_words", "caps", "acronym"], ["reverse_words_caps", "reverse_words_acronym"]

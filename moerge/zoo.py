@@ -202,12 +202,6 @@ def _load_gguf(path: Path):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for attr in ("is_quantized", "quantization_method"):
-        if getattr(model, attr, None):
-            try:
-                setattr(model, attr, None if attr == "quantization_method" else False)
-            except AttributeError:
-                pass
     return model.to(torch.bfloat16), tok
 
 

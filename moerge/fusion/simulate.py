@@ -176,13 +176,13 @@ def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, meth
     lib = Library.init(out / "library", base_dir)
     rng = random.Random(seed)
 
-    def heldout_jobs(from_dir: Path, tag: str, tasks: list[str] = held) -> list[dict]:
+    def finetune_jobs(from_dir: Path, tag: str, tasks: list[str] = held) -> list[dict]:
         return [dict(base_dir=str(from_dir), out_dir=str(out / "work" / f"{tag}-{h}"), task=h, adapter=adapter,
                      steps=finetune_steps, batch_size=batch_size, seed=seed * 7919 + i, eval_tasks=[h], n_eval=n_eval,
                      keep=False) for i, h in enumerate(tasks)]
 
     def finetuned(from_dir: Path, tag: str, tasks: list[str]) -> dict[str, float]:
-        return {r["task"]: r["scores"][r["task"]] for r in runner.map(heldout_jobs(from_dir, tag, tasks))}
+        return {r["task"]: r["scores"][r["task"]] for r in runner.map(finetune_jobs(from_dir, tag, tasks))}
 
     def zero_shot(folder: Path) -> dict[str, float]:
         model, tok = base_model.load(folder)

@@ -92,9 +92,12 @@ class BlobStore:
 
     def quarantine(self, digest: str) -> None:
         """Move a damaged object aside (into ``tmp``), so that it counts as missing and is fetched again."""
+        self.move_aside(self.path(digest))
+
+    def move_aside(self, path: Path) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(self.path(digest), self.tmp / f"damaged-{digest}.{uuid.uuid4().hex}")
+            os.replace(path, self.tmp / f"damaged-{path.parent.name}{path.name}.{uuid.uuid4().hex}")
         except FileNotFoundError:
             pass
 

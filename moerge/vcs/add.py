@@ -12,8 +12,6 @@ already present and writes nothing for them. The manifest git records is the sam
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from moerge.errors import MoergeError
 from moerge.io.blobs import BlobError, sha256
 from moerge.vcs import lowrank
 from moerge.vcs import manifest as mf
-from moerge.vcs.repo import git, installed, objects, worktree
+from moerge.vcs.repo import git, installed, objects, tracked, worktree
 
 WORTH = 0.5  # keep factors only when they take at most this share of the dense bytes
 
@@ -34,7 +32,6 @@ class AddReport:
     stored_bytes: int = 0  # what their low-rank objects cost
     kept_dense: list[str] = field(default_factory=list)  # changed, targeted, but factors did not pay
     untargeted: list[str] = field(default_factory=list)  # changed, and the adapter does not touch them
-    exact: int = 0  # factored tensors whose rebuild needed no residual
     already: int = 0  # changed tensors whose objects were there already (an earlier add), as factors
 
     @property
@@ -123,8 +120,7 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
             rel = path.resolve().relative_to(top.resolve()).as_posix()
         except ValueError:
             raise MoergeError(f"{given}: is outside the repository {top}") from None
-        attr = git("check-attr", "filter", "--", rel, cwd=top).strip()
-        if not attr.endswith(": moerge"):
+        if not tracked(top, [rel]):
             raise MoergeError(f"{given}: is not tracked by moerge; run `moerge git track '{Path(rel).name}'` (or a pattern) first")
         shown = git("cat-file", "-p", f"{rev}:{rel}", cwd=top, check=False)
         if not shown or not mf.is_manifest(shown.encode()[:len(mf.MAGIC)]):
@@ -137,8 +133,10 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
             new = mf.split(f, sha256)  # names, digests and offsets of the new file, nothing stored
         if not new.is_safetensors:
             raise MoergeError(f"{given}: is not a readable safetensors file")
-        base_offset = new.parts[0].nbytes
-        offsets = _offsets(path, base_offset)
+        offsets, pos = {}, 0
+        for p in new.parts:  # parts are in file order: each tensor's offset is the sum of the sizes before it
+            offsets[p.name] = pos
+            pos += p.nbytes
         old = parent.tensors()
         with open(path, "rb") as f:
             for name, p in new.tensors().items():
@@ -167,15 +165,7 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
                 report.factored += 1
                 report.dense_bytes += p.nbytes
                 report.stored_bytes += len(obj)
-                report.exact += lowrank.header(obj)["residual"] == 0
         report.files.append(rel)
     git("add", "--", *report.files, cwd=top)
     return report
 
-
-def _offsets(path: Path, header_bytes: int) -> dict[str, int]:
-    """Each tensor's absolute byte offset in a safetensors file."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        head = json.loads(f.read(n))
-    return {k: header_bytes + v["data_offsets"][0] for k, v in head.items() if k != "__metadata__"}

@@ -10,7 +10,6 @@ rebuilt object is exactly as trustworthy as a stored one.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 
 from moerge.io.blobs import BlobError, BlobStore, sha256
@@ -87,13 +86,7 @@ class ObjectStore(BlobStore):
 
     def quarantine(self, digest: str) -> None:
         """Move aside the copy a read uses: the plain file if there is one, else the delta."""
-        if self.path(digest).exists():
-            return super().quarantine(digest)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(self.lr_path(digest), self.tmp / f"damaged-{digest}{SUFFIX}.{uuid.uuid4().hex}")
-        except FileNotFoundError:
-            pass
+        self.move_aside(self.path(digest) if self.path(digest).exists() else self.lr_path(digest))
 
     def digests(self) -> set[str]:
         return super().digests() | self.delta_digests()

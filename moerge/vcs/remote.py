@@ -21,22 +21,13 @@ from moerge.io.blobs import BlobError, sha256
 from moerge.vcs import lowrank
 from moerge.vcs import manifest as mf
 from moerge.vcs.objects import SUFFIX
-from moerge.vcs.repo import DRIVER, git, objects, worktree
+from moerge.vcs.repo import git, objects, tracked, worktree
 
 
 @dataclass
 class Needed:
     nbytes: int
     users: list[tuple[str, str]] = field(default_factory=list)  # (path, part label)
-
-
-def _tracked(top: Path, paths: list[str]) -> list[str]:
-    """The paths whose gitattributes say filter=moerge (one ``git check-attr`` for all of them)."""
-    if not paths:
-        return []
-    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(paths) + "\n",
-                       capture_output=True, text=True)
-    return [ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")]
 
 
 def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
@@ -61,8 +52,8 @@ def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
                     blobs.setdefault(meta.split()[1], path)
     if not blobs:
         return {}
-    tracked = set(_tracked(top, sorted(set(blobs.values()))))
-    wanted = [(sha, p) for sha, p in blobs.items() if p in tracked]
+    ours = set(tracked(top, sorted(set(blobs.values()))))
+    wanted = [(sha, p) for sha, p in blobs.items() if p in ours]
     out: dict[str, Needed] = {}
     if not wanted:
         return out
@@ -285,9 +276,8 @@ def materialize(cwd=None) -> list[str]:
     top = worktree(cwd)
     store = objects(cwd)
     files = [f for f in git("ls-files", "-z", cwd=top).split("\0") if f]
-    tracked = _tracked(top, files)
     written = []
-    for rel in tracked:
+    for rel in tracked(top, files):
         path = top / rel
         try:
             with open(path, "rb") as f:

@@ -89,6 +89,15 @@ def installed(cwd: str | os.PathLike | None = None) -> bool:
     return bool(git("config", "--local", "--get", f"filter.{DRIVER}.clean", cwd=cwd, check=False).strip())
 
 
+def tracked(top: Path, paths: list[str]) -> list[str]:
+    """The paths whose gitattributes say filter=moerge (one ``git check-attr`` for all of them)."""
+    if not paths:
+        return []
+    r = subprocess.run(["git", "check-attr", "--stdin", "filter"], cwd=top, input="\n".join(paths) + "\n",
+                       capture_output=True, text=True)
+    return [ln.split(": ")[0] for ln in r.stdout.splitlines() if ln.endswith(f": filter: {DRIVER}")]
+
+
 def tracked_patterns(cwd: str | os.PathLike | None = None) -> list[str]:
     path = worktree(cwd) / ".gitattributes"
     lines = path.read_text().splitlines() if path.is_file() else []
