@@ -19,7 +19,9 @@ from rich.table import Table
 
 from moerge.util import pyplot, save_figure
 
-# merge settings for experts that each add one skill to a shared base
+# merge settings for experts that each add one skill to a shared base. Task arithmetic adds the task
+# vectors scaled by λ: the real setting takes λ = 0.4 (Ilharco et al. pick λ in [0.3, 0.5] on validation
+# data when adding several tasks; at λ = 1 six LoRAs are added whole, which the real model did not survive).
 MERGES = {
     "linear": {"weight": 1.0},
     "task_arithmetic": {"weight": 1.0},
@@ -35,12 +37,16 @@ FEW_SHOT = [("lorahub", None)]
 
 
 # per kind of base: (quick, full) settings. The real model trains at batch 8 (its chat-templated rows are
-# ~50 tokens; a step takes seconds on one CPU thread), so it takes fewer steps and test prompts.
+# ~50 tokens; a step takes seconds on one CPU thread), so it takes fewer steps and test prompts, scores
+# each expert on its own skill only (its interference shows in the merges; scoring all ten columns cost
+# as much as training it), validates on 20 prompts per skill (the card's number; 100 took as long as
+# the scoring), and gives the skill it learns slowest (sort_words) twice the steps.
 SETTINGS = {
     "tiny": {"steps": (120, 200), "n_eval": (100, 200), "gate_steps": (30, 100), "batch_size": 64, "lr": None,
-             "multitask": (2, 3)},
-    "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 15), "batch_size": 8, "lr": 2e-3,
-             "multitask": (2, 3)},
+             "multitask": (2, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100},
+    "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 10), "batch_size": 8, "lr": 2e-3,
+             "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 2}, "task_arithmetic": 0.4,
+             "n_val": 20},
 }
 
 
@@ -68,8 +74,8 @@ def routers() -> tuple[list, str | None]:
     return ROUTERS + FEW_SHOT, None
 
 
-def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0) -> dict:
-    params = MERGES[method]
+def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0, params: dict | None = None) -> dict:
+    params = MERGES[method] if params is None else params
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
     # linear averages the experts (base+LoRA) alone: a base_model would join the average, as in mergekit
     return {"merge_method": method, **({} if method == "linear" else {"base_model": str(base)}), "models": models,
@@ -127,21 +133,22 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     def phase(text: str) -> None:  # one plain line per phase: a log shows where a long run is
         console.print(f"[{time.perf_counter() - start:5.0f} s] {text}", highlight=False, markup=False)
 
-    def score(name: str, model, tok, seconds: float | None = None) -> None:
-        add_row(name, evaluate(model, tok, columns, n=n_eval), seconds)
+    def score(name: str, model, tok, seconds: float | None = None, on: list[str] | None = None) -> None:
+        add_row(name, evaluate(model, tok, on or columns, n=n_eval), seconds)
 
     phase(f"scoring the base on {len(columns)} tasks ({n_eval} test prompts each)")
     model, tok = base_model.load(base_dir)
     score("base", model, tok)
     experts: dict[str, Path] = {}
     for task in tasks:
-        phase(f"training the {task} expert ({steps} steps), then scoring it and training its PHATGOOSE gates")
+        n_steps = steps * cfg["extra_steps"].get(task, 1)
+        phase(f"training the {task} expert ({n_steps} steps), then scoring it and training its PHATGOOSE gates")
         path = out_dir / "experts" / task
-        card = train_expert(path, base=base_dir, task=task, steps=steps, lr=lr, batch_size=batch, overwrite=True,
-                            progress=progress)
+        card = train_expert(path, base=base_dir, task=task, steps=n_steps, lr=lr, batch_size=batch, overwrite=True,
+                            progress=progress, n_val=cfg["n_val"])
         experts[task] = path
         model, tok = load_expert(base_dir, path)
-        score(f"expert:{task}", model, tok, card.seconds)
+        score(f"expert:{task}", model, tok, card.seconds, on=[task] if cfg["expert_scores"] == "own" else None)
         t0 = time.perf_counter()
         train_gates(path, base=base_dir, steps=gate_steps, batch_size=min(32, batch), progress=progress)  # expert frozen
         console.print(f"trained expert {task}: {card.seconds:.0f} s, validation {card.validation_accuracy:.0%}; "
@@ -149,12 +156,14 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     for method in MERGES:
         phase(f"merging the experts with {method}, then scoring the merge")
         t0 = time.perf_counter()
-        res = moerge.merge(merge_recipe(method, base_dir, experts), out_dir / "merges" / method, overwrite=True, progress=False)
+        params = dict(MERGES[method], **({"weight": cfg["task_arithmetic"]} if method == "task_arithmetic" else {}))
+        res = moerge.merge(merge_recipe(method, base_dir, experts, params=params), out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
     phase(f"training the multitask baseline on all {len(tasks)} skills' data")
     card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks),
-                        steps=steps * cfg["multitask"][pick], lr=lr, batch_size=batch, overwrite=True, progress=progress)
+                        steps=steps * cfg["multitask"][pick], lr=lr, batch_size=batch, overwrite=True, progress=progress,
+                        n_val=cfg["n_val"] * len(tasks))
     model, tok = load_expert(base_dir, out_dir / "experts" / "multitask")
     score("multitask", model, tok, card.seconds)
     routing = {}
@@ -170,7 +179,9 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
              "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
-             "settings": {"steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr}}
+             "settings": {"steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
+                          "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
+                          "task_arithmetic_weight": cfg["task_arithmetic"]}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)
@@ -184,9 +195,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
 
 def means(scores: dict[str, float], tasks: list[str], heldout: list[str]) -> dict[str, float | None]:
     """The row means the table, the JSON and the PNG all show: over the seen skills, and over the
-    held-out composites (None when there are none)."""
-    return {"mean": sum(scores[t] for t in tasks) / len(tasks),
-            "mean_heldout": sum(scores[t] for t in heldout) / len(heldout) if heldout else None}
+    held-out composites (None when there are none). A row scored on some columns only (an expert on
+    its own skill) averages those it has."""
+    seen, held = [scores[t] for t in tasks if t in scores], [scores[t] for t in heldout if t in scores]
+    return {"mean": sum(seen) / len(seen) if seen else None, "mean_heldout": sum(held) / len(held) if held else None}
 
 
 def _print(console: Console, board: dict) -> None:
@@ -221,7 +233,9 @@ def plot(board: dict, path: Path) -> Path:
     cols = board["tasks"] + board["heldout"]
     heldout = board["heldout"]
     extra = ["mean seen"] + (["mean held-out*"] if heldout else [])
-    data = [[r["scores"][c] for c in cols] + [r["mean"]] + ([r["mean_heldout"]] if heldout else []) for r in board["rows"]]
+    nan = float("nan")  # a column a row was not scored on: a blank cell
+    data = [[r["scores"].get(c, nan) for c in cols] + [nan if r["mean"] is None else r["mean"]]
+            + ([nan if r["mean_heldout"] is None else r["mean_heldout"]] if heldout else []) for r in board["rows"]]
     fig, ax = plt.subplots(figsize=(1.6 + 0.8 * (len(cols) + len(extra)), 0.8 + 0.4 * len(data)))
     im = ax.imshow(data, vmin=0, vmax=1, cmap="viridis", aspect="auto")
     ax.axvline(len(cols) - 0.5, color="white", linewidth=2)
@@ -229,6 +243,8 @@ def plot(board: dict, path: Path) -> Path:
     ax.set_yticks(range(len(data)), [r["model"] for r in board["rows"]])
     for i, row in enumerate(data):
         for j, v in enumerate(row):
+            if v != v:
+                continue
             ax.text(j, i, f"{v:.0%}", ha="center", va="center", fontsize=7, color="white" if v < 0.6 else "black")
     fig.colorbar(im, ax=ax, fraction=0.03, label="exact match")
     ax.set_title("moerge demo scoreboard (* held out)")

@@ -13,12 +13,16 @@ from moerge.tasks.data import Example
 
 def encode_left_padded(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """The prompts as the model sees them (``prompt_ids``: chat template or bos + text), left-padded."""
-    ids = prompt_ids(tokenizer, prompts)
+    return left_pad(prompt_ids(tokenizer, prompts), tokenizer.pad_token_id)
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token id lists, left-padded to the longest."""
     width = max(len(p) for p in ids)
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, p in enumerate(ids):
-        input_ids[i, width - len(p):] = torch.tensor(p)
+        input_ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[i, width - len(p):] = 1
     return input_ids, mask
 

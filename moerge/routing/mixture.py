@@ -244,3 +244,11 @@ def attach(model: nn.Module, experts: list, state: RoutingState) -> dict[str, Mi
         setattr(parent, child, layer)
         wrapped[module] = layer
     return wrapped
+
+
+def detach(model: nn.Module, layers: dict[str, MixtureLinear]) -> None:
+    """Undo ``attach``: each wrapped layer's own ``nn.Linear`` goes back in its place."""
+    for module, layer in layers.items():
+        parent_name, _, child = module.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)

@@ -1,4 +1,5 @@
-"""A base model with a bank of experts and a router: what ``moerge route`` evaluates and serves.
+"""A base model with a bank of experts (``Mixture``) and a router (``RoutedModel``): what ``moerge route``
+evaluates; ``moerge serve`` keeps a ``Mixture`` with several routers.
 
 ``RoutedModel`` quacks like a causal LM where the evaluator needs it (``eval``, ``generate``,
 ``__call__``), so the same exact-match evaluation scores base models, merges and routed models.
@@ -13,24 +14,29 @@ from pathlib import Path
 import torch
 
 from moerge.errors import MoergeError
-from moerge.routing.mixture import RoutingState, attach
+from moerge.routing.mixture import RoutingState, attach, detach
 from moerge.routing.registry import Router
 
 
-class RoutedModel:
-    def __init__(self, model, tokenizer, experts: list, cards: list[dict], router: Router):
+class Mixture:
+    """A base model with a bank of experts attached (``attach``) and no router of its own: what routers
+    fit to (their ``routed``), shared by ``RoutedModel`` (one router) and the server (several, and a
+    bank that changes as adapters load and unload)."""
+
+    def __init__(self, model, tokenizer, experts: list, cards: list[dict]):
         if not experts:
             raise MoergeError("routing needs at least one expert")
-        self.model, self.tokenizer, self.cards, self.router = model, tokenizer, cards, router
+        self.model, self.tokenizer, self.cards = model, tokenizer, cards
         self.kinds = [e.kind for e in experts]
-        self.state = RoutingState(compose=router.compose)
+        self.state = RoutingState()
         self.layers = attach(model, experts, self.state)
-        router.fit(self)
-        if router.level == "token":
-            for name, layer in self.layers.items():
-                layer.fuse(router.score_map(name))
 
-    def eval(self) -> "RoutedModel":
+    def detach(self) -> None:
+        """Put the base's own linear layers back (the bank is dropped)."""
+        detach(self.model, self.layers)
+        self.layers = {}
+
+    def eval(self):
         self.model.eval()
         return self
 
@@ -48,6 +54,25 @@ class RoutedModel:
             return mean_pooled(self.model, input_ids, attention_mask)
         finally:
             self.state.example_weights, self.state.token_router = saved
+
+    def unroute(self) -> None:
+        """Routing off until the next call; the layers drop what they gathered for this call's weights."""
+        self.state.example_weights = self.state.token_router = None
+        for layer in self.layers.values():
+            layer.release()
+
+
+class RoutedModel(Mixture):
+    """A mixture with one router: quacks like a causal LM where the evaluator needs it."""
+
+    def __init__(self, model, tokenizer, experts: list, cards: list[dict], router: Router):
+        super().__init__(model, tokenizer, experts, cards)
+        self.router = router
+        self.state.compose = router.compose
+        router.fit(self)
+        if router.level == "token":
+            for name, layer in self.layers.items():
+                layer.fuse(router.score_map(name))
 
     def _route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         if attention_mask is None:
@@ -75,12 +100,6 @@ class RoutedModel:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
         finally:
             self.unroute()
-
-    def unroute(self) -> None:
-        """Routing off until the next call; the layers drop what they gathered for this call's weights."""
-        self.state.example_weights = self.state.token_router = None
-        for layer in self.layers.values():
-            layer.release()
 
     @torch.no_grad()
     def usage(self, prompts: list[str]) -> torch.Tensor:
@@ -114,8 +133,6 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
     latest expert versions (or the refs given in ``experts``), with the named router. ``embedder``: a
     sentence-embedding model for the task-embedding routers (centroid, smear) instead of the base."""
     from moerge import base as base_model
-    from moerge.experts.peft_format import load_adapter
-    from moerge.io.source import open_source
     from moerge.routing.registry import get
 
     cls = get(router)
@@ -126,6 +143,20 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
         if "embedder" not in inspect.signature(cls.__init__).parameters:
             raise MoergeError(f"router {router!r} does not embed prompts; --embedder is for centroid and smear")
         kwargs["embedder"] = str(embedder)
+    loaded, cards, base_dir = gather_experts(experts, library=library, base=base)
+    model, tok = base_model.load(base_dir)
+    return RoutedModel(model, tok, loaded, cards, cls(**kwargs))
+
+
+def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: str | os.PathLike | None = None,
+                   base: str | os.PathLike | None = None) -> tuple[list, list[dict], Path]:
+    """(experts, their cards, the base folder) to route among: adapter folders on ``base``, or a library's
+    latest adapters made on its latest base (or the refs given). Full fine-tunes and experts made on an
+    older base are refused when named, and left out with a warning otherwise."""
+    from moerge import base as base_model
+    from moerge.experts.peft_format import load_adapter
+    from moerge.io.source import open_source
+
     if library is not None:
         from moerge.library import Library
 
@@ -173,5 +204,4 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]
         cards = [_card(Path(d)) | {"name": Path(d).name, "gates_path": str(Path(d) / "gates.safetensors")} for d in experts]
-    model, tok = base_model.load(base_dir)
-    return RoutedModel(model, tok, loaded, cards, cls(**kwargs))
+    return loaded, cards, base_dir

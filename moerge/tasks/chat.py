@@ -47,3 +47,23 @@ def prompt_texts(tokenizer, input_ids, attention_mask=None) -> list[str]:
         else:  # ids that did not come from prompt_ids: their text without special tokens
             out.append(tokenizer.decode(r, skip_special_tokens=True))
     return out
+
+
+def chat_ids(tokenizer, messages: Sequence[dict]) -> tuple[list[int], str]:
+    """(token ids, the text routers read) of a conversation: the model's chat template with the
+    generation header; a model without one (the built-in base) gets bos + its messages' text, one per
+    line. Routers read the last user message, as ``prompt_texts`` gives them for single prompts."""
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    text = users[-1] if users else (messages[-1]["content"] if messages else "")
+    if uses_chat(tokenizer):
+        rendered = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return tokenizer(rendered, add_special_tokens=False)["input_ids"], text
+    return prompt_ids(tokenizer, ["\n".join(m["content"] for m in messages)])[0], text
+
+
+def completion_ids(tokenizer, prompt: str) -> list[int]:
+    """A raw completion prompt (OpenAI's /v1/completions applies no template): the tokenizer's own
+    encoding; a model without a chat template gets bos + text, as its experts were trained."""
+    if uses_chat(tokenizer):
+        return tokenizer(prompt)["input_ids"]
+    return prompt_ids(tokenizer, [prompt])[0]

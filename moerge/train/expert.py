@@ -133,6 +133,7 @@ def train_expert(
     rank: int = 8,
     batch_size: int = 64,
     n_train: int = 3000,
+    n_val: int = 100,
     seed: int = 0,
     embedder: str | os.PathLike | None = None,
     gate_steps: int = 0,
@@ -141,7 +142,8 @@ def train_expert(
 ) -> ExpertCard:
     """Train one expert on a built-in task or a JSONL file and save it atomically into ``out_dir``;
     with ``gate_steps`` also its PHATGOOSE gates (expert frozen), and with ``embedder`` the task
-    centroids of a sentence-embedding model."""
+    centroids of a sentence-embedding model. ``n_val``: validation examples of a built-in task (at
+    least 20 per task), generated and scored after training."""
     from moerge import base as base_model
     from moerge.eval.generate import exact_match
     from moerge.io.fingerprint import folder_fingerprint
@@ -160,7 +162,7 @@ def train_expert(
     if task is not None:
         names = [t.strip() for t in task.split(",") if t.strip()]  # several: a multitask expert
         train_rows = mixture(names, "train", max(1, n_train // len(names)) * (1 if len(names) == 1 else 2), seed)
-        val_rows = mixture(names, "validation", max(20, 100 // len(names)), seed)
+        val_rows = mixture(names, "validation", max(20, n_val // len(names)), seed)
         task, source = ",".join(names), "moerge:" + ",".join(names)
     else:
         rows = read_jsonl(data)

@@ -1,0 +1,400 @@
+"""Continuous batching over the mixture runtime: every request in flight is one row of one batch.
+
+One worker thread owns the model. Each step decodes one token for every running request in one
+forward pass, then prefills the requests that arrived since the last step (their own left-padded
+forward pass, whose KV cache then joins the running batch's). Requests join between steps and
+leave as they finish; no request waits for another to end. Each row carries its own routing: a
+fixed weight vector over the experts (the base is all zeros, an expert one-hot, a mixture given in
+the request, an example-level router's output computed once at admission), or a token-level router
+that weighs the experts per token inside each layer. A batch with only fixed rows runs the mixture's
+example-weights path (only the experts some row uses are gathered); one with token-routed rows runs
+a per-layer routing function that fills those rows from their router.
+
+The HTTP layer never touches torch: it submits ``Sequence``s and reads their events from a callback
+(it hands them to its event loop); load, unload and refresh run on the worker between steps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from moerge.serve.bank import ExpertBank, Route
+
+
+class Busy(Exception):
+    """More requests than the server admits at once (``max_concurrent``)."""
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass(eq=False)  # rows are compared by identity
+class Sequence:
+    """One completion in flight; ``emit`` receives ("delta", text), then ("done", info) or ("error", message)."""
+
+    prompt_ids: list[int]
+    prompt_text: str  # what routers that read words see (the user message)
+    route: Route
+    sampling: Sampling
+    emit: Callable[[tuple], None]
+    out_ids: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the completion already emitted
+    cancelled: bool = False
+    weights: dict[str, float] = field(default_factory=dict)  # expert -> weight that served it
+    token_usage: torch.Tensor | None = None  # a token router's summed weights per expert (over layers and tokens)
+    generator: torch.Generator | None = None
+    finish: str | None = None
+    text: str = ""
+
+    def cancel(self) -> None:
+        """The client went away: the worker drops the row at its next step."""
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, bank: ExpertBank, *, max_batch: int = 32, max_concurrent: int = 64, draft=None,
+                 draft_tokens: int = 4):
+        self.bank, self.model, self.tok = bank, bank.model, bank.tokenizer
+        self.draft, self.k = draft, draft_tokens  # speculative decoding: a small model proposes k tokens per step
+        self.max_batch, self.max_concurrent = max_batch, max_concurrent
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        self.eos = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.eos.discard(None)
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos), 0)
+        import inspect  # transformers 5 names the KV cache argument ``cache``; earlier ones ``past_key_values``
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._last_only = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+        self._waiting: queue.Queue[Sequence] = queue.Queue()
+        self._controls: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._lock = threading.Lock()
+        self.in_flight = 0  # admitted and not finished (waiting + running)
+        self.running: list[Sequence] = []
+        self.stats = {"steps": 0, "max_batch_seen": 0, "completed": 0, "cancelled": 0, "tokens": 0}
+        if draft is not None:
+            self.stats |= {"proposed": 0, "accepted": 0}
+        self._cache = self._dcache = None
+        self._mask: torch.Tensor | None = None
+        self._batch_route = None  # what the routing state was set for: the running rows' routes
+        self._thread = threading.Thread(target=self._loop, name="moerge-engine", daemon=True)
+        self._thread.start()
+
+    # ----- called from other threads -----
+
+    def submit(self, seq: Sequence) -> None:
+        with self._lock:
+            if self.in_flight >= self.max_concurrent:
+                raise Busy(f"{self.in_flight} requests in flight, the server's limit (--max-concurrent {self.max_concurrent})")
+            self.in_flight += 1
+        self._waiting.put(seq)
+        self._wake.set()
+
+    def control(self, fn: Callable) -> concurrent.futures.Future:
+        """Run ``fn()`` on the worker between two steps (load, unload, refresh); its result as a future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._controls.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def health(self) -> dict:
+        return {"running": len(self.running), "waiting": self._waiting.qsize(), "in_flight": self.in_flight, **self.stats}
+
+    # ----- the worker -----
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop:
+            try:
+                self._step()
+            except Exception as exc:  # a bug must not kill the server silently: fail the rows in flight, go on
+                import traceback
+
+                traceback.print_exc()
+                for s in self.running:
+                    self._end(s, error=f"internal error: {type(exc).__name__}: {exc}")
+                self.running, self._cache, self._dcache, self._mask, self._batch_route = [], None, None, None, None
+
+    def _step(self) -> None:
+        while not self._controls.empty():
+            fn, fut = self._controls.get()
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+            self._batch_route = None  # the bank may have changed: routing is set again
+        self._drop([s for s in self.running if s.cancelled])
+        new: list[Sequence] = []
+        while len(self.running) + len(new) < self.max_batch and not self._waiting.empty():
+            s = self._waiting.get()
+            if s.cancelled:
+                self._end(s, cancelled=True)
+            else:
+                new.append(s)
+        if not new and not self.running:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        ok = []
+        for s in new:  # a request whose expert was unloaded after it was accepted fails alone
+            try:
+                self.bank.check(s.route)
+                ok.append(s)
+            except Exception as exc:
+                self._end(s, error=str(exc))
+        if self.running:  # the running rows advance every step, however often new requests arrive
+            self._decode()
+        if ok:
+            self._prefill(ok)
+        self.stats["steps"] += 1
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.running))
+
+    def _prefill(self, new: list[Sequence]) -> None:
+        self.bank.assign_example_routes(new)
+        from transformers import DynamicCache
+
+        from moerge.eval.generate import left_pad
+
+        ids, mask = left_pad([s.prompt_ids for s in new], self.pad)
+        for s in new:
+            seed = s.sampling.seed if s.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
+            s.generator = torch.Generator().manual_seed(seed)
+
+        cache, pos = DynamicCache(), (mask.cumsum(1) - 1).clamp(min=0)
+        self._set_routing(new)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
+                                **{self._cache_kw: cache}).logits[:, -1]
+        finally:
+            self._batch_route = None
+            self.bank.unroute()
+        dcache = None
+        if self.draft is not None:  # the draft's cache holds the same columns as the model's
+            dcache = DynamicCache()
+            self.draft(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
+                       **{self._cache_kw: dcache})
+        self._join(cache, dcache, mask, new)
+        self._accept(new, [[t] for t in self._sample(new, logits.float())])
+
+    def _decode(self) -> None:
+        if self.draft is not None and all(len(s.prompt_ids) + len(s.out_ids) + self.k < self.context for s in self.running):
+            return self._speculate()
+        rows = self.running
+        ids = torch.tensor([[s.out_ids[-1]] for s in rows])
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        pos = self._mask.sum(1, keepdim=True)
+        if self._batch_route is not rows:
+            self._set_routing(rows)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                            **{self._cache_kw: self._cache}).logits[:, -1]
+        self._mask = mask
+        self._accept(rows, [[t] for t in self._sample(rows, logits.float())])
+
+    def _speculate(self) -> None:
+        """One step of speculative decoding for the whole batch. The draft proposes k tokens per row
+        (greedy, k + 1 one-token forwards, so its cache gets the same k + 1 columns as the model's);
+        the model scores the last token and the k proposals in one forward; a greedy row keeps the
+        longest run of proposals the model agrees with plus the model's own next token, so its text is
+        exactly what plain greedy decoding gives; a sampled row keeps only the model's first token,
+        sampled as usual. Columns of rejected proposals stay in the caches, masked out (positions come
+        from the mask, so they count for nothing), until ``_compact`` squeezes them out."""
+        rows, k = self.running, self.k
+        b, width = len(rows), self._mask.shape[1]
+        last = torch.tensor([[s.out_ids[-1]] for s in rows])
+        count = self._mask.sum(1, keepdim=True)
+        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long)], 1)
+        tok, proposals = last, []
+        for j in range(k + 1):
+            logits = self.draft(input_ids=tok, attention_mask=mask[:, : width + j + 1], position_ids=count + j,
+                                use_cache=True, **{self._cache_kw: self._dcache}).logits[:, -1]
+            if j < k:
+                tok = logits.argmax(-1, keepdim=True)
+                proposals.append(tok)
+        drafted = torch.cat(proposals, 1)  # (b, k)
+        if self._batch_route is not rows:
+            self._set_routing(rows)
+        logits = self.model(input_ids=torch.cat([last, drafted], 1), attention_mask=mask,
+                            position_ids=count + torch.arange(k + 1), use_cache=True,
+                            **{self._cache_kw: self._cache}).logits.float()  # (b, k + 1, vocab)
+        best = logits.argmax(-1)
+        sampled = self._sample(rows, logits[:, 0])
+        tokens = []
+        for i, s in enumerate(rows):
+            n = 0
+            if s.sampling.temperature == 0:
+                while n < k and drafted[i, n] == best[i, n]:
+                    n += 1
+                tokens.append(drafted[i, :n].tolist() + [int(best[i, n])])
+            else:
+                tokens.append([sampled[i]])
+            mask[i, width + n + 1:] = 0  # the proposals after the first rejected one
+            self.stats["proposed"] += k
+            self.stats["accepted"] += n
+        self._mask = mask
+        self._accept(rows, tokens)
+        self._compact()
+
+    def _compact(self) -> None:
+        """When masked-out columns take over half the caches, move each row's live columns to the right
+        end (a gather per row) and cut the columns no row uses any more."""
+        if self._mask is None:
+            return
+        live = self._mask.sum(1)
+        width, need = self._mask.shape[1], int(live.max())
+        if width <= 2 * need + 8:
+            return
+        order = torch.sort(self._mask, dim=1, stable=True).indices[:, width - need:]  # live columns last, in order
+        self._mask = self._mask.gather(1, order)
+        for cache in self._caches():
+            for layer in cache.layers:
+                idx = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+                layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+
+    def _caches(self) -> list:
+        return [c for c in (self._cache, self._dcache) if c is not None]
+
+    def _set_routing(self, rows: list[Sequence]) -> None:
+        self.bank.route_rows(rows)
+        self._batch_route = rows
+
+    def _join(self, cache, dcache, mask: torch.Tensor, new: list[Sequence]) -> None:
+        """Append the new rows' caches to the running batch's, left-padding the shorter to one length."""
+        if not self.running:
+            self._cache, self._dcache, self._mask = cache, dcache, mask
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for ours, theirs in zip(self._caches(), [c for c in (cache, dcache) if c is not None]):
+                for mine, other in zip(ours.layers, theirs.layers):
+                    mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(other.keys, width)], 0)
+                    mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(other.values, width)], 0)
+            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+        self.running = self.running + new
+        self._batch_route = None
+
+    def _drop(self, gone: list[Sequence]) -> None:
+        """Remove finished or cancelled rows from the batch and its cache, and the columns no row needs."""
+        if not gone:
+            return
+        for s in gone:
+            if s.finish is None:
+                self._end(s, cancelled=True)
+        keep = [i for i, s in enumerate(self.running) if s not in gone]
+        self.running = [self.running[i] for i in keep]
+        self._batch_route = None
+        if not self.running:
+            self._cache = self._dcache = self._mask = None
+            self.bank.unroute()
+            return
+        index = torch.tensor(keep)
+        mask = self._mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row left
+        self._mask = mask[:, start:]
+        for cache in self._caches():
+            for layer in cache.layers:
+                layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+                layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def _accept(self, rows: list[Sequence], tokens: list[list[int]]) -> None:
+        """Append each row's new tokens (one, or several from speculation), emit the text they add, and
+        end the rows that are done (end of sequence, max_tokens, the context, a stop string)."""
+        done = []
+        for s, new in zip(rows, tokens):
+            for t in new:
+                if t in self.eos and not s.sampling.ignore_eos:
+                    s.finish = "stop"
+                    break
+                s.out_ids.append(t)
+                self.stats["tokens"] += 1
+                if len(s.out_ids) >= s.sampling.max_tokens or len(s.prompt_ids) + len(s.out_ids) >= self.context:
+                    s.finish = "length"
+                    break
+            self._emit_text(s)
+            if s.finish:
+                done.append(s)
+        for s in done:
+            self._emit_text(s, final=True)
+            self._end(s)
+        self._drop(done)
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> list[int]:
+        greedy = logits.argmax(-1).tolist()
+        out = []
+        for i, s in enumerate(rows):
+            sp = s.sampling
+            if sp.temperature == 0:
+                out.append(greedy[i])
+                continue
+            probs = torch.softmax(logits[i] / sp.temperature, -1)
+            if sp.top_p < 1.0:
+                p, idx = probs.sort(descending=True)
+                keep = (p.cumsum(0) - p) < sp.top_p  # the smallest set whose mass reaches top_p
+                probs = torch.zeros_like(probs).scatter_(0, idx[keep], p[keep])
+            out.append(int(torch.multinomial(probs, 1, generator=s.generator)))
+        return out
+
+    def _emit_text(self, s: Sequence, final: bool = False) -> None:
+        """Emit what is certain of the text so far: hold back a stop string's possible start and a
+        character cut in half by the tokenizer until the next token settles them."""
+        text = self.tok.decode(s.out_ids, skip_special_tokens=True)
+        stops = s.sampling.stop
+        for st in stops:
+            i = text.find(st, max(0, s.sent - len(st)))
+            if i >= 0:
+                text, s.finish, final = text[:i], "stop", True
+        s.text = text
+        safe = len(text)
+        if not final:
+            hold = max((len(st) - 1 for st in stops), default=0)
+            safe = max(s.sent, len(text) - hold)
+            while safe > s.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+        if safe > s.sent:
+            s.emit(("delta", text[s.sent:safe]))
+            s.sent = safe
+
+    def _end(self, s: Sequence, *, error: str | None = None, cancelled: bool = False) -> None:
+        with self._lock:
+            self.in_flight -= 1
+        if cancelled:
+            self.stats["cancelled"] += 1
+            s.finish = s.finish or "cancelled"
+            return
+        if error:
+            s.finish = "error"
+            s.emit(("error", error))
+            return
+        self.stats["completed"] += 1
+        s.emit(("done", {"finish_reason": s.finish, "prompt_tokens": len(s.prompt_ids),
+                         "completion_tokens": len(s.out_ids), "experts": self.bank.served_by(s)}))
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim)
+
