@@ -193,7 +193,7 @@ def methods() -> None:
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("demo-output"), "--out", help="Where the experts and merges are written."),
-    quick: bool = typer.Option(False, "--quick", help="3 skills, fewer steps (about a minute; used by the tests)."),
+    quick: bool = typer.Option(False, "--quick", help="3 skills, fewer steps (under 3 minutes on one thread; used by the tests)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the scoreboard as JSON."),
     report_dir: Path = typer.Option(Path("demo-report"), "--report", help="Where scoreboard.png is drawn."),
     skills: Optional[str] = typer.Option(None, "--skills", help="Built-in skills to train experts on, comma-separated "
