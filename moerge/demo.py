@@ -42,7 +42,7 @@ FEW_SHOT = [("lorahub", None)]
 # as much as training it), validates on 20 prompts per skill (the card's number; 100 took as long as
 # the scoring), and gives the skill it learns slowest (sort_words) twice the steps.
 SETTINGS = {
-    "tiny": {"steps": (90, 200), "n_eval": (100, 200), "gate_steps": (30, 100), "batch_size": 64, "lr": None,
+    "tiny": {"steps": (90, 200), "n_eval": (100, 200), "gate_steps": (15, 100), "batch_size": 64, "lr": None,
              "multitask": (1, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100},
     "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 10), "batch_size": 8, "lr": 2e-3,
              "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 2}, "task_arithmetic": 0.4,

@@ -41,12 +41,13 @@ def test_bad_input_is_one_error_line_and_exit_1(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "moerge.cli", "merge", str(tmp_path / "none.yaml"), str(tmp_path / "o")],
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "no such recipe file" in proc.stderr
-    for skills, what in (("reverse,nope", "--skills: nope;"), ("reverse", "--skills: give at least two"),
-                         ("reverse,reverse_uppercase", "--skills: reverse_uppercase;")):
-        proc = subprocess.run([sys.executable, "-m", "moerge.cli", "demo", "--skills", skills, "--out", str(tmp_path / "d")],
-                              capture_output=True, text=True)
-        assert proc.returncode == 1 and proc.stderr.startswith(f"error: {what}"), proc.stderr
-        assert not (tmp_path / "d").exists()
+    proc = subprocess.run([sys.executable, "-m", "moerge.cli", "demo", "--skills", "reverse,nope", "--out", str(tmp_path / "d")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --skills: nope;"), proc.stderr
+    for skills, what in (("reverse", "--skills: give at least two"), ("reverse,reverse_uppercase", "--skills: reverse_uppercase;")):
+        res = runner.invoke(app, ["demo", "--skills", skills, "--out", str(tmp_path / "d")])  # the same path, in-process
+        assert res.exit_code == 1 and res.output.startswith(f"error: {what}"), res.output
+    assert not (tmp_path / "d").exists()
 
 
 def test_methods_and_help():
