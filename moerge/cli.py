@@ -774,10 +774,15 @@ def serve_cmd(
                       port=port, api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, threads=threads or 1,
                       draft=draft, draft_tokens=draft_tokens)
         return
-    with _user_errors():
+    with _user_errors() as notes:
+        def ready(bank) -> None:  # the server runs until stopped: say now what loading it had to say
+            _warn(notes)
+            notes.clear()
+            err.print(_serving_line(bank, host, port, api_key), highlight=False, markup=False)
+
         serve(library=library, experts=refs or None, base=base, routers=router or None, host=host, port=port,
               api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, draft=draft, draft_tokens=draft_tokens,
-              on_ready=lambda bank: err.print(_serving_line(bank, host, port, api_key), highlight=False, markup=False))
+              on_ready=ready)
 
 
 def _serve_on_ray(address: str, replicas: int, *, host: str, port: int, threads: int, **spec) -> None:

@@ -263,7 +263,8 @@ def test_serve_cli_refuses_bad_input_in_one_line(tmp_path, experts):
     for args, needle in ((["--experts", str(tmp_path / "missing")], "missing"),
                          (["--experts", str(experts["reverse"]), "--router", "lorahub"], "lorahub"),
                          (["--experts", str(experts["reverse"]), "--router", "nosuch"], "nosuch"),
-                         (["--experts", str(experts["reverse"]), "--router", "phatgoose"], "gates")):
+                         (["--experts", str(experts["reverse"]), "--router", "phatgoose"], "gates"),
+                         (["--experts", str(experts["reverse"]), "--library", str(tmp_path)], "not both")):
         res = CliRunner().invoke(app, ["serve", *args, "--port", "0"])
         assert res.exit_code == 1 and needle in res.output and "Traceback" not in res.output, (args, res.output)
 

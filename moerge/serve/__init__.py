@@ -35,7 +35,7 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
 
     if max_batch < 1 or max_concurrent < 1 or draft_tokens < 1:
         raise MoergeError("--max-batch, --max-concurrent and --draft-tokens must be at least 1")
-    bank = open_bank(library=library, experts=experts, base=base, routers=routers or ["centroid"],
+    bank = open_bank(library=library, experts=experts, base=base, routers=["centroid"] if routers is None else routers,
                      router_options=router_options, strict=routers is not None)
     engine = Engine(bank, max_batch=max_batch, max_concurrent=max_concurrent, draft=load_draft(draft, bank) if draft else None,
                     draft_tokens=draft_tokens)

@@ -195,7 +195,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                 if ev[0] == "delta":
                     texts[i] += ev[1]
                 elif ev[0] == "error":
-                    return fail(500, ev[1])
+                    return fail(ev[2], ev[1])
                 else:
                     infos[i] = ev[1]
                     remaining -= 1
@@ -234,7 +234,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                 if ev[0] == "delta":
                     yield chunk([piece(i, ev[1])])
                 elif ev[0] == "error":
-                    yield "data: " + json.dumps(error_body(500, ev[1])) + "\n\n"
+                    yield "data: " + json.dumps(error_body(ev[2], ev[1])) + "\n\n"
                     return
                 else:
                     infos[i] = ev[1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import MoergeError, MoergeWarning
 
 
 class NotFound(MoergeError):
@@ -56,6 +56,7 @@ class ExpertBank:
         self.mixture = None
         self._rows: list = []
         self._acc: torch.Tensor | None = None  # token-routed rows' summed weights since the last collect
+        self._take_library_experts(warn=True)
         self.rebuild(strict=strict)
 
     # ----- the bank -----
@@ -68,7 +69,6 @@ class ExpertBank:
         """Attach the current experts and fit every router to them (``strict``: a router that cannot
         fit is an error, as at start-up; else it is disabled with its reason)."""
         from moerge.routing.model import Mixture
-        from moerge.routing.registry import get
 
         if self.mixture is not None:
             self.mixture.detach()
@@ -77,10 +77,7 @@ class ExpertBank:
         if self.experts:
             self.mixture = Mixture(self.model, self.tokenizer, self.experts, self.cards)
         for name in self.router_names:
-            cls = get(name)
-            if cls.few_shot:
-                raise MoergeError(f"router {name!r} needs labelled examples of each task; serve a task-level router (centroid, "
-                                  "smear) or a token-level one (arrow, phatgoose) instead")
+            cls = servable_router(name)
             if self.mixture is None:
                 self.router_errors[name] = "no experts are loaded to route among"
                 continue
@@ -117,39 +114,49 @@ class ExpertBank:
 
     def load_folder(self, name: str, path: str | os.PathLike) -> None:
         """A PEFT adapter folder made on this base (its card, gates and centroids come along if present)."""
-        from moerge.experts.peft_format import load_adapter
-        from moerge.io.source import open_source
-        from moerge.routing.model import _card
+        from moerge.routing.model import gather_experts
 
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or "") or name.startswith("router:"):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or ""):
             raise MoergeError(f"lora_name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
-        folder = Path(path)
-        if not folder.is_dir():
+        if not Path(path).is_dir():
             raise MoergeError(f"lora_path {path}: no such folder on the server; give a PEFT adapter folder")
-        expert = load_adapter(folder, open_source(self.base_dir))
-        card = _card(folder) | {"gates_path": str(folder / "gates.safetensors"), "source": str(folder)}
-        self.add(name, expert, card)
+        (expert,), (card,), _ = gather_experts([path], base=self.base_dir)
+        self.add(name, expert, card | {"source": str(path)})
 
     def refresh(self) -> list[str]:
         """Load the library's adapters (made on its latest base) that are not loaded yet; their refs."""
+        refs = self._take_library_experts()
+        if refs:
+            self.rebuild()
+        return refs
+
+    def _take_library_experts(self, warn: bool = False) -> list[str]:
+        """Append the library's latest adapters made on its latest base that are not loaded yet (``warn``:
+        say which are left out, full fine-tunes and experts on an older base); their refs."""
         if self.library is None:
             return []
         from moerge.library import Library
+        from moerge.routing.model import gather_experts
 
         lib = Library.open(self.library)
         current = lib.base()
         if current.path.resolve() != self.base_dir.resolve():
             return []  # the library moved to a new base: a restart serves it (the running base stays as it is)
-        new = [e for e in lib.experts(latest=True) if e.kind != "full" and e.base_version == current.version
-               and e.ref not in self.names]
-        for e in new:
-            x = lib.load(e.ref)
-            x.path = Path(f"library:{e.ref}")
-            self.experts.append(x)
-            self.cards.append(dict(e.card) | {"task": e.task, "name": e.ref, "gates": lib.gates(e.ref)})
-        if new:
-            self.rebuild()
-        return [e.ref for e in new]
+        latest = lib.experts(latest=True)
+        full = [e.ref for e in latest if e.kind == "full"]
+        older = [e.ref for e in latest if e.kind != "full" and e.base_version != current.version]
+        if warn and full:
+            warnings.warn(f"{', '.join(full)} left out: full fine-tunes are merged, not served", MoergeWarning, stacklevel=2)
+        if warn and older:
+            warnings.warn(f"{', '.join(older)} left out: made on an older base than {current.ref} (moerge expert rebase "
+                          "re-applies them)", MoergeWarning, stacklevel=2)
+        skipped = set(full) | set(older)
+        refs = [e.ref for e in latest if e.ref not in skipped and e.ref not in self.names]
+        if refs:
+            loaded, cards, _ = gather_experts(refs, library=self.library)
+            self.experts += loaded
+            self.cards += [c | {"source": f"library:{c['name']}"} for c in cards]
+        return refs
 
     # ----- requests -----
 
@@ -278,38 +285,44 @@ class ExpertBank:
         return out
 
 
-def open_bank(*, library: str | os.PathLike | None = None, experts: list | None = None, base: str | os.PathLike | None = None,
-              routers: list[str] | None = None, router_options: dict | None = None, strict: bool = True) -> ExpertBank:
-    """A bank from a library (its latest adapters on its latest base) or from adapter folders on ``base``
-    (none: the base alone, adapters can be loaded later)."""
+def servable_router(name: str):
+    """The router class ``name``, if a server can run it (few-shot routers need each task's examples)."""
+    from moerge.routing.registry import get
+
+    cls = get(name)
+    if cls.few_shot:
+        raise MoergeError(f"router {name!r} needs labelled examples of each task; serve a task-level router (centroid, "
+                          "smear) or a token-level one (arrow, phatgoose) instead")
+    return cls
+
+
+def sources(*, library: str | os.PathLike | None = None, experts: list | None = None,
+            base: str | os.PathLike | None = None) -> tuple[list, list[dict], Path, str]:
+    """(experts, their cards, the base folder, the base's model id) a server starts from, every input
+    checked: adapter folders on ``base``, or a library (whose experts the bank takes itself, as it
+    does when more are added later), or the base alone (adapters can be loaded later)."""
     from moerge import base as base_model
     from moerge.routing.model import gather_experts
 
-    if library is not None or experts:
-        from moerge.errors import MoergeWarning
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("default", MoergeWarning)
-            try:
-                loaded, cards, base_dir = gather_experts(experts, library=library, base=base)
-            except MoergeError as exc:
-                if library is None or "has no adapter experts" not in str(exc):
-                    raise
-                from moerge.library import Library
-
-                loaded, cards, base_dir = [], [], Library.open(library).base().path
-    else:
-        loaded, cards, base_dir = [], [], base_model.resolve(base)
-    base_id = "moerge-tiny" if base is None else str(base) if not Path(str(base)).exists() else Path(base_dir).name
+    if library is not None and experts:
+        raise MoergeError("give --library (its latest adapters are served) or --experts (adapter folders), not both")
     if library is not None:
         from moerge.library import Library
 
-        base_id = Library.open(library).base().ref
-        for c in cards:
-            c.setdefault("source", f"library:{c['name']}")
+        current = Library.open(library).base()
+        return [], [], current.path, current.ref
+    loaded, cards, base_dir = gather_experts(experts, base=base) if experts else ([], [], base_model.resolve(base))
+    base_model.check_model_folder(base_dir, "base")
     names = [c["name"] for c in cards]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise MoergeError(f"two experts are named {dup[0]!r} (adapter folders are named after the folder); rename one")
+    return loaded, cards, base_dir, "moerge-tiny" if base is None else Path(base_dir).name if Path(str(base)).exists() else str(base)
+
+
+def open_bank(*, library: str | os.PathLike | None = None, experts: list | None = None, base: str | os.PathLike | None = None,
+              routers: list[str] | None = None, router_options: dict | None = None, strict: bool = True) -> ExpertBank:
+    """A bank from ``sources`` with the named routers fitted."""
+    loaded, cards, base_dir, base_id = sources(library=library, experts=experts, base=base)
     return ExpertBank(base_dir, experts=loaded, cards=cards, routers=routers, library=library, base_id=base_id,
                       router_options=router_options, strict=strict)

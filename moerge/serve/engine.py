@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from moerge.serve.bank import ExpertBank, Route
+from moerge.errors import MoergeError
+from moerge.serve.bank import ExpertBank, NotFound, Route
 
 
 class Busy(Exception):
@@ -44,7 +45,7 @@ class Sampling:
 
 @dataclass(eq=False)  # rows are compared by identity
 class Sequence:
-    """One completion in flight; ``emit`` receives ("delta", text), then ("done", info) or ("error", message)."""
+    """One completion in flight; ``emit`` receives ("delta", text), then ("done", info) or ("error", message, status)."""
 
     prompt_ids: list[int]
     prompt_text: str  # what routers that read words see (the user message)
@@ -162,8 +163,8 @@ class Engine:
             try:
                 self.bank.check(s.route)
                 ok.append(s)
-            except Exception as exc:
-                self._end(s, error=str(exc))
+            except MoergeError as exc:
+                self._end(s, error=str(exc), status=404 if isinstance(exc, NotFound) else 400)
         if self.running:  # the running rows advance every step, however often new requests arrive
             self._decode()
         if ok:
@@ -330,11 +331,10 @@ class Engine:
                 if len(s.out_ids) >= s.sampling.max_tokens or len(s.prompt_ids) + len(s.out_ids) >= self.context:
                     s.finish = "length"
                     break
-            self._emit_text(s)
+            self._emit_text(s, final=s.finish is not None)  # a stop string in the text ends the row here too
             if s.finish:
                 done.append(s)
         for s in done:
-            self._emit_text(s, final=True)
             self._end(s)
         self._drop(done)
 
@@ -374,7 +374,7 @@ class Engine:
             s.emit(("delta", text[s.sent:safe]))
             s.sent = safe
 
-    def _end(self, s: Sequence, *, error: str | None = None, cancelled: bool = False) -> None:
+    def _end(self, s: Sequence, *, error: str | None = None, status: int = 500, cancelled: bool = False) -> None:
         with self._lock:
             self.in_flight -= 1
         if cancelled:
@@ -383,7 +383,7 @@ class Engine:
             return
         if error:
             s.finish = "error"
-            s.emit(("error", error))
+            s.emit(("error", error, status))
             return
         self.stats["completed"] += 1
         s.emit(("done", {"finish_reason": s.finish, "prompt_tokens": len(s.prompt_ids),

@@ -65,17 +65,11 @@ def deploy(*, address: str | None = None, replicas: int = 2, host: str = "127.0.
 
 def check(*, library=None, experts=None, base=None, routers=None, **_) -> None:
     """What can be checked before Ray starts, in one line each: the experts or library, the routers."""
-    from moerge import base as base_model
-    from moerge.routing.model import gather_experts
-    from moerge.routing.registry import get
+    from moerge.serve.bank import servable_router, sources
 
-    if library is not None or experts:
-        gather_experts(experts, library=library, base=base)
-    else:
-        base_model.check_model_folder(base_model.resolve(base), "base")
+    sources(library=library, experts=experts, base=base)
     for name in routers or []:
-        if get(name).few_shot:
-            raise MoergeError(f"router {name!r} needs labelled examples of each task; serve a task-level or token-level router")
+        servable_router(name)
 
 
 def shutdown() -> None:
