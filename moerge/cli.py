@@ -123,6 +123,11 @@ def merge(
                               "in --keep-intermediates DIR when their saved recipe is the stage's (mergekit-multi's --lazy)."),
     allow_same_experts: bool = typer.Option(False, "--i-understand-this-is-not-useful-without-training", help="MoE "
                                             "configs: allow every expert to be the same model (for training afterwards)."),
+    eval_tasks: Optional[str] = typer.Option(None, "--eval", metavar="TASKS", help="Then score the merge and every input "
+                                             "on these tasks (as `moerge eval --tasks`): the table goes into OUT_DIR's "
+                                             "README.md and merge_report.json, with a warning where the merge falls "
+                                             "below an input on its own task."),
+    eval_n: int = typer.Option(100, "--eval-n", min=1, help="Test prompts per task for --eval."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config
@@ -141,11 +146,27 @@ def merge(
             return
         res = moerge.merge(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=out_shard_size,
                            progress=not quiet, library=library, keep_intermediates=keep_intermediates,
-                           allow_same_experts=allow_same_experts, lazy=lazy)
+                           allow_same_experts=allow_same_experts, lazy=lazy, eval_tasks=eval_tasks, eval_n=eval_n)
     if not quiet:
         also = f" ({res.stages} stages)" if res.stages > 1 else ""
         out.print(f"wrote {res.out_dir} ({res.tensors} tensors, {res.bytes_written / 1e6:.1f} MB) in {res.seconds:.2f} s{also}",
                   highlight=False)
+    if res.report is not None:
+        _print_report(res.report, res.out_dir)
+
+
+def _print_report(report, out_dir: Path) -> None:
+    """The merge report as a table (an input's own tasks in bold), then its warnings."""
+    table = Table("model", *report.tasks, "mean", title=f"merge report ({report.n} test prompts per task)")
+    mean = lambda s: sum(s.values()) / max(1, len(s))  # noqa: E731
+    table.add_row("[bold]merge", *[f"{report.merged[t]:.1%}" for t in report.tasks], f"{mean(report.merged):.1%}")
+    for m in report.inputs:
+        cells = [f"[bold]{m['scores'][t]:.1%}" if t in m["own"] else f"{m['scores'][t]:.1%}" for t in report.tasks]
+        table.add_row(m["model"] + (" (base)" if m["role"] == "base" else ""), *cells, f"{mean(m['scores']):.1%}")
+    out.print(table)
+    for w in report.warnings:
+        err.print(f"warning: {w}", highlight=False, markup=False)
+    out.print(f"report written to {out_dir}/README.md and {out_dir}/merge_report.json", highlight=False)
 
 
 @app.command("moe")
@@ -170,7 +191,56 @@ def moe(
             raise MoergeError(f"{config}: is a merge recipe (merge_method), not an MoE config (base_model + experts); "
                               "run it with `moerge merge`")
     merge(config, out_dir, dry_run=dry_run, overwrite=overwrite, out_shard_size=out_shard_size, seed=seed, workers=None,
-          quiet=quiet, library=library, keep_intermediates=None, allow_same_experts=allow_same_experts, lazy=False)
+          quiet=quiet, library=library, keep_intermediates=None, allow_same_experts=allow_same_experts, lazy=False,
+          eval_tasks=None, eval_n=100)
+
+
+@app.command("search")
+def search_cmd(
+    recipe: Path = typer.Argument(..., help="A one-stage merge recipe whose numeric parameters (weights, densities, ...) to tune."),
+    tasks: str = typer.Option(..., "--tasks", help="Tasks to score candidates on (as `moerge eval --tasks`): built-in "
+                              "names or groups, or JSONL files of your own."),
+    budget: int = typer.Option(30, "--budget", help="Candidate merges to try (the recipe as written is the first)."),
+    n: int = typer.Option(50, "--n", min=1, help="Validation prompts per task for each candidate."),
+    n_test: Optional[int] = typer.Option(None, "--n-test", min=1, help="Test prompts per task for the final comparison (default: --n)."),
+    params: Optional[str] = typer.Option(None, "--params", help="Only these parameter names, comma-separated (default: "
+                                         "every numeric one the recipe sets)."),
+    optimizer: str = typer.Option("NGOpt", "--optimizer", help="nevergrad optimiser: NGOpt, CMA, TwoPointsDE, PSO, "
+                                  "OnePlusOne, RandomSearch."),
+    seed: int = typer.Option(0, "--seed", help="The optimiser's seed."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Score candidates as Ray tasks: 'local' starts a local Ray on "
+                                      "this machine's cores, or give a cluster address."),
+    workers: int = typer.Option(2, "--workers", min=1, help="With --ray: candidates scored at once."),
+    out_file: Optional[Path] = typer.Option(None, "--out", help="Write the best recipe here (YAML)."),
+    library: Optional[Path] = typer.Option(None, "--library", help="Where library://NAME@V models live (default: $MOERGE_LIBRARY, else .)."),
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Search a recipe's weights, densities and other numbers for the best score on TASKS: each candidate is
+    merged in memory and scored on the validation split; the best and the given recipe are then compared
+    on the test split. Prints the best recipe and writes it with --out."""
+    from moerge.search import search, write_recipe
+    from moerge.search.space import value_at
+    from moerge.util import output_file
+
+    with _user_errors():
+        if out_file:
+            output_file(out_file, "best recipe (--out)")
+        res = search(recipe, tasks=tasks, budget=budget, n=n, n_test=n_test, optimizer=optimizer, seed=seed, ray=ray,
+                     workers=workers, library=library, progress=True,
+                     params=[p.strip() for p in params.split(",") if p.strip()] if params else None)
+        if out_file:
+            write_recipe(res, out_file)
+    table = Table("recipe", *[k.label for k in res.knobs], "validation", "test", *res.best_test,
+                  title=f"merge search: {len(res.history)} candidates in {res.seconds:.0f} s")
+    mean = lambda s: sum(s.values()) / max(1, len(s))  # noqa: E731
+    for label, rec, val, test in (("as given", res.default, res.default_score, res.default_test),
+                                  ("best found", res.best, res.best_score, res.best_test)):
+        table.add_row(label, *[f"{value_at(rec, k.path):g}" for k in res.knobs], f"{val:.1%}", f"{mean(test):.1%}",
+                      *[f"{v:.1%}" for v in test.values()])
+    out.print(table)
+    out.print(res.yaml(), highlight=False, markup=False)
+    if out_file:
+        out.print(f"best recipe written to {out_file}", highlight=False)
 
 
 @app.command()
@@ -896,7 +966,7 @@ def fuse_simulate(
     seed: int = typer.Option(0, "--seed"),
     base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the built-in base)."),
     ray: Optional[str] = typer.Option(None, "--ray", help="Run each round's fine-tunes as Ray tasks: 'local' starts a "
-                                      "local Ray (2 CPUs), or give a cluster address."),
+                                      "local Ray on this machine's cores, or give a cluster address."),
     param: list[str] = typer.Option([], "--param", metavar="NAME=VALUE", help="A parameter of --method, e.g. "
                                     "density=0.5; repeatable."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON."),

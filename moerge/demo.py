@@ -27,6 +27,9 @@ MERGES = {
     "task_arithmetic": {"weight": 1.0},
     "ties": {"weight": 1.0, "density": 0.5},
     "dare_ties": {"weight": 1.0, "density": 0.5},
+    # data-aware: each expert's statistics on examples of its own skill (its card names them)
+    "fisher": {"weight": 1.0},
+    "regmean": {"weight": 1.0},
 }
 
 
@@ -40,13 +43,14 @@ FEW_SHOT = [("lorahub", None)]
 # ~50 tokens; a step takes seconds on one CPU thread), so it takes fewer steps and test prompts, scores
 # each expert on its own skill only (its interference shows in the merges; scoring all ten columns cost
 # as much as training it), validates on 20 prompts per skill (the card's number; 100 took as long as
-# the scoring), and gives the skill it learns slowest (sort_words) twice the steps.
+# the scoring), and gives the skill it learns slowest (sort_words) three times the steps.
 SETTINGS = {
     "tiny": {"steps": (90, 200), "n_eval": (100, 200), "gate_steps": (15, 100), "batch_size": 64, "lr": None,
-             "multitask": (1, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100},
+             "multitask": (1, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100,
+             "stats_examples": (64, 256)},
     "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 10), "batch_size": 8, "lr": 2e-3,
-             "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 2}, "task_arithmetic": 0.4,
-             "n_val": 20},
+             "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 3}, "task_arithmetic": 0.4,
+             "n_val": 20, "stats_examples": (32, 64)},
 }
 
 
@@ -77,8 +81,12 @@ def routers() -> tuple[list, str | None]:
 def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0, params: dict | None = None) -> dict:
     params = MERGES[method] if params is None else params
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
-    # linear averages the experts (base+LoRA) alone: a base_model would join the average, as in mergekit
-    return {"merge_method": method, **({} if method == "linear" else {"base_model": str(base)}), "models": models,
+    # methods without a base (linear, Fisher, RegMean) merge the experts (base+LoRA) alone: a base_model
+    # would join them as one more input, as in mergekit
+    from moerge.methods import registry
+
+    alone = registry.get(method).base == "ignored"
+    return {"merge_method": method, **({} if alone else {"base_model": str(base)}), "models": models,
             "dtype": "float32", "seed": seed}
 
 
@@ -89,6 +97,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     from moerge import base as base_model
     from moerge.errors import MoergeError
     from moerge.eval import evaluate
+    from moerge.methods import registry
     from moerge.routing import load_routed
     from moerge.routing.evaluate import evaluate_routed
     from moerge.routing.routers.phatgoose import train_gates
@@ -157,7 +166,10 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         phase(f"merging the experts with {method}, then scoring the merge")
         t0 = time.perf_counter()
         params = dict(MERGES[method], **({"weight": cfg["task_arithmetic"]} if method == "task_arithmetic" else {}))
-        res = moerge.merge(merge_recipe(method, base_dir, experts, params=params), out_dir / "merges" / method, overwrite=True, progress=False)
+        recipe = merge_recipe(method, base_dir, experts, params=params)
+        if registry.get(method).stats:  # Fisher, RegMean: examples per expert for its statistics
+            recipe["parameters"] = {"num_examples": cfg["stats_examples"][pick]}
+        res = moerge.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
     phase(f"training the multitask baseline on all {len(tasks)} skills' data")
@@ -181,7 +193,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
              "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
              "settings": {"steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
-                          "task_arithmetic_weight": cfg["task_arithmetic"]}}
+                          "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick]}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)

@@ -116,3 +116,26 @@ def test_a_trained_expert_merged_alone_is_the_expert(tmp_path):
     ids = tok(["reverse: abc="], add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, expert(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_completion_loss_equals_the_full_forward_loss():
+    """The head run over the completion positions only gives the loss of the whole forward, with and
+    without PEFT around the model, for rows whose prompts differ in length; its gradient too."""
+    import torch
+    from peft import get_peft_model
+
+    from moerge.train.expert import peft_config
+    from moerge.train.loop import collate, completion_loss, encode
+
+    model, tok = base_model.load(base_model.default_base())
+    rows = examples("reverse", "train", 6, 0) + examples("sort", "train", 3, 1)
+    batch = collate(encode(tok, rows), tok.pad_token_id)
+    assert len({int((r != -100).int().argmax()) for r in batch["labels"]}) > 1  # labels start in different columns
+    for m in (model, get_peft_model(model, peft_config("lora", 4))):
+        full = m(**batch).loss
+        fast = completion_loss(m, batch)
+        assert torch.allclose(fast, full, atol=1e-5), (fast, full)
+        params = [p for p in m.parameters() if p.requires_grad][:3]
+        g_full = torch.autograd.grad(full, params)
+        g_fast = torch.autograd.grad(completion_loss(m, batch), params)
+        assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_full, g_fast))

@@ -32,6 +32,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     stages: int = 1  # a multi-document recipe: how many merges made it
+    report: object = None  # eval.report.MergeReport when the merge was asked to score itself (--eval)
 
 
 @contextmanager
@@ -68,6 +69,14 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
         return _guarded(task, plan, lambda: plan.method.stream(
             base, stored, work=work, out_dtype=task.out_dtype, cast=plan.cast, block=block, generator=gen,
             **task.shared, **task.per_input))
+    params = {**task.shared, **task.per_input}
+    if plan.method.stats:
+        if plan.stats is None:
+            raise MoergeError(f"{plan.method.name}: the inputs' statistics were not gathered (engine.stats.gather) before the merge")
+        params = {k: v for k, v in params.items() if not plan.method.param(k).for_stats}
+        params["stats"] = [plan.stats[i].get(n) if plan.stats[i] else None for i, n in task.inputs]
+        params["stats_scale"] = [plan.stats[i].scale if plan.stats[i] else 1.0 for i, _ in task.inputs]
+        params["layout"] = next((plan.stats[i].layout(n) for i, n in task.inputs if plan.stats[i]), None)
     raw = [load(i, n) for i, n in task.inputs]
     base = load(*task.base) if task.base else None
     work = compute_dtype([t.dtype for t in raw] + ([base.dtype] if base is not None else []))
@@ -75,7 +84,17 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     del raw
     if base is not None and base.dtype != work:
         base = base.to(work)
-    return _guarded(task, plan, lambda: plan.method(base, tensors, generator=gen, **task.shared, **task.per_input)).to(task.out_dtype)
+    return _guarded(task, plan, lambda: plan.method(base, tensors, generator=gen, **params)).to(task.out_dtype)
+
+
+def merge_tensors(plan: Plan, progress: bool = False) -> dict[str, torch.Tensor]:
+    """The merged model's tensors in memory, nothing written (a merge search scores many candidates):
+    the same ``run_task`` per tensor as ``execute``, so the tensors equal a written merge's."""
+    if plan.method.stats and plan.stats is None:
+        from moerge.engine.stats import gather
+
+        plan.stats = gather(plan, progress)
+    return {task.name: run_task(plan, task) for task in plan.tasks}
 
 
 def _reader(plan: Plan, task: TensorTask):
@@ -154,6 +173,10 @@ def execute(
     out_dir = Path(out_dir)
     _check_output(plan, out_dir)
     start = time.perf_counter()
+    if plan.method.stats and plan.stats is None:  # data-aware: each input's statistics first (cached)
+        from moerge.engine.stats import gather
+
+        plan.stats = gather(plan, progress)
     workers = workers or min(4, os.cpu_count() or 1)
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.out_dtype) for t in plan.tasks], parse_size(shard_size), overwrite)
     done_bytes = 0

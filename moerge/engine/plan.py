@@ -43,6 +43,7 @@ class Model:
     config: dict[str, Any]
     lora: Path | None = None
     pinned: str = ""
+    card: dict | None = None  # a library expert's card (an adapter folder's is its expert.json): its training data
 
     def __post_init__(self):
         self.pinned = self.pinned or self.ref
@@ -94,6 +95,7 @@ class Plan:
     cast: torch.dtype | None
     notes: list[str] = field(default_factory=list)
     alignment: Any = None  # engine.vocab.Alignment when the inputs' vocabularies are aligned by token
+    stats: list | None = None  # engine.stats.gather's per-model statistics, for a data-aware method
 
     @property
     def pinned_recipe(self) -> Recipe:
@@ -126,6 +128,15 @@ class Plan:
         ]
         if self.config and "num_hidden_layers" in self.config:
             lines.append(f"layers: {self.config['num_hidden_layers']}")
+        if self.method.stats:  # data-aware: what each input's statistics will be computed on
+            datas: dict[int, Any] = {}
+            for t in self.tasks:
+                for (i, _), d in zip(t.inputs, t.per_input.get("data") or [None] * len(t.inputs)):
+                    datas.setdefault(i, d)
+            n = next((t.shared.get("num_examples") for t in self.tasks if t.floating), None)
+            what = {"fisher": "diagonal Fisher", "gram": "per-layer input Gram matrices"}[self.method.stats]
+            lines.append(f"statistics (computed before merging, cached): {what} on {n} examples of each model's data: " +
+                         ", ".join(f"{self.models[i].ref}: {d or 'its expert card'}" for i, d in sorted(datas.items())))
         return "\n".join(lines + self.notes)
 
 
@@ -152,7 +163,7 @@ def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
         base = lib.base_source(entry.base_version)  # the base version it was made on
         source = ExpertAppliedSource(base, lib.load(entry.ref), f"{LIBRARY_SCHEME}{entry.ref}")
         folder = lib.base(entry.base_version).path
-        return Model(ref, folder, source, _read_config(folder), None, f"{LIBRARY_SCHEME}{entry.ref}")
+        return Model(ref, folder, source, _read_config(folder), None, f"{LIBRARY_SCHEME}{entry.ref}", entry.card)
     name, rev, lora = split_ref(ref)
     folder = resolve_ref(name, rev)
     _refuse_adapter(name, folder, lora)

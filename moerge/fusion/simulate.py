@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from moerge.errors import MoergeError
+from moerge.scale import Runner
 
 
 def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, steps: int, batch_size: int, seed: int,
@@ -50,41 +51,6 @@ def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, st
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"task": task, "path": out_dir if keep else None, "validation": card.validation_accuracy,
             "seconds": round(time.perf_counter() - t0, 1), "scores": scores}
-
-
-class Runner:
-    """Runs a list of independent jobs: here, one after another, or as Ray tasks."""
-
-    def __init__(self, ray: bool | str | None = None, threads: int | None = None):
-        self.ray = None
-        self.threads = threads
-        self.started = False  # whether this runner started Ray (and so shuts it down)
-        if ray:
-            try:
-                import ray as ray_mod
-            except ImportError:
-                raise MoergeError("--ray: Ray is not installed; pip install 'moerge[ray]' (or pip install ray)") from None
-            if not ray_mod.is_initialized():
-                address = None if ray in (True, "local", "") else str(ray)
-                try:
-                    ray_mod.init(address=address, include_dashboard=False, log_to_driver=False,
-                                 **({"num_cpus": 2} if address is None else {}))
-                    self.started = True
-                except ConnectionError as e:
-                    raise MoergeError(f"--ray {ray}: cannot join the Ray cluster ({e}); check the address "
-                                      "(ray://HOST:10001 or HOST:6379) or omit it for a local Ray") from None
-            self.ray = ray_mod
-            self._remote = ray_mod.remote(num_cpus=1)(_finetune_and_score)
-
-    def close(self) -> None:
-        if self.ray is not None and self.started:
-            self.ray.shutdown()
-
-    def map(self, jobs: list[dict]) -> list[dict]:
-        if self.ray is None:
-            return [_finetune_and_score(**j, threads=None) for j in jobs]
-        refs = [self._remote.remote(**j, threads=self.threads or 1) for j in jobs]
-        return self.ray.get(refs)
 
 
 def _mean(xs) -> float | None:
@@ -149,7 +115,7 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     start = time.perf_counter()
     from moerge.util import atomic_dir, write_json
 
-    runner = Runner(ray)
+    runner = Runner(_finetune_and_score, ray)
     try:
         with atomic_dir(out, overwrite) as work:
             results = _loop(runner, work, base_dir, pool, held, rounds, contributors, adapter, method, steps,

@@ -8,6 +8,9 @@ ones as scalars. Random methods get a ``generator`` seeded per tensor, so result
 thread scheduling. The recipe layer resolves and range-checks parameters from the specs declared here;
 methods never parse configuration.
 
+A *data-aware* method (``stats``: Fisher, RegMean) also gets each input's statistics for the tensor,
+computed from data before the merge by ``engine/stats.py``; the function itself never sees data.
+
 A *blockwise* method's ``fn`` is elementwise once whole-tensor statistics are known: its optional
 ``prepare(blocks, generator=, **params) -> extras`` computes them (thresholds, masks, norms) from a
 :class:`~moerge.methods.blocks.Blocks`, and ``fn(base_block, blocks, **params, **extras)`` then runs
@@ -37,6 +40,7 @@ class Param:
     open_low: bool = False
     open_high: bool = False
     help: str = ""
+    for_stats: bool = False  # read by the statistics step (engine/stats.py), not passed to the method
 
     @property
     def required(self) -> bool:
@@ -84,6 +88,10 @@ class Method:
     extra: dict = field(default_factory=dict)
     blockwise: bool = False
     prepare: Callable[..., dict] | None = None
+    # a data-aware method: the statistic it weighs each input by ("fisher" or "gram"), computed per input
+    # model by engine/stats.py and passed as ``stats`` (a list aligned with ``tensors``, None where a
+    # tensor has none) and ``stats_scale`` (each model's whole-model mean, for normalising)
+    stats: str | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -115,6 +123,15 @@ class Method:
 
 def _kwargs(params: dict) -> dict:
     return {(k + "_" if keyword.iskeyword(k) else k): v for k, v in params.items()}
+
+
+def data_params(statistic: str) -> tuple[Param, ...]:
+    """The parameters every data-aware method takes: a share per model, each model's data, and how
+    many of its examples the statistics step reads."""
+    return (Param("weight", float, 1.0, per_input=True, low=0.0, help="the model's share"),
+            Param("data", str, None, per_input=True, for_stats=True,
+                  help="examples of the model's task: a JSONL file, built-in task name(s); default: its expert card's data"),
+            Param("num_examples", int, 256, low=1, for_stats=True, help=f"examples per model for its {statistic}"))
 
 
 _METHODS: dict[str, Method] = {}
@@ -155,8 +172,8 @@ def all_param_names() -> frozenset[str]:
 
 def _load_builtins() -> None:
     # importing the modules registers their methods
-    from moerge.methods import (arcee_fusion, karcher, linear, model_stock, multislerp, nearswap, passthrough, ram,  # noqa: F401
-                                sce, slerp, task_arithmetic)
+    from moerge.methods import (arcee_fusion, fisher, karcher, linear, model_stock, multislerp, nearswap,  # noqa: F401
+                                passthrough, ram, regmean, sce, slerp, task_arithmetic)
 
 
 def compute_dtype(dtypes) -> torch.dtype:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from moerge.engine.dense import load_dense
 from moerge.engine.plan import DTYPES, Model, _human, open_model, tensor_nbytes, tensor_seed
 from moerge.engine.recipe import _line_map
 from moerge.errors import MoergeError
@@ -306,7 +307,7 @@ def compute_routers(plan: MoEPlan, hidden_dtype: torch.dtype = torch.float32) ->
         embed = plan.base.source.get("model.embed_tokens.weight")
         fn = lambda batch: router.cheap_embedding(embed, batch, plan.num_layers)  # noqa: E731
         return router.gate_vectors(gated, fn, tok).float()
-    model = router.load_dense(plan.base, hidden_dtype)  # freed on return, before any output is written
+    model = load_dense(plan.base, hidden_dtype)  # freed on return, before any output is written
     fn = lambda batch: router.hidden_states(model, batch, average=cfg.gate_mode == "hidden_avg")  # noqa: E731
     return router.gate_vectors(gated, fn, tok).float()
 

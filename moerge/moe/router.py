@@ -94,32 +94,3 @@ def random_gates(mode: str, layers: int, experts: int, hidden: int, seed: int) -
     return torch.rand((layers, experts, hidden), generator=g) * 2 * scale - scale
 
 
-def load_dense(model_ref, dtype: torch.dtype):
-    """The base as a transformers model (for the hidden-state forward pass), its weights read from the
-    lazy source, so adapters (``base+adapter``, ``library://``) apply as they do everywhere else."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        cfg = AutoConfig.from_pretrained(str(model_ref.folder))
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise MoergeError(f"{model_ref.ref}: cannot read its config.json ({first}); gate_mode hidden runs the base") from None
-    try:
-        from transformers.initialization import no_init_weights  # transformers 5
-    except ImportError:  # pragma: no cover
-        from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    src = model_ref.source
-    wanted = model.state_dict()
-    sd = {}
-    for name, t in wanted.items():
-        if name in src:
-            sd[name] = src.get(name).to(dtype)
-    missing = [n for n in wanted if n not in sd and not (n == "lm_head.weight" and cfg.tie_word_embeddings)]
-    if missing:
-        raise MoergeError(f"{model_ref.ref}: lacks tensor {missing[0]!r} its config.json implies; is it a complete "
-                          f"{cfg.model_type} checkpoint?")
-    model.load_state_dict(sd, strict=False)
-    model.tie_weights()
-    return model.eval()

@@ -2,6 +2,8 @@
 
 The loss covers the completion and the end-of-sequence token only: the prompt is context, not
 something the model should learn to produce. Batches are padded to their own longest sequence.
+The model's output head runs only over the batch's completion positions (``completion_loss``): on a
+real vocabulary (49k tokens) the head over every prompt position was a fifth of a training step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 
 from moerge.tasks.data import Example
 
@@ -46,6 +51,45 @@ def collate(encoded: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, 
         labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
         mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def _inner(model):
+    """The transformers model under a wrapper (a PEFT model, the gate trainer), which passes its
+    keyword arguments through to it."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+    return "logits_to_keep" in inspect.signature(_inner(model).forward).parameters
+
+
+def _contiguous_input(module, args):
+    # the head gets the kept positions as a strided slice, which torch multiplies through a batched
+    # matmul 4x slower than the same rows made contiguous (measured on a 49k x 576 head)
+    return (args[0].contiguous(), *args[1:])
+
+
+def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean next-token cross-entropy over the labelled (completion) positions, the same number as
+    ``model(**batch).loss``, with the output head run from the first labelled position on only.
+    The model's own forward computes the logits (so any logit scaling or soft-capping it applies is
+    kept); models without ``logits_to_keep`` get the full forward."""
+    labels = batch["labels"]
+    labelled = labels != -100
+    if not _keeps_logits(model) or not bool(labelled.any()):
+        return model(**batch).loss
+    width = labels.shape[1]
+    first = max(1, int(labelled.int().argmax(1)[labelled.any(1)].min()))  # the earliest labelled column (column 0 has no prediction)
+    keep = width - first + 1  # logits at column j predict the token at j + 1
+    head = _inner(model).get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+    try:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    finally:
+        if hook is not None:
+            hook.remove()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, first:].flatten(), ignore_index=-100)
 
 
 def train(
@@ -83,7 +127,7 @@ def train(
             order += more
         batch = collate([encoded[i] for i in order[:batch_size]], tokenizer.pad_token_id)
         del order[:batch_size]
-        loss = model(**batch).loss
+        loss = completion_loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -50,7 +50,7 @@ def search(routed, examples: list, budget: int = 40, seed: int = 0) -> torch.Ten
         import nevergrad as ng
     except ImportError:
         raise MoergeError("the lorahub router needs nevergrad: pip install 'moerge[lorahub]' (or pip install nevergrad)") from None
-    from moerge.train.loop import collate, encode
+    from moerge.train.loop import collate, completion_loss, encode
 
     batch = collate(encode(routed.tokenizer, examples), routed.tokenizer.pad_token_id)
     n = len(routed.cards)
@@ -59,7 +59,7 @@ def search(routed, examples: list, budget: int = 40, seed: int = 0) -> torch.Ten
         routed.state.token_router = None
         routed.state.example_weights = torch.tensor(w, dtype=torch.float32).expand(batch["input_ids"].shape[0], -1)
         try:
-            value = float(routed.model(**batch).loss)
+            value = float(completion_loss(routed.model, batch))
         finally:
             routed.unroute()
         return value + 0.05 * float(sum(abs(x) for x in w))

@@ -38,6 +38,9 @@ class _GateTrainer(nn.Module):
     def route(self, module: str, x: torch.Tensor, scores=None) -> torch.Tensor:
         return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
 
+    def get_base_model(self):
+        return self.model  # what the training loop asks of a wrapper (it passes keywords through)
+
     def forward(self, **batch):
         self.state.token_router = self.route
         try:

@@ -1,0 +1,302 @@
+"""Statistics of each input model on its own data, for the data-aware merge methods (Fisher, RegMean).
+
+A method that declares ``stats`` (``methods/fisher.py``, ``methods/regmean.py``) stays a pure tensor
+function: before the executor streams the plan, this step runs every non-base input as a transformers
+model on examples of what it was tuned on and saves, per tensor, what the method weighs it by:
+
+- ``fisher``: the diagonal empirical Fisher, the mean over examples of the squared gradient of the
+  example's log-likelihood (its completion tokens given the prompt), one example at a time as Matena &
+  Raffel define it (the square of a batch's gradient is not the mean of squares);
+- ``gram``: per linear layer the Gram matrix XᵀX of its inputs over every non-padding token, divided
+  by the number of tokens, so a model's weight in the merge does not grow with its data. Layers fed
+  the same input (q, k and v; gate and up) share one matrix in the file.
+
+Which data: the model's ``data`` parameter in the recipe (a JSONL file of prompt/completion rows, a
+built-in task name, or several comma-separated), else the training data its expert card names (an
+expert trained by moerge, a library expert). Statistics are cached in ``$MOERGE_CACHE/stats`` under
+the hash of the model's tensors, the examples and the settings, so a second merge of the same experts
+(another weight, another method of the same kind) reuses them. One model is in memory at a time, in
+float32, with its gradients for Fisher: twice the model's size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moerge.errors import MoergeError
+
+VERSION = 1  # bump when what a statistic means changes, so old cache files are not reused
+
+
+@dataclass
+class Stats:
+    """One model's statistics, read from their cache file as the merge asks for them (memory-mapped:
+    six real models' Gram matrices are gigabytes): ``get(name)`` is the tensor for a weight of that
+    name, or None."""
+
+    kind: str
+    aliases: dict[str, str]  # weight name -> the name its (shared) statistic is stored under
+    layouts: dict[str, str]  # gram only: "out_in" (nn.Linear) or "in_out" (GPT-2's Conv1D)
+    scale: float  # fisher: the mean of the Fisher over every parameter (for normalisation); gram: 1
+    examples: int
+    path: Path
+    names: frozenset = frozenset()
+
+    def get(self, name: str) -> torch.Tensor | None:
+        from safetensors import safe_open
+
+        key = self.aliases.get(name, name)
+        if key not in self.names:
+            return None
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(key)
+
+    def layout(self, name: str) -> str | None:
+        return self.layouts.get(name)
+
+
+def cache_root() -> Path:
+    from moerge.base import cache_dir
+
+    return cache_dir() / "stats"
+
+
+# ----------------------------------------------------------------------------------------- data
+def rows_for(model, data: str | None, n: int, seed: int = 0, why: str = "") -> tuple[list, str]:
+    """(examples, what they are) for one input model: ``data`` as the recipe gives it, else the
+    training data of the model's expert card."""
+    from moerge.tasks import examples, mixture
+    from moerge.tasks.data import is_user_task
+
+    if data:
+        if is_user_task(data) or Path(data).exists():
+            if not Path(data).is_file() or not is_user_task(data):
+                raise MoergeError(f"{model.ref}: data {data} is not a .jsonl file; give a JSONL of prompt/completion rows or "
+                                  "a built-in task name (`moerge tasks list`)")
+            rows = examples(data, "train", n, seed)
+        else:
+            names = [t.strip() for t in data.split(",") if t.strip()]
+            rows = mixture(names, "train", max(1, n // len(names)), seed)
+        return rows[:n], data
+    card = model.card or {}
+    if not card and model.lora is not None:
+        from moerge.train.expert import read_card
+
+        card = read_card(model.lora)
+    if card.get("data"):
+        from moerge.train.expert import ExpertCard, training_rows
+
+        try:
+            rows = training_rows(ExpertCard(**{k: v for k, v in card.items() if k in ExpertCard.__dataclass_fields__}), n, seed)
+        except MoergeError as e:
+            raise MoergeError(f"{model.ref}: {e}; or add `parameters: {{data: FILE.jsonl}}` to it in the recipe") from None
+        return rows[:n], card["data"]
+    raise MoergeError(f"{model.ref}: {why or 'this merge'} needs examples of what this model was tuned on, and it has no "
+                      "expert card naming its training data; add `parameters: {data: FILE.jsonl}` (prompt/completion "
+                      "rows, or a built-in task name) to it in the recipe")
+
+
+def _rows_digest(rows) -> str:
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(json.dumps([r.prompt, r.completion]).encode())
+    return h.hexdigest()
+
+
+def _model_digest(model: torch.nn.Module) -> str:
+    """The hash of a model's tensors (names and bytes): the statistics' cache key, whatever path,
+    adapter or library reference the model was reached by."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(memoryview(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- math
+def fisher(model: torch.nn.Module, tokenizer, rows) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher per parameter: the mean over ``rows`` of (∂ log p(completion | prompt) / ∂θ)²."""
+    from moerge.train.loop import collate, completion_loss, encode
+
+    params = dict(model.named_parameters())  # tied weights appear once, under the input embedding's name
+    for p in params.values():
+        p.requires_grad_(True)
+    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    model.eval()  # no dropout: the Fisher of the model as it predicts
+    for ids in encode(tokenizer, rows):
+        batch = collate([ids], tokenizer.pad_token_id)
+        n_tokens = int((batch["labels"][:, 1:] != -100).sum())
+        model.zero_grad(set_to_none=False)  # zeroed in place: no new gradient buffers per example
+        (completion_loss(model, batch) * n_tokens).backward()  # -log p(y | x): the mean times the tokens
+        for n, p in params.items():
+            if p.grad is not None:
+                acc[n].addcmul_(p.grad, p.grad)
+    model.zero_grad(set_to_none=True)
+    return {n: a.div_(len(rows)) for n, a in acc.items()}
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Checkpoint names that are another parameter (a tied LM head): name -> the parameter's name."""
+    params = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in params.items()}
+    return {n: by_id[id(t)] for n, t in model.state_dict(keep_vars=True).items() if n not in params and id(t) in by_id}
+
+
+def _linear_layers(model: torch.nn.Module):
+    """(weight name, module, layout) of every linear layer whose weight is its own (a head tied to the
+    input embedding is averaged with the embedding, not solved for)."""
+    from transformers.pytorch_utils import Conv1D
+
+    emb = model.get_input_embeddings()
+    tied = emb.weight if emb is not None else None
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod.weight is not tied:
+            yield f"{name}.weight", mod, "out_in"
+        elif isinstance(mod, Conv1D):
+            yield f"{name}.weight", mod, "in_out"
+
+
+@torch.no_grad()
+def gram(model: torch.nn.Module, tokenizer, rows, batch_size: int = 8) -> tuple[dict, dict, dict]:
+    """(Gram matrices, aliases, layouts): per linear layer the mean over non-padding tokens of x xᵀ
+    of its input x, accumulated in float64."""
+    from moerge.train.loop import collate, encode
+
+    layers = list(_linear_layers(model))
+    grams: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}  # id of an input this forward -> (first layer that read it, it)
+    mask: list[torch.Tensor] = []
+    first_pass = [True]
+
+    def hook_for(wname: str):
+        def hook(module, args):
+            x = args[0]
+            if first_pass[0]:  # layers reading the very same tensor (held, so its id is not reused) share a matrix
+                if id(x) in seen and seen[id(x)][1] is x:
+                    aliases[wname] = seen[id(x)][0]
+                    return
+                seen[id(x)] = (wname, x)
+            elif wname in aliases:
+                return
+            flat = x.reshape(-1, x.shape[-1])[mask[0]].double()
+            g = flat.T @ flat
+            grams[wname] = grams[wname].add_(g) if wname in grams else g
+        return hook
+
+    hooks = [mod.register_forward_pre_hook(hook_for(w)) for w, mod, _ in layers]
+    tokens = 0
+    try:
+        model.eval()
+        encoded = encode(tokenizer, rows)
+        for i in range(0, len(encoded), batch_size):
+            batch = collate(encoded[i:i + batch_size], tokenizer.pad_token_id)
+            mask[:] = [batch["attention_mask"].reshape(-1).bool()]
+            tokens += int(mask[0].sum())
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            first_pass[0] = False
+            seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {w: g.div_(max(1, tokens)).float() for w, g in grams.items()}
+    return out, aliases, {w: layout for w, _, layout in layers}
+
+
+# ----------------------------------------------------------------------------------------- files
+def _save(path: Path, tensors: dict, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    from moerge.util import atomic_file
+
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"moerge": json.dumps(meta)})
+
+
+def _load(path: Path) -> Stats:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {})["moerge"])
+        names = frozenset(f.keys())  # opening checks the header against the file's size: a truncated file fails here
+    return Stats(meta["kind"], meta.get("aliases", {}), meta.get("layouts", {}), float(meta.get("scale", 1.0)),
+                 int(meta["examples"]), path, names)
+
+
+def compute(model_ref, kind: str, rows: list, described: str, progress: bool = False) -> Stats:
+    """One input model's statistics of ``kind`` ("fisher" or "gram") on ``rows`` (``rows_for``), from
+    the cache when the same model, examples and settings were seen before."""
+    from moerge.engine.dense import load_runnable
+
+    if kind not in ("fisher", "gram"):
+        raise MoergeError(f"unknown statistic {kind!r}")
+    start = time.perf_counter()
+    model, tok = load_runnable(model_ref, "its statistics")
+    key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": _model_digest(model), "rows": _rows_digest(rows)},
+                                    sort_keys=True).encode()).hexdigest()
+    path = cache_root() / f"{kind}-{key[:40]}.safetensors"
+    if path.is_file():
+        try:
+            stats = _load(path)
+            _say(progress, f"statistics: {kind} of {model_ref.ref} on {len(rows)} examples of {described}: cached ({path})")
+            return stats
+        except Exception:  # a damaged cache file is recomputed, never trusted
+            path.unlink(missing_ok=True)
+    if kind == "fisher":
+        tensors, aliases, layouts = fisher(model, tok, rows), tied_names(model), {}
+        total = sum(float(t.sum()) for t in tensors.values())
+        scale = total / max(1, sum(t.numel() for t in tensors.values()))
+    else:
+        tensors, aliases, layouts = gram(model, tok, rows)
+        scale = 1.0
+    meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows),
+            "aliases": aliases, "layouts": layouts, "scale": scale}
+    _save(path, tensors, meta)
+    _say(progress, f"statistics: {kind} of {model_ref.ref} on {len(rows)} examples of {described}: "
+                   f"{time.perf_counter() - start:.0f} s (cached in {path})")
+    return _load(path)
+
+
+def _say(progress: bool, line: str) -> None:
+    if progress:
+        print(line, file=sys.stderr, flush=True)
+
+
+def gather(plan, progress: bool = False) -> list[Stats | None]:
+    """The statistics the plan's method needs, one entry per opened model (None for those that are
+    not merged inputs: the base). Each model's ``data`` and the shared ``num_examples`` come from the
+    recipe as planned; a model given different data for different tensors is refused."""
+    method = plan.method
+    wanted: dict[int, set] = {}
+    counts: set = set()
+    for task in plan.tasks:
+        if not task.floating:
+            continue
+        data = task.per_input.get("data") or [None] * len(task.inputs)
+        for (i, _), d in zip(task.inputs, data):
+            wanted.setdefault(i, set()).add(d)
+        counts.add(task.shared.get("num_examples"))
+    if len(counts) > 1:
+        raise MoergeError(f"{method.name}: num_examples must be one number for the whole merge, got {sorted(counts)}")
+    n = counts.pop() if counts else None
+    data: dict[int, tuple[list, str]] = {}
+    for i, datas in sorted(wanted.items()):  # every model's examples first: a missing one is refused before any work
+        model = plan.models[i]
+        if len(datas) > 1:
+            raise MoergeError(f"{model.ref}: gets different data for different tensors ({', '.join(map(str, datas))}); "
+                              f"{method.name} computes one set of statistics per model: give data without filters")
+        rows, described = rows_for(model, datas.pop(), int(n or 256), plan.recipe.seed or 0, f"merge_method {method.name}")
+        if not rows:
+            raise MoergeError(f"{model.ref}: its data {described} gave no examples; give more rows")
+        data[i] = rows, described
+    out: list[Stats | None] = [None] * len(plan.models)
+    for i, (rows, described) in data.items():
+        out[i] = compute(plan.models[i], method.stats, rows, described, progress)
+    return out

@@ -1,0 +1,150 @@
+"""The merge report: a merge scored against its own inputs (``moerge merge ... --eval TASKS``).
+
+Merging is cheap and evaluation is what tells whether a merge is any good, so the report scores the
+output and every input model (the base too) on the same tasks and prompts, writes the table into the
+output's model card (``README.md``) and as ``merge_report.json`` beside it, and warns when the merge
+falls below an input on that input's own tasks: the skill named by its expert card (or the ``data``
+the recipe gave it), else the tasks where it is the best input. A multi-document recipe is scored
+against the models it starts from (its stages' intermediate outputs are gone by then).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from moerge.errors import MoergeError
+
+REPORT = "merge_report.json"
+SECTION = "## Evaluation (moerge merge --eval)"
+
+
+@dataclass
+class MergeReport:
+    tasks: list[str]
+    n: int
+    merged: dict[str, float]
+    inputs: list[dict]  # {"model", "role": "base" | "input", "scores", "own": [tasks]}
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"tasks": self.tasks, "n": self.n, "merged": self.merged, "inputs": self.inputs, "warnings": self.warnings}
+
+    def markdown(self) -> str:
+        head = "| model | " + " | ".join(self.tasks) + " | mean |\n|---|" + "---|" * (len(self.tasks) + 1) + "\n"
+
+        def row(name: str, scores: dict, own: Iterable[str] = ()) -> str:
+            cells = [f"**{scores[t]:.1%}**" if t in own else f"{scores[t]:.1%}" for t in self.tasks]
+            return f"| {name} | " + " | ".join(cells) + f" | {_mean(scores):.1%} |\n"
+
+        body = row("**merge**", self.merged)
+        for m in self.inputs:
+            body += row(f"`{m['model']}`" + (" (base)" if m["role"] == "base" else ""), m["scores"], m["own"])
+        note = (f"\nExact match of greedy completions on {self.n} test prompts per task; an input's own tasks in bold.\n")
+        warn = "".join(f"\n> warning: {w}\n" for w in self.warnings)
+        return f"{SECTION}\n\n" + head + body + note + warn
+
+
+def _mean(scores: dict) -> float:
+    return sum(scores.values()) / max(1, len(scores))
+
+
+def _inputs(recipe, library) -> list[tuple[object, str]]:
+    """(opened model, "base" | "input") for every model the recipe merges, headers only."""
+    import moerge
+    from moerge.engine.multi import MultiPlan
+    from moerge.engine.plan import Plan
+
+    p = moerge.plan(recipe, library=library)
+    if isinstance(p, MultiPlan):
+        models = list(p.opened.values())
+        base_refs = {s.stage.recipe.base_model for s in p.stages if s.stage.recipe.base_model}
+        return [(m, "base" if m.ref in base_refs else "input") for m in models]
+    if not isinstance(p, Plan):
+        raise MoergeError("--eval: an MoE config is not scored against its inputs yet; evaluate the output with `moerge eval`")
+    bases = {t.base[0] for t in p.tasks if t.base}
+    return [(m, "base" if i in bases else "input") for i, m in enumerate(p.models)]
+
+
+def _own(model, data: str | None, names: list[str]) -> list[str]:
+    """The tasks of ``names`` a model was tuned for: its expert card's task (or data file), or the data
+    the recipe gave it."""
+    card = getattr(model, "card", None) or {}
+    if not card and getattr(model, "lora", None) is not None:
+        from moerge.train.expert import read_card
+
+        card = read_card(model.lora)
+    claimed = set((card.get("task") or "").split(",")) | {card.get("data") or ""} | set((data or "").split(","))
+    claimed |= {str(Path(c).resolve()) for c in claimed if c.endswith(".jsonl")}
+    return [t for t in names if t in claimed or (t.endswith(".jsonl") and str(Path(t).resolve()) in claimed)]
+
+
+def merge_report(recipe, out_dir: str | os.PathLike, tasks, *, n: int = 100, library=None, progress: bool = False,
+                 write: bool = True) -> MergeReport:
+    """Score the merged model in ``out_dir`` and every input of ``recipe`` on ``tasks``; with ``write``,
+    add the table to the output's README.md and write ``merge_report.json`` (both atomically)."""
+    import sys
+
+    from moerge import base as base_model
+    from moerge.engine.dense import load_runnable
+    from moerge.eval import evaluate, resolve_tasks
+
+    names = resolve_tasks(tasks)
+    out_dir = Path(out_dir)
+
+    def say(line: str) -> None:
+        if progress:
+            print(line, file=sys.stderr, flush=True)
+
+    say(f"evaluating the merge on {len(names)} task(s), {n} prompts each")
+    model, tok = base_model.load(out_dir)
+    merged = evaluate(model, tok, names, n=n)
+    del model
+    inputs = []
+    for m, role in _inputs(recipe, library):
+        say(f"evaluating {m.ref}")
+        dense, itok = load_runnable(m, "--eval")
+        scores = evaluate(dense, itok, names, n=n)
+        inputs.append({"model": m.pinned, "role": role, "scores": scores, "own": []})
+        inputs[-1]["own"] = _own(m, _data_param(recipe, m.ref), names) if role == "input" else []
+    _claim_best(inputs, names)
+    warnings = [f"the merge scores {merged[t]:.1%} on {t}, below {m['model']} ({m['scores'][t]:.1%}), one of whose own "
+                f"tasks it is" for m in inputs if m["role"] == "input" for t in m["own"] if merged[t] < m["scores"][t]]
+    report = MergeReport(names, n, merged, inputs, warnings)
+    if write:
+        from moerge.util import atomic_file
+
+        with atomic_file(out_dir / REPORT) as tmp:
+            tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        card = out_dir / "README.md"
+        text = card.read_text() if card.is_file() else ""
+        text = text.split(f"\n{SECTION}")[0].rstrip("\n") + "\n\n" + report.markdown()  # a re-run replaces its section
+        with atomic_file(card) as tmp:
+            tmp.write_text(text)
+    return report
+
+
+def _claim_best(inputs: list[dict], names: list[str]) -> None:
+    """An input with no known task of its own owns the tasks where it is the best input."""
+    merged_inputs = [m for m in inputs if m["role"] == "input"]
+    for m in merged_inputs:
+        if not m["own"]:
+            m["own"] = [t for t in names if m["scores"][t] > 0 and m["scores"][t] == max(x["scores"][t] for x in merged_inputs)]
+
+
+def _data_param(recipe, ref: str) -> str | None:
+    """The ``data`` a recipe gives one model (a data-aware merge's), if any, as a string."""
+    from moerge import load_recipe
+    from moerge.engine.multi import MultiRecipe
+
+    r = load_recipe(recipe)
+    recipes = r.stages if isinstance(r, MultiRecipe) else [r]
+    for rr in recipes:
+        for m in getattr(getattr(rr, "recipe", rr), "models", None) or []:
+            d = (m.parameters or {}).get("data") if m.model == ref else None
+            if isinstance(d, str):
+                return d
+    return None
