@@ -231,7 +231,7 @@ def search_cmd(
         if out_file:
             write_recipe(res, out_file)
     table = Table("recipe", *[k.label for k in res.knobs], "validation", "test", *res.best_test,
-                  title=f"merge search: {len(res.history)} candidates in {res.seconds:.0f} s")
+                  title=f"merge search: {len(res.history)} candidates ({res.merges} distinct) in {res.seconds:.0f} s")
     mean = lambda s: sum(s.values()) / max(1, len(s))  # noqa: E731
     for label, rec, val, test in (("as given", res.default, res.default_score, res.default_test),
                                   ("best found", res.best, res.best_score, res.best_test)):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import moerge
 from moerge.errors import MoergeError
-from moerge.methods import names
+from moerge.methods import names, registry
 
 
 def sd(folder):
@@ -25,16 +25,22 @@ def recipe_for(method, tiny):
     }.get(method, {"weight": 0.5, "density": 0.6})
     one = ("slerp", "passthrough", "nearswap", "arcee_fusion")  # methods that take one model besides the base
     models = [f1] if method in one else ([f1, f2] if method == "nuslerp" else [f1, f2, f3])
-    # linear and passthrough have no base: a base_model not under models: would join them as an input
-    r = {"merge_method": method, **({} if method in ("linear", "passthrough") else {"base_model": base}),
+    data_aware = registry.get(method).stats is not None  # fisher, regmean: each model's examples, no base
+    if data_aware:
+        params = {"weight": 0.5, "data": "reverse"}
+    # linear, passthrough and the data-aware methods have no base: a base_model not under models: would join them
+    r = {"merge_method": method, **({} if method in ("linear", "passthrough") or data_aware else {"base_model": base}),
          "models": [{"model": m, **({"parameters": params} if params else {})} for m in models]}
     if method in ("slerp", "nearswap"):
         r["parameters"] = {"t": 0.4}
+    if data_aware:
+        r["parameters"] = {"num_examples": 8}
     return r
 
 
 @pytest.mark.parametrize("method", names())
-def test_every_method_writes_a_loadable_generating_model(method, tiny, tmp_path):
+def test_every_method_writes_a_loadable_generating_model(method, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))  # data-aware methods' statistics
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     res = moerge.merge(recipe_for(method, tiny), tmp_path / "out")

@@ -55,6 +55,7 @@ def world(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # relative references (./nope, tests, .) resolve in a scratch folder
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("MOERGE_CACHE", str(root / "cache"))  # Fisher and RegMean statistics of fuzzed recipes
         mp.setattr(hub_constants, "HF_HUB_OFFLINE", True)
         yield {**{k: str(v) for k, v in tiny.items()}, "adapter": str(root / "adapter"), "lib": lib.root}
 

@@ -51,6 +51,7 @@ def test_search_finds_a_better_weight_than_a_bad_default(expert, tmp_path):
     assert res.best["models"][0]["parameters"]["weight"] > 0.3
     assert sum(res.best_test.values()) > sum(res.default_test.values())  # it holds on the test split too
     assert len({json.dumps(h["values"]) for h in res.history}) > 3  # it tried different weights
+    assert res.merges == len({json.dumps(h["values"]) for h in res.history})  # each distinct point merged once
     # the written recipe is the best one and merges as it was scored
     (tmp_path / "r.yml").write_text(yaml.safe_dump(_recipe(expert, 0.05)))
     r = runner.invoke(app, ["search", str(tmp_path / "r.yml"), "--tasks", "novowels", "--budget", "3", "--n", "10",

@@ -131,7 +131,7 @@ def data_params(statistic: str) -> tuple[Param, ...]:
     return (Param("weight", float, 1.0, per_input=True, low=0.0, help="the model's share"),
             Param("data", str, None, per_input=True, for_stats=True,
                   help="examples of the model's task: a JSONL file, built-in task name(s); default: its expert card's data"),
-            Param("num_examples", int, 256, low=1, for_stats=True, help=f"examples per model for its {statistic}"))
+            Param("num_examples", int, 256, low=1, high=100_000, for_stats=True, help=f"examples per model for its {statistic}"))
 
 
 _METHODS: dict[str, Method] = {}

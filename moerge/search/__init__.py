@@ -37,6 +37,7 @@ class SearchResult:
     default_test: dict[str, float]
     knobs: list[Knob]
     history: list[dict] = field(default_factory=list)  # {"values": {label: v}, "score": s} per candidate
+    merges: int = 0  # distinct candidates merged and scored (the optimiser may propose a point twice)
     seconds: float = 0.0
 
     def yaml(self) -> str:
@@ -125,6 +126,7 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
     opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=parallel)
     opt.suggest([min(k.high, max(k.low, k.value)) for k in chosen])  # the recipe as written is the first candidate
     history: list[dict] = []
+    seen: dict[tuple, dict] = {}  # knob values (as applied, rounded) -> their score
     best_values, best_score = [k.value for k in chosen], None
     default_score = None
     import warnings
@@ -138,7 +140,11 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
                     cands.append(opt.ask())
             jobs = [{"recipe": apply(default, chosen, c.value), "tasks": names, "n": n, "split": "validation",
                      "library": lib, "stats": stats} for c in cands]
-            results = runner.map(jobs)
+            keys = [tuple(value_at(j["recipe"], k.path) for k in chosen) for j in jobs]
+            fresh = {key: job for key, job in zip(keys, jobs) if key not in seen}  # a point already scored is not merged again
+            for key, res in zip(fresh, runner.map(list(fresh.values()))):
+                seen[key] = res
+            results = [seen[key] for key in keys]
             for c, job, res in zip(cands, jobs, results):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -158,7 +164,7 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
     n_test = n_test or n
     best_test = score_recipe(best, names, n_test, "test", lib, stats=stats)["scores"]
     default_test = score_recipe(default, names, n_test, "test", lib, stats=stats)["scores"]
-    return SearchResult(best, default, best_score, default_score, best_test, default_test, chosen, history,
+    return SearchResult(best, default, best_score, default_score, best_test, default_test, chosen, history, len(seen),
                         time.perf_counter() - start)
 
 
