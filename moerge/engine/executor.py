@@ -21,6 +21,7 @@ from moerge.errors import MoergeError
 from moerge.io.writer import ShardedWriter, parse_size
 from moerge.engine.card import write_extras
 from moerge.engine.plan import Plan, TensorTask
+from moerge.engine.stats import ensure as ensure_stats
 from moerge.methods.blocks import DEFAULT_BLOCK
 from moerge.methods.registry import compute_dtype
 
@@ -90,10 +91,7 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
 def merge_tensors(plan: Plan, progress: bool = False) -> dict[str, torch.Tensor]:
     """The merged model's tensors in memory, nothing written (a merge search scores many candidates):
     the same ``run_task`` per tensor as ``execute``, so the tensors equal a written merge's."""
-    if plan.method.stats and plan.stats is None:
-        from moerge.engine.stats import gather
-
-        plan.stats = gather(plan, progress)
+    ensure_stats(plan, progress)
     return {task.name: run_task(plan, task) for task in plan.tasks}
 
 
@@ -173,10 +171,7 @@ def execute(
     out_dir = Path(out_dir)
     _check_output(plan, out_dir)
     start = time.perf_counter()
-    if plan.method.stats and plan.stats is None:  # data-aware: each input's statistics first (cached)
-        from moerge.engine.stats import gather
-
-        plan.stats = gather(plan, progress)
+    ensure_stats(plan, progress)  # data-aware: each input's statistics first (cached)
     workers = workers or min(4, os.cpu_count() or 1)
     writer = ShardedWriter(out_dir, [(t.name, t.shape, t.out_dtype) for t in plan.tasks], parse_size(shard_size), overwrite)
     done_bytes = 0

@@ -48,6 +48,14 @@ class Model:
     def __post_init__(self):
         self.pinned = self.pinned or self.ref
 
+    def expert_card(self) -> dict:
+        """Its expert card: a library expert's, else the adapter folder's expert.json ({} when none)."""
+        if self.card is None:
+            from moerge.train.expert import read_card
+
+            self.card = read_card(self.lora) if self.lora is not None else {}
+        return self.card
+
     def num_layers(self) -> int:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             text = self.config.get("text_config")
@@ -129,11 +137,9 @@ class Plan:
         if self.config and "num_hidden_layers" in self.config:
             lines.append(f"layers: {self.config['num_hidden_layers']}")
         if self.method.stats:  # data-aware: what each input's statistics will be computed on
-            datas: dict[int, Any] = {}
-            for t in self.tasks:
-                for (i, _), d in zip(t.inputs, t.per_input.get("data") or [None] * len(t.inputs)):
-                    datas.setdefault(i, d)
-            n = next((t.shared.get("num_examples") for t in self.tasks if t.floating), None)
+            from moerge.engine.stats import requested
+
+            datas, n = requested(self)
             what = {"fisher": "diagonal Fisher", "gram": "per-layer input Gram matrices"}[self.method.stats]
             lines.append(f"statistics (computed before merging, cached): {what} on {n} examples of each model's data: " +
                          ", ".join(f"{self.models[i].ref}: {d or 'its expert card'}" for i, d in sorted(datas.items())))

@@ -85,11 +85,7 @@ def rows_for(model, data: str | None, n: int, seed: int = 0, why: str = "") -> t
             names = [t.strip() for t in data.split(",") if t.strip()]
             rows = mixture(names, "train", max(1, n // len(names)), seed)
         return rows[:n], data
-    card = model.card or {}
-    if not card and model.lora is not None:
-        from moerge.train.expert import read_card
-
-        card = read_card(model.lora)
+    card = model.expert_card()
     if card.get("data"):
         from moerge.train.expert import ExpertCard, training_rows
 
@@ -269,30 +265,36 @@ def _say(progress: bool, line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def gather(plan, progress: bool = False) -> list[Stats | None]:
-    """The statistics the plan's method needs, one entry per opened model (None for those that are
-    not merged inputs: the base). Each model's ``data`` and the shared ``num_examples`` come from the
-    recipe as planned; a model given different data for different tensors is refused."""
-    method = plan.method
+def requested(plan) -> tuple[dict[int, str | None], int]:
+    """(each merged input's ``data`` as the recipe gives it, ``num_examples``) of a data-aware plan; a
+    model given different data for different tensors, or several example counts, is refused."""
     wanted: dict[int, set] = {}
     counts: set = set()
     for task in plan.tasks:
         if not task.floating:
             continue
-        data = task.per_input.get("data") or [None] * len(task.inputs)
-        for (i, _), d in zip(task.inputs, data):
+        for (i, _), d in zip(task.inputs, task.per_input.get("data") or [None] * len(task.inputs)):
             wanted.setdefault(i, set()).add(d)
         counts.add(task.shared.get("num_examples"))
     if len(counts) > 1:
-        raise MoergeError(f"{method.name}: num_examples must be one number for the whole merge, got {sorted(counts)}")
-    n = counts.pop() if counts else None
-    data: dict[int, tuple[list, str]] = {}
-    for i, datas in sorted(wanted.items()):  # every model's examples first: a missing one is refused before any work
-        model = plan.models[i]
+        raise MoergeError(f"{plan.method.name}: num_examples must be one number for the whole merge, got {sorted(counts)}")
+    for i, datas in wanted.items():
         if len(datas) > 1:
-            raise MoergeError(f"{model.ref}: gets different data for different tensors ({', '.join(map(str, datas))}); "
-                              f"{method.name} computes one set of statistics per model: give data without filters")
-        rows, described = rows_for(model, datas.pop(), int(n or 256), plan.recipe.seed or 0, f"merge_method {method.name}")
+            raise MoergeError(f"{plan.models[i].ref}: gets different data for different tensors ({', '.join(map(str, datas))}); "
+                              f"{plan.method.name} computes one set of statistics per model: give data without filters")
+    return {i: datas.pop() for i, datas in sorted(wanted.items())}, int(counts.pop() or 256) if counts else 256
+
+
+def gather(plan, progress: bool = False) -> list[Stats | None]:
+    """The statistics the plan's method needs, one entry per opened model (None for those that are
+    not merged inputs: the base). Each model's ``data`` and the shared ``num_examples`` come from the
+    recipe as planned (``requested``)."""
+    method = plan.method
+    wanted, n = requested(plan)
+    data: dict[int, tuple[list, str]] = {}
+    for i, d in wanted.items():  # every model's examples first: a missing one is refused before any work
+        model = plan.models[i]
+        rows, described = rows_for(model, d, n, plan.recipe.seed or 0, f"merge_method {method.name}")
         if not rows:
             raise MoergeError(f"{model.ref}: its data {described} gave no examples; give more rows")
         data[i] = rows, described
@@ -300,3 +302,9 @@ def gather(plan, progress: bool = False) -> list[Stats | None]:
     for i, (rows, described) in data.items():
         out[i] = compute(plan.models[i], method.stats, rows, described, progress)
     return out
+
+
+def ensure(plan, progress: bool = False) -> None:
+    """Gather a data-aware plan's statistics unless it has them (a search hands them over once)."""
+    if plan.method.stats and plan.stats is None:
+        plan.stats = gather(plan, progress)

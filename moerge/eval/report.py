@@ -72,11 +72,7 @@ def _inputs(recipe, library) -> list[tuple[object, str]]:
 def _own(model, data: str | None, names: list[str]) -> list[str]:
     """The tasks of ``names`` a model was tuned for: its expert card's task (or data file), or the data
     the recipe gave it."""
-    card = getattr(model, "card", None) or {}
-    if not card and getattr(model, "lora", None) is not None:
-        from moerge.train.expert import read_card
-
-        card = read_card(model.lora)
+    card = model.expert_card()
     claimed = set((card.get("task") or "").split(",")) | {card.get("data") or ""} | set((data or "").split(","))
     claimed |= {str(Path(c).resolve()) for c in claimed if c.endswith(".jsonl")}
     return [t for t in names if t in claimed or (t.endswith(".jsonl") and str(Path(t).resolve()) in claimed)]
@@ -104,12 +100,13 @@ def merge_report(recipe, out_dir: str | os.PathLike, tasks, *, n: int = 100, lib
     merged = evaluate(model, tok, names, n=n)
     del model
     inputs = []
+    data = _data_params(recipe)
     for m, role in _inputs(recipe, library):
         say(f"evaluating {m.ref}")
         dense, itok = load_runnable(m, "--eval")
         scores = evaluate(dense, itok, names, n=n)
         inputs.append({"model": m.pinned, "role": role, "scores": scores, "own": []})
-        inputs[-1]["own"] = _own(m, _data_param(recipe, m.ref), names) if role == "input" else []
+        inputs[-1]["own"] = _own(m, data.get(m.ref), names) if role == "input" else []
     _claim_best(inputs, names)
     warnings = [f"the merge scores {merged[t]:.1%} on {t}, below {m['model']} ({m['scores'][t]:.1%}), one of whose own "
                 f"tasks it is" for m in inputs if m["role"] == "input" for t in m["own"] if merged[t] < m["scores"][t]]
@@ -135,16 +132,16 @@ def _claim_best(inputs: list[dict], names: list[str]) -> None:
             m["own"] = [t for t in names if m["scores"][t] > 0 and m["scores"][t] == max(x["scores"][t] for x in merged_inputs)]
 
 
-def _data_param(recipe, ref: str) -> str | None:
-    """The ``data`` a recipe gives one model (a data-aware merge's), if any, as a string."""
+def _data_params(recipe) -> dict[str, str]:
+    """model reference -> the ``data`` a recipe gives it (a data-aware merge's), for every stage."""
     from moerge import load_recipe
     from moerge.engine.multi import MultiRecipe
 
     r = load_recipe(recipe)
-    recipes = r.stages if isinstance(r, MultiRecipe) else [r]
-    for rr in recipes:
+    out: dict[str, str] = {}
+    for rr in (r.stages if isinstance(r, MultiRecipe) else [r]):
         for m in getattr(getattr(rr, "recipe", rr), "models", None) or []:
-            d = (m.parameters or {}).get("data") if m.model == ref else None
+            d = (m.parameters or {}).get("data")
             if isinstance(d, str):
-                return d
-    return None
+                out.setdefault(m.model, d)
+    return out

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import functools
 import inspect
 
 import torch
@@ -61,7 +62,12 @@ def _inner(model):
 
 def _keeps_logits(model) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(_inner(model).forward).parameters
+    return _takes_keep(type(_inner(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_keep(cls) -> bool:  # once per model class: this is asked on every training step
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def _contiguous_input(module, args):
