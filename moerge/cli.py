@@ -542,6 +542,45 @@ def expert_train(
               f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
 
 
+tune_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Tune a model after merging (DPO with TRL).")
+app.add_typer(tune_app, name="tune")
+
+
+@tune_app.command("dpo")
+def tune_dpo_cmd(
+    model: Optional[str] = typer.Argument(None, help="The model to tune: a folder (e.g. a merge's output) or a real base's "
+                                          "name (default: the built-in base)."),
+    data: Path = typer.Option(..., "--data", help='Preference pairs, JSONL: {"prompt": ..., "chosen": ..., "rejected": ...} '
+                              "per line (about 1 in 5 prompts is held out to score the result)."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder to write: an adapter of MODEL (or the tuned model with "
+                                 "--adapter full) and its expert.json."),
+    adapter: str = typer.Option("lora", "--adapter", help="lora, dora, ia3, or full."),
+    steps: int = typer.Option(100, "--steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default per adapter kind, as `expert train`)."),
+    beta: float = typer.Option(0.1, "--beta", help="DPO's beta: how far the tuned model may move from MODEL."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    rank: int = typer.Option(8, "--rank", help="LoRA/DoRA rank."),
+    max_length: int = typer.Option(512, "--max-length", help="Longest prompt + answer in tokens (longer ones are cut)."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    threads: Optional[int] = THREADS_OPT,
+) -> None:
+    """Direct preference optimisation of MODEL with TRL; reports how often it prefers the chosen answer on
+    held-out pairs before and after. The output is an expert of MODEL: `moerge eval MODEL --adapter OUT`,
+    `library add`, or `MODEL+OUT` in a merge recipe."""
+    from moerge.train.dpo import tune_dpo
+
+    with _user_errors():
+        card = tune_dpo(out_dir, data=data, model=model, adapter=adapter, steps=steps, lr=lr, beta=beta,
+                        batch_size=batch_size, rank=rank, max_length=max_length, seed=seed, overwrite=overwrite)
+    d = card.extra["dpo"]
+    b, a = d["before"], d["after"]
+    out.print(f"wrote {out_dir}: {card.adapter} DPO of {card.base}, {card.trainable_params:,} trainable parameters, "
+              f"{card.seconds:.0f} s; on {d['held_out_pairs']} held-out pairs it prefers the chosen answer "
+              f"{b['preference_accuracy']:.1%} -> {a['preference_accuracy']:.1%} of the time, and gives it exactly "
+              f"{b['exact_match']:.1%} -> {a['exact_match']:.1%}", highlight=False, soft_wrap=True)
+
+
 @expert_app.command("extract")
 def expert_extract(
     finetune: str = typer.Argument(..., help="A full fine-tune (folder or hub id)."),
@@ -680,35 +719,80 @@ def tasks_export(
     out.print(f"wrote {n} examples to {out_file}", highlight=False)
 
 
+LM_EVAL_OPT = typer.Option(None, "--lm-eval", metavar="TASKS", help="Score with the lm-evaluation-harness instead: "
+                           "its task names (data from the hub) or your own task YAML files or folders, comma-separated "
+                           "(needs `pip install 'moerge[lm-eval]'`).")
+LIMIT_OPT = typer.Option(None, "--limit", min=1, help="--lm-eval: at most this many examples per task (default: all).")
+FEWSHOT_OPT = typer.Option(None, "--num-fewshot", min=0, help="--lm-eval: few-shot examples (default: each task's own).")
+
+
 @app.command("eval")
 def eval_cmd(
     model_dir: Optional[Path] = typer.Argument(None, help="Model folder (default: the built-in base)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="An expert folder to apply to the model."),
-    tasks: str = typer.Option("all", "--tasks", help="all, experts, heldout, task names or JSONL files of your own, separated by commas."),
+    tasks: str = typer.Option("all", "--tasks", help="all, experts, heldout, task names, JSONL files of your own, or "
+                              "lm-eval:TASK (an lm-eval task by name or YAML path, scored by its first metric), "
+                              "separated by commas."),
     n: int = typer.Option(200, "--n", help="Test examples per task."),
+    lm_eval_tasks: Optional[str] = LM_EVAL_OPT,
+    limit: Optional[int] = LIMIT_OPT,
+    num_fewshot: Optional[int] = FEWSHOT_OPT,
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
     threads: Optional[int] = THREADS_OPT,
 ) -> None:
-    """Exact-match accuracy of greedy completions on the test split of each task."""
+    """Exact-match accuracy of greedy completions on the test split of each task; or, with --lm-eval,
+    every metric of lm-eval's tasks."""
     from moerge import base as base_model
     from moerge.eval import evaluate, resolve_tasks
     from moerge.train.expert import load_expert
     from moerge.util import output_file, write_json
 
+    title = f"{model_dir or 'built-in base'}" + (f" + {adapter}" if adapter else "")
+    meta = {"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None}
     with _user_errors():
         if json_file:
             output_file(json_file, "scores (--json)")
-        names = resolve_tasks(tasks)
+        if lm_eval_tasks is not None:
+            from moerge.eval import harness
+
+            lm_tasks = harness.resolve(lm_eval_tasks)
+        else:
+            names = resolve_tasks(tasks)
         model, tok = load_expert(model_dir, adapter) if adapter else base_model.load(model_dir)
-        scores = evaluate(model, tok, names, n=n)
-    table = Table("task", "exact match", title=f"{model_dir or 'built-in base'}" + (f" + {adapter}" if adapter else ""))
+        if lm_eval_tasks is not None:
+            res = harness.run(model, tok, lm_tasks, limit=limit, num_fewshot=num_fewshot, progress=True)
+        else:
+            scores = evaluate(model, tok, names, n=n)
+    if lm_eval_tasks is not None:
+        _lm_eval_done(res, title, json_file, meta)
+        return
+    table = Table("task", "score", title=title)
     for t, v in scores.items():
         table.add_row(t, f"{v:.1%}")
     table.add_row("[bold]mean", f"{sum(scores.values()) / len(scores):.1%}")
     out.print(table)
     if json_file:
         with _user_errors():
-            write_json(json_file, {"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None, "scores": scores})
+            write_json(json_file, meta | {"scores": scores})
+
+
+def _lm_eval_done(res, title: str, json_file: Optional[Path], meta: dict) -> None:
+    """lm-eval's results as a table (task, metric, value, stderr) and, with --json, as JSON."""
+    from moerge.util import write_json
+
+    table = Table("task", "metric", "value", "stderr", "n", title=f"{title} (lm-eval)")
+    for task, r in res.results.items():
+        for key, value in r.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            name, filt = key.split(",", 1)
+            stderr = r.get(f"{name}_stderr,{filt}")
+            table.add_row(task, name + ("" if filt == "none" else f" ({filt})"), f"{value:.4f}",
+                          f"{stderr:.4f}" if isinstance(stderr, (int, float)) else "-", str(res.n.get(task, "")))
+    out.print(table)
+    if json_file:
+        with _user_errors():
+            write_json(json_file, meta | {"lm_eval": res.to_dict()})
 
 
 route_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
@@ -754,9 +838,13 @@ def route_eval(
     json_file: Optional[Path] = typer.Option(None, "--json"),
     shots: int = typer.Option(5, "--shots", help="lorahub: training examples of each task its weights are searched on."),
     budget: int = typer.Option(40, "--budget", help="lorahub: loss evaluations of the gradient-free search."),
+    lm_eval_tasks: Optional[str] = LM_EVAL_OPT,
+    limit: Optional[int] = LIMIT_OPT,
+    num_fewshot: Optional[int] = FEWSHOT_OPT,
     threads: Optional[int] = THREADS_OPT,
 ) -> None:
-    """Exact match of the routed model on the test split of each task, and where the router sent each task."""
+    """Exact match of the routed model on the test split of each task, and where the router sent each task;
+    or, with --lm-eval, every metric of lm-eval's tasks (the router picks the experts for each input)."""
     from moerge.eval import resolve_tasks
     from moerge.routing.evaluate import evaluate_routed
     from moerge.util import output_file, write_json
@@ -764,11 +852,26 @@ def route_eval(
     with _user_errors():
         if json_file:
             output_file(json_file, "scores (--json)")
-        names = resolve_tasks(tasks)
+        if lm_eval_tasks is not None:
+            from moerge.eval import harness
+
+            lm_tasks = harness.resolve(lm_eval_tasks)
+        else:
+            names = resolve_tasks(tasks)
         model = _routed(router, library, experts, base, top_k, temperature, embedder)
+        if lm_eval_tasks is not None:
+            if model.router.few_shot:
+                raise MoergeError(f"router {router!r} adapts to each task from its examples; lm-eval tasks give it none. "
+                                  "Use another router with --lm-eval")
+            res = harness.run(model, model.tokenizer, lm_tasks, limit=limit, num_fewshot=num_fewshot, progress=True)
+            meta = {"router": router, "experts": model.names}
         if router == "lorahub":
             model.router.budget = budget
-        scores, usage = evaluate_routed(model, names, n=n, shots=shots)
+        if lm_eval_tasks is None:
+            scores, usage = evaluate_routed(model, names, n=n, shots=shots)
+    if lm_eval_tasks is not None:
+        _lm_eval_done(res, f"router {router} over {', '.join(model.names)}", json_file, meta)
+        return
     table = Table("task", "exact match", *model.names, title=f"router {router}: accuracy and mean expert weight")
     for t in names:
         table.add_row(t, f"{scores[t]:.1%}", *[f"{w:.2f}" for w in usage[t]])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from moerge.errors import MoergeError
 from moerge.eval.generate import exact_match, greedy
 
 __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
@@ -16,7 +17,8 @@ __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
     """Comma-separated task names and groups: ``all`` (every skill of the tiny base's suite), ``experts``,
     ``heldout``; ``real`` (the real-model suite), ``real-experts``, ``real-heldout``; and users' tasks as
-    JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split)."""
+    JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split); and ``lm-eval:TASK``,
+    an lm-eval task by registry name or YAML path (scored by its first metric; ``eval.harness``)."""
     from moerge.tasks import skills
     from moerge.tasks.data import is_user_task, user_rows
 
@@ -30,7 +32,13 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
         for n in groups.get(item, [item]):
             if n not in names:
                 names.append(n)
+    from moerge.eval.harness import is_lm_eval, resolve
+
+    if any(is_lm_eval(n) for n in names):
+        resolve([n for n in names if is_lm_eval(n)])  # a missing YAML or unknown lm-eval task fails here
     for n in names:
+        if is_lm_eval(n):
+            continue
         if is_user_task(n):
             user_rows(n)  # a missing or malformed file fails here, naming the line (read once, then cached)
         else:
@@ -39,7 +47,15 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
 
 
 def evaluate(model, tokenizer, tasks: str | Iterable[str] = "all", *, n: int = 200, split: str = "test", seed: int = 0) -> dict[str, float]:
-    """Exact-match accuracy per task on ``n`` examples of ``split``."""
+    """Exact-match accuracy per task on ``n`` examples of ``split`` (an ``lm-eval:`` task: its first
+    metric on at most ``n`` examples of the split its YAML names)."""
+    from moerge.eval.harness import is_lm_eval, scores
     from moerge.tasks import examples
 
-    return {t: exact_match(model, tokenizer, examples(t, split, n, seed)) for t in resolve_tasks(tasks)}
+    names = resolve_tasks(tasks)
+    lm = [t for t in names if is_lm_eval(t)]
+    if lm and split != "test":
+        raise MoergeError(f"{lm[0]}: lm-eval tasks are scored on the split their YAML names, not on a {split} split; "
+                          "use moerge's own tasks or JSONL files here")
+    lm_scores = scores(model, tokenizer, lm, n=n) if lm else {}
+    return {t: lm_scores[t] if is_lm_eval(t) else exact_match(model, tokenizer, examples(t, split, n, seed)) for t in names}

@@ -43,7 +43,10 @@ class MergeReport:
         body = row("**merge**", self.merged)
         for m in self.inputs:
             body += row(f"`{m['model']}`" + (" (base)" if m["role"] == "base" else ""), m["scores"], m["own"])
-        note = (f"\nExact match of greedy completions on {self.n} test prompts per task; an input's own tasks in bold.\n")
+        lm = [t for t in self.tasks if t.startswith("lm-eval:")]
+        note = (f"\nExact match of greedy completions on {self.n} test prompts per task"
+                + (f" ({', '.join(lm)}: lm-eval's first metric of the task, on at most {self.n} examples)" if lm else "")
+                + "; an input's own tasks in bold.\n")
         warn = "".join(f"\n> warning: {w}\n" for w in self.warnings)
         return f"{SECTION}\n\n" + head + body + note + warn
 

@@ -17,6 +17,12 @@ def evaluate_routed(routed: RoutedModel, tasks: list[str], *, n: int = 200, shot
     from moerge.eval import evaluate
     from moerge.tasks import examples
 
+    from moerge.errors import MoergeError
+    from moerge.eval.harness import is_lm_eval
+
+    if any(is_lm_eval(t) for t in tasks):
+        raise MoergeError("route eval --tasks: lm-eval tasks have no expert usage to show; score a routed model on them "
+                          "with `moerge route eval --lm-eval TASKS`")
     scores, usage = {}, {}
     for t in tasks:
         if routed.router.few_shot:

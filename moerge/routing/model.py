@@ -7,6 +7,7 @@ evaluates; ``moerge serve`` keeps a ``Mixture`` with several routers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -86,20 +87,24 @@ class RoutedModel(Mixture):
         self.state.token_router = None
         self.state.example_weights = self.router.example_weights(self, prompts, input_ids, attention_mask)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+    @contextlib.contextmanager
+    def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Route this batch, then switch routing off: for callers that drive the base model themselves
+        (the lm-eval bridge runs lm-eval's own forward and generate on ``self.model`` inside it)."""
         self._route(input_ids, attention_mask)
         try:
-            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+            yield
         finally:
             self.unroute()
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
+        with self.routing(input_ids, attention_mask):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw):
-        self._route(input_ids, attention_mask)
-        try:
+        with self.routing(input_ids, attention_mask):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw)
-        finally:
-            self.unroute()
 
     @torch.no_grad()
     def usage(self, prompts: list[str]) -> torch.Tensor:

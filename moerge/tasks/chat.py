@@ -16,6 +16,23 @@ def uses_chat(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def bos_tokenizer(tokenizer):
+    """A tokenizer that encodes text the way ``prompt_ids`` frames a prompt, for libraries that tokenize
+    on their own (lm-eval, TRL): a copy that adds bos itself when the model reads bos + text (the
+    built-in base's tokenizer does not, so their prompts would miss it); a chat model's tokenizer as
+    it is (those libraries render its chat template)."""
+    import copy
+
+    if uses_chat(tokenizer) or tokenizer.bos_token_id is None:
+        return tokenizer
+    if tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    tok.add_bos_token = True
+    tok.update_post_processor()
+    return tok
+
+
 def prompt_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt as the model sees it before the completion."""
     if uses_chat(tokenizer):

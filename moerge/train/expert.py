@@ -259,6 +259,10 @@ def training_rows(card: ExpertCard, n: int = 1000, seed: int = 0) -> list:
     if not Path(card.data).is_file():
         raise MoergeError(f"the expert's training data {card.data} is not here; give examples of its task (--data FILE "
                           "or --prompts FILE)")
+    if card.extra.get("tuning") == "dpo":  # preference pairs: their prompts with the chosen answers
+        from moerge.train.dpo import chosen_rows
+
+        return chosen_rows(card)
     rows = read_jsonl(card.data)
     if card.data_sha256 and _data_hash(_split_user_data(rows)[0]) != card.data_sha256:
         raise MoergeError(f"{card.data}: changed since the expert was trained on it (its hash differs from the card's "

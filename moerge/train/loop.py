@@ -98,6 +98,22 @@ def completion_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, first:].flatten(), ignore_index=-100)
 
 
+@torch.no_grad()
+def completion_logps(model, tokenizer, rows: Sequence[Example], *, batch_size: int = 32) -> torch.Tensor:
+    """log p(completion + eos | prompt) of each row, summed over its tokens: the sequence score a
+    preference compares (DPO's implicit reward is its change against the reference model)."""
+    model.eval()
+    encoded = encode(tokenizer, rows)
+    out = []
+    for s in range(0, len(encoded), batch_size):
+        batch = collate(encoded[s: s + batch_size], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out.append((token * (labels != -100)).sum(1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
 def train(
     model: torch.nn.Module,
     tokenizer,

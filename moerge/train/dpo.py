@@ -1,0 +1,212 @@
+"""Preference tuning after merging: DPO with TRL (``moerge tune dpo``).
+
+A merge keeps its inputs' skills only in part; the last step of the seed talk's recipe tunes the
+merged model on preferences (an answer preferred over another for the same prompt). TRL's
+``DPOTrainer`` does the tuning; moerge brings what it does for every expert: its data checked line by
+line, held-out pairs scored before and after, the output written atomically as an adapter (LoRA by
+default) of the tuned model with an expert card, so it can be evaluated, routed to, put in the
+library, or merged back (``MODEL+ADAPTER`` in a recipe).
+
+Sequences are the ones moerge trains experts on (``train.loop.encode``): bos + prompt (the tokenizer
+given to TRL adds bos itself, ``bos_tokenizer``), or the chat template for a chat model (TRL renders
+conversational pairs with it), then the answer and eos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moerge.errors import MoergeError
+
+FIELDS = ("prompt", "chosen", "rejected")
+MIN_PAIRS = 20  # as for an expert's data: enough to train on and still hold some out
+
+
+@dataclass(frozen=True)
+class Preference:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def read_preferences(path: str | os.PathLike) -> list[Preference]:
+    """A JSONL file of ``{"prompt", "chosen", "rejected"}`` strings (TRL's standard preference format);
+    a malformed line, or a pair whose answers are the same, is one error naming the line."""
+    from moerge.tasks.data import json_rows
+
+    rows = json_rows(path, FIELDS)
+    for n, r in enumerate(rows, 1):
+        if r["chosen"] == r["rejected"]:
+            raise MoergeError(f"{path}: example {n}: chosen and rejected are the same answer; a preference needs two")
+    return [Preference(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+
+def split_preferences(prefs: list[Preference]) -> tuple[list[Preference], list[Preference]]:
+    """(train, held out) by the prompt's hash, as users' JSONL is split for experts (about 1 in 5 held out)."""
+    from moerge.tasks.data import split_of
+
+    return [p for p in prefs if split_of(p.prompt) == "train"], [p for p in prefs if split_of(p.prompt) != "train"]
+
+
+def preference_hash(prefs: list[Preference]) -> str:
+    h = hashlib.sha256()
+    for p in prefs:
+        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode() + b"\n")
+    return "sha256:" + h.hexdigest()
+
+
+def preference_accuracy(model, tokenizer, prefs: list[Preference]) -> float:
+    """Share of pairs where the model gives the chosen answer a higher log-likelihood than the rejected."""
+    from moerge.tasks.data import Example
+    from moerge.train.loop import completion_logps
+
+    if not prefs:
+        return 0.0
+    chosen = completion_logps(model, tokenizer, [Example(p.prompt, p.chosen) for p in prefs])
+    rejected = completion_logps(model, tokenizer, [Example(p.prompt, p.rejected) for p in prefs])
+    return float((chosen > rejected).float().mean())
+
+
+def chosen_rows(card) -> list:
+    """A DPO expert's training prompts with their chosen answers: its data as prompt/completion rows
+    (what data-aware merges and routers read from an expert's card)."""
+    from moerge.tasks.data import Example
+
+    prefs = split_preferences(read_preferences(card.data))[0]
+    if card.data_sha256 and preference_hash(prefs) != card.data_sha256:
+        raise MoergeError(f"{card.data}: changed since the expert was tuned on it (its hash differs from the card's); "
+                          "give its original data")
+    return [Example(p.prompt, p.chosen) for p in prefs]
+
+
+def _dataset(prefs: list[Preference], tokenizer):
+    from datasets import Dataset
+
+    from moerge.tasks.chat import uses_chat
+
+    if uses_chat(tokenizer):  # conversational pairs: TRL renders them with the model's chat template
+        return Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}],
+                                   "chosen": [{"role": "assistant", "content": p.chosen}],
+                                   "rejected": [{"role": "assistant", "content": p.rejected}]} for p in prefs])
+    return Dataset.from_list([{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in prefs])
+
+
+def tune_dpo(
+    out_dir: str | os.PathLike,
+    *,
+    data: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    adapter: str = "lora",
+    steps: int = 100,
+    lr: float | None = None,
+    beta: float = 0.1,
+    batch_size: int = 16,
+    rank: int = 8,
+    max_length: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """DPO-tune ``model`` (a model folder such as a merge's output, a real base's name, or the built-in
+    base) on the preference pairs in ``data``; write an adapter of it (or, with ``adapter="full"``, the
+    tuned model) and its expert card to ``out_dir``. Returns the card; its ``extra["dpo"]`` holds the
+    preference accuracy on the held-out pairs before and after."""
+    from moerge import base as base_model
+    from moerge.eval.generate import exact_match
+    from moerge.io.fingerprint import folder_fingerprint
+    from moerge.routing.embed import task_centroids
+    from moerge.tasks.chat import bos_tokenizer
+    from moerge.tasks.data import Example
+    from moerge.train.expert import ADAPTERS, ALIASES, DEFAULT_LR, ExpertCard, peft_config
+    from moerge.util import atomic_dir, check_output_dir, progress_bar, quiet_transformers
+
+    adapter = ALIASES.get(adapter, adapter)
+    if adapter not in ADAPTERS:
+        raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
+    for name, value in (("steps", steps), ("batch size", batch_size), ("rank", rank), ("max length", max_length)):
+        if value < 1:
+            raise MoergeError(f"{name} must be at least 1 (got {value})")
+    if not beta > 0:
+        raise MoergeError(f"beta must be positive (got {beta}); DPO's usual value is 0.1")
+    try:
+        import trl
+    except ImportError:
+        raise MoergeError("DPO needs TRL: pip install 'moerge[dpo]'") from None
+    prefs = read_preferences(data)
+    if len(prefs) < MIN_PAIRS:
+        raise MoergeError(f"{data}: has {len(prefs)} preference pairs; DPO here needs at least {MIN_PAIRS} to tune on and "
+                          "hold some out (a few hundred are better)")
+    train_prefs, held = split_preferences(prefs)
+    if not train_prefs or not held:
+        raise MoergeError(f"{data}: its {len(prefs)} prompts all fall in one split (about 1 in 5 is held out); "
+                          "add pairs with other prompts")
+    out = check_output_dir(out_dir, overwrite)
+    base_dir = base_model.resolve(model)
+    base_model.check_model_folder(base_dir, "model")
+    net, tok = base_model.load(base_dir)
+    quiet_transformers()
+    held_rows = [Example(p.prompt, p.chosen) for p in held]
+    before = {"preference_accuracy": preference_accuracy(net, tok, held), "exact_match": exact_match(net, tok, held_rows)}
+    centroid, centroids = task_centroids(net, tok, [p.prompt for p in train_prefs[:256]])
+    lr = lr or DEFAULT_LR[adapter]
+    torch.manual_seed(seed)
+
+    from transformers import PrinterCallback, TrainerCallback
+
+    class Progress(TrainerCallback):
+        loss = float("nan")
+
+        def on_log(self, args, state, control, logs=None, **kw):  # logged every step (logging_steps=1)
+            if logs and "loss" in logs:
+                Progress.loss = float(logs["loss"])
+                advance(Progress.loss)
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="moerge-dpo-") as scratch, \
+            progress_bar(progress, f"DPO ({adapter}) on {Path(data).name}", steps) as advance:
+        import datasets
+
+        datasets.disable_progress_bar()
+        config = trl.DPOConfig(output_dir=scratch, use_cpu=not torch.cuda.is_available(), report_to="none",
+                               save_strategy="no", max_steps=steps, per_device_train_batch_size=batch_size,
+                               learning_rate=lr, beta=beta, max_length=max_length, logging_steps=1, disable_tqdm=True,
+                               seed=seed, data_seed=seed, bf16=False, fp16=False)
+        try:
+            trainer = trl.DPOTrainer(model=net, args=config, train_dataset=_dataset(train_prefs, tok),
+                                     processing_class=bos_tokenizer(tok),
+                                     peft_config=None if adapter == "full" else peft_config(adapter, rank),
+                                     callbacks=[Progress()])
+            trainer.remove_callback(PrinterCallback)  # it prints every step's log dict to stdout; ours is the bar
+            result = trainer.train()
+        except (ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise MoergeError(f"TRL's DPO could not tune {base_dir} on {data}: {first}") from None
+    seconds = time.perf_counter() - start
+    tuned = trainer.model.eval()
+    after = {"preference_accuracy": preference_accuracy(tuned, tok, held), "exact_match": exact_match(tuned, tok, held_rows)}
+    trainable = sum(p.numel() for p in tuned.parameters() if p.requires_grad)
+    with atomic_dir(out, overwrite) as tmp:
+        tuned.save_pretrained(tmp)
+        if adapter == "full":
+            tok.save_pretrained(tmp)
+        weights = [f for f in tmp.iterdir() if f.suffix in (".safetensors", ".bin")]
+        card = ExpertCard(
+            task=Path(data).stem, adapter=adapter, base=str(base_dir.absolute()), base_fingerprint=folder_fingerprint(base_dir),
+            trainable_params=trainable, adapter_bytes=sum(f.stat().st_size for f in weights), data=str(Path(data).resolve()),
+            data_sha256=preference_hash(train_prefs), examples=len(train_prefs), steps=steps, lr=lr, batch_size=batch_size,
+            rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
+            final_loss=round(Progress.loss if Progress.loss == Progress.loss else float(result.training_loss), 4), validation_accuracy=after["exact_match"],
+            centroid=centroid, centroids=centroids,
+            extra={"tuning": "dpo", "dpo": {"beta": beta, "held_out_pairs": len(held), "before": before, "after": after,
+                                            "trl": trl.__version__}},
+        )
+        card.write(tmp)
+    return card
