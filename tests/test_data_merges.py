@@ -123,6 +123,77 @@ def test_regmean_merge_solves_each_layer_on_the_models_data(tiny, tmp_path):
     assert torch.allclose(merged[emb], (es[0] + es[1]) / 2)
 
 
+def _whole_model_grams(folder, rows):
+    """The test's own Gram matrices: every linear (or Conv1D) layer's inputs over the whole model's
+    forward, per-token means over non-padding tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from moerge.train.loop import collate, encode
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    batch = collate(encode(tok, rows), tok.pad_token_id)
+    keep = batch["attention_mask"].reshape(-1).bool()
+    seen, hooks = {}, []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):
+            hooks.append(mod.register_forward_pre_hook(lambda m, a, name=name: seen.update({name: a[0].detach()})))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for h in hooks:
+        h.remove()
+    out = {}
+    for name, x in seen.items():
+        flat = x.reshape(-1, x.shape[-1])[keep].double()
+        out[f"{name}.weight"] = flat.T @ flat / len(flat)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama-untied", "llama-tied", "gpt2"])
+def test_gram_is_computed_layer_by_layer(arch, tmp_path, monkeypatch):
+    """Every Gram matrix the layer-by-layer pass writes equals the whole model's (an untied head
+    included, GPT-2's Conv1D too), and no two decoder layers hold weights at once."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from moerge.engine import layerwise, stats
+    from moerge.engine.plan import open_model
+    from moerge.tiny import CHARS, SPECIALS, make_base, save_char_tokenizer
+
+    if arch == "gpt2":
+        torch.manual_seed(0)
+        folder = tmp_path / "gpt2"
+        cfg = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=len(SPECIALS) + len(CHARS), n_positions=256,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+        save_char_tokenizer(folder)
+    else:
+        folder = make_base(tmp_path / arch, seed=3, hidden=32, layers=3, intermediate=64, tie=arch == "llama-tied")
+    loaded_at_once = []
+    run = layerwise.LayerwiseModel.run
+
+    def watching(self, batches, visit=None, tail=False):
+        def spy(prefix, module, b):
+            loaded_at_once.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in self.layers))
+            visit(prefix, module, b)
+        return run(self, batches, spy, tail)
+
+    monkeypatch.setattr(layerwise.LayerwiseModel, "run", watching)
+    rows = examples("reverse", "train", 20)  # three batches of 8
+    got = stats.compute(open_model(str(folder)), "gram", rows, "reverse")
+    want = _whole_model_grams(folder, rows)
+    for name, g in want.items():
+        if name == "lm_head.weight" and arch != "llama-untied":  # GPT-2 ties its head too
+            assert got.get(name) is None  # a tied head is averaged with the embedding, not solved for
+            continue
+        assert got.get(name) is not None, name
+        assert torch.allclose(got.get(name).double(), g, atol=1e-5, rtol=1e-4), name
+    assert (got.get("lm_head.weight") is not None) == (arch == "llama-untied")
+    if arch != "gpt2":  # q, k and v read the same tensor: one matrix, stored once
+        assert got.aliases["model.layers.0.self_attn.k_proj.weight"] == "model.layers.0.self_attn.q_proj.weight"
+    assert loaded_at_once and max(loaded_at_once) == 1
+
+
 def test_fisher_merge_uses_each_models_fisher_and_the_cache(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

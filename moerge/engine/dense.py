@@ -59,11 +59,10 @@ def model_from_tensors(config: dict, tensors: dict[str, torch.Tensor]):
     return _filled(cfg, torch.float32, tensors.get, "the merge")
 
 
-def load_runnable(model_ref, needed_for: str):
-    """(float32 model, tokenizer with a pad token) of an opened model, to run it on examples."""
+def load_tokenizer(model_ref, needed_for: str):
+    """An opened model's tokenizer, with a pad token."""
     from transformers import AutoTokenizer
 
-    model = load_dense(model_ref, torch.float32)
     try:
         tok = AutoTokenizer.from_pretrained(str(model_ref.folder))
     except Exception as e:
@@ -71,4 +70,9 @@ def load_runnable(model_ref, needed_for: str):
         raise MoergeError(f"{model_ref.ref}: its tokenizer does not load ({first}); {needed_for} needs it") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return model, tok
+    return tok
+
+
+def load_runnable(model_ref, needed_for: str):
+    """(float32 model, tokenizer with a pad token) of an opened model, to run it on examples."""
+    return load_dense(model_ref, torch.float32), load_tokenizer(model_ref, needed_for)

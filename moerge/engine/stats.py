@@ -15,8 +15,10 @@ Which data: the model's ``data`` parameter in the recipe (a JSONL file of prompt
 built-in task name, or several comma-separated), else the training data its expert card names (an
 expert trained by moerge, a library expert). Statistics are cached in ``$MOERGE_CACHE/stats`` under
 the hash of the model's tensors, the examples and the settings, so a second merge of the same experts
-(another weight, another method of the same kind) reuses them. One model is in memory at a time, in
-float32, with its gradients for Fisher: twice the model's size.
+(another weight, another method of the same kind) reuses them. Gram matrices are computed layer by
+layer (``layerwise.py``: one decoder layer's weights in memory at a time, each layer's matrices
+written when it is done); the Fisher needs the whole model, in float32 with its gradients (twice the
+model's size), one model at a time.
 """
 
 from __future__ import annotations
@@ -106,13 +108,14 @@ def _rows_digest(rows) -> str:
     return h.hexdigest()
 
 
-def _model_digest(model: torch.nn.Module) -> str:
-    """The hash of a model's tensors (names and bytes): the statistics' cache key, whatever path,
-    adapter or library reference the model was reached by."""
+def _digest(names, get) -> str:
+    """The hash of a model's tensors (names and float32 bytes, ``get(name)`` one at a time, by name):
+    the statistics' cache key, whatever path, adapter or library reference the model was reached by."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
+    for name in sorted(names):
+        t = get(name)
         h.update(name.encode())
-        h.update(memoryview(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
+        h.update(memoryview(t.detach().to(torch.float32).reshape(-1).contiguous().view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -160,50 +163,61 @@ def _linear_layers(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def gram(model: torch.nn.Module, tokenizer, rows, batch_size: int = 8) -> tuple[dict, dict, dict]:
-    """(Gram matrices, aliases, layouts): per linear layer the mean over non-padding tokens of x xᵀ
-    of its input x, accumulated in float64."""
+def gram(lw, tokenizer, rows, put, batch_size: int = 8) -> tuple[dict, dict]:
+    """(aliases, layouts) of a model run layer by layer (``layerwise.LayerwiseModel``); ``put`` gets
+    each decoder layer's Gram matrices as soon as the layer is done: per linear layer the mean over
+    non-padding tokens of x xᵀ of its input x, accumulated in float64. Layers reading the very same
+    tensor (q, k and v) share one matrix, recorded in the aliases."""
     from moerge.train.loop import collate, encode
 
-    layers = list(_linear_layers(model))
-    grams: dict[str, torch.Tensor] = {}
+    layers = {w: (mod, layout) for w, mod, layout in _linear_layers(lw.model)}
+    encoded = encode(tokenizer, rows)
+    batches = [collate(encoded[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
+    masks = [b["attention_mask"].reshape(-1).bool() for b in batches]
+    tokens = max(1, sum(int(m.sum()) for m in masks))
     aliases: dict[str, str] = {}
-    seen: dict[int, tuple[str, torch.Tensor]] = {}  # id of an input this forward -> (first layer that read it, it)
-    mask: list[torch.Tensor] = []
-    first_pass = [True]
+    grams: dict[str, torch.Tensor] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}  # id of an input in the first batch -> (first layer that read it, it)
+    hooks: list = []
+    at = [0]  # the batch running
 
     def hook_for(wname: str):
         def hook(module, args):
             x = args[0]
-            if first_pass[0]:  # layers reading the very same tensor (held, so its id is not reused) share a matrix
+            if at[0] == 0:  # the very same tensor (held, so its id is not reused) read by several layers
                 if id(x) in seen and seen[id(x)][1] is x:
                     aliases[wname] = seen[id(x)][0]
                     return
                 seen[id(x)] = (wname, x)
             elif wname in aliases:
                 return
-            flat = x.reshape(-1, x.shape[-1])[mask[0]].double()
+            flat = x.reshape(-1, x.shape[-1])[masks[at[0]]].double()
             g = flat.T @ flat
             grams[wname] = grams[wname].add_(g) if wname in grams else g
         return hook
 
-    hooks = [mod.register_forward_pre_hook(hook_for(w)) for w, mod, _ in layers]
-    tokens = 0
-    try:
-        model.eval()
-        encoded = encode(tokenizer, rows)
-        for i in range(0, len(encoded), batch_size):
-            batch = collate(encoded[i:i + batch_size], tokenizer.pad_token_id)
-            mask[:] = [batch["attention_mask"].reshape(-1).bool()]
-            tokens += int(mask[0].sum())
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            first_pass[0] = False
-            seen.clear()
-    finally:
+    def finish() -> None:
         for h in hooks:
             h.remove()
-    out = {w: g.div_(max(1, tokens)).float() for w, g in grams.items()}
-    return out, aliases, {w: layout for w, _, layout in layers}
+        hooks.clear()
+        seen.clear()
+        if grams:
+            put({w: g.div_(tokens).float() for w, g in grams.items()})
+        grams.clear()
+
+    inside = lw.prefix + "."
+
+    def visit(prefix: str, module, b: int) -> None:
+        at[0] = b
+        if b == 0:
+            finish()
+            names = [w for w in layers if (w.startswith(prefix + ".") if prefix else not w.startswith(inside))]
+            hooks.extend(layers[w][0].register_forward_pre_hook(hook_for(w)) for w in names)
+
+    outer = any(not w.startswith(inside) for w in layers)  # an untied head: the tail runs too
+    lw.run(batches, visit, tail=outer)
+    finish()
+    return aliases, {w: layout for w, (_, layout) in layers.items()}
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -214,6 +228,44 @@ def _save(path: Path, tensors: dict, meta: dict) -> None:
 
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"moerge": json.dumps(meta)})
+
+
+def _save_layers(path: Path, compute_into, meta: dict) -> None:
+    """A statistics file written from parts: ``compute_into(put)`` hands ``put`` a dict of tensors
+    at a time (a layer's) and returns (aliases, layouts); each part goes to disk at once, and the
+    file is assembled from them, so the statistics are never all in memory."""
+    import shutil
+    import tempfile
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moerge.io.writer import ShardedWriter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".parts-", dir=path.parent))
+    try:
+        parts: list[Path] = []
+
+        def put(tensors: dict) -> None:
+            parts.append(tmp / f"{len(parts):05d}.safetensors")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(parts[-1]))
+
+        aliases, layouts = compute_into(put)
+        meta = {**meta, "aliases": aliases, "layouts": layouts}
+        shapes = []
+        for part in parts:
+            with safe_open(str(part), "pt") as f:
+                shapes += [(k, tuple(f.get_slice(k).get_shape()), torch.float32) for k in f.keys()]
+        writer = ShardedWriter(tmp / "out", shapes, max_shard_bytes=1 << 62, metadata={"moerge": json.dumps(meta)})
+        for part in parts:
+            with safe_open(str(part), "pt") as f:
+                for k in f.keys():
+                    writer.write(k, f.get_tensor(k))
+            part.unlink()
+        (writer.commit() / "model.safetensors").replace(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load(path: Path) -> Stats:
@@ -228,14 +280,25 @@ def _load(path: Path) -> Stats:
 
 def compute(model_ref, kind: str, rows: list, described: str, progress: bool = False) -> Stats:
     """One input model's statistics of ``kind`` ("fisher" or "gram") on ``rows`` (``rows_for``), from
-    the cache when the same model, examples and settings were seen before."""
-    from moerge.engine.dense import load_runnable
+    the cache when the same model, examples and settings were seen before. Gram matrices are computed
+    layer by layer (``layerwise``: one decoder layer's weights in memory at a time) and written as each
+    layer finishes; the Fisher needs a backward through the whole model, so it loads it whole."""
+    from moerge.engine.dense import load_dense, load_tokenizer
+    from moerge.engine.layerwise import LayerwiseModel
 
     if kind not in ("fisher", "gram"):
         raise MoergeError(f"unknown statistic {kind!r}")
     start = time.perf_counter()
-    model, tok = load_runnable(model_ref, "its statistics")
-    key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": _model_digest(model), "rows": _rows_digest(rows)},
+    tok = load_tokenizer(model_ref, "its statistics")
+    if kind == "fisher":
+        model = load_dense(model_ref, torch.float32)
+        sd = model.state_dict()
+        digest = _digest(sd, sd.__getitem__)
+    else:
+        model = LayerwiseModel(model_ref)
+        sd = model.model.state_dict(keep_vars=True)
+        digest = _digest(sd, lambda n: model.tensor(n) if sd[n].is_meta else sd[n])
+    key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": digest, "rows": _rows_digest(rows)},
                                     sort_keys=True).encode()).hexdigest()
     path = cache_root() / f"{kind}-{key[:40]}.safetensors"
     if path.is_file():
@@ -245,16 +308,15 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
             return stats
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
+    meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows), "scale": 1.0}
     if kind == "fisher":
-        tensors, aliases, layouts = fisher(model, tok, rows), tied_names(model), {}
+        tensors = fisher(model, tok, rows)
         total = sum(float(t.sum()) for t in tensors.values())
-        scale = total / max(1, sum(t.numel() for t in tensors.values()))
+        meta.update(aliases=tied_names(model), layouts={},
+                    scale=total / max(1, sum(t.numel() for t in tensors.values())))
+        _save(path, tensors, meta)
     else:
-        tensors, aliases, layouts = gram(model, tok, rows)
-        scale = 1.0
-    meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows),
-            "aliases": aliases, "layouts": layouts, "scale": scale}
-    _save(path, tensors, meta)
+        _save_layers(path, lambda put: gram(model, tok, rows, put), meta)
     _say(progress, f"statistics: {kind} of {model_ref.ref} on {len(rows)} examples of {described}: "
                    f"{time.perf_counter() - start:.0f} s (cached in {path})")
     return _load(path)

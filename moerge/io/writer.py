@@ -80,6 +80,7 @@ class ShardedWriter:
         tensors: list[tuple[str, tuple[int, ...], torch.dtype]],
         max_shard_bytes: int = 5_000_000_000,
         overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
     ):
         self.out_dir = Path(out_dir)
         self.overwrite = overwrite
@@ -110,7 +111,7 @@ class ShardedWriter:
         for i, shard in enumerate(shards):
             fname = "model.safetensors" if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
             path = self.tmp / fname
-            header: dict = {"__metadata__": {"format": "pt"}}
+            header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
             pos = 0
             for name, shape, dtype, n in shard:
                 header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
