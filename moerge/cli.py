@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -128,6 +129,7 @@ def merge(
                                              "README.md and merge_report.json, with a warning where the merge falls "
                                              "below an input on its own task."),
     eval_n: int = typer.Option(100, "--eval-n", min=1, help="Test prompts per task for --eval."),
+    threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config
@@ -224,7 +226,7 @@ def search_cmd(
 
     with _user_errors():
         if out_file:
-            output_file(out_file, "best recipe (--out)")
+            output_file(out_file, "best recipe (--out)", inputs=(recipe, tasks))
         res = search(recipe, tasks=tasks, budget=budget, n=n, n_test=n_test, optimizer=optimizer, seed=seed, ray=ray,
                      workers=workers, library=library, progress=True,
                      params=[p.strip() for p in params.split(",") if p.strip()] if params else None)
@@ -722,6 +724,23 @@ def tasks_export(
 LM_EVAL_OPT = typer.Option(None, "--lm-eval", metavar="TASKS", help="Score with the lm-evaluation-harness instead: "
                            "its task names (data from the hub) or your own task YAML files or folders, comma-separated "
                            "(needs `pip install 'moerge[lm-eval]'`).")
+def _lm_eval_options(tasks: str, default_tasks: str, n: int, default_n: int, lm_eval_tasks, limit, num_fewshot) -> None:
+    """Refuse options that would be silently ignored: --tasks/--n beside --lm-eval (which scores
+    lm-eval's tasks only), --limit/--num-fewshot without it; and a count below one."""
+    if lm_eval_tasks is not None:
+        if tasks != default_tasks:
+            raise MoergeError("--tasks and --lm-eval: give one (lm-eval tasks sit among --tasks as lm-eval:TASK, "
+                              "scored by their first metric)")
+        if n != default_n:
+            raise MoergeError("--n applies to --tasks; with --lm-eval, --limit caps the examples per task")
+    else:
+        for flag, v in (("--limit", limit), ("--num-fewshot", num_fewshot)):
+            if v is not None:
+                raise MoergeError(f"{flag} applies to --lm-eval tasks; for --tasks use --n")
+        if n < 1:
+            raise MoergeError(f"--n must be at least 1 (test examples per task), got {n}")
+
+
 LIMIT_OPT = typer.Option(None, "--limit", min=1, help="--lm-eval: at most this many examples per task (default: all).")
 FEWSHOT_OPT = typer.Option(None, "--num-fewshot", min=0, help="--lm-eval: few-shot examples (default: each task's own).")
 
@@ -751,7 +770,8 @@ def eval_cmd(
     meta = {"model": str(model_dir or "base"), "adapter": str(adapter) if adapter else None}
     with _user_errors():
         if json_file:
-            output_file(json_file, "scores (--json)")
+            output_file(json_file, "scores (--json)", inputs=(model_dir, adapter, tasks, lm_eval_tasks))
+        _lm_eval_options(tasks, "all", n, 200, lm_eval_tasks, limit, num_fewshot)
         if lm_eval_tasks is not None:
             from moerge.eval import harness
 
@@ -851,7 +871,8 @@ def route_eval(
 
     with _user_errors():
         if json_file:
-            output_file(json_file, "scores (--json)")
+            output_file(json_file, "scores (--json)", inputs=(library, experts, base, tasks, lm_eval_tasks))
+        _lm_eval_options(tasks, "experts", n, 200, lm_eval_tasks, limit, num_fewshot)
         if lm_eval_tasks is not None:
             from moerge.eval import harness
 
@@ -1284,8 +1305,28 @@ def git_verify(repo: Path = REPO_OPT) -> None:
 
 
 def main() -> None:  # console_scripts entry point
+    """The ``moerge`` command. A usage error (an unknown option, a value out of range) is one
+    ``error:`` line naming the option and where the help is, exit code 2, like every other refusal."""
+    import importlib
+
+    # click's exceptions, wherever this typer keeps them (it vendors click as typer._click)
+    exc = importlib.import_module(typer.BadParameter.__module__)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        code = app(standalone_mode=False)
+    except exc.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `moerge` alone: its help
+            out.print(e.format_message(), highlight=False, markup=False, soft_wrap=True)
+            sys.exit(2)
+        from rich.markup import escape
+
+        where = e.ctx.command_path if e.ctx is not None else "moerge"
+        err.print(f"[bold red]error:[/] {escape(e.format_message())} (see `{where} -h`)", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except exc.Abort:
+        err.print("aborted", highlight=False, markup=False)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

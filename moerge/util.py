@@ -11,10 +11,40 @@ from typing import Callable, Iterator
 from moerge.errors import MoergeError
 
 
-def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an output folder that exists (without ``overwrite``) or cannot be made, before the work
-    starts rather than after it."""
+def _input_paths(inputs) -> list[Path]:
+    """Paths among ``inputs``: paths, or strings listing them (comma-separated task lists with
+    ``lm-eval:`` items, ``base+adapter``); what does not exist (a task name) is left out."""
+    paths: list[Path] = []
+    for item in inputs or ():
+        if item is None:
+            continue
+        if not isinstance(item, str):
+            item = os.fspath(item)
+        for part in item.split(","):
+            part = part.strip().removeprefix("lm-eval:")
+            for cand in {part, *part.split("+")}:
+                if cand and Path(cand).exists():
+                    paths.append(Path(cand).resolve())
+    return paths
+
+
+def not_an_input(out: str | os.PathLike, inputs, what: str, folder: bool = False) -> None:
+    """Refuse an output that would overwrite what the command reads: the same path, an existing file
+    inside an input folder, or (for an output folder, which replaces what is there) a folder holding
+    an input or lying inside one. ``inputs``: paths or comma-separated lists of them; those that do
+    not exist (task names) are ignored."""
+    o = Path(out).resolve()
+    for p in _input_paths(inputs):
+        inside = p in o.parents
+        if o == p or (folder and (inside or o in p.parents)) or (inside and o.exists()):
+            raise MoergeError(f"{out}: would overwrite the input {p}; choose another path for the {what}")
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=()) -> Path:
+    """Refuse an output folder that exists (without ``overwrite``), cannot be made, or would replace
+    one of the command's ``inputs``, before the work starts rather than after it."""
     out = Path(out)
+    not_an_input(out, inputs, "output folder", folder=True)
     if out.exists() and not overwrite:
         raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
     if out.exists() and not out.is_dir():
@@ -58,10 +88,12 @@ def console(stderr: bool = False):
     return Console(stderr=stderr, width=200 if wide else None)
 
 
-def output_file(path: str | os.PathLike, what: str = "output file") -> Path:
+def output_file(path: str | os.PathLike, what: str = "output file", inputs=()) -> Path:
     """Check a file the command will write, before any work starts: its folder is created if missing,
-    and a path that is a folder, lies under a file, or cannot be written is refused in one line."""
+    and a path that is a folder, lies under a file, cannot be written, or would overwrite one of the
+    command's ``inputs`` is refused in one line."""
     path = Path(path)
+    not_an_input(path, inputs, what)
     if path.is_dir():
         raise MoergeError(f"{path}: is a folder; give a file name for the {what}")
     return _make_parent(path, what)

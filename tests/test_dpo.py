@@ -90,7 +90,7 @@ def test_bad_preferences_are_refused_before_tuning(tmp_path):
         "field.jsonl": ([{"prompt": "x", "chosen": "y"}], 'needs string fields "prompt" and "chosen" and "rejected"'),
         "same.jsonl": ([ok, dict(ok, rejected="ba")], "example 2: chosen and rejected are the same"),
         "few.jsonl": ([ok] * 5, "has 5 preference pairs"),
-        "broken.jsonl": ("{not json\n", "line 1: not JSON"),
+        "broken.jsonl": ("{not json\n", "line 1, column 2: not JSON"),
     }
     for name, (rows, needle) in cases.items():
         path = tmp_path / name
@@ -102,7 +102,17 @@ def test_bad_preferences_are_refused_before_tuning(tmp_path):
             tune_dpo(tmp_path / "out", data=path, progress=False)
     assert not (tmp_path / "out").exists()
     r = runner.invoke(app, ["tune", "dpo", "--data", str(tmp_path / "same.jsonl"), "--out", str(tmp_path / "o"), "--beta", "0"])
-    assert r.exit_code == 1 and r.output.startswith("error: beta must be positive")
+    assert r.exit_code == 1 and r.output.startswith("error: --beta must be positive")
+    r = runner.invoke(app, ["tune", "dpo", "--data", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "is a folder; give a JSONL file" in r.output
+    # the output may not replace what it reads: the data's folder, or the model being tuned
+    (tmp_path / "sub").mkdir()
+    good = prefs_file(tmp_path / "sub" / "p.jsonl", n_train=30, n_test=10)
+    before = good.read_bytes()
+    for out, extra, needle in ((tmp_path / "sub", [], "would overwrite the input"), (tmp_path / "o", ["--lr", "-1"], "--lr must be positive")):
+        r = runner.invoke(app, ["tune", "dpo", "--data", str(good), "--out", str(out), "--overwrite", "--steps", "1", *extra])
+        assert r.exit_code == 1 and needle in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert good.read_bytes() == before and not (tmp_path / "o").exists()
 
 
 def test_cli(tmp_path):

@@ -289,3 +289,45 @@ def test_routing_a_library_leaves_full_fine_tunes_out_with_a_warning(expert, tmp
         "rev@1 left out: full fine-tunes are merged, not routed"]
     with pytest.raises(MoergeError, match="rev@1: a full fine-tune; routers mix adapters"):
         load_routed("uniform", library=lib.root, experts=["sort", "rev"])
+
+
+def test_outputs_never_overwrite_inputs(tmp_path):
+    """--json, search --out and an --overwrite output folder that would replace what the command
+    reads are refused before any work, and the input is left as it was."""
+    from moerge.base import default_base
+    from moerge.tasks import examples, write_jsonl
+
+    data = write_jsonl(tmp_path / "mine.jsonl", examples("reverse", "test", 60))
+    before = data.read_bytes()
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {default_base()}\n  - model: {default_base()}\n")
+    weights = default_base() / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    cases = [["eval", "--tasks", str(data), "--n", "2", "--json", str(data)],
+             ["eval", str(default_base()), "--tasks", "reverse", "--n", "2", "--json", str(weights)],
+             ["search", str(recipe), "--tasks", "reverse", "--budget", "2", "--n", "2", "--out", str(recipe)],
+             ["expert", "train", "--data", str(data), "--steps", "1", "--out", str(tmp_path), "--overwrite"]]
+    for args in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and "would overwrite the input" in r.output and len(r.output.strip().splitlines()) == 1, (args, r.output)
+    assert data.read_bytes() == before and weights.stat().st_mtime_ns == stamp
+    # a new file beside an input is fine; options that would be ignored are refused
+    r = runner.invoke(app, ["eval", "--tasks", str(data), "--n", "2", "--json", str(tmp_path / "scores.json")])
+    assert r.exit_code == 0 and (tmp_path / "scores.json").is_file(), r.output
+    for args, needle in ((["eval", "--tasks", "reverse", "--limit", "3"], "--limit applies to --lm-eval"),
+                         (["eval", "--tasks", "reverse", "--n", "0"], "--n must be at least 1"),
+                         (["eval", "--tasks", "reverse", "--lm-eval", "x.yaml"], "--tasks and --lm-eval: give one")):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 1 and needle in r.output, (args, r.output)
+
+
+def test_usage_errors_are_one_line():
+    """The console command: an option out of range or unknown is one error line naming it, exit 2."""
+    import subprocess
+    import sys
+
+    for args, needle in ((["eval", "--limit", "0"], "'--limit'"), (["eval", "--bogus"], "No such option: --bogus")):
+        proc = subprocess.run([sys.executable, "-m", "moerge.cli", *args], capture_output=True, text=True)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], proc.stderr
+        assert "eval -h`" in lines[0] and "Traceback" not in proc.stderr

@@ -156,6 +156,33 @@ def test_bad_lm_eval_input_is_one_line(tmp_path):
     bad_data.write_text(f"task: gone\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'nope.jsonl'}\n"
                         "test_split: test\noutput_type: generate_until\ndoc_to_text: '{{prompt}}'\ndoc_to_target: 'x'\n")
     (tmp_path / "notask.yaml").write_text("dataset_path: json\n")
+    good, _ = gen_task(tmp_path, "copy", n=4)
+    text = good.read_text()
+
+    def variant(name, old, new):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(text.replace("task: my_copy", f"task: my_{name}").replace(old, new))
+        return str(path)
+
+    broken = [(variant("badfield", "{{completion}}", "{{answer}}"), "my_badfield cannot render its first example"),
+              (variant("nodoc", "doc_to_text: '{{prompt}}'\n", ""), "doc_to_text"),
+              (variant("nodataset", "dataset_path: json\n", ""), "task my_nodataset has no dataset_path"),
+              (variant("badmetric", "metric: exact_match", "metric: exact_mtch"), "unknown metric exact_mtch (close: exact_match"),
+              (variant("syntax", "until: ['\\n']", "until: ['\\n'"), "line 1")]
+    for yml, needle in broken:
+        r = runner.invoke(app, ["eval", "--lm-eval", f"{yml},{good}", "--limit", "2"])
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
+        assert "my_copy" not in lines[0]  # the good task is not blamed
+    r = runner.invoke(app, ["eval", "--tasks", "copy,lm-eval:", "--n", "2"])
+    assert r.exit_code == 1 and "names no lm-eval task" in r.output
+    # a merge scored on a task whose data is missing is refused before anything is merged
+    from moerge.base import default_base
+
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {default_base()}\n  - model: {default_base()}\n")
+    r = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "m"), "--eval", f"lm-eval:{bad_data}", "--eval-n", "2"])
+    assert r.exit_code == 1 and "nope.jsonl" in r.output and not (tmp_path / "m").exists(), r.output
     cases = [(["eval", "--lm-eval", str(tmp_path / "missing.yaml")], "no such lm-eval task file"),
              (["eval", "--lm-eval", str(tmp_path / "notask.yaml")], "defines no lm-eval task"),
              (["eval", "--lm-eval", str(bad_data), "--limit", "2"], "nope.jsonl"),

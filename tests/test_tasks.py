@@ -68,7 +68,7 @@ def test_jsonl_roundtrip_and_errors(tmp_path):
     with pytest.raises(MoergeError, match=r"bad.jsonl: line 3: needs string fields"):
         read_jsonl(bad)
     bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
-    with pytest.raises(MoergeError, match=r"line 2: not JSON"):
+    with pytest.raises(MoergeError, match=r"line 2, column [0-9]+: not JSON"):
         read_jsonl(bad)
     with pytest.raises(MoergeError, match="no such file"):
         read_jsonl(tmp_path / "missing.jsonl")

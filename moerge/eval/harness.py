@@ -20,6 +20,7 @@ model by each task's first metric (``primary``), next to the built-in skills.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -51,9 +52,12 @@ class Tasks:
     given: dict[str, str] = field(default_factory=dict)  # task name -> how the user wrote it
 
     def manager(self):
-        from lm_eval.tasks import TaskManager
+        """lm-eval's TaskManager over these tasks (built once: indexing the registry takes ~10 s)."""
+        if getattr(self, "_manager", None) is None:
+            from lm_eval.tasks import TaskManager
 
-        return TaskManager(include_path=self.include or None, include_defaults=self.registry)
+            self._manager = TaskManager(include_path=self.include or None, include_defaults=self.registry)
+        return self._manager
 
 
 def _require() -> None:
@@ -78,13 +82,38 @@ def _yaml_tasks(path: Path) -> list[str]:
         try:
             doc = yaml.load(f.read_text(), Loader=Loader)
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise MoergeError(f"{f}: not a readable lm-eval task YAML ({str(e).splitlines()[0]}); fix it") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise MoergeError(f"{f}: not a readable lm-eval task YAML ({where}{what}); fix it") from None
         if isinstance(doc, dict):
             task = doc.get("task") or doc.get("group")
+            if isinstance(task, str) and "task" in doc and "include" not in doc:
+                lacks = [k for k in ("dataset_path", "doc_to_text") if k not in doc]
+                if lacks:
+                    raise MoergeError(f"{f}: task {task} has no {' and no '.join(lacks)}; an lm-eval task YAML needs "
+                                      "dataset_path, doc_to_text and doc_to_target (or `include:` a template that has them)")
+            _check_metrics(f, task, doc.get("metric_list"))
             names += [task] if isinstance(task, str) else [t for t in (task or []) if isinstance(t, str)]
     if not names:
         raise MoergeError(f"{path}: defines no lm-eval task (no `task:` name); see lm-eval's task guide")
     return names
+
+
+def _check_metrics(f: Path, task, metric_list) -> None:
+    """A metric name lm-eval does not know (a typo) is refused with the close ones; a Hugging Face
+    ``evaluate`` metric is marked ``hf_evaluate: true`` in lm-eval's YAML and left to it."""
+    import difflib
+
+    import lm_eval.api.metrics  # noqa: F401  (fills the registry)
+    from lm_eval.api.registry import METRIC_REGISTRY
+
+    for entry in metric_list if isinstance(metric_list, list) else []:
+        name = entry.get("metric") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name not in METRIC_REGISTRY and not entry.get("hf_evaluate"):
+            hints = difflib.get_close_matches(name, list(METRIC_REGISTRY), n=2)
+            raise MoergeError(f"{f}: task {task} asks for unknown metric {name}" + (f" (close: {', '.join(hints)})" if hints else "")
+                              + "; fix its metric_list (or add `hf_evaluate: true` for a Hugging Face evaluate metric)")
 
 
 def resolve(spec) -> Tasks:
@@ -94,7 +123,9 @@ def resolve(spec) -> Tasks:
     _require()
     names, include, registry, given = [], [], False, {}
     for raw in split_items(spec):
-        item = raw[len(PREFIX):] if is_lm_eval(raw) else raw
+        item = (raw[len(PREFIX):] if is_lm_eval(raw) else raw).strip()
+        if not item:
+            raise MoergeError(f"{raw!r} names no lm-eval task; write lm-eval:TASK (a registry name) or lm-eval:path/to/task.yaml")
         path = Path(item)
         if item.endswith((".yaml", ".yml")) or path.is_dir() or os.sep in item:
             if not path.exists():
@@ -122,7 +153,68 @@ def resolve(spec) -> Tasks:
             hints = [m for n in unknown for m in difflib.get_close_matches(n, known, n=3)]
             raise MoergeError(f"lm-eval has no task {', '.join(unknown)}" + (f" (close: {', '.join(hints)})" if hints else "")
                               + "; see `lm-eval ls tasks`, or give the path of your own task YAML")
+    for name in names:
+        _check(tasks, name)
     return tasks
+
+
+def _why(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0][:240]
+    return f"{first} ({type(e).__name__})" if first and first != "None" else type(e).__name__
+
+
+def _leaves(d: dict):
+    for v in d.values():
+        if isinstance(v, dict):
+            yield from _leaves(v)
+        else:
+            yield v
+
+
+def _check(tasks: Tasks, name: str) -> None:
+    """Build one task as lm-eval will (its data loaded, its metrics found) and render its first
+    example, so a broken YAML is one line naming the task and what to fix before any model is loaded
+    (and before a merge that ``--eval`` scores is written)."""
+    import difflib
+
+    from lm_eval.api.registry import METRIC_REGISTRY
+    from lm_eval.tasks import get_task_dict
+
+    given = tasks.given.get(name, name)
+    with _quiet(), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            built = get_task_dict([name], tasks.manager())
+        except Exception as e:
+            import jinja2
+
+            if isinstance(e, jinja2.TemplateError):  # lm-eval renders an example while it builds the task
+                raise MoergeError(f"{given}: task {name} cannot render its first example ({_why(e)}); check its "
+                                  "doc_to_text, doc_to_target and doc_to_choice against the data's fields") from None
+            raise MoergeError(f"{given}: lm-eval cannot load task {name}: {_why(e)}; check its dataset_path and "
+                              "dataset_kwargs (data_files) and its metric_list") from None
+        for task in _leaves(built):
+            unknown = [m for m, fn in getattr(task, "_metric_fn_list", {}).items() if fn is None]
+            if unknown:
+                hints = [h for m in unknown for h in difflib.get_close_matches(m, list(METRIC_REGISTRY), n=2)]
+                raise MoergeError(f"{given}: task {name} asks for unknown metric {', '.join(unknown)}"
+                                  + (f" (close: {', '.join(hints)})" if hints else "") + "; fix its metric_list")
+            try:
+                docs = task.eval_docs
+                doc = docs[0] if len(docs) else None
+            except Exception as e:
+                raise MoergeError(f"{given}: task {name} has no evaluation split it can read ({_why(e)}); set its "
+                                  "test_split (or validation_split) to a split of its data") from None
+            if doc is None:
+                raise MoergeError(f"{given}: task {name} has no examples in its evaluation split; check its data")
+            try:
+                task.doc_to_text(doc)
+                task.doc_to_target(doc)
+                if getattr(task, "OUTPUT_TYPE", None) == "multiple_choice" or task.config.output_type == "multiple_choice":
+                    task.doc_to_choice(doc)
+            except Exception as e:
+                fields = ", ".join(map(str, doc.keys())) if hasattr(doc, "keys") else "?"
+                raise MoergeError(f"{given}: task {name} cannot render its first example ({_why(e)}); check its "
+                                  f"doc_to_text, doc_to_target and doc_to_choice against the data's fields ({fields})") from None
 
 
 @contextlib.contextmanager
@@ -131,7 +223,6 @@ def _quiet(progress: bool = False):
     terminal when progress is asked for. lm-eval also records the git commit of the current folder
     by running ``git describe``, which prints ``fatal: not a git repository`` outside one; moerge
     records what it evaluated itself, so that lookup is skipped while lm-eval runs."""
-    import io
 
     import datasets
     import lm_eval.evaluator
@@ -221,17 +312,18 @@ def run(model, tokenizer, tasks, *, limit: int | float | None = None, num_fewsho
     from moerge.tasks.chat import uses_chat
 
     lm = harness_model(model, tokenizer, batch_size=batch_size)
-    with _quiet(progress):
+    with _quiet(progress), contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints stray lines
         manager = tasks.manager()
         try:
             res = lm_eval.simple_evaluate(model=lm, tasks=tasks.names, task_manager=manager, limit=limit,
                                           num_fewshot=num_fewshot, log_samples=log_samples,
                                           apply_chat_template=uses_chat(tokenizer), random_seed=seed,
                                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
-        except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise MoergeError(f"lm-eval could not run {', '.join(tasks.names)}: {first}; check the task YAML "
-                              "(its dataset_path and data_files) and the task names") from None
+        except (MoergeError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # the tasks were built and rendered by resolve: what is left is the run itself
+            raise MoergeError(f"lm-eval could not run {', '.join(tasks.names)}: {_why(e)}; check the task YAML "
+                              "(its filters, generation_kwargs and metric_list)") from None
     if res is None:
         raise MoergeError("lm-eval returned no results")
     results = {k: {m: v for m, v in r.items()} for k, r in res["results"].items()}

@@ -103,7 +103,8 @@ def json_rows(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         shape = ", ".join(f'"{k}": ...' for k in fields)
-        raise MoergeError(f"{path}: no such file; give a JSONL file of {{{shape}}} lines")
+        what = "is a folder" if path.is_dir() else "no such file"
+        raise MoergeError(f"{path}: {what}; give a JSONL file of {{{shape}}} lines")
     need = f'a string field "{fields[0]}"' if len(fields) == 1 else "string fields " + " and ".join(f'"{k}"' for k in fields)
     out = []
     with open(path, encoding="utf-8") as f:
@@ -113,7 +114,8 @@ def json_rows(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise MoergeError(f"{path}: line {n}: not JSON ({e.msg})") from None
+                raise MoergeError(f"{path}: line {n}, column {e.colno}: not JSON ({e.msg}); one JSON object per line, "
+                                  "with newlines inside strings written as \\n") from None
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
                 raise MoergeError(f"{path}: line {n}: needs {need}")
             out.append(row)

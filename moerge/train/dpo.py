@@ -131,11 +131,13 @@ def tune_dpo(
     adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
-    for name, value in (("steps", steps), ("batch size", batch_size), ("rank", rank), ("max length", max_length)):
+    for name, value in (("steps", steps), ("batch-size", batch_size), ("rank", rank), ("max-length", max_length)):
         if value < 1:
-            raise MoergeError(f"{name} must be at least 1 (got {value})")
+            raise MoergeError(f"--{name} must be at least 1 (got {value})")
     if not beta > 0:
-        raise MoergeError(f"beta must be positive (got {beta}); DPO's usual value is 0.1")
+        raise MoergeError(f"--beta must be positive (got {beta}); DPO's usual value is 0.1")
+    if lr is not None and not lr > 0:
+        raise MoergeError(f"--lr must be positive (got {lr})")
     try:
         import trl
     except ImportError:
@@ -148,7 +150,7 @@ def tune_dpo(
     if not train_prefs or not held:
         raise MoergeError(f"{data}: its {len(prefs)} prompts all fall in one split (about 1 in 5 is held out); "
                           "add pairs with other prompts")
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, inputs=(model, data))
     base_dir = base_model.resolve(model)
     base_model.check_model_folder(base_dir, "model")
     net, tok = base_model.load(base_dir)

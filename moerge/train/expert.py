@@ -158,7 +158,7 @@ def train_expert(
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
     if gate_steps and adapter == "full":
         raise MoergeError("--gate-steps: PHATGOOSE gates route adapters; a full fine-tune (--adapter full) is merged, not routed")
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, inputs=(base, data))
     if task is not None:
         names = [t.strip() for t in task.split(",") if t.strip()]  # several: a multitask expert
         train_rows = mixture(names, "train", max(1, n_train // len(names)) * (1 if len(names) == 1 else 2), seed)
