@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--sft-weight", type=float, default=None, help="RPO's weight of the chosen answers' NLL (default: tune_dpo's).")
     ap.add_argument("--n-test", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="Keep the DPO adapter here (default: a temporary folder).")
@@ -57,13 +58,15 @@ def main() -> None:
         data.write_text("".join(json.dumps(p) + "\n" for p in pairs))
         out = args.out or Path(tmp) / "dpo"
         card = tune_dpo(out, data=data, model=model_dir, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                        **({} if args.sft_weight is None else {"sft_weight": args.sft_weight}),
                         beta=args.beta, overwrite=args.out is not None)
         tuned, ttok = load_expert(model_dir, out)
         after = evaluate(tuned, ttok, tasks, n=args.n_test)
     d = card.extra["dpo"]
     others = tasks[1:]
     mean = lambda s: sum(s[t] for t in others) / max(1, len(others))  # noqa: E731
-    print(f"\nDPO ({card.adapter}, {args.steps} steps, batch {args.batch_size}, lr {card.lr}, beta {args.beta}) of "
+    print(f"\nDPO ({card.adapter}, {args.steps} steps, batch {args.batch_size}, lr {card.lr}, beta {args.beta}, "
+          f"sft weight {d['sft_weight']}) of "
           f"{model_dir} on {card.examples} pairs: {card.seconds:.0f} s\n")
     print("| | before | after |\n|---|---|---|")
     print(f"| held-out pairs ({d['held_out_pairs']}): chosen preferred | {d['before']['preference_accuracy']:.1%} | "

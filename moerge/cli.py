@@ -560,6 +560,9 @@ def tune_dpo_cmd(
     steps: int = typer.Option(100, "--steps"),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default per adapter kind, as `expert train`)."),
     beta: float = typer.Option(0.1, "--beta", help="DPO's beta: how far the tuned model may move from MODEL."),
+    sft_weight: float = typer.Option(0.0, "--sft-weight", help="Add the chosen answers' negative log-likelihood at this "
+                                     "weight (RPO; 1.0 is the paper's): keeps DPO from pulling the chosen answers down "
+                                     "with the rejected ones."),
     batch_size: int = typer.Option(16, "--batch-size"),
     rank: int = typer.Option(8, "--rank", help="LoRA/DoRA rank."),
     max_length: int = typer.Option(512, "--max-length", help="Longest prompt + answer in tokens (longer ones are cut)."),
@@ -574,7 +577,7 @@ def tune_dpo_cmd(
 
     with _user_errors():
         card = tune_dpo(out_dir, data=data, model=model, adapter=adapter, steps=steps, lr=lr, beta=beta,
-                        batch_size=batch_size, rank=rank, max_length=max_length, seed=seed, overwrite=overwrite)
+                        sft_weight=sft_weight, batch_size=batch_size, rank=rank, max_length=max_length, seed=seed, overwrite=overwrite)
     d = card.extra["dpo"]
     b, a = d["before"], d["after"]
     out.print(f"wrote {out_dir}: {card.adapter} DPO of {card.base}, {card.trainable_params:,} trainable parameters, "

@@ -108,6 +108,7 @@ def tune_dpo(
     steps: int = 100,
     lr: float | None = None,
     beta: float = 0.1,
+    sft_weight: float = 0.0,
     batch_size: int = 16,
     rank: int = 8,
     max_length: int = 512,
@@ -138,6 +139,8 @@ def tune_dpo(
         raise MoergeError(f"--beta must be positive (got {beta}); DPO's usual value is 0.1")
     if lr is not None and not lr > 0:
         raise MoergeError(f"--lr must be positive (got {lr})")
+    if not sft_weight >= 0:
+        raise MoergeError(f"--sft-weight must be 0 or more (got {sft_weight}); 1.0 is RPO's")
     try:
         import trl
     except ImportError:
@@ -180,6 +183,10 @@ def tune_dpo(
         config = trl.DPOConfig(output_dir=scratch, use_cpu=not torch.cuda.is_available(), report_to="none",
                                save_strategy="no", max_steps=steps, per_device_train_batch_size=batch_size,
                                learning_rate=lr, beta=beta, max_length=max_length, logging_steps=1, disable_tqdm=True,
+                               # RPO: DPO plus the chosen answers' negative log-likelihood, so pushing the rejected
+                               # answers down cannot also drag the chosen ones (and generation) down with them
+                               loss_type=["sigmoid", "sft"] if sft_weight else ["sigmoid"],
+                               loss_weights=[1.0, sft_weight] if sft_weight else None,
                                seed=seed, data_seed=seed, bf16=False, fp16=False)
         try:
             trainer = trl.DPOTrainer(model=net, args=config, train_dataset=_dataset(train_prefs, tok),
@@ -207,7 +214,7 @@ def tune_dpo(
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
             final_loss=round(Progress.loss if Progress.loss == Progress.loss else float(result.training_loss), 4), validation_accuracy=after["exact_match"],
             centroid=centroid, centroids=centroids,
-            extra={"tuning": "dpo", "dpo": {"beta": beta, "held_out_pairs": len(held), "before": before, "after": after,
+            extra={"tuning": "dpo", "dpo": {"beta": beta, "sft_weight": sft_weight, "held_out_pairs": len(held), "before": before, "after": after,
                                             "trl": trl.__version__}},
         )
         card.write(tmp)
