@@ -728,6 +728,10 @@ def tasks_export(
 LM_EVAL_OPT = typer.Option(None, "--lm-eval", metavar="TASKS", help="Score with the lm-evaluation-harness instead: "
                            "its task names (data from the hub) or your own task YAML files or folders, comma-separated "
                            "(needs `pip install 'moerge[lm-eval]'`).")
+LIMIT_OPT = typer.Option(None, "--limit", min=1, help="--lm-eval: at most this many examples per task (default: all).")
+FEWSHOT_OPT = typer.Option(None, "--num-fewshot", min=0, help="--lm-eval: few-shot examples (default: each task's own).")
+
+
 def _lm_eval_options(tasks: str, default_tasks: str, n: int, default_n: int, lm_eval_tasks, limit, num_fewshot) -> None:
     """Refuse options that would be silently ignored: --tasks/--n beside --lm-eval (which scores
     lm-eval's tasks only), --limit/--num-fewshot without it; and a count below one."""
@@ -743,10 +747,6 @@ def _lm_eval_options(tasks: str, default_tasks: str, n: int, default_n: int, lm_
                 raise MoergeError(f"{flag} applies to --lm-eval tasks; for --tasks use --n")
         if n < 1:
             raise MoergeError(f"--n must be at least 1 (test examples per task), got {n}")
-
-
-LIMIT_OPT = typer.Option(None, "--limit", min=1, help="--lm-eval: at most this many examples per task (default: all).")
-FEWSHOT_OPT = typer.Option(None, "--num-fewshot", min=0, help="--lm-eval: few-shot examples (default: each task's own).")
 
 
 @app.command("eval")

@@ -80,6 +80,7 @@ class LayerwiseModel:
         self.ref = model_ref.ref
         self.source = model_ref.source
         self.model = model.eval()
+        self._tuples = False  # whether the layers return tuples (older transformers) or tensors; set by run
         found = _blocks(model, cfg)
         if found is None:
             raise MoergeError(f"{self.ref}: cannot find its decoder layers (a list of {cfg.num_hidden_layers} blocks)")
@@ -181,9 +182,10 @@ class LayerwiseModel:
             return (states[current[0]],) + tuple(out[1:]) if isinstance(out, tuple) else states[current[0]]
 
         saved = [layer.forward for layer in self.layers]
+
         def passthrough(*a, **k):  # each layer returns its input (as the layers return it): no weights needed
             x = a[0] if a else k["hidden_states"]
-            return (x,) if getattr(self, "_tuples", False) else x
+            return (x,) if self._tuples else x
 
         for layer in self.layers:
             layer.forward = passthrough

@@ -80,7 +80,8 @@ def rows_for(model, data: str | None, n: int, seed: int = 0, why: str = "") -> t
     if data:
         if is_user_task(data) or Path(data).exists():
             if not Path(data).is_file() or not is_user_task(data):
-                raise MoergeError(f"{model.ref}: data {data} is not a .jsonl file; give a JSONL of prompt/completion rows or "
+                why = "" if Path(data).exists() else " (no such file)"
+                raise MoergeError(f"{model.ref}: data {data} is not a .jsonl file{why}; give a JSONL of prompt/completion rows or "
                                   "a built-in task name (`moerge tasks list`)")
             rows = examples(data, "train", n, seed)
         else:
