@@ -110,22 +110,33 @@ def check_model_folder(folder: Path, what: str = "model") -> None:
         close()
 
 
-def load(path: str | os.PathLike | None = None):
+def load(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
     """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
     refused in one line (``check_model_folder``), and whatever transformers still cannot load is
-    reported with its first line, never as a traceback."""
+    reported with its first line, never as a traceback. ``dtype``: what to compute in; by default
+    ``moerge.precision.compute_dtype`` of the stored one (bf16 checkpoints stay bf16 on CPUs that
+    multiply bf16 natively, everything else is float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moerge.precision import compute_dtype, stored_dtype
     from moerge.util import quiet_transformers
 
     folder = resolve(path)
     check_model_folder(folder)
     quiet_transformers()
     try:
-        # float32 whatever the stored dtype: on a CPU, bf16 matmuls train 2x and generate ~4x slower
-        # (SmolLM2-135M, measured here); merges keep the dtype their recipe asks for
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        if dtype is None:
+            dtype = compute_dtype(stored_dtype(json.loads((folder / "config.json").read_text())))
+        # in bf16, eager attention: torch's CPU flash attention ran its backward 4x slower than the
+        # plain matmuls in bf16 (SmolLM2-135M LoRA training, measured here); in float32 the default
+        extra = {"attn_implementation": "eager"} if dtype == torch.bfloat16 else {}
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **extra).eval()
         tok = AutoTokenizer.from_pretrained(folder)
+        head = model.get_output_embeddings()
+        if head is not None:
+            from moerge.train.loop import contiguous_input
+
+            head.register_forward_pre_hook(contiguous_input)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, json.JSONDecodeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MoergeError(f"{folder}: transformers cannot load it ({first}); re-save it with save_pretrained") from None

@@ -11,8 +11,11 @@ CPU (``SETTINGS``).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+import torch
 
 from rich.console import Console
 from rich.table import Table
@@ -78,7 +81,9 @@ def routers() -> tuple[list, str | None]:
     return ROUTERS + FEW_SHOT, None
 
 
-def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0, params: dict | None = None) -> dict:
+def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 0, params: dict | None = None,
+                 out_dtype: str | None = None) -> dict:
+    """A merge of the experts as a recipe: computed in float32, written in ``out_dtype`` (default float32)."""
     params = MERGES[method] if params is None else params
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
     # methods without a base (linear, Fisher, RegMean) merge the experts (base+LoRA) alone: a base_model
@@ -87,7 +92,7 @@ def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 
 
     alone = registry.get(method).base == "ignored"
     return {"merge_method": method, **({} if alone else {"base_model": str(base)}), "models": models,
-            "dtype": "float32", "seed": seed}
+            "dtype": "float32", **({"out_dtype": out_dtype} if out_dtype else {}), "seed": seed}
 
 
 def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,
@@ -132,6 +137,12 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     steps, n_eval, gate_steps = cfg["steps"][pick], cfg["n_eval"][pick], cfg["gate_steps"][pick]
     batch, lr = cfg["batch_size"], cfg["lr"]
     columns = tasks + heldout
+    # merges are written in the base's own dtype (a bf16 checkpoint's merges in bf16, as mergekit users
+    # publish them), so they are scored in the dtype the base is (moerge.precision)
+    from moerge.precision import compute_dtype, stored_dtype
+
+    stored = stored_dtype(json.loads((base_dir / "config.json").read_text()))
+    out_dtype = "bfloat16" if stored == torch.bfloat16 else None
     start = time.perf_counter()
     rows: list[dict] = []
 
@@ -166,7 +177,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         phase(f"merging the experts with {method}, then scoring the merge")
         t0 = time.perf_counter()
         params = dict(MERGES[method], **({"weight": cfg["task_arithmetic"]} if method == "task_arithmetic" else {}))
-        recipe = merge_recipe(method, base_dir, experts, params=params)
+        recipe = merge_recipe(method, base_dir, experts, params=params, out_dtype=out_dtype)
         if registry.get(method).stats:  # Fisher, RegMean: examples per expert for its statistics
             recipe["parameters"] = {"num_examples": cfg["stats_examples"][pick]}
         res = moerge.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
@@ -191,7 +202,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
              "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
-             "settings": {"steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
+             "settings": {"dtype": str(compute_dtype(stored)).removeprefix("torch."), "steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
                           "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick]}}
     _print(console, board)

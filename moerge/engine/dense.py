@@ -9,9 +9,9 @@ import torch
 from moerge.errors import MoergeError
 
 
-def _filled(cfg, dtype: torch.dtype, get, where: str):
+def _filled(cfg, dtype: torch.dtype, get, where: str, **kw):
     """A model of config ``cfg`` built without initialising its weights, then given ``get(name)`` for
-    every tensor of its state dict (None: absent; a tied head may be)."""
+    every tensor of its state dict (None: absent; a tied head may be); ``kw`` to ``from_config``."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -19,7 +19,7 @@ def _filled(cfg, dtype: torch.dtype, get, where: str):
     except ImportError:  # pragma: no cover
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kw)
     sd = {}
     for name in model.state_dict():
         t = get(name)
@@ -32,9 +32,10 @@ def _filled(cfg, dtype: torch.dtype, get, where: str):
     return model.eval()
 
 
-def load_dense(model_ref, dtype: torch.dtype):
+def load_dense(model_ref, dtype: torch.dtype, **kw):
     """An opened model (``plan.Model``) as a transformers model in ``dtype``, its weights read from the
-    lazy source, so adapters (``base+adapter``, ``library://``) apply as they do everywhere else."""
+    lazy source, so adapters (``base+adapter``, ``library://``) apply as they do everywhere else;
+    ``kw`` to transformers' ``from_config`` (``attn_implementation``)."""
     from transformers import AutoConfig
 
     try:
@@ -43,7 +44,7 @@ def load_dense(model_ref, dtype: torch.dtype):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise MoergeError(f"{model_ref.ref}: cannot read its config.json ({first}); this needs the model's forward") from None
     src = model_ref.source
-    return _filled(cfg, dtype, lambda name: src.get(name) if name in src else None, model_ref.ref)
+    return _filled(cfg, dtype, lambda name: src.get(name) if name in src else None, model_ref.ref, **kw)
 
 
 def model_from_tensors(config: dict, tensors: dict[str, torch.Tensor]):

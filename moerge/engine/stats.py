@@ -122,23 +122,28 @@ def _digest(names, get) -> str:
 
 # ----------------------------------------------------------------------------------------- math
 def fisher(model: torch.nn.Module, tokenizer, rows) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher per parameter: the mean over ``rows`` of (∂ log p(completion | prompt) / ∂θ)²."""
+    """Diagonal empirical Fisher per parameter: the mean over ``rows`` of (∂ log p(completion | prompt) / ∂θ)²,
+    accumulated in float32. A bf16 model gives bf16 gradients, squared into the float32 sums: on a
+    135M model the per-example cost was mostly memory traffic over every parameter (zeroing, casting
+    and accumulating ``.grad``), which fresh gradients from ``autograd.grad`` in the model's own dtype avoid."""
     from moerge.train.loop import collate, completion_loss, encode
 
     params = dict(model.named_parameters())  # tied weights appear once, under the input embedding's name
-    for p in params.values():
+    names, weights = list(params), list(params.values())
+    for p in weights:
         p.requires_grad_(True)
-    acc = {n: torch.zeros_like(p) for n, p in params.items()}
+    acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     model.eval()  # no dropout: the Fisher of the model as it predicts
     for ids in encode(tokenizer, rows):
         batch = collate([ids], tokenizer.pad_token_id)
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
-        model.zero_grad(set_to_none=False)  # zeroed in place: no new gradient buffers per example
-        (completion_loss(model, batch) * n_tokens).backward()  # -log p(y | x): the mean times the tokens
-        for n, p in params.items():
-            if p.grad is not None:
-                acc[n].addcmul_(p.grad, p.grad)
-    model.zero_grad(set_to_none=True)
+        loss = completion_loss(model, batch).float() * n_tokens  # -log p(y | x): the mean times the tokens
+        grads = torch.autograd.grad(loss, weights, allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:
+                acc[n].addcmul_(g, g)
+    for p in weights:
+        p.requires_grad_(False)
     return {n: a.div_(len(rows)) for n, a in acc.items()}
 
 
@@ -291,15 +296,23 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
         raise MoergeError(f"unknown statistic {kind!r}")
     start = time.perf_counter()
     tok = load_tokenizer(model_ref, "its statistics")
+    mixed = False
     if kind == "fisher":
-        model = load_dense(model_ref, torch.float32)
+        from moerge.precision import compute_dtype, stored_dtype
+
+        # in bf16 where the model is a bf16 checkpoint and this CPU multiplies bf16 natively (moerge.precision),
+        # the squares summed in float32; eager attention then (torch's CPU flash attention's backward is slow in bf16)
+        mixed = compute_dtype(stored_dtype(_config(model_ref))) == torch.bfloat16
+        model = load_dense(model_ref, torch.bfloat16 if mixed else torch.float32,
+                           **({"attn_implementation": "eager"} if mixed else {}))
         sd = model.state_dict()
         digest = _digest(sd, sd.__getitem__)
     else:
         model = LayerwiseModel(model_ref)
         sd = model.model.state_dict(keep_vars=True)
         digest = _digest(sd, lambda n: model.tensor(n) if sd[n].is_meta else sd[n])
-    key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": digest, "rows": _rows_digest(rows)},
+    key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": digest, "rows": _rows_digest(rows),
+                                     **({"mixed": True} if mixed else {})},
                                     sort_keys=True).encode()).hexdigest()
     path = cache_root() / f"{kind}-{key[:40]}.safetensors"
     if path.is_file():
@@ -309,7 +322,8 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
             return stats
         except Exception:  # a damaged cache file is recomputed, never trusted
             path.unlink(missing_ok=True)
-    meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows), "scale": 1.0}
+    meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows), "scale": 1.0,
+            **({"dtype": "bfloat16"} if mixed else {})}
     if kind == "fisher":
         tensors = fisher(model, tok, rows)
         total = sum(float(t.sum()) for t in tensors.values())
@@ -321,6 +335,14 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     _say(progress, f"statistics: {kind} of {model_ref.ref} on {len(rows)} examples of {described}: "
                    f"{time.perf_counter() - start:.0f} s (cached in {path})")
     return _load(path)
+
+
+def _config(model_ref) -> dict:
+    """The model's config.json as a dict ({} when it cannot be read: load_dense then says why)."""
+    try:
+        return json.loads((Path(model_ref.folder) / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return {}
 
 
 def _say(progress: bool, line: str) -> None:

@@ -160,7 +160,7 @@ def tune_dpo(
     out = check_output_dir(out_dir, overwrite, inputs=(model, data))
     base_dir = base_model.resolve(model)
     base_model.check_model_folder(base_dir, "model")
-    net, tok = base_model.load(base_dir)
+    net, tok = base_model.load(base_dir, dtype=torch.float32)  # TRL's trainer runs as configured below: float32
     quiet_transformers()
     held_rows = [Example(p.prompt, p.chosen) for p in held]
     before = {"preference_accuracy": preference_accuracy(net, tok, held), "exact_match": exact_match(net, tok, held_rows)}

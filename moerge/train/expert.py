@@ -176,7 +176,9 @@ def train_expert(
         # the card pins the data by absolute path and hash, so it is found (and checked) from any folder
         task, source = Path(data).stem, str(Path(data).resolve())
     base_dir = base_model.resolve(base)
-    model, tok = base_model.load(base_dir)
+    # a full fine-tune's weights are what the optimizer updates: float32 masters whatever the checkpoint's dtype;
+    # an adapter trains in float32 over a bf16 base where the CPU multiplies bf16 natively (moerge.precision)
+    model, tok = base_model.load(base_dir, dtype=torch.float32 if adapter == "full" else None)
     from moerge.routing.embed import SentenceEmbedder, record_embedding, task_centroids
 
     prompts = [r.prompt for r in train_rows[:256]]
