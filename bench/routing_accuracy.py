@@ -2,6 +2,8 @@
 """Do per-token routers send tokens to the right expert? A diagnostic for the demo's experts.
 
     python bench/routing_accuracy.py demo-output/experts/{reverse,sort,uppercase,shift,dedupe,novowels}
+    python bench/routing_accuracy.py --base smollm2-135m-instruct --every 5 \
+        DEMO/experts/{reverse_words,sort_words,caps,number_words,acronym,iso_date}
 
 For each built-in task whose expert is given, the test prompts and their answers go through the routed
 model (teacher forcing); at every adapted layer we record which expert each token's largest weight
@@ -30,6 +32,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("experts", nargs="+", type=Path, help="expert folders named after built-in tasks")
     ap.add_argument("--n", type=int, default=40, help="test prompts per task")
+    ap.add_argument("--base", default=None, help="the experts' base (default: the built-in base), a folder or a name "
+                    "such as smollm2-135m-instruct")
+    ap.add_argument("--every", type=int, default=1, help="probe every Nth adapted layer only (the probes hold every "
+                    "token's activations per layer: a real model's 210 layers need --every 5 or so)")
     args = ap.parse_args()
 
     from moerge.routing import load_routed
@@ -41,18 +47,17 @@ def main() -> None:
     routers = ["arrow"] + (["phatgoose"] if all((p / "gates.safetensors").is_file() for p in args.experts) else [])
 
     def batch(tok, task: str, split: str, n: int):
-        rows = examples(task, split, n)
-        enc = tok([r.prompt + r.completion for r in rows], return_tensors="pt", padding=True)
-        mask = enc.attention_mask.bool()
-        n_prompt = torch.tensor([len(tok(r.prompt).input_ids) for r in rows])  # with any leading special tokens
-        start = (mask.shape[1] - mask.sum(1)) * (tok.padding_side == "left")
-        answer = mask & (torch.arange(mask.shape[1])[None] >= (start + n_prompt)[:, None])
-        return enc.input_ids, mask, answer
+        """Prompt + answer + end of sequence, as training and evaluation render them (chat template or
+        bos + text), right-padded; the answer tokens are the labelled ones."""
+        from moerge.train.loop import collate, encode
+
+        b = collate(encode(tok, examples(task, split, n)), tok.pad_token_id)
+        return b["input_ids"], b["attention_mask"].bool(), b["labels"] != -100
 
     print(f"{len(tasks)} experts ({', '.join(tasks)}); chance = {1 / len(tasks):.2f}")
     print(f"{'router':<28} {'tokens':>7} {'answer tokens':>14} {'sequences':>10}")
     for name in routers:
-        routed = load_routed(name, experts=args.experts, top_k=1)
+        routed = load_routed(name, experts=args.experts, base=args.base, top_k=1)
         inner = routed.router.token_weights
         scores: dict[str, torch.Tensor] = {}
 
@@ -78,10 +83,10 @@ def main() -> None:
         print(f"{name + ' (top expert)':<28} {mean['tokens']:>7.2f} {mean['answer']:>14.2f} {mean['seq']:>10.2f}")
 
     # the probe: nearest class mean of the base's token activations at every adapted layer
-    routed = load_routed("uniform", experts=args.experts)
+    routed = load_routed("uniform", experts=args.experts, base=args.base)
     acts: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda m, inp, out, name=name: acts.__setitem__(name, inp[0].detach()))
-             for name, layer in routed.layers.items()]
+             for i, (name, layer) in enumerate(routed.layers.items()) if i % args.every == 0]
 
     def collect(split: str, n: int):
         out = defaultdict(lambda: defaultdict(list))
@@ -116,7 +121,7 @@ def main() -> None:
                 nearest = (torch.nn.functional.normalize(xt - centre, dim=-1) @ means.T).argmax(-1)
                 trained = linear((xt - centre) / scale).argmax(-1)
                 layer = routed.layers[module]
-                strongest = torch.stack([(xt @ layer.a[e].T @ layer.b[e].T).norm(dim=-1) for e in range(len(tasks))], -1).argmax(-1)
+                strongest = torch.stack([(xt @ layer.a[e].float().T @ layer.b[e].float().T).norm(dim=-1) for e in range(len(tasks))], -1).argmax(-1)
             probes[response][part].append(float((strongest == yt).float().mean()))
             probes["probe (nearest class mean)"][part].append(float((nearest == yt).float().mean()))
             probes["probe (linear, trained)"][part].append(float((trained == yt).float().mean()))

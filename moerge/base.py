@@ -110,7 +110,7 @@ def check_model_folder(folder: Path, what: str = "model") -> None:
         close()
 
 
-def load(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None):
+def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None):
     """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
     refused in one line (``check_model_folder``), and whatever transformers still cannot load is
     reported with its first line, never as a traceback. ``dtype``: what to compute in; by default
@@ -118,7 +118,7 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None
     multiply bf16 natively, everything else is float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moerge.precision import compute_dtype, stored_dtype
+    from moerge.precision import as_dtype, compute_dtype, stored_dtype
     from moerge.util import quiet_transformers
 
     folder = resolve(path)
@@ -127,6 +127,7 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype | None = None
     try:
         if dtype is None:
             dtype = compute_dtype(stored_dtype(json.loads((folder / "config.json").read_text())))
+        dtype = as_dtype(dtype)
         # in bf16, eager attention: torch's CPU flash attention ran its backward 4x slower than the
         # plain matmuls in bf16 (SmolLM2-135M LoRA training, measured here); in float32 the default
         extra = {"attn_implementation": "eager"} if dtype == torch.bfloat16 else {}

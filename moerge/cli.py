@@ -83,6 +83,20 @@ THREADS_OPT = typer.Option(None, "--threads", callback=_set_threads, metavar="N"
                            "tiny base and robust on a busy machine; more for large models on idle cores).")
 
 
+def _set_dtype(value: Optional[str]) -> Optional[str]:
+    from moerge.precision import set_dtype
+
+    if value is not None:
+        with _user_errors():
+            set_dtype(value)
+    return value
+
+
+DTYPE_HELP = ("What models compute in: auto (default; $MOERGE_DTYPE), float32 or bfloat16. auto keeps a bf16 checkpoint "
+              "in bf16 where this CPU multiplies bf16 faster than float32, and computes everything else in float32.")
+DTYPE_OPT = typer.Option(None, "--dtype", callback=_set_dtype, metavar="auto|float32|bfloat16", help=DTYPE_HELP)
+
+
 def _version(value: bool) -> None:
     if value:
         import moerge
@@ -96,9 +110,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="Torch threads for every command "
                                           "(default: $MOERGE_THREADS, else 1)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|float32|bfloat16", help="What models compute in "
-                                        "(default: $MOERGE_DTYPE, else auto: a bf16 checkpoint in bf16 where this CPU "
-                                        "multiplies bf16 faster than float32, everything else in float32)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|float32|bfloat16", help=DTYPE_HELP),
 ) -> None:
     """Merge, route and version specialist experts built from one base model."""
     from moerge.precision import set_dtype
@@ -135,6 +147,7 @@ def merge(
                                              "below an input on its own task."),
     eval_n: int = typer.Option(100, "--eval-n", min=1, help="Test prompts per task for --eval."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config
@@ -221,6 +234,7 @@ def search_cmd(
     out_file: Optional[Path] = typer.Option(None, "--out", help="Write the best recipe here (YAML)."),
     library: Optional[Path] = typer.Option(None, "--library", help="Where library://NAME@V models live (default: $MOERGE_LIBRARY, else .)."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Search a recipe's weights, densities and other numbers for the best score on TASKS: each candidate is
     merged in memory and scored on the validation split; the best and the given recipe are then compared
@@ -278,6 +292,7 @@ def demo(
     base: Optional[str] = typer.Option(None, "--base", help="The base: the built-in tiny one (default), a real base by "
                                        "name (smollm2-135m-instruct, after `moerge base get`) or a model folder."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Train one expert per built-in skill, merge them, route, train a multitask baseline, score everything (offline)."""
     from moerge.demo import run_demo
@@ -467,6 +482,7 @@ def base_build(
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Pretrain the tiny base deterministically (about a minute on 2 cores)."""
     from moerge.base import build_base
@@ -495,6 +511,7 @@ def base_get(
                                            "$MOERGE_CACHE/bases/NAME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Fetch again and replace the cached copy."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Fetch a real pretrained base once into the cache (bf16 safetensors, tokenizer, chat template, card);
     then `--base NAME` works everywhere."""
@@ -536,6 +553,7 @@ def expert_train(
                                    "(as `moerge expert gate`; 0: no gates)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Train one expert from the base with PEFT (or fully) and write its card."""
     from moerge.train.expert import train_expert
@@ -575,6 +593,7 @@ def tune_dpo_cmd(
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Direct preference optimisation of MODEL with TRL; reports how often it prefers the chosen answer on
     held-out pairs before and after. The output is an expert of MODEL: `moerge eval MODEL --adapter OUT`,
@@ -647,6 +666,7 @@ def expert_gate(
     steps: int = typer.Option(100, "--steps"),
     lr: float = typer.Option(1e-2, "--lr"),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Train the expert's PHATGOOSE gates on its own data (expert and base frozen)."""
     from moerge.routing.routers.phatgoose import train_gates
@@ -667,6 +687,7 @@ def expert_embed(
                                            "hub id); default: the base model's embeddings."),
     base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the expert card's base, else the built-in base)."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Record task centroids of the expert's prompts in its card, for the centroid and smear routers."""
     from moerge.routing.embed import read_prompts
@@ -767,6 +788,7 @@ def eval_cmd(
     num_fewshot: Optional[int] = FEWSHOT_OPT,
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Exact-match accuracy of greedy completions on the test split of each task; or, with --lm-eval,
     every metric of lm-eval's tasks."""
@@ -871,6 +893,7 @@ def route_eval(
     limit: Optional[int] = LIMIT_OPT,
     num_fewshot: Optional[int] = FEWSHOT_OPT,
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Exact match of the routed model on the test split of each task, and where the router sent each task;
     or, with --lm-eval, every metric of lm-eval's tasks (the router picks the experts for each input)."""
@@ -924,6 +947,7 @@ def generate_cmd(
                                                  "(JSONL of {\"prompt\", \"completion\"}) its composition is searched on."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Answer one prompt with the routed model; print the answer and the experts it used."""
     from moerge.eval import greedy
@@ -965,6 +989,7 @@ def serve_cmd(
                                         "vocabulary (folder or name) proposes tokens the served model checks."),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="With --draft: tokens proposed per step."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """An OpenAI-compatible server: the base, each expert and each router as a model, continuous batching."""
     from moerge.serve import serve
@@ -1052,6 +1077,7 @@ def fuse_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Fuse the contributions made on the library's latest base (base@N) into base@N+1, through the merge
     engine (streaming; the new base appears only when complete, registered in one transaction)."""
@@ -1108,6 +1134,7 @@ def fuse_simulate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier simulation's --out folder (once the "
                                    "new run is complete)."),
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Simulate ColD Fusion: each round contributors fine-tune the current base, their models are fused into
     the next base, and it is scored zero-shot and as a starting point for held-out tasks."""
@@ -1135,6 +1162,7 @@ def expert_rebase(
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure."),
     library: Optional[Path] = LIBRARY,
     threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Re-apply an expert made on an older base to a newer one (its adapter factors, or a full fine-tune's
     delta) and store it as its next version; report its skill before and after."""

@@ -43,6 +43,8 @@ def set_dtype(value: str | None) -> str:
     """Set the compute dtype for this process and the processes it starts (``moerge --dtype``)."""
     if value is None:
         return setting()
+    if not value.strip():
+        raise MoergeError(f"--dtype {value!r}: give one of {', '.join(CHOICES)}")
     os.environ[ENV] = value
     try:
         return setting()
@@ -53,21 +55,38 @@ def set_dtype(value: str | None) -> str:
 
 @functools.lru_cache(maxsize=1)
 def fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices at least 1.5x faster than float32, timed once (a few ms):
-    a flag such as ``amx_bf16`` says what the chip has, not what torch's kernels make of it."""
+    """Whether this CPU multiplies bf16 matrices at least 1.5x faster than float32, timed once (a few ms)
+    on one thread: a flag such as ``amx_bf16`` says what the chip has, not what torch's kernels make of
+    it. One thread because two threads beside a busy neighbour time the machine's noise instead (the
+    answer flipped in 2 of 12 runs at two threads, 9 of 10 beside ``yes``; never at one)."""
     a = torch.randn(256, 576)
     w = torch.randn(1536, 576)
 
     def best(x: torch.Tensor, y: torch.Tensor) -> float:
         x @ y.T  # warm-up: the first call picks the kernel
         times = []
-        for _ in range(3):
+        for _ in range(5):
             t = time.perf_counter()
             x @ y.T
             times.append(time.perf_counter() - t)
         return min(times)
 
-    return best(a.bfloat16(), w.bfloat16()) * 1.5 < best(a, w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return best(a.bfloat16(), w.bfloat16()) * 1.5 < best(a, w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def as_dtype(value: torch.dtype | str) -> torch.dtype:
+    """A torch dtype, or its name (``"bfloat16"``, ``"bf16"``, ``"float32"``, ...)."""
+    if isinstance(value, torch.dtype):
+        return value
+    found = NAMES.get(str(value).strip().lower().removeprefix("torch."))
+    if found is None:
+        raise MoergeError(f"dtype {value!r}: give float32 or bfloat16 (or a torch.dtype)")
+    return found
 
 
 def stored_dtype(config: dict) -> torch.dtype | None:

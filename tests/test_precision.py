@@ -65,6 +65,7 @@ def test_training_over_a_bf16_base_keeps_float32_adapters_and_learns(bf16_base, 
     monkeypatch.setenv(precision.ENV, "bfloat16")
     card = train_expert(tmp_path / "e", base=bf16_base, task="novowels", steps=60, progress=False)
     assert card.validation_accuracy >= 0.3 and card.final_loss < 0.5  # as in float32 (test_train.py)
+    assert card.dtype == "bfloat16"
     saved = load_file(tmp_path / "e" / "adapter_model.safetensors")
     assert saved and {t.dtype for t in saved.values()} == {torch.float32}
     model, tok = load_expert(bf16_base, tmp_path / "e")
@@ -74,7 +75,7 @@ def test_training_over_a_bf16_base_keeps_float32_adapters_and_learns(bf16_base, 
     assert evaluate(model, tok, ["novowels"], n=30)["novowels"] >= 0.3
     full = train_expert(tmp_path / "f", base=bf16_base, task="novowels", adapter="full", steps=2, n_train=32,
                         batch_size=8, progress=False)
-    assert full.adapter == "full"
+    assert full.adapter == "full" and full.dtype == "float32"
     assert {t.dtype for t in load_file(tmp_path / "f" / "model.safetensors").values()} == {torch.float32}
 
 
@@ -103,3 +104,30 @@ def test_dtype_option_is_checked(monkeypatch):
     assert res.exit_code == 1 and "--dtype half: give one of auto, float32, bfloat16" in res.output
     res = CliRunner().invoke(app, ["--dtype", "float32", "tasks", "list"])
     assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["--dtype", " ", "tasks", "list"])
+    assert res.exit_code == 1 and "give one of" in res.output
+    # after the command, as --threads: eval with a missing model fails on the model, not on the option
+    res = CliRunner().invoke(app, ["eval", "--dtype", "half", "nowhere"])
+    assert res.exit_code == 1 and "--dtype half" in res.output
+    res = CliRunner().invoke(app, ["eval", "--dtype", "float32", "nowhere"])
+    assert res.exit_code == 1 and "nowhere" in res.output and "--dtype" not in res.output
+
+
+def test_the_speed_check_times_one_thread_and_restores_the_count(monkeypatch):
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    before = torch.get_num_threads()
+    precision.fast_bf16.cache_clear()
+    try:
+        assert precision.fast_bf16() in (True, False)
+    finally:
+        precision.fast_bf16.cache_clear()
+    assert seen == [1, before] and torch.get_num_threads() == before
+
+
+def test_load_takes_a_dtype_name(bf16_base):
+    assert base_model.load(bf16_base, dtype="float32")[0].dtype == torch.float32
+    assert base_model.load(bf16_base, dtype="bf16")[0].dtype == torch.bfloat16
+    with pytest.raises(MoergeError, match="dtype 'banana'"):
+        base_model.load(bf16_base, dtype="banana")

@@ -64,6 +64,7 @@ class ExpertCard:
     rank: int | None = None
     seed: int | None = None
     seconds: float | None = None
+    dtype: str | None = None  # what the base computed in while training (moerge.precision): bfloat16 or float32
     final_loss: float | None = None
     validation_accuracy: float | None = None
     centroid: list[float] | None = None  # mean base embedding of training prompts (task-level routing)
@@ -179,6 +180,7 @@ def train_expert(
     # a full fine-tune's weights are what the optimizer updates: float32 masters whatever the checkpoint's dtype;
     # an adapter trains in float32 over a bf16 base where the CPU multiplies bf16 natively (moerge.precision)
     model, tok = base_model.load(base_dir, dtype=torch.float32 if adapter == "full" else None)
+    computed_in = str(next(model.parameters()).dtype).removeprefix("torch.")
     from moerge.routing.embed import SentenceEmbedder, record_embedding, task_centroids
 
     prompts = [r.prompt for r in train_rows[:256]]
@@ -208,7 +210,7 @@ def train_expert(
             task=task, adapter=adapter, base=str(base_dir.absolute()), base_fingerprint=folder_fingerprint(base_dir),
             trainable_params=trainable, adapter_bytes=sum(f.stat().st_size for f in weights), data=source,
             data_sha256=_data_hash(train_rows), examples=len(train_rows), steps=steps, lr=lr, batch_size=batch_size,
-            rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1),
+            rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1), dtype=computed_in,
             final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=centroid, centroids=centroids,
             embeddings=embeddings,
         )
