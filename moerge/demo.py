@@ -46,14 +46,16 @@ FEW_SHOT = [("lorahub", None)]
 # ~50 tokens; a step takes seconds on one CPU thread), so it takes fewer steps and test prompts, scores
 # each expert on its own skill only (its interference shows in the merges; scoring all ten columns cost
 # as much as training it), validates on 20 prompts per skill (the card's number; 100 took as long as
-# the scoring), and gives the skill it learns slowest (sort_words) three times the steps.
+# the scoring), and gives the skill it learns slowest (sort_words) three times the steps. Its Fisher
+# takes 32 examples per expert, RegMean 64: the Fisher runs a whole-model backward per example (at 64,
+# 3.4 of a 19-minute demo), RegMean's statistics are batched forwards layer by layer.
 SETTINGS = {
     "tiny": {"steps": (90, 200), "n_eval": (100, 200), "gate_steps": (15, 100), "batch_size": 64, "lr": None,
              "multitask": (1, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100,
-             "stats_examples": (64, 256)},
+             "stats_examples": (64, 256), "fisher_examples": (64, 256)},
     "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 10), "batch_size": 8, "lr": 2e-3,
              "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 3}, "task_arithmetic": 0.4,
-             "n_val": 20, "stats_examples": (32, 64)},
+             "n_val": 20, "stats_examples": (32, 64), "fisher_examples": (32, 32)},
 }
 
 
@@ -179,7 +181,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         params = dict(MERGES[method], **({"weight": cfg["task_arithmetic"]} if method == "task_arithmetic" else {}))
         recipe = merge_recipe(method, base_dir, experts, params=params, out_dtype=out_dtype)
         if registry.get(method).stats:  # Fisher, RegMean: examples per expert for its statistics
-            recipe["parameters"] = {"num_examples": cfg["stats_examples"][pick]}
+            key = "fisher_examples" if method == "fisher" else "stats_examples"
+            recipe["parameters"] = {"num_examples": cfg[key][pick]}
         res = moerge.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
@@ -204,7 +207,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
              "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
              "settings": {"dtype": str(compute_dtype(stored)).removeprefix("torch."), "steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
-                          "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick]}}
+                          "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick],
+                          "fisher_examples": cfg["fisher_examples"][pick]}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)
