@@ -344,3 +344,24 @@ def test_push_and_pull_carry_fused_bases(lib, contribs, tmp_path):
     # pull goes the other way with the same rules
     fresh = Library.init(tmp_path / "fresh", base_model.default_base())
     assert "base@2" in fresh.pull(lib.root) and fresh.base().fingerprint == lib.base().fingerprint
+
+
+def test_simulate_picks_the_suite_of_the_base(tmp_path):
+    """By default the contributors draw from the suite of the base's kind (a chat model: the real-model
+    suite, as the demo), and the held-out tasks are that suite's composites of the pool's skills."""
+    from moerge import base as base_model
+    from moerge.fusion.simulate import task_sets
+    from moerge.tasks import skills
+
+    pool, held = task_sets(None, None, None)  # the tiny base
+    assert pool == list(skills.EXPERTS) and held and set(held) <= set(skills.HELDOUT)
+    model, tok = base_model.load()
+    chat = tmp_path / "chat"
+    model.save_pretrained(chat)
+    tok.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}|{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save_pretrained(chat)
+    pool, held = task_sets(chat, None, None)
+    assert pool == list(skills.REAL_EXPERTS) and sorted(held) == sorted(skills.REAL_HELDOUT)
+    pool, held = task_sets(chat, ["reverse_words", "caps"], None)
+    assert held == ["reverse_words_caps"]

@@ -58,6 +58,26 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
+def task_sets(base, tasks: list[str] | None, heldout: list[str] | None) -> tuple[list[str], list[str]]:
+    """(the contributors' pool, the held-out tasks). By default the pool is the suite of the base's kind,
+    as the demo picks it (a chat model gets the real-model suite), and the held-out tasks are the
+    composites of two pool skills, from either suite."""
+    from moerge import base as base_model
+    from moerge.eval import resolve_tasks
+    from moerge.tasks import skills
+
+    if not tasks:
+        from moerge.demo import suite_for
+
+        folder = base_model.resolve(base)
+        base_model.check_model_folder(folder, "base")
+        tasks = suite_for(folder, quick=False)[1]
+    pool = resolve_tasks(tasks)
+    held = resolve_tasks(heldout) if heldout is not None else [h for h in skills.HELDOUT + skills.REAL_HELDOUT
+                                                               if all(p in pool for p in skills.SKILLS[h].parts)]
+    return pool, held
+
+
 def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contributors: int = 4,
              tasks: list[str] | None = None, heldout: list[str] | None = None, adapter: str = "full",
              method: str = "average", steps: int = 100, finetune_steps: int = 40, batch_size: int = 32,
@@ -74,8 +94,6 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     complete; with ``overwrite`` an earlier run's folder is replaced only then."""
     from moerge.fusion.fuse import check_method
     from moerge import base as base_model
-    from moerge.eval import resolve_tasks
-    from moerge.tasks import skills
     from moerge.train.expert import ADAPTERS, ALIASES
     from moerge.util import check_output_dir, output_file, quiet_transformers
 
@@ -92,9 +110,7 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     check_method(method)
     if tasks is not None and not tasks:
         raise MoergeError("--tasks: empty; give the contributors' tasks, comma-separated, or leave it out")
-    pool = resolve_tasks(tasks or list(skills.EXPERTS))
-    held = resolve_tasks(heldout) if heldout is not None else [h for h in skills.HELDOUT
-                                                               if all(p in pool for p in skills.SKILLS[h].parts)]
+    pool, held = task_sets(base, tasks, heldout)
     clash = [t for t in held if t in pool]
     if clash:
         raise MoergeError(f"--heldout {clash[0]}: is also a contributor task; held-out tasks must never be contributed")
