@@ -482,7 +482,6 @@ def base_build(
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing build."),
     threads: Optional[int] = THREADS_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Pretrain the tiny base deterministically (about a minute on 2 cores)."""
     from moerge.base import build_base
@@ -511,7 +510,6 @@ def base_get(
                                            "$MOERGE_CACHE/bases/NAME)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Fetch again and replace the cached copy."),
     threads: Optional[int] = THREADS_OPT,
-    dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Fetch a real pretrained base once into the cache (bf16 safetensors, tokenizer, chat template, card);
     then `--base NAME` works everywhere."""

@@ -11,11 +11,8 @@ CPU (``SETTINGS``).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-
-import torch
 
 from rich.console import Console
 from rich.table import Table
@@ -141,9 +138,11 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     columns = tasks + heldout
     # merges are written in the base's own dtype (a bf16 checkpoint's merges in bf16, as mergekit users
     # publish them), so they are scored in the dtype the base is (moerge.precision)
-    from moerge.precision import compute_dtype, stored_dtype
+    import torch
 
-    stored = stored_dtype(json.loads((base_dir / "config.json").read_text()))
+    from moerge.precision import compute_dtype, folder_dtype
+
+    stored = folder_dtype(base_dir)
     out_dtype = "bfloat16" if stored == torch.bfloat16 else None
     start = time.perf_counter()
     rows: list[dict] = []
@@ -205,7 +204,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
 
     board = {"tasks": tasks, "heldout": heldout, "rows": rows, "seconds": round(time.perf_counter() - start, 1),
              "quick": quick, "base": str(base_dir), "suite": kind, "experts": list(experts), "routing": routing,
-             "settings": {"dtype": str(compute_dtype(stored)).removeprefix("torch."), "steps": steps, "n_eval": n_eval, "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
+             "settings": {"dtype": str(compute_dtype(stored)).removeprefix("torch."), "steps": steps, "n_eval": n_eval,
+                          "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
                           "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick],
                           "fisher_examples": cfg["fisher_examples"][pick]}}

@@ -298,13 +298,13 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     tok = load_tokenizer(model_ref, "its statistics")
     mixed = False
     if kind == "fisher":
-        from moerge.precision import compute_dtype, stored_dtype
+        from moerge.precision import compute_dtype, model_kwargs, stored_dtype
 
         # in bf16 where the model is a bf16 checkpoint and this CPU multiplies bf16 natively (moerge.precision),
-        # the squares summed in float32; eager attention then (torch's CPU flash attention's backward is slow in bf16)
-        mixed = compute_dtype(stored_dtype(_config(model_ref))) == torch.bfloat16
-        model = load_dense(model_ref, torch.bfloat16 if mixed else torch.float32,
-                           **({"attn_implementation": "eager"} if mixed else {}))
+        # the squares summed in float32
+        dtype = compute_dtype(stored_dtype(model_ref.config))
+        mixed = dtype == torch.bfloat16
+        model = load_dense(model_ref, dtype, **model_kwargs(dtype))
         sd = model.state_dict()
         digest = _digest(sd, sd.__getitem__)
     else:
@@ -335,14 +335,6 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     _say(progress, f"statistics: {kind} of {model_ref.ref} on {len(rows)} examples of {described}: "
                    f"{time.perf_counter() - start:.0f} s (cached in {path})")
     return _load(path)
-
-
-def _config(model_ref) -> dict:
-    """The model's config.json as a dict ({} when it cannot be read: load_dense then says why)."""
-    try:
-        return json.loads((Path(model_ref.folder) / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return {}
 
 
 def _say(progress: bool, line: str) -> None:
