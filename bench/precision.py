@@ -37,6 +37,16 @@ print(json.dumps({"seconds": time.perf_counter() - t, "exact": acc, "dtype": str
 """
 
 
+def run(cmd: list[str], env: dict) -> str:
+    """A child process's stdout; its own one-line error if it fails."""
+    from moerge.errors import MoergeError
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode:
+        raise MoergeError((res.stderr.strip().splitlines() or ["failed"])[-1].removeprefix("error: "))
+    return res.stdout
+
+
 def matmul_gflops(dtype) -> float:
     import torch
 
@@ -62,6 +72,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     base = base_model.resolve(args.base)
+    base_model.check_model_folder(base, "base")
     rows = []
     with tempfile.TemporaryDirectory(prefix="moerge-bench-precision-") as tmp:
         for dtype in ("float32", "bfloat16"):
@@ -70,16 +81,16 @@ def main() -> None:
             cmd = [sys.executable, "-m", "moerge.cli", "--threads", str(args.threads), "expert", "train", "--base", str(base),
                    "--task", args.task, "--steps", str(args.steps), "--batch-size", "8", "--lr", "2e-3",
                    "--out", str(out)]
-            subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
+            run(cmd, env)
             card = json.loads((out / "expert.json").read_text())
-            gen = json.loads(subprocess.run([sys.executable, "-c", CHILD, str(args.threads), str(base), str(out), args.task],
-                                            check=True, env=env, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            gen = json.loads(run([sys.executable, "-c", CHILD, str(args.threads), str(base), str(out), args.task],
+                                 env).strip().splitlines()[-1])
             recipe = Path(tmp) / f"fisher-{dtype}.yaml"
             recipe.write_text(f"merge_method: fisher\nmodels:\n  - model: {base}+{out}\nparameters:\n  num_examples: 32\n"
                               "dtype: float32\n")
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "moerge.cli", "--threads", str(args.threads), "merge", str(recipe),
-                            str(Path(tmp) / f"merged-{dtype}")], check=True, env=env, capture_output=True, text=True)
+            run([sys.executable, "-m", "moerge.cli", "--threads", str(args.threads), "merge", str(recipe),
+                 str(Path(tmp) / f"merged-{dtype}")], env)
             fisher_s = time.perf_counter() - t
             rows.append((dtype, matmul_gflops(getattr(torch, dtype)), card["seconds"], card["validation_accuracy"],
                          gen["seconds"], gen["exact"], fisher_s))
@@ -91,4 +102,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moerge.errors import MoergeError
+
+    try:
+        main()
+    except MoergeError as e:  # a wrong path or name: one line, as the CLI gives it
+        raise SystemExit(f"error: {e}") from None

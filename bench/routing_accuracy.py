@@ -133,4 +133,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moerge.errors import MoergeError
+
+    try:
+        main()
+    except MoergeError as e:  # a wrong path or name: one line, as the CLI gives it
+        raise SystemExit(f"error: {e}") from None
