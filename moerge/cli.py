@@ -986,6 +986,16 @@ def serve_cmd(
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: a small model with the base's "
                                         "vocabulary (folder or name) proposes tokens the served model checks."),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="With --draft: tokens proposed per step."),
+    request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds a request may take, queueing "
+                                          "included; then it is answered 504 and its slot freed."),
+    grace_period: float = typer.Option(30.0, "--grace-period", help="On SIGTERM or Ctrl-C: seconds the requests in "
+                                       "flight get to finish (nothing new is admitted meanwhile)."),
+    adapter_root: Optional[list[Path]] = typer.Option(None, "--adapter-root", help="Allow POST /v1/load_lora_adapter and "
+                                                      "unload_lora_adapter, loading only from under this folder "
+                                                      "(repeat for several). Off by default."),
+    admin_key: Optional[str] = typer.Option(None, "--admin-key", envvar="MOERGE_ADMIN_KEY",
+                                            help="With --adapter-root: the key load/unload need ('Authorization: Bearer "
+                                            "KEY'), instead of --api-key (or $MOERGE_ADMIN_KEY)."),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
@@ -998,17 +1008,22 @@ def serve_cmd(
     if ray is not None:
         _serve_on_ray(ray, replicas, library=library, experts=refs or None, base=base, routers=router or None, host=host,
                       port=port, api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, threads=threads or 1,
-                      draft=draft, draft_tokens=draft_tokens)
+                      draft=draft, draft_tokens=draft_tokens, request_timeout=request_timeout, adapter_roots=adapter_root)
         return
     with _user_errors() as notes:
         def ready(bank) -> None:  # the server runs until stopped: say now what loading it had to say
             _warn(notes)
             notes.clear()
             err.print(_serving_line(bank, host, port, api_key), highlight=False, markup=False)
+            if adapter_root:
+                err.print(f"run-time adapters: loaded from under {', '.join(str(r) for r in adapter_root)}"
+                          + (" (admin key required)" if admin_key else " (any caller with the API key)"),
+                          highlight=False, markup=False)
 
         serve(library=library, experts=refs or None, base=base, routers=router or None, host=host, port=port,
               api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, draft=draft, draft_tokens=draft_tokens,
-              on_ready=ready)
+              request_timeout=request_timeout, grace_period=grace_period, adapter_roots=adapter_root or None,
+              admin_key=admin_key, on_ready=ready)
 
 
 def _serve_on_ray(address: str, replicas: int, *, host: str, port: int, threads: int, **spec) -> None:

@@ -29,7 +29,9 @@ def experts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(experts):
-    with Server(experts=[str(p) for p in experts.values()], routers=["centroid", "arrow", "uniform"], max_batch=16) as s:
+    root = next(iter(experts.values())).parent
+    with Server(experts=[str(p) for p in experts.values()], routers=["centroid", "arrow", "uniform"], max_batch=16,
+                adapter_roots=[root]) as s:
         yield s
 
 
@@ -209,8 +211,12 @@ def test_adapters_load_and_unload_at_run_time(server, experts):
     assert ask(c, "router:centroid", PROMPTS["uppercase"]).choices[0].text == ask(c, "uppercase", PROMPTS["uppercase"]).choices[0].text
     r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "rev2", "lora_path": str(experts["reverse"])})
     assert r.status_code == 409 and "already loaded" in r.json()["error"]["message"]
-    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "ghost", "lora_path": "/no/such/adapter"})
-    assert r.status_code == 400 and "/no/such/adapter" in r.json()["error"]["message"]
+    ghost = str(experts["reverse"].parent / "no-such-adapter")
+    r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "ghost", "lora_path": ghost})
+    assert r.status_code == 400 and ghost in r.json()["error"]["message"]
+    for outside in ("/no/such/adapter", str(experts["reverse"]) + "/../../.."):  # only from under --adapter-root
+        r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "ghost", "lora_path": outside})
+        assert r.status_code == 403 and "--adapter-root" in r.json()["error"]["message"]
     r = httpx.post(url + "/unload_lora_adapter", json={"lora_name": "rev2"})
     assert r.status_code == 200 and "rev2" not in r.json()["experts"]
     with pytest.raises(openai.NotFoundError):
@@ -229,7 +235,8 @@ def test_auth_busy_and_disconnect(experts):
         head = {"authorization": "Bearer sekret"}
         body = {"model": "moerge-tiny", "prompt": "reverse: a=", "max_tokens": 240, "stream": True, "ignore_eos": True}
         with httpx.stream("POST", s.url + "/completions", json=body, headers=head) as stream:
-            next(stream.iter_lines())  # one request in flight, mid-generation: the limit
+            lines = stream.iter_lines()  # kept: a dropped line iterator closes the response
+            next(lines)  # one request in flight, mid-generation: the limit
             s.engine.control(lambda: time.sleep(1.5))  # a slow model: the row stays in flight a while
             busy = httpx.post(s.url + "/completions", json=dict(body, stream=False), headers=head)
             assert busy.status_code == 429 and busy.json()["error"]["type"] == "rate_limit_error"
@@ -286,7 +293,7 @@ def test_ray_serve_replicas_answer_as_the_local_server(server, experts):
         streamed = c.completions.create(model="uppercase", prompt=PROMPTS["uppercase"], max_tokens=12, temperature=0, stream=True)
         assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == want["uppercase"]
         r = httpx.post(url + "/load_lora_adapter", json={"lora_name": "x", "lora_path": str(experts["reverse"])})
-        assert r.status_code == 400 and "library" in r.json()["error"]["message"]
+        assert r.status_code == 403 and "library" in r.json()["error"]["message"]
         assert serve.status().applications["moerge"].deployments["moerge"].replica_states == {"RUNNING": 2}
     finally:
         ray_serve.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 from moerge.errors import MoergeError
 
@@ -21,9 +22,13 @@ __all__ = ["Server", "build", "serve"]
 
 
 def build(*, library=None, experts=None, base=None, routers=None, router_options=None, api_key: str | None = None,
-          max_batch: int = 32, max_concurrent: int = 64, runtime_adapters: bool = True, draft=None, draft_tokens: int = 4):
+          max_batch: int = 32, max_concurrent: int = 64, adapter_roots: list | None = None, admin_key: str | None = None,
+          request_timeout: float = 600.0, draft=None, draft_tokens: int = 4, no_runtime: str | None = None):
     """(FastAPI app, engine) for a library or adapter folders (see ``open_bank``). Routers named in
-    ``routers`` must fit the experts (else an error); by default ``centroid`` is served when it can be."""
+    ``routers`` must fit the experts (else an error); by default ``centroid`` is served when it can be.
+    ``adapter_roots``: folders run-time ``load_lora_adapter`` may read from (None: loading and
+    unloading at run time are off); ``admin_key``: the key they need instead of ``api_key``;
+    ``request_timeout``: seconds before a request is answered 504."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -35,11 +40,22 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
 
     if max_batch < 1 or max_concurrent < 1 or draft_tokens < 1:
         raise MoergeError("--max-batch, --max-concurrent and --draft-tokens must be at least 1")
+    if not request_timeout > 0:
+        raise MoergeError(f"--request-timeout {request_timeout}: give a number of seconds above 0")
+    for root in adapter_roots or []:
+        if not Path(root).expanduser().is_dir():
+            raise MoergeError(f"--adapter-root {root}: no such folder; give the folder run-time adapters are loaded from")
+    if admin_key is not None and adapter_roots is None:
+        raise MoergeError("--admin-key guards run-time adapter loading, which is off: give --adapter-root DIR too")
     bank = open_bank(library=library, experts=experts, base=base, routers=["centroid"] if routers is None else routers,
                      router_options=router_options, strict=routers is not None)
     engine = Engine(bank, max_batch=max_batch, max_concurrent=max_concurrent, draft=load_draft(draft, bank) if draft else None,
                     draft_tokens=draft_tokens)
-    return create_app(engine, api_key=api_key, runtime_adapters=runtime_adapters), engine
+    from moerge.serve.app import NO_RUNTIME
+
+    app = create_app(engine, api_key=api_key, adapter_roots=adapter_roots, admin_key=admin_key,
+                     request_timeout=request_timeout, no_runtime=no_runtime or NO_RUNTIME)
+    return app, engine
 
 
 def load_draft(draft, bank):
@@ -99,10 +115,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serve(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready=None, **kw) -> None:
-    """Serve in the foreground until interrupted (``moerge serve``); ``on_ready(bank)`` once it is loaded."""
+def serve(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", on_ready=None, grace_period: float = 30.0,
+          **kw) -> None:
+    """Serve in the foreground until interrupted (``moerge serve``); ``on_ready(bank)`` once it is loaded.
+    SIGTERM or Ctrl-C: stop admitting (new connections are refused, requests on open ones get 503),
+    let what is in flight finish for up to ``grace_period`` seconds, answer what is left 503, exit."""
     import uvicorn
 
+    if grace_period < 0:
+        raise MoergeError(f"--grace-period {grace_period}: give a number of seconds, 0 or more")
     app, engine = build(**kw)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -114,7 +135,30 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
         raise MoergeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another port") from None
     if on_ready:
         on_ready(engine.bank)
+    server = draining_server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                                            timeout_graceful_shutdown=grace_period), engine)
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, lifespan="off", timeout_graceful_shutdown=5)
+        server.run()
     finally:
         engine.close()
+
+
+def draining_server(config, engine):
+    """uvicorn's server, which on its exit signal (SIGTERM, Ctrl-C) also tells the engine to admit
+    nothing more; uvicorn itself stops accepting connections and waits for the open ones. Just
+    before uvicorn's grace period ends, the engine stops and answers what is left 503, so that
+    every client gets an answer rather than a cut connection."""
+    import uvicorn
+
+    grace = config.timeout_graceful_shutdown or 0
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            if not engine.draining:
+                engine.drain()
+                timer = threading.Timer(max(0.0, grace - min(1.0, grace / 4)), engine.close)
+                timer.daemon = True
+                timer.start()
+            super().handle_exit(sig, frame)
+
+    return Server(config)

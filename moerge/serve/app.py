@@ -2,8 +2,11 @@
 
 Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
 as server-sent events ending in ``data: [DONE]``), ``POST /v1/load_lora_adapter`` and
-``/v1/unload_lora_adapter`` (vLLM's names), ``GET /health``. Every error is OpenAI's JSON shape with
-a 4xx status; a client that goes away mid-stream frees its row at the engine's next step.
+``/v1/unload_lora_adapter`` (vLLM's names; off unless the server is given folders to load from),
+``GET /health``. Every error is OpenAI's JSON shape: a 4xx for what the client sent, 500 for a fault
+inside the server (a short message; the traceback goes to the server's log only), 503 while shutting
+down, 504 past the request's deadline. Every request the engine admits gets an answer, and a client
+that goes away mid-stream frees its row at the engine's next step.
 """
 
 from __future__ import annotations
@@ -13,14 +16,26 @@ import json
 import secrets
 import time
 import uuid
+from pathlib import Path
 
 from moerge.errors import MoergeError
 from moerge.serve.bank import Conflict, NotFound
-from moerge.serve.engine import Busy, Engine, Sampling, Sequence
-from moerge.serve.protocol import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter, error_body
+from moerge.serve.engine import Busy, Engine, Sampling, Sequence, Unavailable
+from moerge.serve.protocol import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter, error_body, unknown_field
+
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
+          "/v1/load_lora_adapter": LoadAdapter, "/v1/unload_lora_adapter": UnloadAdapter}
+NO_RUNTIME = ("loading and unloading adapters at run time is off on this server: start it with --adapter-root DIR to "
+              "allow adapters from DIR (or add the adapter to the library the server runs on: moerge library add)")
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: bool = True):
+def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: list | None = None,
+               admin_key: str | None = None, request_timeout: float = 600.0, no_runtime: str = NO_RUNTIME):
+    """The app over ``engine``. ``adapter_roots``: folders ``load_lora_adapter`` may read from (None:
+    run-time loading and unloading are off, ``no_runtime`` says why); ``admin_key``: the key those two
+    need instead of ``api_key``; ``request_timeout``: seconds a request may take, queueing included,
+    before it is answered 504 and its slot freed."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -33,18 +48,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
     def fail(status: int, message: str, **kw) -> JSONResponse:
         return JSONResponse(error_body(status, message, **kw), status_code=status)
 
+    roots = [Path(r).expanduser().resolve() for r in adapter_roots] if adapter_roots is not None else None
+
+    def key_ok(request: Request, key: str) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), key.encode())
+
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
-                return fail(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the server's "
-                            "--api-key", code="invalid_api_key")
+        path = request.url.path
+        if admin_key and path in ADMIN_PATHS:
+            if not key_ok(request, admin_key):
+                return fail(401, f"{path} needs the server's --admin-key: send 'Authorization: Bearer ADMIN_KEY'",
+                            code="invalid_api_key")
+        elif api_key and path.startswith("/v1/") and not key_ok(request, api_key):
+            return fail(401, "missing or wrong API key: send the header 'Authorization: Bearer KEY' with the server's "
+                        "--api-key", code="invalid_api_key")
         try:
             return await call_next(request)
         except Exception as exc:  # the last line of defence: a JSON 500, never a traceback to the client
-            return fail(500, f"internal error: {type(exc).__name__}: {exc}")
+            import logging
+
+            logging.getLogger("moerge.serve").error("moerge serve: %s %s failed", request.method, path, exc_info=exc)
+            return fail(500, f"internal error: {type(exc).__name__} (see the server's log)")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -54,16 +80,26 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
             return fail(400, "the request body is not valid JSON")
         if tuple(first.get("loc", ())) == ("body",):
             return fail(400, "the request body must be a JSON object (and sent with Content-Type: application/json)")
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
-        return fail(400, f"{where}: {first.get('msg', 'invalid')}", param=where)
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        where = ".".join(loc) or "body"
+        if first.get("type") == "extra_forbidden" and len(loc) == 1 and request.url.path in BODIES:
+            return fail(400, unknown_field(BODIES[request.url.path], loc[0]), param=where, code="unknown_parameter")
+        msg = first.get("msg", "invalid")
+        if first.get("type") == "finite_number":
+            msg = "must be a finite number"
+        return fail(400, f"{where}: {msg}", param=where)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return fail(exc.status_code, str(exc.detail))
 
     async def run(fn):
-        """``fn`` on the engine's worker between two steps."""
-        return await asyncio.wrap_future(engine.control(fn))
+        """``fn`` on the engine's worker between two steps (TimeoutError past the request deadline)."""
+        return await asyncio.wait_for(asyncio.wrap_future(engine.control(fn)), request_timeout)
+
+    def late(what: str = "the request") -> JSONResponse:
+        return fail(504, f"{what} did not finish within {request_timeout:g} s (the server's --request-timeout); "
+                    "retry, or ask for fewer tokens", code="timeout")
 
     def user_error(exc: Exception) -> JSONResponse:
         if isinstance(exc, NotFound):
@@ -74,7 +110,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **engine.health()}
+        h = engine.health()
+        return JSONResponse(h, status_code=503 if h["status"] in ("draining", "down") else 200)
 
     @app.get("/v1/models")
     async def models():
@@ -82,36 +119,59 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
             await run(bank.refresh)
         except MoergeError as exc:
             return fail(503, f"the library could not be read: {exc}")
+        except (Unavailable, TimeoutError) as exc:
+            return fail(503, f"the server cannot answer now: {exc or 'busy past the deadline'}")
         return {"object": "list", "data": bank.models(started)}
 
-    no_runtime = ("adapters are not loaded at run time on Ray Serve replicas (a load would reach one replica); add it to "
-                  "the library the server runs on (moerge library add) and every replica serves it")
+    def allowed(path: str) -> str | None:
+        """Why ``path`` may not be loaded (None: it may)."""
+        if roots is None:
+            return no_runtime
+        where = Path(path).expanduser().resolve()
+        if not any(where == r or r in where.parents for r in roots):
+            return (f"lora_path {path}: outside the folders this server loads adapters from (--adapter-root "
+                    f"{', '.join(str(r) for r in roots)})")
+        return None
+
+    async def admin(fn) -> JSONResponse | None:
+        try:
+            await run(fn)
+        except MoergeError as exc:
+            return user_error(exc)
+        except Unavailable as exc:
+            return fail(503, str(exc))
+        except TimeoutError:
+            return late("the adapter change")
+        return None
 
     @app.post("/v1/load_lora_adapter")
     async def load_adapter(body: LoadAdapter):
-        if not runtime_adapters:
-            return fail(400, no_runtime)
-        try:
-            await run(lambda: bank.load_folder(body.lora_name, body.lora_path))
-        except MoergeError as exc:
-            return user_error(exc)
-        return {"status": "ok", "loaded": body.lora_name, "experts": bank.names}
+        why = allowed(body.lora_path)
+        if why:
+            return fail(403, why, param="lora_path" if roots is not None else None)
+        if body.load_inplace:
+            return fail(400, "load_inplace is not supported: unload the adapter first, then load the new one",
+                        param="load_inplace")
+        return await admin(lambda: bank.load_folder(body.lora_name, body.lora_path)) or \
+            {"status": "ok", "loaded": body.lora_name, "experts": bank.names}
 
     @app.post("/v1/unload_lora_adapter")
     async def unload_adapter(body: UnloadAdapter):
-        if not runtime_adapters:
-            return fail(400, no_runtime)
-        try:
-            await run(lambda: bank.remove(body.lora_name, list(engine.running)))
-        except MoergeError as exc:
-            return user_error(exc)
-        return {"status": "ok", "unloaded": body.lora_name, "experts": bank.names}
+        if roots is None:
+            return fail(403, no_runtime)
+        return await admin(lambda: bank.remove(body.lora_name, list(engine.running))) or \
+            {"status": "ok", "unloaded": body.lora_name, "experts": bank.names}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
         from moerge.tasks.chat import completion_ids
 
         if isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
+            vocab = vocab_size()
+            bad = next((t for t in body.prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                return fail(400, f"prompt: token id {bad} is outside this model's vocabulary (0 to {vocab - 1})",
+                            param="prompt")
             prompts = [(list(body.prompt), bank.tokenizer.decode(body.prompt, skip_special_tokens=True))]
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
@@ -133,10 +193,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
             body.max_tokens = body.max_completion_tokens
         return await serve(body, [(ids, text)], chat=True, default_max=None)
 
+    def vocab_size() -> int:
+        return min(len(bank.tokenizer), bank.model.get_input_embeddings().num_embeddings)
+
     async def serve(body, prompts: list[tuple[list[int], str]], *, chat: bool, default_max: int | None):
         why = body.unsupported()
         if why:
             return fail(400, why)
+        t0 = time.monotonic()
         try:
             route = bank.resolve(body.model, body.mixture)
         except NotFound:
@@ -146,6 +210,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                 route = bank.resolve(body.model, body.mixture)
             except MoergeError as exc:
                 return user_error(exc)
+            except Unavailable as exc:
+                return fail(503, str(exc))
+            except TimeoutError:
+                return late()
         except MoergeError as exc:
             return user_error(exc)
         ctx = engine.context
@@ -173,25 +241,38 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                                     seed=None if body.seed is None else body.seed + index, stop=body.stop or [],
                                     ignore_eos=body.ignore_eos)
                 seqs.append(Sequence(prompt_ids=ids, prompt_text=text, route=route, sampling=sampling, emit=emit))
+        admitted: list[Sequence] = []
         try:
             for s in seqs:
                 engine.submit(s)
-        except Busy as exc:
+                admitted.append(s)
+        except (Busy, Unavailable) as exc:
             for s in seqs:
                 s.cancel()
+            for s in admitted:
+                engine.expire(s)
+            if isinstance(exc, Unavailable):
+                return fail(503, str(exc))
             return fail(429, f"the server is busy: {exc}; retry later")
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         head = {"id": rid, "created": created, "model": body.model}
+        deadline = t0 + request_timeout
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream(seqs, events, head, chat, include_usage, body.n), media_type="text/event-stream")
+            return StreamingResponse(stream(seqs, events, head, chat, include_usage, body.n, deadline),
+                                     media_type="text/event-stream")
         texts = [""] * len(seqs)
         infos: list[dict | None] = [None] * len(seqs)
         remaining = len(seqs)
         try:
             while remaining:
-                i, ev = await events.get()
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    for s in seqs:
+                        engine.expire(s, timeout=True)
+                    return late()
                 if ev[0] == "delta":
                     texts[i] += ev[1]
                 elif ev[0] == "error":
@@ -199,19 +280,29 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                 else:
                     infos[i] = ev[1]
                     remaining -= 1
-        finally:
+        finally:  # answered, failed or timed out: whatever still runs stops and stops counting
             for s in seqs:
                 if s.finish is None:
-                    s.cancel()
+                    engine.expire(s)
         choices = []
         for i, (t, info) in enumerate(zip(texts, infos)):
             c = {"index": i, "finish_reason": info["finish_reason"], "logprobs": None, "experts": info["experts"]}
             c |= {"message": {"role": "assistant", "content": t}} if chat else {"text": t}
             choices.append(c)
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": usage(infos, body.n), "experts": mean_experts(infos)}
+        out = {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
+               "usage": usage(infos, body.n), "experts": mean_experts(infos)}
+        note = None if chat else ended_at_once(infos)
+        return out | ({"warning": note} if note else {})
 
-    async def stream(seqs, events, head, chat: bool, include_usage: bool, n: int):
+    def ended_at_once(infos: list[dict]) -> str | None:
+        """Why a completion is empty, when the model ended at once on a raw prompt and is a chat model."""
+        if getattr(bank.tokenizer, "chat_template", None) and all(
+                i["completion_tokens"] == 0 and i["finish_reason"] == "stop" for i in infos):
+            return ("the model ended its answer at once: it is a chat model, and a raw prompt on /v1/completions gets no "
+                    "chat template; send messages to /v1/chat/completions")
+        return None
+
+    async def stream(seqs, events, head, chat: bool, include_usage: bool, n: int, deadline: float):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, **extra) -> str:
@@ -230,7 +321,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
             if chat:
                 yield chunk([piece(i, "") for i in range(len(seqs))])
             while remaining:
-                i, ev = await events.get()
+                try:
+                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    for s in seqs:
+                        engine.expire(s, timeout=True)
+                    yield "data: " + json.dumps(json.loads(late().body)) + "\n\n"
+                    return
                 if ev[0] == "delta":
                     yield chunk([piece(i, ev[1])])
                 elif ev[0] == "error":
@@ -239,14 +336,15 @@ def create_app(engine: Engine, *, api_key: str | None = None, runtime_adapters: 
                 else:
                     infos[i] = ev[1]
                     remaining -= 1
-                    yield chunk([piece(i, "", ev[1]["finish_reason"], ev[1]["experts"])])
+                    note = None if chat else ended_at_once([ev[1]])
+                    yield chunk([piece(i, "", ev[1]["finish_reason"], ev[1]["experts"])], **({"warning": note} if note else {}))
             if include_usage:
                 yield chunk([], usage=usage(infos, n), experts=mean_experts(infos))
             yield "data: [DONE]\n\n"
-        finally:  # the client went away (or the stream ended): rows still in flight stop at the next step
+        finally:  # the client went away, or the stream ended: rows still in flight stop and stop counting
             for s in seqs:
                 if s.finish is None:
-                    s.cancel()
+                    engine.expire(s)
 
     return app
 

@@ -12,14 +12,23 @@ a per-layer routing function that fills those rows from their router.
 
 The HTTP layer never touches torch: it submits ``Sequence``s and reads their events from a callback
 (it hands them to its event loop); load, unload and refresh run on the worker between steps.
+
+Every admitted request ends exactly once (``_end``): with its tokens, or with an error. A step that
+raises costs an error for each request it touched and nothing more: a prefill that fails is retried
+row by row so that one bad request fails alone; a decode that fails ends the running rows (their KV
+cache may be half-written); whatever else slips through ends every request in the batch and in the
+admission. The HTTP layer may end a request itself (its deadline): the worker then drops the row.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,8 +38,18 @@ from moerge.errors import MoergeError
 from moerge.serve.bank import ExpertBank, NotFound, Route
 
 
+log = logging.getLogger("moerge.serve")
+
+FAULT_WINDOW = 300.0  # seconds: faults within it count towards ``degraded``
+DEGRADED_AFTER = 3  # faults within the window
+
+
 class Busy(Exception):
     """More requests than the server admits at once (``max_concurrent``)."""
+
+
+class Unavailable(Exception):
+    """The server admits nothing now: it is shutting down, or its worker has stopped (HTTP 503)."""
 
 
 @dataclass
@@ -60,6 +79,7 @@ class Sequence:
     generator: torch.Generator | None = None
     finish: str | None = None
     text: str = ""
+    ended: bool = False  # answered (tokens or error) and no longer counted in flight; set once, under the engine's lock
 
     def cancel(self) -> None:
         """The client went away: the worker drops the row at its next step."""
@@ -86,10 +106,14 @@ class Engine:
         self._controls: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue()
         self._wake = threading.Event()
         self._stop = False
+        self.draining = False  # set on shutdown: nothing new is admitted, what is in flight finishes
         self._lock = threading.Lock()
-        self.in_flight = 0  # admitted and not finished (waiting + running)
+        self.in_flight = 0  # admitted and not ended (waiting + admitting + running)
         self.running: list[Sequence] = []
-        self.stats = {"steps": 0, "max_batch_seen": 0, "completed": 0, "cancelled": 0, "tokens": 0}
+        self._admitting: list[Sequence] = []  # taken off the queue this step, not yet running
+        self._faults: collections.deque[tuple[float, str]] = collections.deque(maxlen=100)
+        self.stats = {"steps": 0, "max_batch_seen": 0, "completed": 0, "cancelled": 0, "tokens": 0, "errors": 0,
+                      "timeouts": 0, "faults": 0}
         if draft is not None:
             self.stats |= {"proposed": 0, "accepted": 0}
         self._cache = self._dcache = None
@@ -101,6 +125,10 @@ class Engine:
     # ----- called from other threads -----
 
     def submit(self, seq: Sequence) -> None:
+        if self.draining or self._stop:
+            raise Unavailable("the server is shutting down; retry on another replica or after it restarts")
+        if not self._thread.is_alive():
+            raise Unavailable("the server's worker has stopped; restart the server")
         with self._lock:
             if self.in_flight >= self.max_concurrent:
                 raise Busy(f"{self.in_flight} requests in flight, the server's limit (--max-concurrent {self.max_concurrent})")
@@ -115,13 +143,38 @@ class Engine:
         self._wake.set()
         return fut
 
-    def close(self) -> None:
-        self._stop = True
+    def expire(self, seq: Sequence, *, timeout: bool = False) -> bool:
+        """End ``seq`` from another thread (the client went away, or its deadline passed: the caller
+        answers it): it stops counting in flight now, and the worker drops its row at the next step.
+        False if it had already ended."""
+        seq.cancel()
+        ended = self._end(seq, error="deadline" if timeout else None, cancelled=not timeout, quiet=True)
+        if ended and timeout:
+            self.stats["timeouts"] += 1
+        return ended
+
+    def drain(self) -> None:
+        """Admit nothing more (503); what is in flight goes on to its end."""
+        self.draining = True
+
+    def close(self, timeout: float = 10) -> None:
+        """Stop the worker; requests still in flight are answered 503."""
+        self.draining = self._stop = True
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout)
 
     def health(self) -> dict:
-        return {"running": len(self.running), "waiting": self._waiting.qsize(), "in_flight": self.in_flight, **self.stats}
+        """``status``: ok; degraded (at least DEGRADED_AFTER faults within FAULT_WINDOW seconds; the
+        server still serves); draining (shutting down); down (the worker has stopped)."""
+        now = time.time()
+        recent = [f for f in self._faults if now - f[0] <= FAULT_WINDOW]
+        status = ("down" if not self._thread.is_alive() else "draining" if self.draining
+                  else "degraded" if len(recent) >= DEGRADED_AFTER else "ok")
+        out = {"status": status, "running": len(self.running), "waiting": self._waiting.qsize(), "in_flight": self.in_flight,
+               **self.stats, "recent_faults": len(recent)}
+        if self._faults:
+            out["last_fault"] = self._faults[-1][1]
+        return out
 
     # ----- the worker -----
 
@@ -130,13 +183,41 @@ class Engine:
         while not self._stop:
             try:
                 self._step()
-            except Exception as exc:  # a bug must not kill the server silently: fail the rows in flight, go on
-                import traceback
+            except Exception as exc:  # whatever slipped through: the batch's state is suspect, end every row it held
+                try:
+                    self._fault(exc, "step")
+                    self._fail(self.running + self._admitting, exc)
+                    self.running, self._admitting = [], []
+                    self._cache = self._dcache = self._mask = self._batch_route = None
+                    self.bank.unroute()
+                except Exception:  # the handler must not kill the worker
+                    log.exception("moerge serve: recovering from a fault failed")
+        self._shutdown()
 
-                traceback.print_exc()
-                for s in self.running:
-                    self._end(s, error=f"internal error: {type(exc).__name__}: {exc}")
-                self.running, self._cache, self._dcache, self._mask, self._batch_route = [], None, None, None, None
+    def _shutdown(self) -> None:
+        """The worker stops: every request still admitted is answered (503), pending controls too."""
+        left = self.running + self._admitting
+        while not self._waiting.empty():
+            left.append(self._waiting.get())
+        for s in left:
+            self._end(s, error="the server shut down before this request finished; retry", status=503)
+        self.running, self._admitting = [], []
+        while not self._controls.empty():
+            _, fut = self._controls.get()
+            fut.set_exception(Unavailable("the server shut down"))
+
+    def _fault(self, exc: BaseException, where: str) -> str:
+        """Log a fault (with its traceback, on the server's side only) and count it; its one-line message."""
+        message = f"internal error in {where}: {type(exc).__name__}: {str(exc)[:300]}"
+        log.error("moerge serve: %s", message, exc_info=exc)
+        self._faults.append((time.time(), message))
+        self.stats["faults"] += 1
+        return message
+
+    def _fail(self, rows: list[Sequence], exc: BaseException) -> None:
+        for s in rows:
+            self._end(s, error=f"internal error: {type(exc).__name__} while generating; the request was not completed "
+                               "(see the server's log)", status=500)
 
     def _step(self) -> None:
         while not self._controls.empty():
@@ -147,7 +228,7 @@ class Engine:
                 fut.set_exception(exc)
             self._batch_route = None  # the bank may have changed: routing is set again
         self._drop([s for s in self.running if s.cancelled])
-        new: list[Sequence] = []
+        new = self._admitting = []
         while len(self.running) + len(new) < self.max_batch and not self._waiting.empty():
             s = self._waiting.get()
             if s.cancelled:
@@ -166,13 +247,40 @@ class Engine:
             except MoergeError as exc:
                 self._end(s, error=str(exc), status=404 if isinstance(exc, NotFound) else 400)
         if self.running:  # the running rows advance every step, however often new requests arrive
-            self._decode()
+            try:
+                self._decode()
+            except Exception as exc:  # the caches may hold half a step: the running rows end, the new ones go on
+                self._fault(exc, "decode")
+                self._fail(self.running, exc)
+                self.running, self._cache, self._dcache, self._mask, self._batch_route = [], None, None, None, None
+                self.bank.unroute()
         if ok:
-            self._prefill(ok)
+            self._admit(ok)
+        self._admitting = []
         self.stats["steps"] += 1
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(self.running))
 
-    def _prefill(self, new: list[Sequence]) -> None:
+    def _admit(self, new: list[Sequence]) -> None:
+        """Prefill the new rows and join them to the batch. A prefill that fails touches nothing of the
+        running batch: it is retried one row at a time, so that a request that cannot be served fails
+        alone."""
+        try:
+            prefilled = self._prefill(new)
+        except Exception as exc:
+            if len(new) == 1:
+                self._fault(exc, "prefill")
+                self._fail(new, exc)
+                return
+            for s in new:
+                self._admit([s])
+            return
+        cache, dcache, mask, rows, logits = prefilled
+        self._join(cache, dcache, mask, rows)
+        self._accept(rows, [[t] for t in self._sample(rows, logits)])
+
+    def _prefill(self, new: list[Sequence]) -> tuple:
+        """The new rows' first forward pass, in caches of their own: (cache, draft cache, mask, rows,
+        last logits). The running batch is not touched."""
         self.bank.assign_example_routes(new)
         from transformers import DynamicCache
 
@@ -181,7 +289,7 @@ class Engine:
         ids, mask = left_pad([s.prompt_ids for s in new], self.pad)
         for s in new:
             seed = s.sampling.seed if s.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
-            s.generator = torch.Generator().manual_seed(seed)
+            s.generator = torch.Generator().manual_seed(seed % 2**64)  # torch takes any 64-bit pattern
 
         cache, pos = DynamicCache(), (mask.cumsum(1) - 1).clamp(min=0)
         self._set_routing(new)
@@ -196,8 +304,7 @@ class Engine:
             dcache = DynamicCache()
             self.draft(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
                        **{self._cache_kw: dcache})
-        self._join(cache, dcache, mask, new)
-        self._accept(new, [[t] for t in self._sample(new, logits.float())])
+        return cache, dcache, mask, new, logits.float()
 
     def _decode(self) -> None:
         if self.draft is not None and all(len(s.prompt_ids) + len(s.out_ids) + self.k < self.context for s in self.running):
@@ -374,20 +481,29 @@ class Engine:
             s.emit(("delta", text[s.sent:safe]))
             s.sent = safe
 
-    def _end(self, s: Sequence, *, error: str | None = None, status: int = 500, cancelled: bool = False) -> None:
+    def _end(self, s: Sequence, *, error: str | None = None, status: int = 500, cancelled: bool = False,
+             quiet: bool = False) -> bool:
+        """Answer ``s`` and stop counting it in flight, once: a second call (the worker finishing a row the
+        HTTP layer already gave up on) does nothing and returns False."""
         with self._lock:
+            if s.ended:
+                return False
+            s.ended = True
             self.in_flight -= 1
         if cancelled:
             self.stats["cancelled"] += 1
             s.finish = s.finish or "cancelled"
-            return
+            return True
         if error:
             s.finish = "error"
-            s.emit(("error", error, status))
-            return
+            self.stats["errors"] += 1
+            if not quiet:
+                s.emit(("error", error, status))
+            return True
         self.stats["completed"] += 1
         s.emit(("done", {"finish_reason": s.finish, "prompt_tokens": len(s.prompt_ids),
                          "completion_tokens": len(s.out_ids), "experts": self.bank.served_by(s)}))
+        return True
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:

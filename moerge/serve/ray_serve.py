@@ -12,6 +12,9 @@ import os
 
 from moerge.errors import MoergeError
 
+NO_RUNTIME = ("adapters are not loaded at run time on Ray Serve replicas (a load would reach one replica); add it to "
+              "the library the server runs on (moerge library add) and every replica serves it")
+
 
 def _replica_app(spec: dict):
     """Runs on each replica: the app over its own engine."""
@@ -20,7 +23,7 @@ def _replica_app(spec: dict):
     from moerge.serve import build
 
     torch.set_num_threads(spec.pop("threads", 1))
-    app, _engine = build(**spec, runtime_adapters=False)
+    app, _engine = build(**spec, no_runtime=NO_RUNTIME)
     return app
 
 
@@ -63,10 +66,13 @@ def deploy(*, address: str | None = None, replicas: int = 2, host: str = "127.0.
     return f"http://{host}:{port}/v1"
 
 
-def check(*, library=None, experts=None, base=None, routers=None, **_) -> None:
+def check(*, library=None, experts=None, base=None, routers=None, adapter_roots=None, **_) -> None:
     """What can be checked before Ray starts, in one line each: the experts or library, the routers."""
     from moerge.serve.bank import servable_router, sources
 
+    if adapter_roots:
+        raise MoergeError("--adapter-root: replicas do not load adapters at run time (a load would reach one replica); "
+                          "serve a library and add adapters to it")
     sources(library=library, experts=experts, base=base)
     for name in routers or []:
         servable_router(name)
