@@ -88,9 +88,14 @@ def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural
     from moerge.eval.generate import left_pad
     from moerge.tasks.chat import chat_ids, completion_ids
 
+    from moerge.precision import compute_dtype, folder_dtype, model_kwargs
+
     tok = AutoTokenizer.from_pretrained(base)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), experts[0],
-                                      adapter_name=experts[0].name)
+    # the dtype moerge serves this base in (bf16 for a bf16 checkpoint on a CPU that multiplies bf16 fast), unless
+    # --peft-dtype float32 asks for the PEFT servers as they were first measured
+    dtype = torch.float32 if os.environ.get("BENCH_PEFT_DTYPE") == "float32" else compute_dtype(folder_dtype(base))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **model_kwargs(dtype)),
+                                      experts[0], adapter_name=experts[0].name)
     for e in experts[1:]:
         model.load_adapter(e, adapter_name=e.name)
     model.eval()
@@ -166,10 +171,11 @@ def run_server(kind: str, port: int, base: Path, experts: list[Path], max_batch:
     import uvicorn
 
     torch.set_num_threads(1)
-    if kind == "moerge":
+    if kind.startswith("moerge"):
         from moerge.serve import build
 
-        app, _ = build(experts=[str(e) for e in experts], base=str(base), max_batch=max_batch, max_concurrent=4096)
+        app, _ = build(experts=[str(e) for e in experts], base=str(base), max_batch=max_batch, max_concurrent=4096,
+                       prefix_cache=0 if kind == "moerge-noprefix" else 4096)
     else:
         app = peft_app(kind, base, experts, max_batch, natural)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -268,7 +274,7 @@ def jobs_for(kind: str, args, experts: list[Path]) -> list[dict]:
     out = []
     for e in experts:
         for r in mixture([e.name], "test", args.requests * args.clients // len(experts) + 1):
-            out.append({"model": "router:centroid" if kind == "moerge" else e.name, "answer": r.completion,
+            out.append({"model": "router:centroid" if kind.startswith("moerge") else e.name, "answer": r.completion,
                         "messages": [{"role": "user", "content": r.prompt}]})
     import random
 
@@ -286,13 +292,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
-    ap.add_argument("--servers", default="moerge,peft-mixed,naive")
+    ap.add_argument("--servers", default="moerge,peft-mixed,naive",
+                    help="moerge, moerge-noprefix (its prefix cache off), peft-mixed, naive")
+    ap.add_argument("--peft-dtype", choices=["same", "float32"], default="same",
+                    help="the PEFT servers' dtype: the one moerge serves in (default), or float32")
     ap.add_argument("--soak", type=float, default=0, help="seconds of load on the moerge server, memory sampled")
     ap.add_argument("--expert-dirs", default=None, help="trained expert folders named after their skills (comma-separated)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ["BENCH_PEFT_DTYPE"] = args.peft_dtype
     if args.child:
         spec = json.loads(args.child_spec)
         run_server(args.child, args.port, Path(spec["base"]), [Path(e) for e in spec["experts"]], spec["max_batch"],

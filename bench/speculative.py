@@ -1,14 +1,25 @@
 #!/usr/bin/env python
-"""Speculative decoding in the serving engine (``moerge serve --draft``): tokens/s with and without a draft.
+"""Speculative decoding in the serving engine (``moerge serve --draft``): tokens/s with and without it.
 
-    python bench/speculative.py [--base smollm2-135m-instruct] [--draft-layers 8 | --draft DIR]
+    python bench/speculative.py [--base smollm2-135m-instruct] [--target base|upscale:A,B]
+                                [--drafts ngram,layers:8,base,DIR] [--expert-dirs D1,D2,...]
                                 [--k 4] [--batches 1,8] [--prompts 16] [--new-tokens 48]
 
-The served model is the base (by default the real one, after ``moerge base get``). The draft is
-another model with its vocabulary: by default the base's first N layers (``--draft-layers``), cut out
-by a passthrough merge through moerge's own engine, untrained, a LayerSkip-style early exit. Prompts
-are the real suite's test prompts through the chat template; generation is greedy, so the texts must
-be identical with and without the draft (checked). For each batch size B the engine is given B
+The served model (``--target``) is the base (by default the real one, after ``moerge base get``), or a
+deeper model built from it by depth up-scaling (``upscale:A,B``: its layers [0, A) then [B, L), a
+passthrough merge through moerge's own engine, as SOLAR's DUS does before its continued pretraining),
+for which the base itself is the natural draft. With ``--expert-dirs`` (trained experts named after
+their skills, e.g. the real demo's) each prompt is served by its skill's expert, as a routed server
+would. Each draft in ``--drafts`` is tried in turn:
+
+- ``ngram``: prompt lookup, no model: the tokens that followed the latest earlier occurrence of the
+  row's last 3 (2, 1) tokens in its prompt and answer;
+- ``layers:N``: the base's first N layers, untrained (a LayerSkip-style early exit without its training);
+- ``base``: the base model (for an up-scaled target);
+- a folder: any model with the base's vocabulary.
+
+Prompts are the real suite's test prompts through the chat template; generation is greedy, so the
+texts must be identical with and without speculation (checked). For each batch size B the engine gets B
 requests at a time until all prompts are answered; the table gives tokens/s, the share of proposed
 tokens the model accepted, and the speed-up. One torch thread. The machine is shared and noisy.
 """
@@ -29,9 +40,10 @@ def run(engine, prompts, batch: int, new_tokens: int) -> tuple[list[str], float,
     texts, tokens, start = [], 0, time.perf_counter()
     for s in range(0, len(prompts), batch):
         group, done = [], []
-        for ids, text in prompts[s: s + batch]:
+        for ids, text, expert in prompts[s: s + batch]:
             ev = threading.Event()
-            seq = Sequence(prompt_ids=ids, prompt_text=text, route=Route(), sampling=Sampling(max_tokens=new_tokens, temperature=0),
+            seq = Sequence(prompt_ids=ids, prompt_text=text, route=Route(weights={expert: 1.0} if expert else {}),
+                           sampling=Sampling(max_tokens=new_tokens, temperature=0),
                            emit=lambda e, ev=ev: ev.set() if e[0] in ("done", "error") else None)
             group.append(seq)
             done.append(ev)
@@ -43,11 +55,22 @@ def run(engine, prompts, batch: int, new_tokens: int) -> tuple[list[str], float,
     return texts, time.perf_counter() - start, tokens
 
 
+def passthrough(base_dir: Path, ranges: list[tuple[int, int]], out: Path) -> Path:
+    import moerge
+
+    moerge.merge({"merge_method": "passthrough", "dtype": "bfloat16",
+                  "slices": [{"sources": [{"model": str(base_dir), "layer_range": list(r)}]} for r in ranges]},
+                 out, progress=False)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="smollm2-135m-instruct")
-    ap.add_argument("--draft", default=None, help="a draft model folder (default: the base's first --draft-layers layers)")
-    ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--target", default="base", help="base, or upscale:A,B (layers [0,A) then [B,L) of the base)")
+    ap.add_argument("--drafts", default="ngram,layers:8", help="ngram, layers:N, base, or folders (comma-separated)")
+    ap.add_argument("--expert-dirs", default=None, help="trained experts named after their skills: each prompt is "
+                    "served by its skill's expert")
     ap.add_argument("--k", type=int, default=4, help="tokens proposed per step")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--prompts", type=int, default=16)
@@ -56,7 +79,6 @@ def main() -> None:
 
     import torch
 
-    import moerge
     from moerge import base as base_model
     from moerge.serve import load_draft
     from moerge.serve.bank import open_bank
@@ -68,34 +90,43 @@ def main() -> None:
 
     torch.set_num_threads(1)
     quiet_transformers()
+    work = Path(tempfile.mkdtemp(prefix="moerge-spec-"))
     base_dir = base_model.resolve(args.base)
-    draft = args.draft
-    if draft is None:
-        draft = Path(tempfile.mkdtemp(prefix="moerge-draft-")) / "draft"
-        moerge.merge({"merge_method": "passthrough", "dtype": "float32",
-                      "slices": [{"sources": [{"model": str(base_dir), "layer_range": [0, args.draft_layers]}]}]},
-                     draft, progress=False)
-    bank = open_bank(base=str(base_dir), routers=[])
+    layers = int(__import__("json").loads((base_dir / "config.json").read_text())["num_hidden_layers"])
+    target = base_dir
+    if args.target.startswith("upscale:"):
+        a, b = (int(x) for x in args.target.partition(":")[2].split(","))
+        target = passthrough(base_dir, [(0, a), (b, layers)], work / "target")
+    experts = [d for d in (args.expert_dirs or "").split(",") if d]
+    bank = open_bank(experts=experts or None, base=str(target), routers=[])
     tok = bank.tokenizer
-    rows = mixture(list(REAL_EXPERTS), "test", args.prompts // len(REAL_EXPERTS) + 1)[: args.prompts]
-    prompts = [chat_ids(tok, [{"role": "user", "content": r.prompt}]) for r in rows]
-    plain = Engine(bank, max_batch=64)
-    spec = Engine(bank, max_batch=64, draft=load_draft(str(draft), bank), draft_tokens=args.k)
-    layers = bank.model.config.num_hidden_layers
-    print(f"served: {base_dir.name} ({layers} layers); draft: {draft if args.draft else f'its first {args.draft_layers} layers'}; "
+    skills = [Path(d).name for d in experts] or list(REAL_EXPERTS)
+    rows = mixture(skills, "test", args.prompts // len(skills) + 1)[: args.prompts]
+    prompts = [(*chat_ids(tok, [{"role": "user", "content": r.prompt}]), r.task if experts else None) for r in rows]
+    plain = Engine(bank, max_batch=64, prefix_cache=0)
+    served = bank.model.config.num_hidden_layers
+    print(f"served: {target.name} ({served} layers){' with ' + str(len(experts)) + ' experts, each prompt its own' if experts else ''}; "
           f"k = {args.k}; {len(prompts)} prompts, up to {args.new_tokens} tokens each, greedy", flush=True)
-    print("| batch | plain tokens/s | with draft tokens/s | accepted | speed-up | same text |")
-    print("|---|---|---|---|---|---|")
-    for b in [int(x) for x in args.batches.split(",")]:
-        run(plain, prompts[:2], b, 4)  # warm-up
-        want, t_plain, n = run(plain, prompts, b, args.new_tokens)
-        before = dict(spec.stats)
-        got, t_spec, m = run(spec, prompts, b, args.new_tokens)
-        acc = (spec.stats["accepted"] - before["accepted"]) / max(1, spec.stats["proposed"] - before["proposed"])
-        print(f"| {b} | {n / t_plain:.1f} | {m / t_spec:.1f} | {acc:.0%} | {t_plain / t_spec * m / n:.2f}x | "
-              f"{'yes' if got == want else f'NO ({sum(a != c for a, c in zip(got, want))} differ)'} |", flush=True)
+    print("| draft | batch | plain tokens/s | speculative tokens/s | accepted | speed-up | same text |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.drafts.split(","):
+        if name == "ngram":
+            draft = "ngram"
+        elif name.startswith("layers:"):
+            draft = load_draft(str(passthrough(base_dir, [(0, int(name.partition(":")[2]))], work / name.replace(":", "-"))), bank)
+        else:
+            draft = load_draft(str(base_dir) if name == "base" else name, bank)
+        spec = Engine(bank, max_batch=64, draft=draft, draft_tokens=args.k, prefix_cache=0)
+        for b in [int(x) for x in args.batches.split(",")]:
+            run(plain, prompts[:2], b, 4)  # warm-up
+            want, t_plain, n = run(plain, prompts, b, args.new_tokens)
+            before = dict(spec.stats)
+            got, t_spec, m = run(spec, prompts, b, args.new_tokens)
+            acc = (spec.stats["accepted"] - before["accepted"]) / max(1, spec.stats["proposed"] - before["proposed"])
+            print(f"| {name} | {b} | {n / t_plain:.1f} | {m / t_spec:.1f} | {acc:.0%} | {t_plain / t_spec * m / n:.2f}x | "
+                  f"{'yes' if got == want else f'NO ({sum(a != c for a, c in zip(got, want))} differ)'} |", flush=True)
+        spec.close()
     plain.close()
-    spec.close()
 
 
 if __name__ == "__main__":

@@ -986,6 +986,8 @@ def serve_cmd(
     draft: Optional[str] = typer.Option(None, "--draft", help="Speculative decoding: a small model with the base's "
                                         "vocabulary (folder or name) proposes tokens the served model checks."),
     draft_tokens: int = typer.Option(4, "--draft-tokens", help="With --draft: tokens proposed per step."),
+    prefix_cache: int = typer.Option(4096, "--prefix-cache", help="Prompt tokens whose KV cache is kept and reused by "
+                                     "prompts that start alike, per expert or router (0: off; off with --draft)."),
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds a request may take, queueing "
                                           "included; then it is answered 504 and its slot freed."),
     grace_period: float = typer.Option(30.0, "--grace-period", help="On SIGTERM or Ctrl-C: seconds the requests in "
@@ -1008,7 +1010,8 @@ def serve_cmd(
     if ray is not None:
         _serve_on_ray(ray, replicas, library=library, experts=refs or None, base=base, routers=router or None, host=host,
                       port=port, api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, threads=threads or 1,
-                      draft=draft, draft_tokens=draft_tokens, request_timeout=request_timeout, adapter_roots=adapter_root)
+                      draft=draft, draft_tokens=draft_tokens, request_timeout=request_timeout, adapter_roots=adapter_root,
+                      prefix_cache=prefix_cache)
         return
     with _user_errors() as notes:
         def ready(bank) -> None:  # the server runs until stopped: say now what loading it had to say
@@ -1023,6 +1026,7 @@ def serve_cmd(
         serve(library=library, experts=refs or None, base=base, routers=router or None, host=host, port=port,
               api_key=api_key, max_batch=max_batch, max_concurrent=max_concurrent, draft=draft, draft_tokens=draft_tokens,
               request_timeout=request_timeout, grace_period=grace_period, adapter_roots=adapter_root or None,
+              prefix_cache=prefix_cache,
               admin_key=admin_key, on_ready=ready)
 
 

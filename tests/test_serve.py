@@ -49,6 +49,17 @@ def ask(c, model, prompt, n=12, **kw):
     return c.completions.create(model=model, prompt=prompt, max_tokens=n, temperature=0, **kw)
 
 
+def ask_together(c, jobs, n=12) -> dict:
+    """Each (model, prompt) job asked at once from its own thread: its greedy text."""
+    got = {}
+    threads = [threading.Thread(target=lambda j=j: got.__setitem__(j, ask(c, *j, n=n).choices[0].text)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return got
+
+
 def test_models_lists_the_base_the_experts_and_the_routers(server):
     models = {m.id: m for m in client(server).models.list().data}
     assert set(models) == {"moerge-tiny", "reverse", "uppercase", "novowels", "router:centroid", "router:arrow", "router:uniform"}
@@ -313,7 +324,8 @@ def argparse_ns(url):
 
 def test_speculative_decoding_with_a_draft_gives_the_same_greedy_text(server, experts, tmp_path):
     """--draft: the draft proposes, the served mixture checks; greedy answers are exactly those of plain
-    decoding whatever the draft says (here the base drafts for its experts and routers too)."""
+    decoding whatever the draft says (here the base drafts for its experts and routers too), and so
+    with prompt lookup (--draft ngram)."""
     from moerge.errors import MoergeError
     from moerge.serve import build
     from moerge.tiny import make_vocab_model
@@ -324,18 +336,56 @@ def test_speculative_decoding_with_a_draft_gives_the_same_greedy_text(server, ex
     with Server(experts=[str(p) for p in experts.values()], routers=["centroid", "arrow"], draft=str(base_model.default_base()),
                 draft_tokens=3) as s:
         d = client(s)
-        got = {}
-        threads = [threading.Thread(target=lambda j=j: got.__setitem__(j, ask(d, *j, n=24).choices[0].text)) for j in jobs]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        got = ask_together(d, jobs, n=24)
         assert got == want
         st = s.engine.stats
         assert st["accepted"] > 0 and st["proposed"] > st["accepted"]  # the base agrees with itself, the experts differ
         a = d.completions.create(model="reverse", prompt="reverse: abc=", max_tokens=10, temperature=1.2, seed=3)
         b = d.completions.create(model="reverse", prompt="reverse: abc=", max_tokens=10, temperature=1.2, seed=3)
         assert a.choices[0].text == b.choices[0].text
+    with Server(experts=[str(p) for p in experts.values()], routers=["centroid", "arrow"], draft="ngram", draft_tokens=3) as s:
+        d = client(s)
+        got = ask_together(d, jobs, n=24)
+        assert got == want  # prompt lookup proposes, the served mixture decides: greedy text unchanged
+        st = s.engine.stats
+        assert st["speculative_steps"] > 0 and st["accepted"] > 0 and st["proposed"] > st["accepted"]
+        assert s.engine.prefixes  # no draft model: the prefix cache stays on
     other = make_vocab_model(tmp_path / "other", ["<pad>", "<s>", "</s>", "<unk>", "a", "b"], seed=1)
     with pytest.raises(MoergeError, match="vocabulary"):
         build(experts=[str(experts["reverse"])], draft=str(other))
+
+
+def test_prefix_cache_reuses_shared_starts_per_route_and_changes_no_answer(server, experts):
+    """Prompts that start alike reuse the cached keys and values of that start, per expert or router;
+    every greedy answer equals the one of a server without the cache; an adapter load clears it."""
+    c = client(server)
+    words = ["hello", "prefix", "caching", "abcdefg", "zz"]
+    jobs = [(m, f"{t}: {w}=") for m in ("moerge-tiny", "reverse", "router:centroid", "router:arrow")
+            for t in ("reverse", "uppercase") for w in words]
+    before = dict(server.engine.prefixes.stats)
+    got = {j: ask(c, *j).choices[0].text for j in jobs}
+    stats = server.engine.prefixes.stats
+    assert stats["reused_tokens"] - before["reused_tokens"] >= 8 * len(jobs) // 2  # most prompts reused a start
+    with Server(experts=[str(p) for p in experts.values()], routers=["centroid", "arrow"], prefix_cache=0) as plain:
+        assert {j: ask(client(plain), *j).choices[0].text for j in jobs} == got
+        assert plain.engine.prefixes.stats["reused_tokens"] == 0
+    assert len(server.engine.prefixes) > 0
+    server.engine.control(lambda: None).result(10)  # a control may change the bank: the cache is dropped
+    assert len(server.engine.prefixes) == 0
+
+
+def test_prefix_cache_keeps_its_budget_and_routes_apart():
+    from moerge.serve.prefix import PrefixCache
+
+    kv = lambda n: ([torch.full((1, 2, n, 4), float(n))], [torch.zeros(1, 2, n, 4)])  # noqa: E731
+    p = PrefixCache(40)
+    p.insert(("a",), list(range(20)), *kv(20))
+    assert p.lookup(("a",), list(range(12)) + [99, 98])[0] == 12
+    assert p.lookup(("b",), list(range(20)))[0] == 0  # another route's keys and values never serve
+    assert p.lookup(("a",), list(range(20)))[0] == 19  # the last prompt token is always computed
+    assert p.lookup(("a",), list(range(5)) + [7] * 10)[0] == 0  # a start shorter than MIN_REUSE is recomputed
+    p.insert(("a",), list(range(100, 120)), *kv(20))
+    p.lookup(("a",), list(range(20)))  # the first entry used last: the second is evicted next
+    p.insert(("b",), list(range(200, 215)), *kv(15))
+    assert p.tokens <= 40 and len(p) == 2 and p.lookup(("a",), list(range(100, 120)))[0] == 0
+    assert PrefixCache(0).lookup(("a",), list(range(20))) == (0, None) and not PrefixCache(0)

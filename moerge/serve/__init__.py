@@ -23,12 +23,14 @@ __all__ = ["Server", "build", "serve"]
 
 def build(*, library=None, experts=None, base=None, routers=None, router_options=None, api_key: str | None = None,
           max_batch: int = 32, max_concurrent: int = 64, adapter_roots: list | None = None, admin_key: str | None = None,
-          request_timeout: float = 600.0, draft=None, draft_tokens: int = 4, no_runtime: str | None = None):
+          request_timeout: float = 600.0, draft=None, draft_tokens: int = 4, prefix_cache: int = 4096,
+          no_runtime: str | None = None):
     """(FastAPI app, engine) for a library or adapter folders (see ``open_bank``). Routers named in
     ``routers`` must fit the experts (else an error); by default ``centroid`` is served when it can be.
     ``adapter_roots``: folders run-time ``load_lora_adapter`` may read from (None: loading and
     unloading at run time are off); ``admin_key``: the key they need instead of ``api_key``;
-    ``request_timeout``: seconds before a request is answered 504."""
+    ``request_timeout``: seconds before a request is answered 504; ``prefix_cache``: prompt tokens whose
+    keys and values are kept to be reused by prompts that start alike (0: off)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -40,6 +42,8 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
 
     if max_batch < 1 or max_concurrent < 1 or draft_tokens < 1:
         raise MoergeError("--max-batch, --max-concurrent and --draft-tokens must be at least 1")
+    if prefix_cache < 0:
+        raise MoergeError(f"--prefix-cache {prefix_cache}: give a number of tokens, 0 (off) or more")
     if not request_timeout > 0:
         raise MoergeError(f"--request-timeout {request_timeout}: give a number of seconds above 0")
     for root in adapter_roots or []:
@@ -49,8 +53,9 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
         raise MoergeError("--admin-key guards run-time adapter loading, which is off: give --adapter-root DIR too")
     bank = open_bank(library=library, experts=experts, base=base, routers=["centroid"] if routers is None else routers,
                      router_options=router_options, strict=routers is not None)
-    engine = Engine(bank, max_batch=max_batch, max_concurrent=max_concurrent, draft=load_draft(draft, bank) if draft else None,
-                    draft_tokens=draft_tokens)
+    draft = "ngram" if draft == "ngram" else load_draft(draft, bank) if draft else None
+    engine = Engine(bank, max_batch=max_batch, max_concurrent=max_concurrent, draft=draft,
+                    draft_tokens=draft_tokens, prefix_cache=prefix_cache)
     from moerge.serve.app import NO_RUNTIME
 
     app = create_app(engine, api_key=api_key, adapter_roots=adapter_roots, admin_key=admin_key,
@@ -60,7 +65,7 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
 
 def load_draft(draft, bank):
     """The draft model for speculative decoding: any causal LM folder (or a base by name) with the
-    served base's vocabulary, token for token."""
+    served base's vocabulary, token for token. (``draft="ngram"`` needs no model: prompt lookup.)"""
     from moerge import base as base_model
 
     model, tok = base_model.load(draft)

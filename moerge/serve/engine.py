@@ -36,12 +36,14 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.serve.bank import ExpertBank, NotFound, Route
+from moerge.serve.prefix import PrefixCache
 
 
 log = logging.getLogger("moerge.serve")
 
 FAULT_WINDOW = 300.0  # seconds: faults within it count towards ``degraded``
 DEGRADED_AFTER = 3  # faults within the window
+MIN_NEW = 8  # a prompt is kept in the prefix cache when at least this many of its tokens were computed now
 
 
 class Busy(Exception):
@@ -88,9 +90,11 @@ class Sequence:
 
 class Engine:
     def __init__(self, bank: ExpertBank, *, max_batch: int = 32, max_concurrent: int = 64, draft=None,
-                 draft_tokens: int = 4):
+                 draft_tokens: int = 4, prefix_cache: int = 4096):
         self.bank, self.model, self.tok = bank, bank.model, bank.tokenizer
-        self.draft, self.k = draft, draft_tokens  # speculative decoding: a small model proposes k tokens per step
+        # speculative decoding: a small model (or, with draft="ngram", prompt lookup) proposes k tokens per step
+        self.ngram = draft == "ngram"
+        self.draft, self.k = (None if self.ngram else draft), draft_tokens
         self.max_batch, self.max_concurrent = max_batch, max_concurrent
         self.context = int(getattr(self.model.config, "max_position_embeddings", 2048))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
@@ -115,8 +119,10 @@ class Engine:
         self.stats = {"steps": 0, "max_batch_seen": 0, "completed": 0, "cancelled": 0, "tokens": 0, "errors": 0,
                       "timeouts": 0, "faults": 0}
         if draft is not None:
-            self.stats |= {"proposed": 0, "accepted": 0}
+            self.stats |= {"proposed": 0, "accepted": 0, "speculative_steps": 0}
         self._cache = self._dcache = None
+        # prompt tokens whose keys and values are kept for reuse (0: off; off with a draft, whose cache must match)
+        self.prefixes = PrefixCache(prefix_cache if self.draft is None else 0)
         self._mask: torch.Tensor | None = None
         self._batch_route = None  # what the routing state was set for: the running rows' routes
         self._thread = threading.Thread(target=self._loop, name="moerge-engine", daemon=True)
@@ -171,7 +177,9 @@ class Engine:
         status = ("down" if not self._thread.is_alive() else "draining" if self.draining
                   else "degraded" if len(recent) >= DEGRADED_AFTER else "ok")
         out = {"status": status, "running": len(self.running), "waiting": self._waiting.qsize(), "in_flight": self.in_flight,
-               **self.stats, "recent_faults": len(recent)}
+               **self.stats, "recent_faults": len(recent), "prefix_cache": {"entries": len(self.prefixes),
+                                                                           "tokens": self.prefixes.tokens,
+                                                                           **self.prefixes.stats}}
         if self._faults:
             out["last_fault"] = self._faults[-1][1]
         return out
@@ -189,6 +197,7 @@ class Engine:
                     self._fail(self.running + self._admitting, exc)
                     self.running, self._admitting = [], []
                     self._cache = self._dcache = self._mask = self._batch_route = None
+                    self.prefixes.clear()
                     self.bank.unroute()
                 except Exception:  # the handler must not kill the worker
                     log.exception("moerge serve: recovering from a fault failed")
@@ -226,7 +235,8 @@ class Engine:
                 fut.set_result(fn())
             except Exception as exc:
                 fut.set_exception(exc)
-            self._batch_route = None  # the bank may have changed: routing is set again
+            self._batch_route = None  # the bank may have changed: routing is set again, cached prefixes dropped
+            self.prefixes.clear()
         self._drop([s for s in self.running if s.cancelled])
         new = self._admitting = []
         while len(self.running) + len(new) < self.max_batch and not self._waiting.empty():
@@ -280,18 +290,29 @@ class Engine:
 
     def _prefill(self, new: list[Sequence]) -> tuple:
         """The new rows' first forward pass, in caches of their own: (cache, draft cache, mask, rows,
-        last logits). The running batch is not touched."""
+        last logits). The running batch is not touched. Each row's start that a cached prompt of the
+        same route shares (``PrefixCache``) is taken from there; the rest is computed."""
         self.bank.assign_example_routes(new)
         from transformers import DynamicCache
 
         from moerge.eval.generate import left_pad
 
-        ids, mask = left_pad([s.prompt_ids for s in new], self.pad)
         for s in new:
             seed = s.sampling.seed if s.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
             s.generator = torch.Generator().manual_seed(seed % 2**64)  # torch takes any 64-bit pattern
-
-        cache, pos = DynamicCache(), (mask.cumsum(1) - 1).clamp(min=0)
+        routes = [self._route_key(s) for s in new]
+        reuse = [self.prefixes.lookup(r, s.prompt_ids) for r, s in zip(routes, new)] if self.prefixes else []
+        width = max((n for n, _ in reuse), default=0)
+        cache = DynamicCache()
+        if width:  # each row: [zeros | its cached prefix] in the cache, [padding | the rest of its prompt] computed
+            self._fill(cache, reuse, width)
+            ids, new_mask = left_pad([s.prompt_ids[n:] for s, (n, _) in zip(new, reuse)], self.pad)
+            cached = torch.tensor([[0] * (width - n) + [1] * n for n, _ in reuse])
+            mask = torch.cat([cached, new_mask], 1)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)[:, width:]
+        else:
+            ids, mask = left_pad([s.prompt_ids for s in new], self.pad)
+            pos = (mask.cumsum(1) - 1).clamp(min=0)
         self._set_routing(new)
         try:
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
@@ -299,17 +320,59 @@ class Engine:
         finally:
             self._batch_route = None
             self.bank.unroute()
+        if self.prefixes:
+            self._keep(cache, mask, new, routes, reuse)
         dcache = None
-        if self.draft is not None:  # the draft's cache holds the same columns as the model's
+        if self.draft is not None:  # the draft's cache holds the same columns as the model's (no prefix reuse then)
             dcache = DynamicCache()
             self.draft(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
                        **{self._cache_kw: dcache})
         return cache, dcache, mask, new, logits.float()
 
+    def _route_key(self, s: Sequence) -> tuple:
+        """What the keys and values of a row's prompt depend on besides its tokens: its expert weights,
+        or its token router (call after ``assign_example_routes``)."""
+        r = s.route.router
+        if r is not None and self.bank.routers[r].level == "token":
+            return ("token", r)
+        return tuple(sorted(s.weights.items()))
+
+    @staticmethod
+    def _fill(cache, reuse: list, width: int) -> None:
+        """Put each row's cached prefix, left-padded with zeros to ``width`` columns, in ``cache``."""
+        some = next(e for n, e in reuse if n)
+        for layer in range(len(some.keys)):
+            for kind in ("keys", "values"):
+                like = getattr(some, kind)[layer]
+                rows = []
+                for n, e in reuse:
+                    part = getattr(e, kind)[layer][:, :, :n] if n else like[:, :, :0]
+                    rows.append(_left_pad(part, width))
+                if kind == "keys":
+                    k = torch.cat(rows, 0)
+                else:
+                    cache.update(k, torch.cat(rows, 0), layer)
+
+    def _keep(self, cache, mask: torch.Tensor, rows: list[Sequence], routes: list[tuple], reuse: list) -> None:
+        """Store the prompts whose keys and values were mostly computed now (not taken from the cache)."""
+        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):  # sliding windows and the like
+            self.prefixes.budget = 0
+            return
+        for i, (s, route) in enumerate(zip(rows, routes)):
+            n = reuse[i][0] if reuse else 0
+            if len(s.prompt_ids) - n < MIN_NEW:
+                continue
+            cols = mask[i].nonzero().flatten()
+            self.prefixes.insert(route, s.prompt_ids, [layer.keys[i:i + 1, :, cols] for layer in cache.layers],
+                                 [layer.values[i:i + 1, :, cols] for layer in cache.layers])
+
     def _decode(self) -> None:
-        if self.draft is not None and all(len(s.prompt_ids) + len(s.out_ids) + self.k < self.context for s in self.running):
-            return self._speculate()
         rows = self.running
+        if (self.draft is not None or self.ngram) and all(len(s.prompt_ids) + len(s.out_ids) + self.k < self.context
+                                                         for s in rows):
+            drafted = self._draft_proposals(rows) if self.draft is not None else self._ngram_proposals(rows)
+            if drafted is not None:
+                return self._speculate(rows, drafted)
         ids = torch.tensor([[s.out_ids[-1]] for s in rows])
         mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
         pos = self._mask.sum(1, keepdim=True)
@@ -320,27 +383,46 @@ class Engine:
         self._mask = mask
         self._accept(rows, [[t] for t in self._sample(rows, logits.float())])
 
-    def _speculate(self) -> None:
-        """One step of speculative decoding for the whole batch. The draft proposes k tokens per row
-        (greedy, k + 1 one-token forwards, so its cache gets the same k + 1 columns as the model's);
-        the model scores the last token and the k proposals in one forward; a greedy row keeps the
-        longest run of proposals the model agrees with plus the model's own next token, so its text is
-        exactly what plain greedy decoding gives; a sampled row keeps only the model's first token,
-        sampled as usual. Columns of rejected proposals stay in the caches, masked out (positions come
-        from the mask, so they count for nothing), until ``_compact`` squeezes them out."""
-        rows, k = self.running, self.k
-        b, width = len(rows), self._mask.shape[1]
-        last = torch.tensor([[s.out_ids[-1]] for s in rows])
+    def _draft_proposals(self, rows: list[Sequence]) -> torch.Tensor:
+        """k greedy proposals per row from the draft model: k + 1 one-token forwards, so that its cache
+        gets the same k + 1 columns as the model's. (b, k)"""
+        k, b, width = self.k, len(rows), self._mask.shape[1]
+        tok = torch.tensor([[s.out_ids[-1]] for s in rows])
         count = self._mask.sum(1, keepdim=True)
         mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long)], 1)
-        tok, proposals = last, []
+        proposals = []
         for j in range(k + 1):
             logits = self.draft(input_ids=tok, attention_mask=mask[:, : width + j + 1], position_ids=count + j,
                                 use_cache=True, **{self._cache_kw: self._dcache}).logits[:, -1]
             if j < k:
                 tok = logits.argmax(-1, keepdim=True)
                 proposals.append(tok)
-        drafted = torch.cat(proposals, 1)  # (b, k)
+        return torch.cat(proposals, 1)
+
+    def _ngram_proposals(self, rows: list[Sequence]) -> torch.Tensor | None:
+        """Prompt lookup (``--draft ngram``): for each greedy row, the k tokens that followed the latest
+        earlier occurrence of its last 3 (else 2, else 1) tokens in its prompt and output, padded with
+        its last token. None when no row has such an occurrence: a plain step is cheaper then. (b, k)"""
+        k, out, hit = self.k, [], False
+        for s in rows:
+            found = ngram_lookup(s.prompt_ids + s.out_ids, k) if s.sampling.temperature == 0 else []
+            hit = hit or bool(found)
+            out.append(found + [s.out_ids[-1]] * (k - len(found)))
+        return torch.tensor(out) if hit else None
+
+    def _speculate(self, rows: list[Sequence], drafted: torch.Tensor) -> None:
+        """One step of speculative decoding for the whole batch, over k proposals per row (from the
+        draft model, or from prompt lookup). The model scores the last token and the k proposals in one
+        forward; a greedy row keeps the longest run of proposals the model agrees with plus the model's
+        own next token, so its text is exactly what plain greedy decoding gives; a sampled row keeps
+        only the model's first token, sampled as usual. Columns of rejected proposals stay in the
+        caches, masked out (positions come from the mask, so they count for nothing), until
+        ``_compact`` squeezes them out."""
+        k = self.k
+        b, width = len(rows), self._mask.shape[1]
+        last = torch.tensor([[s.out_ids[-1]] for s in rows])
+        count = self._mask.sum(1, keepdim=True)
+        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long)], 1)
         if self._batch_route is not rows:
             self._set_routing(rows)
         logits = self.model(input_ids=torch.cat([last, drafted], 1), attention_mask=mask,
@@ -360,6 +442,7 @@ class Engine:
             mask[i, width + n + 1:] = 0  # the proposals after the first rejected one
             self.stats["proposed"] += k
             self.stats["accepted"] += n
+        self.stats["speculative_steps"] += 1
         self._mask = mask
         self._accept(rows, tokens)
         self._compact()
@@ -504,6 +587,24 @@ class Engine:
         s.emit(("done", {"finish_reason": s.finish, "prompt_tokens": len(s.prompt_ids),
                          "completion_tokens": len(s.out_ids), "experts": self.bank.served_by(s)}))
         return True
+
+
+def ngram_lookup(seq: list[int], k: int, longest: int = 3, window: int = 2048) -> list[int]:
+    """Up to k tokens that followed the latest earlier occurrence of ``seq``'s last n tokens (n from
+    ``longest`` down to 1) within its last ``window`` tokens; [] if none. Prompt lookup decoding
+    (Saxena 2023; vLLM's ``ngram`` speculation): answers that copy from their prompt get long runs."""
+    seq = seq[-window:]
+    end = len(seq)
+    if end < 2:
+        return []
+    last = seq[-1]
+    spots = [i for i in range(end - 2, -1, -1) if seq[i] == last]  # latest first, each leaving a token after it
+    for n in range(min(longest, end - 1), 0, -1):
+        tail = seq[end - n:]
+        for i in spots:
+            if i - n + 1 >= 0 and seq[i - n + 1:i + 1] == tail:
+                return seq[i + 1:i + 1 + k]
+    return []
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
