@@ -1377,9 +1377,16 @@ def main() -> None:  # console_scripts entry point
         where = e.ctx.command_path if e.ctx is not None else "moerge"
         err.print(f"[bold red]error:[/] {escape(e.format_message())} (see `{where} -h`)", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except exc.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted", highlight=False, markup=False)
         sys.exit(130)
+    except Exception as e:  # a failure no command foresaw: one line naming it, the traceback on request
+        if os.environ.get("MOERGE_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        err.print(f"error: internal error: {type(e).__name__}: {first} (this is a bug in moerge or a case it does not "
+                  "handle; MOERGE_DEBUG=1 shows the traceback)", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -69,3 +69,30 @@ def test_error_lines_keep_brackets(tmp_path):
     assert res.exit_code == 1 and "run[lorahub]" in res.output
     res = CliRunner().invoke(app, ["generate", "[abc]: x=", "--router", "uniform", "--experts", str(tmp_path / "nope[embed]")])
     assert res.exit_code == 1 and "nope[embed]" in res.output
+
+
+def test_an_error_no_command_foresaw_is_one_line_and_the_traceback_is_on_request(monkeypatch, capsys):
+    """Whatever escapes a command ends as one line naming the real error (exit 1), not a traceback of the
+    handler; MOERGE_DEBUG=1 lets it through. The first command that hit this: `moerge serve --port 99999`
+    before ports were checked (here a fault planted in the server's start)."""
+    import pytest
+
+    import moerge.serve
+    from moerge.cli import main
+
+    def boom(**kw):
+        raise OverflowError("bind(): port must be 0-65535")
+
+    monkeypatch.setattr(moerge.serve, "serve", boom)
+    monkeypatch.setattr(sys, "argv", ["moerge", "serve"])
+    monkeypatch.delenv("MOERGE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = capsys.readouterr().err
+    assert done.value.code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "internal error: OverflowError: bind(): port must be 0-65535" in err and "MOERGE_DEBUG=1" in err
+    monkeypatch.setenv("MOERGE_DEBUG", "1")
+    with pytest.raises(OverflowError):
+        main()
+    res = subprocess.run([sys.executable, "-m", "moerge.cli", "serve", "--port", "99999"], capture_output=True, text=True)
+    assert res.returncode == 1 and "--port 99999" in res.stderr and "Traceback" not in res.stderr

@@ -375,7 +375,7 @@ def test_prefix_cache_reuses_shared_starts_per_route_and_changes_no_answer(serve
 
 
 def test_prefix_cache_keeps_its_budget_and_routes_apart():
-    from moerge.serve.prefix import PrefixCache
+    from moerge.routing.prefix import PrefixCache
 
     kv = lambda n: ([torch.full((1, 2, n, 4), float(n))], [torch.zeros(1, 2, n, 4)])  # noqa: E731
     p = PrefixCache(40)
@@ -389,3 +389,26 @@ def test_prefix_cache_keeps_its_budget_and_routes_apart():
     p.insert(("b",), list(range(200, 215)), *kv(15))
     assert p.tokens <= 40 and len(p) == 2 and p.lookup(("a",), list(range(100, 120)))[0] == 0
     assert PrefixCache(0).lookup(("a",), list(range(20))) == (0, None) and not PrefixCache(0)
+
+
+def test_base_embeddings_reusing_cached_starts_equal_the_full_forward():
+    """The task routers' prompt embeddings (mean of the base's final hidden states) computed from a
+    cached start plus the rest equal those of a full forward pass over each prompt."""
+    from moerge.eval.generate import encode_left_padded
+    from moerge.routing import prefix
+    from moerge.routing.embed import mean_pooled
+
+    model, tok = base_model.load()
+    cache = prefix.PrefixCache(4096)
+    batches = [[f"{t}: {w}=" for t in ("reverse", "uppercase")] for w in ("hello", "abc")] + \
+              [["reverse: world=", "uppercase: seasons=", "novowels: x="]]
+    reused = []
+    for prompts in batches:
+        ids, mask = encode_left_padded(tok, prompts)
+        with torch.no_grad():
+            want = mean_pooled(model, ids, mask)
+            before = cache.stats["reused_tokens"]
+            got = prefix.embed(model, cache, ids, mask, tok.pad_token_id)
+        reused.append(cache.stats["reused_tokens"] - before)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (got - want).abs().max()
+    assert reused[0] == 0 and reused[1] >= 2 * 8 and reused[2] >= 2 * 8  # later prompts reuse their task's start

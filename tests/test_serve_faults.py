@@ -288,6 +288,24 @@ def test_bad_fields_are_refused_at_the_door_with_their_name(server):
     assert err(body(stop=["x" * 300]))["param"] == "stop"
     assert err({"model": "reverse", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}},
                "/chat/completions")["message"].startswith("response_format")
+    # a field of several shapes says which it takes (not the shape names pydantic tried)
+    assert err(body(prompt=5))["message"] == "prompt: give a string, a list of strings, a list of token ids or a list of token-id lists"
+    assert err(body(stop=5)) == err(body(stop=5)) and err(body(stop=5))["param"] == "stop"
+    assert err(body(prompt=[[1, 2], [10**7]]))["message"].startswith("prompt: token id 10000000")
+    assert err(body(logprobs=5))["param"] == "logprobs"  # what is not supported is named, in the message and param
+    e = err(body("reverse", mixture={"uppercase": 1.0}))
+    assert e["param"] == "mixture" and "base" in e["message"]  # a mixture is sent with the base as the model
+    assert err(body("moerge-tiny", mixture={"revers": 1.0}))["param"] == "mixture"
+    e = err({"lora_name": "a", "lora_pth": "x"}, "/load_lora_adapter")
+    assert "did you mean 'lora_path'" in e["message"]
+    assert "the base" in err({"lora_name": "moerge-tiny"}, "/unload_lora_adapter")["message"]
+    assert "a router" in err({"lora_name": "router:centroid"}, "/unload_lora_adapter")["message"]
+    # OpenAI's other shapes: prompts of token ids, one model by id
+    r = post(server, body(prompt=[[1, 60, 61], [1, 62]], n=3))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    assert httpx.get(server.url + "/models/reverse").json()["parent"] == "moerge-tiny"
+    assert httpx.get(server.url + "/models/router:centroid").json()["id"] == "router:centroid"
+    assert httpx.get(server.url + "/models/nope").status_code == 404
     # OpenAI fields that change nothing generated are accepted; vLLM's ignore_eos and moerge's mixture too
     r = post(server, body(user="u1", metadata={"a": "b"}, store=False, service_tier="auto", best_of=1, suffix=None))
     assert r.status_code == 200, r.text
@@ -340,7 +358,7 @@ def test_a_thousand_requests_with_random_bad_fields_mixed_with_good_ones(server)
         lambda b: b | {"temperature": rng.choice([-0.1, 2.5, "hot", [1]])},
         lambda b: b | {"top_p": rng.choice([0, 1.5, -1])},
         lambda b: b | {"n": rng.choice([0, 17, 10**9])},
-        lambda b: b | {"prompt": rng.choice([[], [10**6], [-5], [[1, 2]], {"a": 1}, 3])},
+        lambda b: b | {"prompt": rng.choice([[], [10**6], [-5], [[]], [[1, -3]], [[1, "a"]], {"a": 1}, 3])},
         lambda b: b | {"model": rng.choice(["", "nope", "router:nope", 7, "x" * 600])},
         lambda b: b | {rng.choice(["max_token", "temprature", "seeed", "top-p", "stream_option"]): 1},
         lambda b: b | {"stop": rng.choice([[""], ["a"] * 5, 5, ["y" * 400]])},

@@ -31,6 +31,7 @@ class Mixture:
         self.kinds = [e.kind for e in experts]
         self.state = RoutingState()
         self.layers = attach(model, experts, self.state)
+        self.prefixes = None  # a PrefixCache (the server's): base embeddings reuse the prompts' shared starts
 
     def detach(self) -> None:
         """Put the base's own linear layers back (the bank is dropped)."""
@@ -52,6 +53,10 @@ class Mixture:
         saved = (self.state.example_weights, self.state.token_router)
         self.state.example_weights = self.state.token_router = None
         try:
+            if self.prefixes:
+                from moerge.routing.prefix import embed
+
+                return embed(self.model, self.prefixes, input_ids, attention_mask, self.tokenizer.pad_token_id or 0)
             return mean_pooled(self.model, input_ids, attention_mask)
         finally:
             self.state.example_weights, self.state.token_router = saved

@@ -127,8 +127,10 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
     let what is in flight finish for up to ``grace_period`` seconds, answer what is left 503, exit."""
     import uvicorn
 
-    if grace_period < 0:
-        raise MoergeError(f"--grace-period {grace_period}: give a number of seconds, 0 or more")
+    if not 0 <= grace_period < 1e6:
+        raise MoergeError(f"--grace-period {grace_period}: give a number of seconds, 0 or more (and finite)")
+    if not 0 <= port <= 65535:
+        raise MoergeError(f"--port {port}: give a port from 1 to 65535")
     app, engine = build(**kw)
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -21,7 +21,8 @@ from pathlib import Path
 from moerge.errors import MoergeError
 from moerge.serve.bank import Conflict, NotFound
 from moerge.serve.engine import Busy, Engine, Sampling, Sequence, Unavailable
-from moerge.serve.protocol import ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter, error_body, unknown_field
+from moerge.serve.protocol import (ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter, error_body, error_place,
+                                   unknown_field)
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
@@ -74,20 +75,20 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
+        errs = sorted(exc.errors(), key=lambda e: e.get("type") != "extra_forbidden")  # a misspelt field first
         first = errs[0] if errs else {}
         if first.get("type") == "json_invalid":
             return fail(400, "the request body is not valid JSON")
         if tuple(first.get("loc", ())) == ("body",):
             return fail(400, "the request body must be a JSON object (and sent with Content-Type: application/json)")
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        loc, shapes = error_place(tuple(first.get("loc", ())))
         where = ".".join(loc) or "body"
         if first.get("type") == "extra_forbidden" and len(loc) == 1 and request.url.path in BODIES:
             return fail(400, unknown_field(BODIES[request.url.path], loc[0]), param=where, code="unknown_parameter")
         msg = first.get("msg", "invalid")
         if first.get("type") == "finite_number":
             msg = "must be a finite number"
-        return fail(400, f"{where}: {msg}", param=where)
+        return fail(400, f"{where}: {shapes or msg}", param=loc[0] if loc else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -101,9 +102,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
         return fail(504, f"{what} did not finish within {request_timeout:g} s (the server's --request-timeout); "
                     "retry, or ask for fewer tokens", code="timeout")
 
-    def user_error(exc: Exception) -> JSONResponse:
+    def user_error(exc: Exception, param: str = "model") -> JSONResponse:
         if isinstance(exc, NotFound):
-            return fail(404, str(exc), code="model_not_found", param="model")
+            return fail(404, str(exc), code="model_not_found", param=param)
         if isinstance(exc, Conflict):
             return fail(409, str(exc))
         return fail(400, str(exc))
@@ -122,6 +123,21 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
         except (Unavailable, TimeoutError) as exc:
             return fail(503, f"the server cannot answer now: {exc or 'busy past the deadline'}")
         return {"object": "list", "data": bank.models(started)}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        try:
+            await run(bank.refresh)
+        except (MoergeError, Unavailable, TimeoutError):
+            pass  # what is loaded still answers
+        for m in bank.models(started):
+            if m["id"] == model:
+                return m
+        try:
+            name = bank.expert_name(model)  # a bare name: its newest version
+        except NotFound as exc:
+            return fail(404, str(exc), code="model_not_found", param="model")
+        return next(m for m in bank.models(started) if m["id"] == name)
 
     def allowed(path: str) -> str | None:
         """Why ``path`` may not be loaded (None: it may)."""
@@ -166,13 +182,16 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
     async def completions(body: CompletionRequest):
         from moerge.tasks.chat import completion_ids
 
-        if isinstance(body.prompt, list) and body.prompt and all(isinstance(t, int) for t in body.prompt):
+        given = body.prompt
+        if isinstance(given, list) and given and all(isinstance(t, int) for t in given):
+            given = [given]  # one prompt of token ids
+        if isinstance(given, list) and given and all(isinstance(t, list) for t in given):  # prompts of token ids
             vocab = vocab_size()
-            bad = next((t for t in body.prompt if not 0 <= t < vocab), None)
+            bad = next((t for ids in given for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
                 return fail(400, f"prompt: token id {bad} is outside this model's vocabulary (0 to {vocab - 1})",
                             param="prompt")
-            prompts = [(list(body.prompt), bank.tokenizer.decode(body.prompt, skip_special_tokens=True))]
+            prompts = [(list(ids), bank.tokenizer.decode(ids, skip_special_tokens=True)) for ids in given]
         else:
             texts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
             if not texts:
@@ -199,8 +218,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
     async def serve(body, prompts: list[tuple[list[int], str]], *, chat: bool, default_max: int | None):
         why = body.unsupported()
         if why:
-            return fail(400, why)
+            field = why.split()[0].rstrip(":")
+            return fail(400, why, param=field if field in type(body).model_fields else None)
         t0 = time.monotonic()
+        if body.mixture is not None and body.model not in (bank.base_id, str(bank.base_dir)):
+            return fail(400, f"mixture: send it with the base as the model ({bank.base_id!r}); {body.model!r} would be "
+                        "replaced by the mixture", param="mixture")
         try:
             route = bank.resolve(body.model, body.mixture)
         except NotFound:
@@ -209,13 +232,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
                     raise
                 route = bank.resolve(body.model, body.mixture)
             except MoergeError as exc:
-                return user_error(exc)
+                return user_error(exc, "model" if body.mixture is None else "mixture")
             except Unavailable as exc:
                 return fail(503, str(exc))
             except TimeoutError:
                 return late()
         except MoergeError as exc:
-            return user_error(exc)
+            return user_error(exc, "model" if body.mixture is None else "mixture")
         ctx = engine.context
         for ids, _ in prompts:
             if not ids:

@@ -54,6 +54,7 @@ class ExpertBank:
         self.routers: dict = {}
         self.router_errors: dict[str, str] = {}
         self.mixture = None
+        self.prefixes = None  # the engine's PrefixCache, for the routers' base embeddings
         self._rows: list = []
         self._acc: torch.Tensor | None = None  # token-routed rows' summed weights since the last collect
         self._take_library_experts(warn=True)
@@ -76,6 +77,7 @@ class ExpertBank:
         self.routers, self.router_errors = {}, {}
         if self.experts:
             self.mixture = Mixture(self.model, self.tokenizer, self.experts, self.cards)
+            self.mixture.prefixes = self.prefixes
         for name in self.router_names:
             cls = servable_router(name)
             if self.mixture is None:
@@ -89,6 +91,12 @@ class ExpertBank:
                 if strict:
                     raise
                 self.router_errors[name] = str(exc)
+
+    def use_prefixes(self, prefixes) -> None:
+        """Base embeddings (task routers) reuse ``prefixes``' cached prompts of the base."""
+        self.prefixes = prefixes
+        if self.mixture is not None:
+            self.mixture.prefixes = prefixes
 
     def add(self, name: str, expert, card: dict) -> None:
         if name in self.names:
@@ -104,6 +112,11 @@ class ExpertBank:
             raise
 
     def remove(self, name: str, in_use: list) -> None:
+        if name in (self.base_id, str(self.base_dir)):
+            raise MoergeError(f"{name!r} is the base: it is served for as long as the server runs; only adapters unload")
+        if name.startswith("router:"):
+            raise MoergeError(f"{name!r} is a router: routers are chosen when the server starts (--router); only "
+                              "adapters unload")
         name = self.expert_name(name)
         users = sum(1 for r in in_use if name in r.weights)
         if users:

@@ -36,14 +36,14 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.serve.bank import ExpertBank, NotFound, Route
-from moerge.serve.prefix import PrefixCache
+from moerge.routing import prefix
+from moerge.routing.prefix import PrefixCache, pad_left
 
 
 log = logging.getLogger("moerge.serve")
 
 FAULT_WINDOW = 300.0  # seconds: faults within it count towards ``degraded``
 DEGRADED_AFTER = 3  # faults within the window
-MIN_NEW = 8  # a prompt is kept in the prefix cache when at least this many of its tokens were computed now
 
 
 class Busy(Exception):
@@ -101,11 +101,7 @@ class Engine:
         self.eos = {self.tok.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos.discard(None)
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else next(iter(self.eos), 0)
-        import inspect  # transformers 5 names the KV cache argument ``cache``; earlier ones ``past_key_values``
-
-        params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._last_only = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+        self._cache_kw, self._last_only = prefix.cache_argument(self.model), prefix.last_logits_only(self.model)
         self._waiting: queue.Queue[Sequence] = queue.Queue()
         self._controls: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue()
         self._wake = threading.Event()
@@ -123,6 +119,7 @@ class Engine:
         self._cache = self._dcache = None
         # prompt tokens whose keys and values are kept for reuse (0: off; off with a draft, whose cache must match)
         self.prefixes = PrefixCache(prefix_cache if self.draft is None else 0)
+        bank.use_prefixes(self.prefixes)  # task routers' base embeddings reuse it too
         self._mask: torch.Tensor | None = None
         self._batch_route = None  # what the routing state was set for: the running rows' routes
         self._thread = threading.Thread(target=self._loop, name="moerge-engine", daemon=True)
@@ -293,40 +290,24 @@ class Engine:
         last logits). The running batch is not touched. Each row's start that a cached prompt of the
         same route shares (``PrefixCache``) is taken from there; the rest is computed."""
         self.bank.assign_example_routes(new)
-        from transformers import DynamicCache
-
-        from moerge.eval.generate import left_pad
-
         for s in new:
             seed = s.sampling.seed if s.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
             s.generator = torch.Generator().manual_seed(seed % 2**64)  # torch takes any 64-bit pattern
         routes = [self._route_key(s) for s in new]
-        reuse = [self.prefixes.lookup(r, s.prompt_ids) for r, s in zip(routes, new)] if self.prefixes else []
-        width = max((n for n, _ in reuse), default=0)
-        cache = DynamicCache()
-        if width:  # each row: [zeros | its cached prefix] in the cache, [padding | the rest of its prompt] computed
-            self._fill(cache, reuse, width)
-            ids, new_mask = left_pad([s.prompt_ids[n:] for s, (n, _) in zip(new, reuse)], self.pad)
-            cached = torch.tensor([[0] * (width - n) + [1] * n for n, _ in reuse])
-            mask = torch.cat([cached, new_mask], 1)
-            pos = (mask.cumsum(1) - 1).clamp(min=0)[:, width:]
-        else:
-            ids, mask = left_pad([s.prompt_ids for s in new], self.pad)
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
+        rows = [s.prompt_ids for s in new]
+        reuse = [self.prefixes.lookup(r, ids) for r, ids in zip(routes, rows)] if self.prefixes else []
         self._set_routing(new)
         try:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
-                                **{self._cache_kw: cache}).logits[:, -1]
+            out, cache, mask, _ = prefix.forward(self.model, rows, reuse, self.pad, self._cache_kw, **self._last_only)
+            logits = out.logits[:, -1]
         finally:
             self._batch_route = None
             self.bank.unroute()
         if self.prefixes:
-            self._keep(cache, mask, new, routes, reuse)
+            prefix.keep(self.prefixes, cache, mask, rows, routes, reuse)
         dcache = None
         if self.draft is not None:  # the draft's cache holds the same columns as the model's (no prefix reuse then)
-            dcache = DynamicCache()
-            self.draft(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self._last_only,
-                       **{self._cache_kw: dcache})
+            _, dcache, _, _ = prefix.forward(self.draft, rows, [], self.pad, self._cache_kw, **self._last_only)
         return cache, dcache, mask, new, logits.float()
 
     def _route_key(self, s: Sequence) -> tuple:
@@ -336,35 +317,6 @@ class Engine:
         if r is not None and self.bank.routers[r].level == "token":
             return ("token", r)
         return tuple(sorted(s.weights.items()))
-
-    @staticmethod
-    def _fill(cache, reuse: list, width: int) -> None:
-        """Put each row's cached prefix, left-padded with zeros to ``width`` columns, in ``cache``."""
-        some = next(e for n, e in reuse if n)
-        for layer in range(len(some.keys)):
-            for kind in ("keys", "values"):
-                like = getattr(some, kind)[layer]
-                rows = []
-                for n, e in reuse:
-                    part = getattr(e, kind)[layer][:, :, :n] if n else like[:, :, :0]
-                    rows.append(_left_pad(part, width))
-                if kind == "keys":
-                    k = torch.cat(rows, 0)
-                else:
-                    cache.update(k, torch.cat(rows, 0), layer)
-
-    def _keep(self, cache, mask: torch.Tensor, rows: list[Sequence], routes: list[tuple], reuse: list) -> None:
-        """Store the prompts whose keys and values were mostly computed now (not taken from the cache)."""
-        if any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):  # sliding windows and the like
-            self.prefixes.budget = 0
-            return
-        for i, (s, route) in enumerate(zip(rows, routes)):
-            n = reuse[i][0] if reuse else 0
-            if len(s.prompt_ids) - n < MIN_NEW:
-                continue
-            cols = mask[i].nonzero().flatten()
-            self.prefixes.insert(route, s.prompt_ids, [layer.keys[i:i + 1, :, cols] for layer in cache.layers],
-                                 [layer.values[i:i + 1, :, cols] for layer in cache.layers])
 
     def _decode(self) -> None:
         rows = self.running
@@ -478,9 +430,9 @@ class Engine:
             width = max(self._mask.shape[1], mask.shape[1])
             for ours, theirs in zip(self._caches(), [c for c in (cache, dcache) if c is not None]):
                 for mine, other in zip(ours.layers, theirs.layers):
-                    mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(other.keys, width)], 0)
-                    mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(other.values, width)], 0)
-            self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)], 0)
+                    mine.keys = torch.cat([pad_left(mine.keys, width), pad_left(other.keys, width)], 0)
+                    mine.values = torch.cat([pad_left(mine.values, width), pad_left(other.values, width)], 0)
+            self._mask = torch.cat([pad_left(self._mask, width, dim=1), pad_left(mask, width, dim=1)], 0)
         self.running = self.running + new
         self._batch_route = None
 
@@ -605,13 +557,3 @@ def ngram_lookup(seq: list[int], k: int, longest: int = 3, window: int = 2048) -
             if i - n + 1 >= 0 and seq[i - n + 1:i + 1] == tail:
                 return seq[i + 1:i + 1 + k]
     return []
-
-
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = extra
-    return torch.cat([t.new_zeros(shape), t], dim)
-

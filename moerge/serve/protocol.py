@@ -69,7 +69,7 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Union[str, list[str], list[int], list[list[int]]]
     logprobs: Optional[int] = None
     echo: bool = False
     best_of: Optional[int] = None
@@ -130,7 +130,7 @@ class ChatRequest(_Common):
         if self.response_format not in (None, {"type": "text"}):
             return "response_format is not supported: only plain text ({\"type\": \"text\"})"
         if self.modalities not in (None, ["text"]) or self.audio:
-            return "only text output is supported (modalities: [\"text\"])"
+            return "modalities: only text output is supported ([\"text\"])"
         for name in ("prediction", "reasoning_effort", "verbosity", "web_search_options"):
             if getattr(self, name):
                 return f"{name} is not supported"
@@ -156,8 +156,31 @@ def unknown_field(model: type[BaseModel], name: str) -> str:
     """The 400 message for a field ``model`` does not know: the closest known one, if any."""
     known = list(model.model_fields)
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else f" (moerge's extensions: {', '.join(EXTENSIONS)})"
+    if close:
+        hint = f"; did you mean {close[0]!r}?"
+    elif issubclass(model, _Common):
+        hint = f" (moerge's extensions: {', '.join(EXTENSIONS)})"
+    else:
+        hint = f" (known: {', '.join(known)})"
     return f"unrecognized request field {name!r}{hint}"
+
+
+# what a field of several accepted shapes takes, for its 400 (pydantic names each shape it tried)
+SHAPES = {"prompt": "give a string, a list of strings, a list of token ids or a list of token-id lists",
+          "stop": "give a string or a list of at most 4 strings",
+          "content": "give a string or a list of text parts ({\"type\": \"text\", \"text\": ...})"}
+
+
+def error_place(loc: tuple) -> tuple[list[str], str | None]:
+    """(the path of a pydantic error location without the body and the shapes a union tried, the
+    message for a field of several shapes, if it is one)."""
+    path, hint = [], None
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "list", "dict")):
+            hint = SHAPES.get(path[-1] if path else "", hint)  # a union's shape: not part of the field's name
+            continue
+        path.append(str(part))
+    return path, hint
 
 
 STATUS_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
