@@ -19,7 +19,10 @@ C client threads (the official ``openai`` client) each send R requests in a row,
 for expert (c + k) mod E, every request generating exactly N tokens (greedy; end-of-sequence ignored).
 Prints tokens/s, p50/p99 latency and errors per server, and the ratios. With ``--soak S`` the moerge
 server is then kept under the same load for S seconds and its resident memory is sampled every 10 s.
-All servers use one torch thread. The machine is shared and noisy: compare ratios from one run.
+All servers use one torch thread and compute in the dtype moerge serves the base in (bf16 for a bf16
+checkpoint on a CPU that multiplies bf16 fast; ``--peft-dtype float32`` keeps the PEFT servers in
+float32). ``moerge-noprefix`` is moerge with its prefix cache off. The machine is shared and noisy:
+compare ratios from one run.
 
 With ``--expert-dirs`` (trained experts named after their skills, e.g. the real demo's) the requests
 are the skills' test prompts as chat messages, answered in their natural length, and every server is

@@ -71,6 +71,8 @@ class ExpertBank:
         fit is an error, as at start-up; else it is disabled with its reason)."""
         from moerge.routing.model import Mixture
 
+        if self.prefixes is not None:  # keys and values computed with the old bank are stale
+            self.prefixes.clear()
         if self.mixture is not None:
             self.mixture.detach()
             self.mixture = None

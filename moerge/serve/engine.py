@@ -232,8 +232,7 @@ class Engine:
                 fut.set_result(fn())
             except Exception as exc:
                 fut.set_exception(exc)
-            self._batch_route = None  # the bank may have changed: routing is set again, cached prefixes dropped
-            self.prefixes.clear()
+            self._batch_route = None  # the bank may have changed: routing is set again (a rebuild drops cached prefixes)
         self._drop([s for s in self.running if s.cancelled])
         new = self._admitting = []
         while len(self.running) + len(new) < self.max_batch and not self._waiting.empty():
