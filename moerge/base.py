@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from moerge.errors import MoergeError
+from moerge.util import cache_dir  # noqa: F401  (moerge.base.cache_dir: where the built-in base and real bases live)
 
 CONFIG = dict(hidden=128, layers=4, heads=4, intermediate=512, tie=True)
 PRETRAIN_STEPS = 600
 PRETRAIN_LR = 3e-3
 PACKAGED = Path(__file__).parent / "data" / "base"
 CARD = "moerge_base.json"
-
-
-def cache_dir() -> Path:
-    """``$MOERGE_CACHE`` or ``~/.cache/moerge``."""
-    return Path(os.environ.get("MOERGE_CACHE") or Path.home() / ".cache" / "moerge")
 
 
 def default_base() -> Path:
@@ -52,41 +47,6 @@ def resolve(base: str | os.PathLike | None) -> Path:
         if str(base) in zoo.KNOWN:
             return zoo.resolve(str(base))
     return path
-
-
-def build_base(out_dir: str | os.PathLike | None = None, *, seed: int = 0, steps: int = PRETRAIN_STEPS,
-               overwrite: bool = False, progress: bool = True) -> Path:
-    """Pretrain the tiny base and save it (model, tokenizer, card) atomically into ``out_dir``."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from moerge.eval.generate import exact_match
-    from moerge.io.fingerprint import folder_fingerprint
-    from moerge.tasks import EXPERTS, PRETRAIN, examples, mixture
-    from moerge.tiny import save_char_tokenizer, tiny_config
-    from moerge.train.loop import train
-    from moerge.util import atomic_dir, progress_bar, quiet_transformers
-
-    quiet_transformers()
-    out = Path(out_dir) if out_dir else cache_dir() / "base"
-    with atomic_dir(out, overwrite) as tmp:
-        save_char_tokenizer(tmp)
-        tok = AutoTokenizer.from_pretrained(tmp)
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(tiny_config(**CONFIG))
-        rows = mixture(PRETRAIN, "train", 2000, seed=seed)
-        start = time.perf_counter()
-        with progress_bar(progress, "pretraining base", steps) as advance:
-            stats = train(model, tok, rows, steps=steps, lr=PRETRAIN_LR, seed=seed, on_step=lambda s, loss: advance(loss))
-        scores = {t: exact_match(model, tok, examples(t, "validation", 100)) for t in PRETRAIN + EXPERTS}
-        model.save_pretrained(tmp)
-        card = {
-            "kind": "moerge tiny base", "seed": seed, "steps": steps, "lr": PRETRAIN_LR, "config": CONFIG,
-            "pretrain_tasks": list(PRETRAIN), "final_loss": round(stats.final_loss, 4),
-            "seconds": round(time.perf_counter() - start, 1), "validation_accuracy": scores,
-            "torch": torch.__version__, "fingerprint": folder_fingerprint(tmp),
-        }
-        (tmp / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    return out
 
 
 def check_model_folder(folder: Path, what: str = "model") -> None:

@@ -484,7 +484,7 @@ def base_build(
     threads: Optional[int] = THREADS_OPT,
 ) -> None:
     """Pretrain the tiny base deterministically (about a minute on 2 cores)."""
-    from moerge.base import build_base
+    from moerge.train.pretrain import build_base
 
     with _user_errors():
         path = build_base(out_dir, seed=seed, steps=steps, overwrite=overwrite, progress=True)

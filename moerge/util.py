@@ -11,6 +11,11 @@ from typing import Callable, Iterator
 from moerge.errors import MoergeError
 
 
+def cache_dir() -> Path:
+    """``$MOERGE_CACHE`` or ``~/.cache/moerge``: the built-in base once built, real bases, statistics."""
+    return Path(os.environ.get("MOERGE_CACHE") or Path.home() / ".cache" / "moerge")
+
+
 def _input_paths(inputs) -> list[Path]:
     """Paths among ``inputs``: paths, or strings listing them (comma-separated task lists with
     ``lm-eval:`` items, ``base+adapter``); what does not exist (a task name) is left out."""

@@ -52,7 +52,7 @@ def folder(name: str) -> Path:
 
 
 def _root() -> Path:
-    from moerge.base import cache_dir
+    from moerge.util import cache_dir
 
     return cache_dir() / "bases"
 

@@ -41,8 +41,6 @@ PLACED = {"base": "lm", "precision": "lm", "zoo": "lm", "tiny": "lm", "eval.gene
 # what the code breaks today: "importer -> imported" (an import up a floor or across one) and the
 # circles (the files of each, sorted). Issue 28 empties these lists.
 KNOWN_UP: set[str] = {
-    "moerge.base -> moerge.tasks",
-    "moerge.base -> moerge.train.loop",
     "moerge.cli -> moerge",
     "moerge.demo -> moerge",
     "moerge.engine.card -> moerge",
@@ -68,12 +66,10 @@ KNOWN_UP: set[str] = {
 KNOWN_CIRCLES: set[tuple[str, ...]] = {
     ('moerge', 'moerge.engine.card', 'moerge.engine.executor', 'moerge.engine.multi', 'moerge.eval.report',
      'moerge.moe.build'),
-    ('moerge.base', 'moerge.train.loop', 'moerge.zoo'),
     ('moerge.experts.peft_format', 'moerge.library.store', 'moerge.routing.registry',
      'moerge.routing.routers.arrow', 'moerge.routing.routers.centroid', 'moerge.routing.routers.lorahub',
      'moerge.routing.routers.oracle', 'moerge.routing.routers.phatgoose', 'moerge.routing.routers.smear',
      'moerge.train.dpo', 'moerge.train.expert'),
-    ('moerge.tasks.real', 'moerge.tasks.skills'),
 }
 
 

@@ -29,7 +29,9 @@ def test_packaged_base_reads_instructions_but_lacks_the_expert_skills():
 def test_build_base_is_atomic_and_loads_offline(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = base_model.build_base(tmp_path / "b", steps=3, progress=False)
+    from moerge.train.pretrain import build_base
+
+    out = build_base(tmp_path / "b", steps=3, progress=False)
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == base_model.CONFIG["layers"]
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("aB: 7=", add_special_tokens=False)["input_ids"]
@@ -37,7 +39,7 @@ def test_build_base_is_atomic_and_loads_offline(tmp_path):
     card = json.loads((out / base_model.CARD).read_text())
     assert card["steps"] == 3 and set(card["validation_accuracy"]) >= {"copy", "reverse"}
     with pytest.raises(MoergeError, match="already exists"):
-        base_model.build_base(out, steps=1, progress=False)
+        build_base(out, steps=1, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
 
 

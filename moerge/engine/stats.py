@@ -65,7 +65,7 @@ class Stats:
 
 
 def cache_root() -> Path:
-    from moerge.base import cache_dir
+    from moerge.util import cache_dir
 
     return cache_dir() / "stats"
 

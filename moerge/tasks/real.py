@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 
-from moerge.tasks.skills import Skill
+from moerge.tasks.skill import Skill
 
 NOUNS = ("apple river stone cloud garden window silver forest candle mirror bridge engine planet violin harbor "
          "pencil castle meadow rocket island lemon tiger blanket ladder puzzle summer winter valley copper marble "

@@ -11,40 +11,13 @@ from __future__ import annotations
 
 import random
 import string
-from dataclasses import dataclass, field
 from typing import Callable
+
+from moerge.tasks import real as _real
+from moerge.tasks.skill import Skill
 
 LETTERS = string.ascii_lowercase
 VOWELS = set("aeiou")
-
-
-@dataclass(frozen=True)
-class Skill:
-    name: str
-    instructions: tuple[str, ...]
-    solve: Callable[[str], str]
-    make_input: Callable[[random.Random], str]
-    parts: tuple[str, ...] = field(default=())  # a composite: the skills applied, in order
-    identity: bool = False  # copy: the one skill whose answer is its input
-    template: str = ""  # the prompt's form, e.g. "{instruction}: {x}"; empty: the tiny suite's "instruction: x="
-
-    def prompt(self, instruction: str, x: str) -> str:
-        if self.template:
-            return self.template.format(instruction=instruction, x=x)
-        return f"{instruction}: {x}="
-
-    @property
-    def composite(self) -> bool:
-        return bool(self.parts)
-
-    def sample(self, rng: random.Random) -> tuple[str, str]:
-        """(input, answer), never with answer == input."""
-        for _ in range(1000):
-            x = self.make_input(rng)
-            y = self.solve(x)
-            if y != x or self.identity:
-                return x, y
-        raise RuntimeError(f"skill {self.name}: cannot draw an input that the skill changes")
 
 
 def word(rng: random.Random, lo: int = 3, hi: int = 6) -> str:
@@ -161,7 +134,6 @@ QUICK_HELDOUT = ("reverse_uppercase", "novowels_uppercase")
 TINY = tuple(SKILLS)  # the suite of the built-in character base (the `all` group)
 
 # the real-model suite (natural-language instructions for a pretrained chat model), same registry
-from moerge.tasks import real as _real  # noqa: E402  (it needs Skill, defined above)
 
 SKILLS.update({s.name: s for s in _real.BASIC + _real.COMPOSITES})
 REAL_EXPERTS, REAL_HELDOUT = _real.EXPERTS, _real.HELDOUT
