@@ -12,13 +12,12 @@ in dependency order and ``plan`` returns a MultiPlan (every stage, in run order)
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moerge.errors import MoergeError
+from moerge.version import __version__
 
 if TYPE_CHECKING:
     from moerge.engine.executor import MergeResult

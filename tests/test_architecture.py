@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent / "moerge"
 
 # bottom up: each floor's packages or modules (dotted names under moerge)
 FLOORS = [
-    ["errors"],
+    ["errors", "version"],
     ["util"],
     ["io"],
     ["lm"],
@@ -43,7 +43,6 @@ PLACED = {"base": "lm", "precision": "lm", "zoo": "lm", "tiny": "lm", "eval.gene
 KNOWN_UP: set[str] = {
     "moerge.cli -> moerge",
     "moerge.demo -> moerge",
-    "moerge.engine.card -> moerge",
     "moerge.engine.plan -> moerge.library",
     "moerge.engine.plan -> moerge.train.expert",
     "moerge.engine.stats -> moerge.train.expert",
@@ -56,7 +55,6 @@ KNOWN_UP: set[str] = {
     "moerge.io.hub -> moerge.zoo",
     "moerge.library.store -> moerge.routing.embed",
     "moerge.library.store -> moerge.train.expert",
-    "moerge.moe.build -> moerge",
     "moerge.moe.build -> moerge.library",
     "moerge.search -> moerge",
     "moerge.train.dpo -> moerge.routing.embed",
@@ -64,8 +62,7 @@ KNOWN_UP: set[str] = {
     "moerge.train.expert -> moerge.routing.routers.phatgoose",
 }
 KNOWN_CIRCLES: set[tuple[str, ...]] = {
-    ('moerge', 'moerge.engine.card', 'moerge.engine.executor', 'moerge.engine.multi', 'moerge.eval.report',
-     'moerge.moe.build'),
+    ('moerge', 'moerge.eval.report'),
     ('moerge.experts.peft_format', 'moerge.library.store', 'moerge.routing.registry',
      'moerge.routing.routers.arrow', 'moerge.routing.routers.centroid', 'moerge.routing.routers.lorahub',
      'moerge.routing.routers.oracle', 'moerge.routing.routers.phatgoose', 'moerge.routing.routers.smear',

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from moerge import __version__
+from moerge.version import __version__
 from moerge.io.fingerprint import fingerprint
 
 if TYPE_CHECKING:

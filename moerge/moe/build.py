@@ -348,7 +348,7 @@ def produce(plan: MoEPlan, task: Task, routers: torch.Tensor) -> torch.Tensor:
 def card_text(plan: MoEPlan, inputs: list[dict]) -> str:
     import yaml
 
-    from moerge import __version__
+    from moerge.version import __version__
 
     front = {"base_model": [m["model"] for m in inputs], "library_name": "transformers",
              "tags": ["merge", "moerge", "moe", plan.arch.name.split()[0].lower()]}
