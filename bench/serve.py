@@ -46,8 +46,13 @@ from pathlib import Path
 def make_world(args, work: Path) -> tuple[Path, list[Path]]:
     if args.expert_dirs:
         from moerge import base as base_model
+        from moerge.errors import MoergeError
 
-        return base_model.resolve(args.base), [Path(d) for d in args.expert_dirs.split(",")]
+        dirs = [Path(d) for d in args.expert_dirs.split(",")]
+        for d in dirs:  # checked here: a server child that fails to start says less
+            if not (d / "adapter_config.json").is_file():
+                raise MoergeError(f"--expert-dirs {d}: not a PEFT adapter folder (no adapter_config.json)")
+        return base_model.resolve(args.base), dirs
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
@@ -79,7 +84,7 @@ def make_world(args, work: Path) -> tuple[Path, list[Path]]:
 
 # ----------------------------------------------------------------------------- the PEFT servers (child process)
 
-def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural: bool):
+def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural: bool, peft_dtype: str = "same"):
     import concurrent.futures
     import queue
 
@@ -89,14 +94,13 @@ def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moerge.eval.generate import left_pad
-    from moerge.tasks.chat import chat_ids, completion_ids
-
     from moerge.precision import compute_dtype, folder_dtype, model_kwargs
+    from moerge.tasks.chat import chat_ids, completion_ids
 
     tok = AutoTokenizer.from_pretrained(base)
     # the dtype moerge serves this base in (bf16 for a bf16 checkpoint on a CPU that multiplies bf16 fast), unless
     # --peft-dtype float32 asks for the PEFT servers as they were first measured
-    dtype = torch.float32 if os.environ.get("BENCH_PEFT_DTYPE") == "float32" else compute_dtype(folder_dtype(base))
+    dtype = torch.float32 if peft_dtype == "float32" else compute_dtype(folder_dtype(base))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=dtype, **model_kwargs(dtype)),
                                       experts[0], adapter_name=experts[0].name)
     for e in experts[1:]:
@@ -169,7 +173,8 @@ def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural
     return app
 
 
-def run_server(kind: str, port: int, base: Path, experts: list[Path], max_batch: int, natural: bool) -> None:
+def run_server(kind: str, port: int, base: Path, experts: list[Path], max_batch: int, natural: bool,
+               peft_dtype: str) -> None:
     import torch
     import uvicorn
 
@@ -180,13 +185,14 @@ def run_server(kind: str, port: int, base: Path, experts: list[Path], max_batch:
         app, _ = build(experts=[str(e) for e in experts], base=str(base), max_batch=max_batch, max_concurrent=4096,
                        prefix_cache=0 if kind == "moerge-noprefix" else 4096)
     else:
-        app = peft_app(kind, base, experts, max_batch, natural)
+        app = peft_app(kind, base, experts, max_batch, natural, peft_dtype)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 
 # ----------------------------------------------------------------------------- the load (parent process)
 
-def start(kind: str, base: Path, experts: list[Path], max_batch: int, natural: bool) -> tuple[subprocess.Popen, str]:
+def start(kind: str, base: Path, experts: list[Path], max_batch: int, natural: bool,
+          peft_dtype: str) -> tuple[subprocess.Popen, str]:
     import httpx
 
     from moerge.serve import free_port
@@ -195,7 +201,7 @@ def start(kind: str, base: Path, experts: list[Path], max_batch: int, natural: b
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen([sys.executable, __file__, "--child", kind, "--port", str(port), "--child-spec",
                              json.dumps({"base": str(base), "experts": [str(e) for e in experts], "max_batch": max_batch,
-                                         "natural": natural})],
+                                         "natural": natural, "peft_dtype": peft_dtype})],
                             env=env)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -305,11 +311,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-spec", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ["BENCH_PEFT_DTYPE"] = args.peft_dtype
     if args.child:
         spec = json.loads(args.child_spec)
         run_server(args.child, args.port, Path(spec["base"]), [Path(e) for e in spec["experts"]], spec["max_batch"],
-                   spec["natural"])
+                   spec["natural"], spec["peft_dtype"])
         return
 
     from moerge.util import quiet_transformers
@@ -323,7 +328,7 @@ def main() -> None:
           f"{args.requests} requests x {'up to ' if natural else ''}{args.new_tokens} tokens", flush=True)
     results = {}
     for kind in args.servers.split(","):
-        proc, url = start(kind, base, experts, args.max_batch, natural)
+        proc, url = start(kind, base, experts, args.max_batch, natural, args.peft_dtype)
         jobs = jobs_for(kind, args, experts)
         try:
             load(url, jobs, argparse.Namespace(**{**vars(args), "clients": 2, "requests": 1}))  # warm-up
@@ -370,4 +375,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moerge.errors import MoergeError
+
+    try:
+        main()
+    except MoergeError as e:  # a wrong path or name: one line, as the CLI gives it
+        raise SystemExit(f"error: {e}") from None

@@ -92,6 +92,7 @@ def main() -> None:
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="moerge-spec-"))
     base_dir = base_model.resolve(args.base)
+    base_model.check_model_folder(base_dir, "--base")
     layers = int(__import__("json").loads((base_dir / "config.json").read_text())["num_hidden_layers"])
     target = base_dir
     if args.target.startswith("upscale:"):
@@ -130,4 +131,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moerge.errors import MoergeError
+
+    try:
+        main()
+    except MoergeError as e:  # a wrong path or name: one line, as the CLI gives it
+        raise SystemExit(f"error: {e}") from None

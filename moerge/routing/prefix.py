@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 MIN_REUSE = 8  # tokens: a shorter shared start is recomputed (the gather costs more than it saves)
+MIN_NEW = 8  # a prompt is kept when at least this many of its tokens were computed (not reused)
 
 
 BASE = ()  # the route key of the base alone (no expert weights)
@@ -104,9 +105,6 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-MIN_NEW = 8  # a prompt is kept when at least this many of its tokens were computed (not reused)
 
 
 def cache_argument(model) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -27,6 +28,7 @@ from moerge.serve.protocol import (ChatRequest, CompletionRequest, LoadAdapter, 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
           "/v1/load_lora_adapter": LoadAdapter, "/v1/unload_lora_adapter": UnloadAdapter}
+log = logging.getLogger("moerge.serve")
 NO_RUNTIME = ("loading and unloading adapters at run time is off on this server: start it with --adapter-root DIR to "
               "allow adapters from DIR (or add the adapter to the library the server runs on: moerge library add)")
 
@@ -68,9 +70,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
         try:
             return await call_next(request)
         except Exception as exc:  # the last line of defence: a JSON 500, never a traceback to the client
-            import logging
-
-            logging.getLogger("moerge.serve").error("moerge serve: %s %s failed", request.method, path, exc_info=exc)
+            log.error("moerge serve: %s %s failed", request.method, path, exc_info=exc)
             return fail(500, f"internal error: {type(exc).__name__} (see the server's log)")
 
     @app.exception_handler(RequestValidationError)
@@ -98,16 +98,35 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
         """``fn`` on the engine's worker between two steps (TimeoutError past the request deadline)."""
         return await asyncio.wait_for(asyncio.wrap_future(engine.control(fn)), request_timeout)
 
-    def late(what: str = "the request") -> JSONResponse:
-        return fail(504, f"{what} did not finish within {request_timeout:g} s (the server's --request-timeout); "
-                    "retry, or ask for fewer tokens", code="timeout")
+    def late_body(what: str = "the request") -> dict:
+        return error_body(504, f"{what} did not finish within {request_timeout:g} s (the server's --request-timeout); "
+                          "retry, or ask for fewer tokens", code="timeout")
 
-    def user_error(exc: Exception, param: str = "model") -> JSONResponse:
+    def late(what: str = "the request") -> JSONResponse:
+        return JSONResponse(late_body(what), status_code=504)
+
+    async def next_event(events: asyncio.Queue, seqs: list[Sequence], deadline: float):
+        """The next (index, event) of a request's sequences, or None once its deadline has passed (its
+        sequences are then ended and stop counting in flight)."""
+        try:
+            return await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            for s in seqs:
+                engine.expire(s, timeout=True)
+            return None
+
+    def release(seqs: list[Sequence]) -> None:
+        """Answered, failed, timed out or abandoned: sequences still running stop and stop counting."""
+        for s in seqs:
+            engine.expire(s)
+
+    def user_error(exc: Exception, param: str | None = None) -> JSONResponse:
+        """A MoergeError as its status: 404 (``param`` or model), 409, else 400 (naming ``param`` if given)."""
         if isinstance(exc, NotFound):
-            return fail(404, str(exc), code="model_not_found", param=param)
+            return fail(404, str(exc), code="model_not_found", param=param or "model")
         if isinstance(exc, Conflict):
             return fail(409, str(exc))
-        return fail(400, str(exc))
+        return fail(400, str(exc), param=param)
 
     @app.get("/health")
     async def health():
@@ -130,14 +149,13 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
             await run(bank.refresh)
         except (MoergeError, Unavailable, TimeoutError):
             pass  # what is loaded still answers
-        for m in bank.models(started):
-            if m["id"] == model:
-                return m
-        try:
-            name = bank.expert_name(model)  # a bare name: its newest version
-        except NotFound as exc:
-            return fail(404, str(exc), code="model_not_found", param="model")
-        return next(m for m in bank.models(started) if m["id"] == name)
+        listed = {m["id"]: m for m in bank.models(started)}
+        if model not in listed:
+            try:
+                model = bank.expert_name(model)  # a bare name: its newest version
+            except NotFound as exc:
+                return fail(404, str(exc), code="model_not_found", param="model")
+        return listed[model]
 
     def allowed(path: str) -> str | None:
         """Why ``path`` may not be loaded (None: it may)."""
@@ -221,9 +239,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
             field = why.split()[0].rstrip(":")
             return fail(400, why, param=field if field in type(body).model_fields else None)
         t0 = time.monotonic()
-        if body.mixture is not None and body.model not in (bank.base_id, str(bank.base_dir)):
-            return fail(400, f"mixture: send it with the base as the model ({bank.base_id!r}); {body.model!r} would be "
-                        "replaced by the mixture", param="mixture")
         try:
             route = bank.resolve(body.model, body.mixture)
         except NotFound:
@@ -290,12 +305,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
         remaining = len(seqs)
         try:
             while remaining:
-                try:
-                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    for s in seqs:
-                        engine.expire(s, timeout=True)
+                got = await next_event(events, seqs, deadline)
+                if got is None:
                     return late()
+                i, ev = got
                 if ev[0] == "delta":
                     texts[i] += ev[1]
                 elif ev[0] == "error":
@@ -303,10 +316,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
                 else:
                     infos[i] = ev[1]
                     remaining -= 1
-        finally:  # answered, failed or timed out: whatever still runs stops and stops counting
-            for s in seqs:
-                if s.finish is None:
-                    engine.expire(s)
+        finally:
+            release(seqs)
         choices = []
         for i, (t, info) in enumerate(zip(texts, infos)):
             c = {"index": i, "finish_reason": info["finish_reason"], "logprobs": None, "experts": info["experts"]}
@@ -344,13 +355,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
             if chat:
                 yield chunk([piece(i, "") for i in range(len(seqs))])
             while remaining:
-                try:
-                    i, ev = await asyncio.wait_for(events.get(), max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
-                    for s in seqs:
-                        engine.expire(s, timeout=True)
-                    yield "data: " + json.dumps(json.loads(late().body)) + "\n\n"
+                got = await next_event(events, seqs, deadline)
+                if got is None:
+                    yield "data: " + json.dumps(late_body()) + "\n\n"
                     return
+                i, ev = got
                 if ev[0] == "delta":
                     yield chunk([piece(i, ev[1])])
                 elif ev[0] == "error":
@@ -364,10 +373,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
             if include_usage:
                 yield chunk([], usage=usage(infos, n), experts=mean_experts(infos))
             yield "data: [DONE]\n\n"
-        finally:  # the client went away, or the stream ended: rows still in flight stop and stop counting
-            for s in seqs:
-                if s.finish is None:
-                    engine.expire(s)
+        finally:  # the stream ended, or the client went away
+            release(seqs)
 
     return app
 

@@ -113,8 +113,12 @@ class ExpertBank:
             self.rebuild()
             raise
 
+    def is_base(self, model: str) -> bool:
+        """Does a request's ``model`` name the base (its id, or its folder)?"""
+        return model in (self.base_id, str(self.base_dir))
+
     def remove(self, name: str, in_use: list) -> None:
-        if name in (self.base_id, str(self.base_dir)):
+        if self.is_base(name):
             raise MoergeError(f"{name!r} is the base: it is served for as long as the server runs; only adapters unload")
         if name.startswith("router:"):
             raise MoergeError(f"{name!r} is a router: routers are chosen when the server starts (--router); only "
@@ -185,6 +189,9 @@ class ExpertBank:
         raise NotFound(f"model {name!r} is not served here; GET /v1/models lists the base, the experts and the routers")
 
     def resolve(self, model: str, mixture: dict | None = None) -> Route:
+        if mixture is not None and not self.is_base(model):
+            raise MoergeError(f"mixture: send it with the base as the model ({self.base_id!r}); {model!r} would be "
+                              "replaced by the mixture")
         if mixture is not None:
             if not isinstance(mixture, dict) or not mixture:
                 raise MoergeError("mixture: give an object of expert name -> weight, e.g. {\"caps\": 0.5, \"reverse\": 0.5}")
@@ -194,7 +201,7 @@ class ExpertBank:
                     raise MoergeError(f"mixture: the weight of {k!r} must be a finite number, not {v!r}")
                 weights[self.expert_name(k)] = weights.get(self.expert_name(k), 0.0) + float(v)
             return Route(weights=weights, label=model)
-        if model in (self.base_id, str(self.base_dir)):
+        if self.is_base(model):
             return Route(label=model)
         if model.startswith("router:"):
             name = model.partition(":")[2]

@@ -35,9 +35,9 @@ from typing import Callable
 import torch
 
 from moerge.errors import MoergeError
-from moerge.serve.bank import ExpertBank, NotFound, Route
 from moerge.routing import prefix
 from moerge.routing.prefix import PrefixCache, pad_left
+from moerge.serve.bank import ExpertBank, NotFound, Route
 
 
 log = logging.getLogger("moerge.serve")
@@ -192,10 +192,9 @@ class Engine:
                 try:
                     self._fault(exc, "step")
                     self._fail(self.running + self._admitting, exc)
-                    self.running, self._admitting = [], []
-                    self._cache = self._dcache = self._mask = self._batch_route = None
+                    self._admitting = []
+                    self._reset_batch()
                     self.prefixes.clear()
-                    self.bank.unroute()
                 except Exception:  # the handler must not kill the worker
                     log.exception("moerge serve: recovering from a fault failed")
         self._shutdown()
@@ -212,13 +211,17 @@ class Engine:
             _, fut = self._controls.get()
             fut.set_exception(Unavailable("the server shut down"))
 
-    def _fault(self, exc: BaseException, where: str) -> str:
-        """Log a fault (with its traceback, on the server's side only) and count it; its one-line message."""
+    def _fault(self, exc: BaseException, where: str) -> None:
+        """Log a fault (with its traceback, on the server's side only) and count it for ``health``."""
         message = f"internal error in {where}: {type(exc).__name__}: {str(exc)[:300]}"
         log.error("moerge serve: %s", message, exc_info=exc)
         self._faults.append((time.time(), message))
         self.stats["faults"] += 1
-        return message
+
+    def _reset_batch(self) -> None:
+        """After a failed step: no running rows, no batch caches, no routing state."""
+        self.running, self._cache, self._dcache, self._mask, self._batch_route = [], None, None, None, None
+        self.bank.unroute()
 
     def _fail(self, rows: list[Sequence], exc: BaseException) -> None:
         for s in rows:
@@ -258,8 +261,7 @@ class Engine:
             except Exception as exc:  # the caches may hold half a step: the running rows end, the new ones go on
                 self._fault(exc, "decode")
                 self._fail(self.running, exc)
-                self.running, self._cache, self._dcache, self._mask, self._batch_route = [], None, None, None, None
-                self.bank.unroute()
+                self._reset_batch()
         if ok:
             self._admit(ok)
         self._admitting = []
@@ -365,7 +367,8 @@ class Engine:
         """One step of speculative decoding for the whole batch, over k proposals per row (from the
         draft model, or from prompt lookup). The model scores the last token and the k proposals in one
         forward; a greedy row keeps the longest run of proposals the model agrees with plus the model's
-        own next token, so its text is exactly what plain greedy decoding gives; a sampled row keeps
+        own next token, so its text is what plain greedy decoding gives (to the last bit in float32; in
+        bf16 the k + 1 positions checked at once round differently, so a near-tie can flip); a sampled row keeps
         only the model's first token, sampled as usual. Columns of rejected proposals stay in the
         caches, masked out (positions come from the mask, so they count for nothing), until
         ``_compact`` squeezes them out."""
