@@ -35,10 +35,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import moerge
-    from moerge import base as base_model
     from moerge.eval import evaluate
-    from moerge.train.expert import ExpertCard
-    from moerge.util import quiet_transformers
+    from moerge.experts.card import ExpertCard
+    from moerge.lm import base as base_model
+    from moerge.util.progress import quiet_transformers
 
     quiet_transformers()
     cards = {p: ExpertCard.read(p) for p in args.experts}

@@ -33,13 +33,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="Keep the DPO adapter here (default: a temporary folder).")
     args = ap.parse_args()
 
-    from moerge import base as base_model
     from moerge.eval import evaluate, resolve_tasks
-    from moerge.eval.generate import greedy
+    from moerge.lm import base as base_model
+    from moerge.lm.generate import greedy
     from moerge.tasks import examples
     from moerge.train.dpo import tune_dpo
     from moerge.train.expert import load_expert
-    from moerge.util import set_threads
+    from moerge.util.threads import set_threads
 
     set_threads(args.threads)
     model_dir = base_model.resolve(args.model)

@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from moerge.fusion import simulate
-    from moerge.util import set_threads
+    from moerge.util.threads import set_threads
 
     set_threads(1)
     out = Path(args.out or tempfile.mkdtemp(prefix="moerge-fusion-"))

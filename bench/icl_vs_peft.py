@@ -55,12 +55,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from moerge import base as base_model
-    from moerge.eval.generate import exact_match
+    from moerge.lm import base as base_model
+    from moerge.lm.generate import exact_match
     from moerge.tasks import examples
     from moerge.tasks.data import write_jsonl
     from moerge.train.expert import load_expert, train_expert
-    from moerge.util import quiet_transformers
+    from moerge.util.progress import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(1)

@@ -2,7 +2,7 @@
 
 Collects every merge recipe mergekit ships (examples/*.yml, the YAML blocks of README.md and docs/*.md,
 and the MergeConfiguration objects its tests build), maps every model id in each to a tiny local Llama
-(one base built with ``moerge.tiny``, distinct ids -> distinct fine-tunes of it; enough layers for every
+(one base built with ``moerge.lm.tiny``, distinct ids -> distinct fine-tunes of it; enough layers for every
 ``layer_range``; a tokenizer holding every token the recipes name), and runs ``moerge.plan`` (a dry run)
 on each. Where mergekit is installed (``--mergekit-bin``, default /tmp/mk/bin), it also runs mergekit on
 the same mapped recipe, so the table separates "mergekit refuses it as well" from real gaps.
@@ -406,7 +406,7 @@ def mapped(docs: list, folders: dict) -> tuple[list, dict]:
 
 
 def build_models(root: Path, layers: int, tokens: set[str], n_ft: int) -> dict:
-    from moerge import tiny
+    from moerge.lm import tiny
 
     vocab = tiny.SPECIALS + tiny.CHARS + sorted(t for t in tokens if t not in tiny.SPECIALS + tiny.CHARS)
     base = tiny.make_vocab_model(root / "base", vocab, seed=0, hidden=16, layers=layers)

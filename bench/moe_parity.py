@@ -97,8 +97,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
     import moerge
+    from moerge.lm.tiny import make_base, make_finetune
     from moerge.moe.build import compute_routers
-    from moerge.tiny import make_base, make_finetune
 
     print(f"{'config':28s} {'moerge arch':14s} {'mergekit arch':14s} names  router    experts   other     (router, moerge in bf16)")
     worst = 0.0

@@ -104,8 +104,8 @@ RECIPES: dict[str, tuple[str, bool]] = {
 
 
 def build_vocab_models(work: Path) -> dict[str, Path]:
-    """Three tiny Llamas whose vocabularies differ in a few tokens (moerge.tiny.make_vocab_model)."""
-    from moerge.tiny import CHARS, SPECIALS, make_vocab_model
+    """Three tiny Llamas whose vocabularies differ in a few tokens (moerge.lm.tiny.make_vocab_model)."""
+    from moerge.lm.tiny import CHARS, SPECIALS, make_vocab_model
 
     base = SPECIALS + CHARS[:30]
     vocabs = {"vbase": base, "va": base + ["<|im_start|>", "<|im_end|>"],

@@ -1,4 +1,4 @@
-"""The compute dtype on this CPU: float32 against bf16 for a bf16 checkpoint (moerge.precision).
+"""The compute dtype on this CPU: float32 against bf16 for a bf16 checkpoint (moerge.lm.precision).
 
     python bench/precision.py [--base smollm2-135m-instruct] [--task caps] [--steps 40] [--threads 1]
 
@@ -22,10 +22,10 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys, time, torch
-from moerge.util import set_threads
+from moerge.util.threads import set_threads
 set_threads(int(sys.argv[1]))
-from moerge import base as B
-from moerge.eval.generate import exact_match
+from moerge.lm import base as B
+from moerge.lm.generate import exact_match
 from moerge.tasks.data import examples
 from moerge.train.expert import load_expert
 model, tok = load_expert(sys.argv[2], sys.argv[3])
@@ -68,7 +68,7 @@ def main() -> None:
 
     import torch
 
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
 
     torch.set_num_threads(args.threads)
     base = base_model.resolve(args.base)

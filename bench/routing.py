@@ -47,14 +47,14 @@ def main() -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from moerge.eval.generate import encode_left_padded
     from moerge.experts import load_adapter
     from moerge.io.source import open_source
+    from moerge.lm.generate import encode_left_padded
+    from moerge.lm.tiny import save_char_tokenizer, tiny_config
     from moerge.routing import RoutedModel
     from moerge.routing.registry import ExampleRouter, get
     from moerge.tasks import EXPERTS, mixture
-    from moerge.tiny import save_char_tokenizer, tiny_config
-    from moerge.util import quiet_transformers
+    from moerge.util.progress import quiet_transformers
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="moerge-routing-bench-"))

@@ -40,7 +40,7 @@ def main() -> None:
 
     from moerge.routing import load_routed
     from moerge.tasks import examples
-    from moerge.util import quiet_transformers
+    from moerge.util.progress import quiet_transformers
 
     quiet_transformers()
     tasks = [p.name for p in args.experts]
@@ -49,7 +49,7 @@ def main() -> None:
     def batch(tok, task: str, split: str, n: int):
         """Prompt + answer + end of sequence, as training and evaluation render them (chat template or
         bos + text), right-padded; the answer tokens are the labelled ones."""
-        from moerge.train.loop import collate, encode
+        from moerge.lm.batching import collate, encode
 
         b = collate(encode(tok, examples(task, split, n)), tok.pad_token_id)
         return b["input_ids"], b["attention_mask"].bool(), b["labels"] != -100

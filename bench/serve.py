@@ -45,8 +45,8 @@ from pathlib import Path
 
 def make_world(args, work: Path) -> tuple[Path, list[Path]]:
     if args.expert_dirs:
-        from moerge import base as base_model
         from moerge.errors import MoergeError
+        from moerge.lm import base as base_model
 
         dirs = [Path(d) for d in args.expert_dirs.split(",")]
         for d in dirs:  # checked here: a server child that fails to start says less
@@ -57,11 +57,11 @@ def make_world(args, work: Path) -> tuple[Path, list[Path]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from moerge.tiny import save_char_tokenizer, tiny_config
+    from moerge.lm.tiny import save_char_tokenizer, tiny_config
 
     torch.manual_seed(0)
     if args.base:
-        from moerge import base as base_model
+        from moerge.lm import base as base_model
 
         base = base_model.resolve(args.base)
     else:
@@ -93,9 +93,9 @@ def peft_app(kind: str, base: Path, experts: list[Path], max_batch: int, natural
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moerge.eval.generate import left_pad
-    from moerge.precision import compute_dtype, folder_dtype, model_kwargs
-    from moerge.tasks.chat import chat_ids, completion_ids
+    from moerge.lm.chat import chat_ids, completion_ids
+    from moerge.lm.generate import left_pad
+    from moerge.lm.precision import compute_dtype, folder_dtype, model_kwargs
 
     tok = AutoTokenizer.from_pretrained(base)
     # the dtype moerge serves this base in (bf16 for a bf16 checkpoint on a CPU that multiplies bf16 fast), unless
@@ -317,7 +317,7 @@ def main() -> None:
                    spec["natural"], spec["peft_dtype"])
         return
 
-    from moerge.util import quiet_transformers
+    from moerge.util.progress import quiet_transformers
 
     quiet_transformers()
     work = Path(tempfile.mkdtemp(prefix="moerge-serve-bench-"))

@@ -79,14 +79,14 @@ def main() -> None:
 
     import torch
 
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
+    from moerge.lm.chat import chat_ids
     from moerge.serve import load_draft
     from moerge.serve.bank import open_bank
     from moerge.serve.engine import Engine
     from moerge.tasks import mixture
-    from moerge.tasks.chat import chat_ids
     from moerge.tasks.skills import REAL_EXPERTS
-    from moerge.util import quiet_transformers
+    from moerge.util.progress import quiet_transformers
 
     torch.set_num_threads(1)
     quiet_transformers()

@@ -26,7 +26,7 @@ import transformers
 what, model, task, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 start = time.perf_counter()
 if what != "imports":
-    from moerge.base import resolve as resolve_base
+    from moerge.lm.base import resolve as resolve_base
     from moerge.engine.plan import open_model
     ref = open_model(str(resolve_base(model)))
     if what == "whole":
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--task", default="caps", help="a built-in task or JSONL whose training rows are the examples")
     ap.add_argument("--examples", type=int, default=64)
     args = ap.parse_args()
-    from moerge.base import resolve
+    from moerge.lm.base import resolve
 
     folder = str(resolve(args.model))  # before the children get a throwaway cache
     rows = []

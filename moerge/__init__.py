@@ -1,152 +1,27 @@
 """moerge: merge, route and version specialist experts built from one base model.
 
-The Python API is what the CLI wraps::
+The Python API lives in ``moerge.api`` and is re-exported here::
 
     import moerge
     moerge.merge("recipe.yaml", "out/")             # a mergekit-style recipe, path or text or Recipe
     plan = moerge.plan("recipe.yaml"); print(plan.summary())
 
-A file of several YAML documents (mergekit-multi's form) is a MultiRecipe: ``merge`` runs its stages
-in dependency order and ``plan`` returns a MultiPlan (every stage, in run order).
+The names load on first use (PEP 562), so ``import moerge`` stays light (no torch) and ``moerge --help``
+fast; the Python API is the same either way.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 from moerge.errors import MoergeError
 from moerge.version import __version__
 
-if TYPE_CHECKING:
-    from moerge.engine.executor import MergeResult
-    from moerge.engine.multi import MultiPlan, MultiRecipe
-    from moerge.engine.plan import Plan
-    from moerge.engine.recipe import Recipe
+API = ("Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "plan", "train_expert")  # moerge.api.__all__
+__all__ = ["MoergeError", *API, "__version__"]
 
 
-def load_recipe(recipe: "str | os.PathLike | dict | list | Recipe | MultiRecipe") -> "Recipe | MultiRecipe":
-    """A Recipe from a YAML path, YAML text, a dict, or a Recipe; a MultiRecipe from a file or text of
-    several YAML documents (mergekit-multi's form) or a list of dicts or Recipes (one per stage)."""
-    import yaml
+def __getattr__(name: str):
+    if name in API:
+        from moerge import api  # start-up time: the API's modules load when first used
 
-    from moerge.engine import multi
-    from moerge.engine.recipe import Recipe, parse_recipe, recipe_yaml
-
-    from moerge.moe.config import MoEConfig, is_moe, parse_moe
-
-    if isinstance(recipe, (Recipe, multi.MultiRecipe, MoEConfig)):
-        return recipe
-    if isinstance(recipe, dict) and is_moe(recipe):  # a mergekit-moe config (experts:, no merge_method)
-        return parse_moe(recipe_yaml(recipe), "<recipe>")
-    if isinstance(recipe, (list, tuple)):
-        return multi.from_list(list(recipe))
-    if isinstance(recipe, dict):
-        return parse_recipe(recipe_yaml(recipe), "<recipe>")
-    text = str(recipe)
-    if "\n" in text or "merge_method" in text:
-        source = "<recipe>"
-    else:
-        from moerge.engine.recipe import read_recipe_text
-
-        source, text = text, read_recipe_text(Path(text))
-    try:
-        data = yaml.safe_load(text)
-    except (yaml.YAMLError, RecursionError):
-        data = None  # several documents, or broken YAML: multi.parse reports it
-        try:
-            docs = list(yaml.safe_load_all(text))
-        except (yaml.YAMLError, RecursionError):
-            docs = []
-        if len(docs) > 1 and any(is_moe(d) for d in docs):
-            k = next(i for i, d in enumerate(docs) if is_moe(d)) + 1
-            raise MoergeError(f"{source}: YAML document {k} is an MoE config (base_model + experts), which cannot be a "
-                              "stage of a multi-document recipe yet; put it in a file of its own and merge that")
-    if is_moe(data):
-        return parse_moe(text, source)
-    return multi.parse(text, source)
-
-
-def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None" = None,
-         allow_same_experts: bool = False, keep_intermediates: "str | os.PathLike | None" = None) -> "Plan | MultiPlan":
-    """Validate a recipe against its inputs (headers only) and return the per-tensor plan.
-    ``library`` is where ``library://NAME@V`` models are found (default: $MOERGE_LIBRARY, else ".").
-    A multi-document recipe gives a MultiPlan: its stages in run order, each planned (later ones on
-    the earlier ones' expected outputs); ``.stages[i].plan``, ``.summary()``."""
-    from moerge.engine.multi import MultiRecipe, plan_stages
-    from moerge.engine.plan import build_plan
-
-    from moerge.moe.config import MoEConfig
-
-    r = load_recipe(recipe)
-    if isinstance(r, MultiRecipe):
-        return plan_stages(r, seed=seed, library=library, keep=None if keep_intermediates is None else True)
-    if keep_intermediates is not None:
-        raise MoergeError("--keep-intermediates: the recipe has one stage (one YAML document), so there are no "
-                          "intermediate outputs to keep; drop the option")
-    if isinstance(r, MoEConfig):  # a mergekit-moe config: moerge/moe/build.py
-        from moerge.moe.build import build_moe_plan
-
-        return build_moe_plan(r if seed is None else _reseed(r, seed), library, allow_same=allow_same_experts)
-    if seed is not None:
-        r = r.model_copy(update={"seed": seed})
-    return build_plan(r, library)
-
-
-def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
-          workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
-          library: "str | os.PathLike | None" = None,
-          keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False,
-          lazy: bool = False, eval_tasks=None, eval_n: int = 100) -> "MergeResult":
-    """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
-    runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
-    or to ``keep_intermediates/NAME`` (``lazy``: reuse those an earlier run kept, when their saved recipe
-    is the stage's); only the final stage writes ``out_dir``. ``eval_tasks`` (task names, groups or
-    JSONL files, as ``moerge eval --tasks``) scores the output against every input afterwards
-    (``eval.report``): the table goes into the output's card and ``merge_report.json``, and is the
-    result's ``report``."""
-    if eval_tasks is not None:
-        from moerge.eval import resolve_tasks
-
-        resolve_tasks(eval_tasks)  # an unknown task is refused before any merging
-    res = _merge(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=shard_size,
-                 progress=progress, library=library, keep_intermediates=keep_intermediates,
-                 allow_same_experts=allow_same_experts, lazy=lazy)
-    if eval_tasks is not None:
-        from moerge.eval.report import merge_report
-
-        res.report = merge_report(recipe, res.out_dir, eval_tasks, n=eval_n, library=library, progress=progress)
-    return res
-
-
-def _merge(recipe, out_dir, *, overwrite, seed, workers, shard_size, progress, library, keep_intermediates,
-           allow_same_experts, lazy) -> "MergeResult":
-    from moerge.engine.executor import execute
-    from moerge.engine.multi import MultiRecipe, run_stages
-
-    from moerge.moe.config import MoEConfig
-
-    r = load_recipe(recipe)
-    if isinstance(r, MultiRecipe):
-        return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
-                          workers=workers, shard_size=shard_size, progress=progress, library=library, lazy=lazy)
-    if lazy:
-        raise MoergeError("--lazy: the recipe has one stage (one YAML document), so there are no intermediate outputs to "
-                          "reuse; drop --lazy")
-    p = plan(r, seed=seed, library=library, allow_same_experts=allow_same_experts, keep_intermediates=keep_intermediates)
-    if isinstance(r, MoEConfig):  # a mergekit-moe config: an MoE checkpoint from dense models
-        from moerge.moe.build import execute_moe
-
-        return execute_moe(p, out_dir, overwrite=overwrite, shard_size=shard_size, progress=progress)
-    return execute(p, out_dir, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
-
-
-def _reseed(r, seed: int):
-    """An MoE config with another seed, keeping where it was read from (for error lines)."""
-    c = r.model_copy(update={"seed": seed})
-    c._source, c._text = r._source, r._text
-    return c
-
-
-__all__ = ["MoergeError", "load_recipe", "merge", "plan", "__version__"]
+        return getattr(api, name)
+    raise AttributeError(f"module 'moerge' has no attribute {name!r}")

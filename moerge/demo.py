@@ -17,7 +17,22 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from moerge.util import pyplot, save_figure
+from moerge import api
+from moerge.errors import MoergeError
+from moerge.eval import evaluate
+from moerge.lm import base as base_model
+from moerge.lm.precision import compute_dtype, folder_dtype
+from moerge.methods import registry
+from moerge.routing import load_routed
+from moerge.routing.evaluate import evaluate_routed
+from moerge.routing.routers.phatgoose import train_gates
+from moerge.tasks import skills as suite
+from moerge.tasks.suites import suite_for
+from moerge.train.expert import load_expert, train_expert
+from moerge.util.figures import pyplot, save_figure
+from moerge.util.files import output_file, write_json
+from moerge.util.progress import console as util_console
+from moerge.util.progress import quiet_transformers
 
 # merge settings for experts that each add one skill to a shared base. Task arithmetic adds the task
 # vectors scaled by λ: the real setting takes λ = 0.4 (Ilharco et al. pick λ in [0.3, 0.5] on validation
@@ -56,21 +71,6 @@ SETTINGS = {
 }
 
 
-def suite_for(base_dir: Path, quick: bool) -> tuple[str, list[str], list[str]]:
-    """("tiny" or "real", default skills, held-out composites) for a base: a chat model (its tokenizer has
-    a chat template, as ``moerge.tasks.chat`` decides) gets the real-model suite."""
-    from transformers import AutoTokenizer
-
-    from moerge.tasks import real, skills as suite
-    from moerge.tasks.chat import uses_chat
-
-    if not uses_chat(AutoTokenizer.from_pretrained(base_dir)):
-        return "tiny", list(suite.QUICK_EXPERTS if quick else suite.EXPERTS), list(suite.QUICK_HELDOUT if quick else suite.HELDOUT)
-    if quick:
-        return "real", ["reverse_words", "caps", "acronym"], ["reverse_words_caps", "reverse_words_acronym"]
-    return "real", list(real.EXPERTS), list(real.HELDOUT)
-
-
 def routers() -> tuple[list, str | None]:
     """The routers this installation can run, and a note about any left out."""
     try:
@@ -87,7 +87,6 @@ def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 
     models = [{"model": f"{base}+{path}", **({"parameters": params} if params else {})} for path in experts.values()]
     # methods without a base (linear, Fisher, RegMean) merge the experts (base+LoRA) alone: a base_model
     # would join them as one more input, as in mergekit
-    from moerge.methods import registry
 
     alone = registry.get(method).base == "ignored"
     return {"merge_method": method, **({} if alone else {"base_model": str(base)}), "models": models,
@@ -97,20 +96,6 @@ def merge_recipe(method: str, base: Path, experts: dict[str, Path], seed: int = 
 def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_file: str | Path | None = None,
              report_dir: str | Path | None = "demo-report", console: Console | None = None, progress: bool = True,
              skills: list[str] | None = None, base: str | Path | None = None) -> dict:
-    import moerge
-    from moerge import base as base_model
-    from moerge.errors import MoergeError
-    from moerge.eval import evaluate
-    from moerge.methods import registry
-    from moerge.routing import load_routed
-    from moerge.routing.evaluate import evaluate_routed
-    from moerge.routing.routers.phatgoose import train_gates
-    from moerge.tasks import skills as suite
-    from moerge.train.expert import load_expert, train_expert
-    from moerge.util import console as util_console
-    from moerge.util import write_json
-    from moerge.util import quiet_transformers
-
     quiet_transformers()
     chosen = skills
     console = console or util_console()
@@ -125,7 +110,6 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
                               "from `moerge tasks list`")
         tasks = list(dict.fromkeys(chosen))
         heldout = [h for h in suite.HELDOUT + suite.REAL_HELDOUT if all(p in tasks for p in suite.SKILLS[h].parts)]
-    from moerge.util import output_file
 
     if json_file:
         output_file(json_file, "scoreboard (--json)")
@@ -137,10 +121,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
     batch, lr = cfg["batch_size"], cfg["lr"]
     columns = tasks + heldout
     # merges are written in the base's own dtype (a bf16 checkpoint's merges in bf16, as mergekit users
-    # publish them), so they are scored in the dtype the base is (moerge.precision)
+    # publish them), so they are scored in the dtype the base is (moerge.lm.precision)
     import torch
-
-    from moerge.precision import compute_dtype, folder_dtype
 
     stored = folder_dtype(base_dir)
     out_dtype = "bfloat16" if stored == torch.bfloat16 else None
@@ -182,7 +164,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         if registry.get(method).stats:  # Fisher, RegMean: examples per expert for its statistics
             key = "fisher_examples" if method == "fisher" else "stats_examples"
             recipe["parameters"] = {"num_examples": cfg[key][pick]}
-        res = moerge.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
+        res = api.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
     phase(f"training the multitask baseline on all {len(tasks)} skills' data")

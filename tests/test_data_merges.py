@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -89,7 +90,7 @@ def _layer_inputs(folder, module: str, rows):
     """The inputs of one linear layer over every non-padding token of ``rows`` (the test's own hook)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moerge.train.loop import collate, encode
+    from moerge.lm.batching import collate, encode
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -129,7 +130,7 @@ def _whole_model_grams(folder, rows):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.pytorch_utils import Conv1D
 
-    from moerge.train.loop import collate, encode
+    from moerge.lm.batching import collate, encode
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -158,7 +159,7 @@ def test_gram_is_computed_layer_by_layer(arch, tmp_path, monkeypatch):
 
     from moerge.engine import layerwise, stats
     from moerge.engine.plan import open_model
-    from moerge.tiny import CHARS, SPECIALS, make_base, save_char_tokenizer
+    from moerge.lm.tiny import CHARS, SPECIALS, make_base, save_char_tokenizer
 
     if arch == "gpt2":
         torch.manual_seed(0)
@@ -197,7 +198,7 @@ def test_gram_is_computed_layer_by_layer(arch, tmp_path, monkeypatch):
 def test_fisher_merge_uses_each_models_fisher_and_the_cache(tiny, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moerge.train.loop import collate, completion_loss, encode
+    from moerge.lm.batching import collate, completion_loss, encode
 
     name = "model.layers.0.self_attn.q_proj.weight"
     fishers = []
@@ -247,8 +248,8 @@ def test_fisher_merge_uses_each_models_fisher_and_the_cache(tiny, tmp_path, caps
 
 def test_data_comes_from_the_expert_card(tmp_path):
     """A moerge expert (base+adapter) or a library expert needs no data in the recipe: its card names it."""
-    from moerge.base import default_base
     from moerge.library import Library
+    from moerge.lm.base import default_base
     from moerge.train.expert import train_expert
 
     experts = tmp_path / "experts"
@@ -301,9 +302,9 @@ def test_merge_report_scores_the_merge_against_its_inputs(tmp_path):
     copy, the skill it was pretrained on, averaged with a damaged copy of itself)."""
     import json as _json
 
-    from moerge import base as base_model
     from moerge.eval import evaluate
-    from moerge.tiny import make_finetune
+    from moerge.lm import base as base_model
+    from moerge.lm.tiny import make_finetune
 
     base = base_model.default_base()
     noisy = make_finetune(base, tmp_path / "noisy", seed=3, scale=3.0)
@@ -329,7 +330,7 @@ def test_merge_report_scores_the_merge_against_its_inputs(tmp_path):
 
 
 def test_merge_report_knows_an_experts_own_task(tmp_path):
-    from moerge.base import default_base
+    from moerge.lm.base import default_base
     from moerge.train.expert import train_expert
 
     train_expert(tmp_path / "rev", task="reverse", steps=2, n_train=32, batch_size=8, progress=False)

@@ -38,8 +38,11 @@ def tuned(tmp_path_factory):
 
 
 def test_tuned_model_prefers_the_chosen_answers_more_often(tuned):
-    from moerge.train.dpo import preference_accuracy, read_preferences, split_preferences
-    from moerge.train.expert import ExpertCard, load_expert, training_rows
+    from moerge.experts.card import ExpertCard
+    from moerge.tasks.preferences import read_preferences, split_preferences
+    from moerge.tasks.training_data import training_rows
+    from moerge.train.dpo import preference_accuracy
+    from moerge.train.expert import load_expert
 
     root, data, card = tuned
     d = card.extra["dpo"]
@@ -60,11 +63,12 @@ def test_sft_weight_keeps_the_chosen_answers_likely(tuned):
     """RPO (--sft-weight): DPO plus the chosen answers' NLL. Plain DPO may lower the chosen answers'
     likelihood while it widens the margin; with the NLL term, held-out chosen answers end more likely
     than before and than under plain DPO with the same steps and seed."""
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
+    from moerge.lm.batching import completion_logps
     from moerge.tasks.data import Example
-    from moerge.train.dpo import read_preferences, split_preferences, tune_dpo
+    from moerge.tasks.preferences import read_preferences, split_preferences
+    from moerge.train.dpo import tune_dpo
     from moerge.train.expert import load_expert
-    from moerge.train.loop import completion_logps
 
     root, data, card = tuned
     rpo = tune_dpo(root / "rpo", data=data, steps=8, batch_size=16, lr=5e-3, sft_weight=1.0, progress=False)
@@ -81,9 +85,10 @@ def test_sft_weight_keeps_the_chosen_answers_likely(tuned):
 
 
 def test_merged_back_into_its_model(tuned, tmp_path):
-    from moerge import base as base_model
-    from moerge.base import default_base
-    from moerge.train.dpo import preference_accuracy, read_preferences, split_preferences
+    from moerge.lm import base as base_model
+    from moerge.lm.base import default_base
+    from moerge.tasks.preferences import read_preferences, split_preferences
+    from moerge.train.dpo import preference_accuracy
 
     root, data, card = tuned
     held = split_preferences(read_preferences(data))[1]
@@ -94,8 +99,9 @@ def test_merged_back_into_its_model(tuned, tmp_path):
 
 
 def test_full_tune_writes_a_model(tmp_path):
-    from moerge import base as base_model
-    from moerge.train.dpo import preference_accuracy, read_preferences, split_preferences, tune_dpo
+    from moerge.lm import base as base_model
+    from moerge.tasks.preferences import read_preferences, split_preferences
+    from moerge.train.dpo import preference_accuracy, tune_dpo
 
     data = prefs_file(tmp_path / "p.jsonl", n_train=60, n_test=20)
     card = tune_dpo(tmp_path / "full", data=data, adapter="full", steps=2, batch_size=8, progress=False)
@@ -144,6 +150,6 @@ def test_cli(tmp_path):
     r = runner.invoke(app, ["tune", "dpo", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "2", "--batch-size", "8"])
     assert r.exit_code == 0, r.output
     assert "prefers the chosen answer" in r.output and (tmp_path / "o" / "adapter_config.json").is_file()
-    from moerge.train.expert import ExpertCard
+    from moerge.experts.card import ExpertCard
 
     assert ExpertCard.read(tmp_path / "o").lr == pytest.approx(5e-4)  # DPO's default: a tenth of expert training's

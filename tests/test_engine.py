@@ -150,7 +150,7 @@ def test_random_methods_are_reproducible_by_seed(tiny, tmp_path):
 
 
 def test_shape_mismatch_names_tensor_and_shapes_and_leaves_nothing(tiny, tmp_path):
-    from moerge.tiny import make_base
+    from moerge.lm.tiny import make_base
 
     other = make_base(tmp_path / "wide", hidden=48, layers=3, intermediate=64, tokenizer=False)
     r = {"merge_method": "ties", "base_model": str(tiny["base"]),

@@ -53,7 +53,7 @@ def test_adapter_for_another_base_is_refused(tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from moerge.tiny import make_base
+    from moerge.lm.tiny import make_base
 
     other = make_base(tmp_path / "other", hidden=48, layers=3, intermediate=64)
     get_peft_model(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "a")

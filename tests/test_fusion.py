@@ -10,11 +10,11 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from moerge import base as base_model
 from moerge.cli import app
 from moerge.errors import MoergeError
 from moerge.fusion import fuse, plan_fuse, rebase, simulate
 from moerge.library import Library
+from moerge.lm import base as base_model
 from moerge.train.expert import load_expert, train_expert
 
 runner = CliRunner()
@@ -349,8 +349,8 @@ def test_push_and_pull_carry_fused_bases(lib, contribs, tmp_path):
 def test_simulate_picks_the_suite_of_the_base(tmp_path):
     """By default the contributors draw from the suite of the base's kind (a chat model: the real-model
     suite, as the demo), and the held-out tasks are that suite's composites of the pool's skills."""
-    from moerge import base as base_model
     from moerge.fusion.simulate import task_sets
+    from moerge.lm import base as base_model
     from moerge.tasks import skills
 
     pool, held = task_sets(None, None, None)  # the tiny base

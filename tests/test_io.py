@@ -234,3 +234,24 @@ def test_hub_id_resolves_from_local_cache_offline(tmp_path, monkeypatch):
         resolve(str(tmp_path / "no" / "such" / "dir"))
     assert snapshot_commit("someorg/tiny", folder) == "a" * 40  # what a saved recipe pins
     assert snapshot_commit(str(snap), snap) is None  # a path into the cache, given as a path, stays a path
+
+
+# ------------------------------------------------------------------------ io.remote: shared transfers
+def test_remote_writes_whole_files_and_says_what_went_wrong(tmp_path):
+    from moerge.io.remote import open_remote
+
+    r = open_remote(tmp_path / "share")
+    assert r.local and r.size(r.path("objects", "ab", "cd")) is None and r.find(r.path("objects")) == {}
+    r.write(r.path("objects", "ab", "cd"), b"12345", "object abcd")
+    (tmp_path / "src.bin").write_bytes(b"xyz")
+    r.put(tmp_path / "src.bin", r.path("blobs", "x"))
+    assert r.read(r.path("objects", "ab", "cd")) == b"12345" and r.size(r.path("blobs", "x")) == 3
+    assert sorted(p.rsplit("/", 1)[1] for p in r.find(r.root)) == ["cd", "x"]  # no temporary files left behind
+    with pytest.raises(MoergeError, match="cannot read object ffff"):
+        r.read(r.path("objects", "ff", "ff"), "object ffff")
+    with pytest.raises(MoergeError, match="no such library location"):
+        open_remote(tmp_path / "nowhere", must_exist=True, what="library location")
+    with pytest.raises(MoergeError, match="cannot open this remote"):
+        open_remote("nosuchprotocol://bucket/x")
+    with pytest.raises(MoergeError, match="the remote is empty"):
+        open_remote(" ")

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from moerge import base as base_model
 from moerge.errors import MoergeError
 from moerge.library import KINDS, Library, LibraryWarning, NothingAdded
+from moerge.lm import base as base_model
 from moerge.train.expert import load_expert, train_expert
 
 
@@ -150,8 +150,9 @@ def test_rm_then_gc_frees_blobs_and_cli_flow(lib, experts, tmp_path):
 
 
 def test_recipes_name_library_experts(lib, experts, tmp_path):
-    import moerge
     from safetensors.torch import load_file
+
+    import moerge
 
     lib.add(experts["rev"], "rev")
     lib.add(experts["srt"], "srt")
@@ -295,7 +296,7 @@ def test_a_damaged_blob_is_rewritten_by_a_new_version_that_shares_it(lib, expert
 
 
 def test_list_refuses_an_unknown_kind_and_says_when_nothing_matches(lib, experts):
-    from moerge.train.expert import ADAPTERS
+    from moerge.experts.card import ADAPTERS
 
     assert KINDS is ADAPTERS  # one list of kinds
     want = f"unknown expert kind 'lorra' (did you mean lora?); the kinds are {', '.join(KINDS)}"

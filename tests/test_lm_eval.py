@@ -37,7 +37,7 @@ def gen_task(tmp_path, task: str, n: int = 40, name: str | None = None):
 
 @pytest.fixture(scope="module")
 def base():
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
 
     return base_model.load(None)
 
@@ -54,7 +54,7 @@ def experts(tmp_path_factory):
 
 def test_generation_matches_moerges_own_exact_match(base, tmp_path):
     from moerge.eval import evaluate, harness
-    from moerge.eval.generate import exact_match, greedy
+    from moerge.lm.generate import exact_match, greedy
 
     model, tok = base
     yml, rows = gen_task(tmp_path, "copy")
@@ -106,7 +106,7 @@ def test_multiple_choice_is_the_log_likelihood_argmax(base, tmp_path):
 def test_adapter_and_routed_models(base, experts, tmp_path):
     """A base + adapter and a routed model are what lm-eval drives: its completions are theirs."""
     from moerge.eval import harness
-    from moerge.eval.generate import greedy
+    from moerge.lm.generate import greedy
     from moerge.routing import load_routed
     from moerge.train.expert import load_expert
 
@@ -139,7 +139,7 @@ def test_cli_and_merge_report(experts, tmp_path):
                             "--lm-eval", str(yml), "--limit", "5"])
     assert r.exit_code == 0, r.output
     assert "router oracle" in r.output and "my_copy" in r.output
-    from moerge.base import default_base
+    from moerge.lm.base import default_base
 
     base = default_base()
     recipe = {"merge_method": "linear", "models": [{"model": f"{base}+{experts / n}", "parameters": {"weight": 0.5}}
@@ -177,7 +177,7 @@ def test_bad_lm_eval_input_is_one_line(tmp_path):
     r = runner.invoke(app, ["eval", "--tasks", "copy,lm-eval:", "--n", "2"])
     assert r.exit_code == 1 and "names no lm-eval task" in r.output
     # a merge scored on a task whose data is missing is refused before anything is merged
-    from moerge.base import default_base
+    from moerge.lm.base import default_base
 
     recipe = tmp_path / "r.yml"
     recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {default_base()}\n  - model: {default_base()}\n")

@@ -280,7 +280,7 @@ def test_library_gate_mode(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory):
-    from moerge.tiny import make_base, make_finetune
+    from moerge.lm.tiny import make_base, make_finetune
 
     root = tmp_path_factory.mktemp("qwen3")
     base = make_base(root / "base", seed=0, hidden=32, layers=2, intermediate=64, arch="qwen3")

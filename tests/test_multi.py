@@ -253,15 +253,15 @@ def test_cli_multi_dry_run_merge_and_errors(tiny, tmp_path):
 def test_lazy_reuses_kept_stages_whose_recipe_matches(tiny, tmp_path, monkeypatch):
     """--lazy (mergekit-multi's): a kept intermediate whose saved recipe is the stage's is not merged again;
     one of another recipe is refused (or, with --overwrite, merged again)."""
-    from moerge.engine import executor
+    from moerge.engine import multi
 
     text = "name: a\n" + ties(tiny) + "---\nname: b\n" + linear("a", tiny["ft3"]) + "---\n" + linear("b", "a", 0.25)
     keep = tmp_path / "stages"
     moerge.merge(text, tmp_path / "out", keep_intermediates=keep)
     a_bytes = (keep / "a" / "model.safetensors").read_bytes()
     ran = []
-    real = executor.execute
-    monkeypatch.setattr(executor, "execute", lambda plan, dest, **kw: ran.append(dest.name) or real(plan, dest, **kw))
+    real = multi.execute  # what runs each stage
+    monkeypatch.setattr(multi, "execute", lambda plan, dest, **kw: ran.append(dest.name) or real(plan, dest, **kw))
     moerge.merge(text, tmp_path / "out2", keep_intermediates=keep, lazy=True)
     assert ran == ["out2"]  # only the final stage ran
     same(tmp_path / "out", tmp_path / "out2")
@@ -284,7 +284,7 @@ def test_lazy_reuses_kept_stages_whose_recipe_matches(tiny, tmp_path, monkeypatc
 def test_lazy_refuses_a_kept_stage_whose_input_changed_on_disk(tiny, tmp_path):
     import shutil
 
-    from moerge.tiny import make_finetune
+    from moerge.lm.tiny import make_finetune
 
     mine = tmp_path / "mine"
     shutil.copytree(tiny["ft1"], mine)

@@ -1,4 +1,4 @@
-"""The compute dtype (moerge.precision): a bf16 checkpoint computes in bf16 only where asked or where
+"""The compute dtype (moerge.lm.precision): a bf16 checkpoint computes in bf16 only where asked or where
 the CPU multiplies bf16 faster; training over a bf16 base keeps float32 adapter weights and learns;
 the Fisher of a bf16 model is summed in float32 and agrees with the float32 one."""
 
@@ -8,19 +8,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moerge import base as base_model
-from moerge import precision
 from moerge.errors import MoergeError
-
-
-@pytest.fixture(scope="module")
-def bf16_base(tmp_path_factory):
-    """The packaged base saved as a bf16 checkpoint (its config says so, as SmolLM2's does)."""
-    model, tok = base_model.load(dtype=torch.float32)
-    out = tmp_path_factory.mktemp("bf16") / "base"
-    model.to(torch.bfloat16).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+from moerge.lm import base as base_model
+from moerge.lm import precision
 
 
 def test_compute_dtype_follows_the_checkpoint_the_cpu_and_the_setting(monkeypatch):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from moerge import zoo
+from moerge.lm import zoo
 
 NAME = "smollm2-135m-instruct"
 pytestmark = pytest.mark.skipif(
@@ -15,8 +15,8 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_an_expert_on_the_real_model_beats_the_base(tmp_path):
-    from moerge import base as base_model
     from moerge.eval import evaluate
+    from moerge.lm import base as base_model
     from moerge.train.expert import load_expert, train_expert
 
     model, tok = base_model.load(NAME)

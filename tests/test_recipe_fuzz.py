@@ -41,10 +41,10 @@ OTHER_KEYS = ["model", "parameters", "sources", "layer_range", "base_model", "re
 @pytest.fixture(scope="module")
 def world(tiny, tmp_path_factory):
     """The tiny models, a library holding one LoRA expert, and a scratch working folder; the hub is offline."""
+    import huggingface_hub.constants as hub_constants
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    import huggingface_hub.constants as hub_constants
     from moerge.library import Library
 
     root = tmp_path_factory.mktemp("fuzz")

@@ -6,12 +6,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from moerge import base as base_model
+from moerge.api import train_expert
 from moerge.cli import app
 from moerge.errors import MoergeError
+from moerge.lm import base as base_model
 from moerge.routing import RoutedModel, load_routed
 from moerge.routing.registry import ExampleRouter, get
-from moerge.train.expert import train_expert
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_generate_with_kv_cache_matches_the_merged_model(experts):
 
 
 def test_routers_weights(experts):
-    from moerge.eval.generate import encode_left_padded
+    from moerge.lm.generate import encode_left_padded
 
     prompts = ["reverse: abc=", "capitalize: hey=", "no vowels: audio=", "flip then shout: abc=", "sort: cba="]
     oracle = load_routed("oracle", experts=experts)
@@ -146,7 +146,7 @@ def test_arrow_equals_peft_arrow(tmp_path):
 
     from moerge.experts import load_adapter
     from moerge.io.source import open_source
-    from moerge.tiny import make_base
+    from moerge.lm.tiny import make_base
 
     base = make_base(tmp_path / "base", hidden=32, layers=2, heads=4, intermediate=64)
     for i in range(3):
@@ -175,7 +175,7 @@ def test_arrow_equals_peft_arrow(tmp_path):
 def test_per_token_routing_through_the_kv_cache_equals_recomputing(experts):
     """Each token's routing depends only on its own layer inputs, so generating with the KV cache gives
     the same tokens as recomputing the whole sequence at every step."""
-    from moerge.eval.generate import encode_left_padded
+    from moerge.lm.generate import encode_left_padded
 
     arrow = load_routed("arrow", experts=experts, top_k=2)
     ids, mask = encode_left_padded(arrow.tokenizer, ["reverse: abc=", "shout: hello=", "no vowels: audio="])
@@ -297,7 +297,7 @@ def test_route_cli_with_a_library(experts, tmp_path):
     res = CliRunner().invoke(app, ["generate", "reverse: abc=", "--library", str(lib.root), "--router", "oracle"])
     assert res.exit_code == 0 and "reverse@1 1.00" in res.output
     res = CliRunner().invoke(app, ["route", "eval", "--router", "oracle"])
-    assert res.exit_code == 1 and "give expert folders or --library" in res.output
+    assert res.exit_code == 1 and "give expert folders or --library (or set $MOERGE_LIBRARY" in res.output
 
 
 def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp_path):
@@ -351,10 +351,10 @@ def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp
 def test_centroid_routing_with_a_sentence_embedder(experts, tmp_path):
     import shutil
 
-    from moerge.eval.generate import encode_left_padded
-    from moerge.routing.embed import SentenceEmbedder
+    from moerge.experts.embed import SentenceEmbedder
+    from moerge.lm.generate import encode_left_padded
+    from moerge.lm.tiny import make_sentence_embedder
     from moerge.tasks import examples
-    from moerge.tiny import make_sentence_embedder
 
     st = make_sentence_embedder(tmp_path / "st")
     folders = []
@@ -404,7 +404,7 @@ def test_centroid_routing_with_a_sentence_embedder(experts, tmp_path):
 
 
 def test_smear_is_soft_and_lorahub_searches_weights(experts):
-    from moerge.eval.generate import encode_left_padded
+    from moerge.lm.generate import encode_left_padded
     from moerge.routing.routers.lorahub import search
     from moerge.tasks import examples
 
@@ -444,9 +444,9 @@ def test_a_hub_adapter_without_a_card_gets_task_centroids_from_its_prompts(exper
     --prompts` give it task centroids, and the centroid router then routes to it like a trained expert."""
     import shutil
 
-    from moerge.eval.generate import encode_left_padded
     from moerge.io.fingerprint import folder_fingerprint
     from moerge.library import Library
+    from moerge.lm.generate import encode_left_padded
     from moerge.tasks import examples, write_jsonl
 
     hub = []
@@ -511,9 +511,9 @@ def test_lorahub_composes_the_factors_as_its_paper_does(experts):
     """LoraHub's module is (Σ w_e B_e)(Σ w_e A_e), cross terms included; not task arithmetic's Σ w_e B_e A_e."""
     from torch.nn.functional import pad
 
-    from moerge.eval.generate import encode_left_padded
     from moerge.experts import load_adapter
     from moerge.io.source import open_source
+    from moerge.lm.generate import encode_left_padded
 
     w = torch.tensor([0.9, -0.6, 1.3])
     loaded = [load_adapter(f, open_source(base_model.default_base())) for f in experts]
@@ -584,9 +584,9 @@ def test_the_bank_holds_each_experts_factors_once(experts):
 
 
 def test_a_bf16_model_keeps_its_bank_in_bf16_and_routes_like_float32(experts):
-    from moerge.eval.generate import encode_left_padded
     from moerge.experts import load_adapter
     from moerge.io.source import open_source
+    from moerge.lm.generate import encode_left_padded
 
     src = open_source(base_model.default_base())
     loaded = [load_adapter(f, src) for f in experts]
@@ -617,3 +617,31 @@ def test_only_the_experts_in_play_are_computed_and_the_result_is_the_same(expert
     a, b, cols = seen[0]
     assert cols.tolist() == [1, 2] and a.shape[1] == 2 * layer.rank and b.shape[0] == 2 * layer.rank
     assert layer._in_play_cache == (None, None, None)  # the gathered copy is dropped once the call is over
+
+
+def test_one_batch_routes_each_row_its_own_way():
+    """set_batch_routes (RoutedModel and the server): fixed rows keep their weights, a token router's
+    rows get its weights, usage sums what the token-routed rows got; one router for every row hands the
+    layers its own function (so its fused scores are used)."""
+    from moerge.routing.batch import set_batch_routes
+    from moerge.routing.mixture import RoutingState
+
+    class Half:  # a token router: every token half to expert 0, half to expert 2
+        def token_weights(self, module, x, scores=None):
+            return torch.tensor([0.5, 0.0, 0.5]).expand(x.shape[0], x.shape[1], 3)
+
+    st, router = RoutingState(), Half()
+    fixed = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.3, 0.7]])
+    set_batch_routes(st, fixed)
+    assert st.token_router is None and torch.equal(st.example_weights, fixed)
+    set_batch_routes(st, torch.zeros(2, 3))
+    assert st.example_weights is None and st.token_router is None  # every row on the base alone
+    usage = torch.zeros(3, 3)
+    set_batch_routes(st, fixed, [(router, torch.tensor([1]))], usage)
+    w = st.token_router("m", torch.randn(3, 4, 8), None)
+    assert st.example_weights is None and w.shape == (3, 4, 3)
+    assert torch.equal(w[0], fixed[0].expand(4, 3)) and torch.equal(w[2], fixed[2].expand(4, 3))
+    assert torch.equal(w[1], torch.tensor([0.5, 0.0, 0.5]).expand(4, 3))
+    assert torch.equal(usage, torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 2.0], [0.0, 0.0, 0.0]]))
+    set_batch_routes(st, None, [(router, torch.arange(3))])
+    assert st.token_router == router.token_weights

@@ -3,17 +3,16 @@
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
 import moerge
-from moerge.base import default_base
 from moerge.cli import app
 from moerge.errors import MoergeError
+from moerge.lm.base import default_base
+from moerge.methods import registry
 from moerge.search import score_recipe, search
 from moerge.search.space import knobs
-from moerge.methods import registry
 
 runner = CliRunner()
 
@@ -35,7 +34,7 @@ def _recipe(expert, weight=0.1):
 
 def test_a_merge_in_memory_scores_as_the_written_merge(expert, tmp_path):
     from moerge.eval import evaluate
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
 
     got = score_recipe(_recipe(expert, 0.8), ["novowels", "copy"], n=20, split="test")
     moerge.merge(_recipe(expert, 0.8), tmp_path / "m")

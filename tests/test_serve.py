@@ -11,8 +11,8 @@ import pytest
 import torch
 from openai import OpenAI
 
-from moerge import base as base_model
 from moerge.eval import greedy
+from moerge.lm import base as base_model
 from moerge.serve import Server
 from moerge.train.expert import load_expert, train_expert
 
@@ -327,8 +327,8 @@ def test_speculative_decoding_with_a_draft_gives_the_same_greedy_text(server, ex
     decoding whatever the draft says (here the base drafts for its experts and routers too), and so
     with prompt lookup (--draft ngram)."""
     from moerge.errors import MoergeError
+    from moerge.lm.tiny import make_vocab_model
     from moerge.serve import build
-    from moerge.tiny import make_vocab_model
 
     c = client(server)
     jobs = [(m, p) for m in ("moerge-tiny", "reverse", "router:centroid", "router:arrow") for p in PROMPTS.values()]
@@ -396,9 +396,9 @@ def test_prefix_cache_keeps_its_budget_and_routes_apart():
 def test_base_embeddings_reusing_cached_starts_equal_the_full_forward():
     """The task routers' prompt embeddings (mean of the base's final hidden states) computed from a
     cached start plus the rest equal those of a full forward pass over each prompt."""
-    from moerge.eval.generate import encode_left_padded
+    from moerge.experts.embed import mean_pooled
+    from moerge.lm.generate import encode_left_padded
     from moerge.routing import prefix
-    from moerge.routing.embed import mean_pooled
 
     model, tok = base_model.load()
     cache = prefix.PrefixCache(4096)

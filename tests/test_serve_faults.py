@@ -396,7 +396,7 @@ def test_a_thousand_requests_with_random_bad_fields_mixed_with_good_ones(server)
 @pytest.fixture(scope="module")
 def slow_base(tmp_path_factory):
     """A random Llama slow enough on one thread (~20-30 ms a step) that a request outlives a signal."""
-    from moerge.tiny import make_base
+    from moerge.lm.tiny import make_base
 
     return make_base(tmp_path_factory.mktemp("slow") / "base", hidden=512, layers=8, intermediate=2048)
 

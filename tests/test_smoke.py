@@ -1,5 +1,5 @@
-from safetensors.torch import load_file
 import torch
+from safetensors.torch import load_file
 
 import moerge
 

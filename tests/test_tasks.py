@@ -5,7 +5,18 @@ import json
 import pytest
 
 from moerge.errors import MoergeError
-from moerge.tasks import EXPERTS, HELDOUT, PRETRAIN, SKILLS, Example, examples, get, read_jsonl, split_of, write_jsonl
+from moerge.tasks import (
+    EXPERTS,
+    HELDOUT,
+    PRETRAIN,
+    SKILLS,
+    Example,
+    examples,
+    get,
+    read_jsonl,
+    split_of,
+    write_jsonl,
+)
 from moerge.tasks.data import SEPARATOR
 from moerge.tasks.skills import REAL_EXPERTS, REAL_HELDOUT, TINY
 
@@ -111,8 +122,8 @@ def test_chat_models_get_their_template_and_the_tiny_base_bos(tiny):
     character base keeps bos + text."""
     from transformers import AutoTokenizer
 
-    from moerge.tasks.chat import prompt_ids
-    from moerge.train.loop import encode
+    from moerge.lm.batching import encode
+    from moerge.lm.chat import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(tiny["base"])
     assert prompt_ids(tok, ["ab"]) == [[tok.bos_token_id] + tok("ab", add_special_tokens=False)["input_ids"]]
@@ -123,8 +134,8 @@ def test_chat_models_get_their_template_and_the_tiny_base_bos(tiny):
     (full, n_prompt), = encode(tok, [Example("ab", "cd")])
     assert full[:n_prompt] == ids and tok.decode(full[n_prompt:-1]) == "cd" and full[-1] == tok.eos_token_id
     # and back: routers that read a prompt's words get the user message, not the template around it
-    from moerge.eval.generate import encode_left_padded
-    from moerge.tasks.chat import prompt_texts
+    from moerge.lm.chat import prompt_texts
+    from moerge.lm.generate import encode_left_padded
 
     prompts = ["sort: cab=", "a longer prompt: x="]
     assert prompt_texts(tok, *encode_left_padded(tok, prompts)) == prompts

@@ -5,13 +5,14 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from moerge import base as base_model
 from moerge.cli import app
 from moerge.errors import MoergeError
 from moerge.eval import evaluate
+from moerge.experts.card import ExpertCard
 from moerge.io.fingerprint import folder_fingerprint
+from moerge.lm import base as base_model
 from moerge.tasks import examples, write_jsonl
-from moerge.train.expert import ExpertCard, load_expert, train_expert
+from moerge.train.expert import load_expert, train_expert
 
 runner = CliRunner()
 
@@ -126,8 +127,8 @@ def test_completion_loss_equals_the_full_forward_loss():
     import torch
     from peft import get_peft_model
 
+    from moerge.lm.batching import collate, completion_loss, encode
     from moerge.train.expert import peft_config
-    from moerge.train.loop import collate, completion_loss, encode
 
     model, tok = base_model.load(base_model.default_base())
     rows = examples("reverse", "train", 6, 0) + examples("sort", "train", 3, 1)

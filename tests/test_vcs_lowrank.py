@@ -185,7 +185,7 @@ def test_git_add_with_lora_refuses_bad_input(lora_repo, tiny, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from moerge.tiny import make_base
+    from moerge.lm.tiny import make_base
 
     other = make_base(tmp_path / "other", seed=1, hidden=48, layers=3, intermediate=64)
     peft = get_peft_model(AutoModelForCausalLM.from_pretrained(other), LoraConfig(r=2, target_modules="all-linear"))

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 import moerge
 from moerge.errors import MoergeError
-from moerge.tiny import CHARS, SPECIALS, make_vocab_model, token_vector
+from moerge.lm.tiny import CHARS, SPECIALS, make_vocab_model, token_vector
 
 H = 16
 BASE = SPECIALS + CHARS[:30]

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from moerge import base as base_model
-from moerge import zoo
 from moerge.cli import app
+from moerge.lm import base as base_model
+from moerge.lm import zoo
 
 runner = CliRunner()
 NAME = "smollm2-135m-instruct"
@@ -198,9 +198,10 @@ def test_the_demo_picks_the_suite_by_the_bases_tokenizer(tiny, tmp_path):
     tiny base keeps its own."""
     import shutil
 
-    from moerge.demo import SETTINGS, suite_for
+    from moerge.demo import SETTINGS
     from moerge.tasks import SKILLS
     from moerge.tasks.real import EXPERTS, HELDOUT
+    from moerge.tasks.suites import suite_for
 
     assert suite_for(tiny["base"], quick=False)[0] == "tiny"
     chat = tmp_path / "chat"

@@ -15,13 +15,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from moerge.version import __version__
+from moerge.engine.chat_templates import resolve
 from moerge.io.fingerprint import fingerprint
+from moerge.version import __version__
 
 if TYPE_CHECKING:
-    from moerge.io.writer import ShardedWriter
     from moerge.engine.plan import Plan
     from moerge.engine.recipe import Recipe
+    from moerge.io.writer import ShardedWriter
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -135,7 +136,6 @@ def write_extras(plan: "Plan", writer: "ShardedWriter") -> None:
             if (tok / name).is_file():
                 writer.copy_file(tok / name)
     if plan.recipe.chat_template:
-        from moerge.engine.chat_templates import resolve
 
         template = resolve(plan.recipe.chat_template, [m.folder for m in plan.models])
         if template:  # auto with no input carrying a template: the tokenizer keeps its own

@@ -72,8 +72,3 @@ def load_tokenizer(model_ref, needed_for: str):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def load_runnable(model_ref, needed_for: str):
-    """(float32 model, tokenizer with a pad token) of an opened model, to run it on examples."""
-    return load_dense(model_ref, torch.float32), load_tokenizer(model_ref, needed_for)

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from moerge.errors import MoergeError
-from moerge.io.writer import ShardedWriter, parse_size
 from moerge.engine.card import write_extras
 from moerge.engine.plan import Plan, TensorTask
 from moerge.engine.stats import ensure as ensure_stats
+from moerge.errors import MoergeError
+from moerge.io.writer import ShardedWriter, parse_size
 from moerge.methods.blocks import DEFAULT_BLOCK
 from moerge.methods.registry import compute_dtype
+from moerge.util.progress import ProgressLog
 
 
 @dataclass
@@ -208,7 +209,6 @@ def _progress(enabled: bool, n_tensors: int, n_bytes: int):
         yield lambda nbytes: None
         return
     if not sys.stderr.isatty():
-        from moerge.util import ProgressLog
 
         log, lock = ProgressLog("merging", n_tensors, unit="tensors"), threading.Lock()
 
@@ -219,7 +219,14 @@ def _progress(enabled: bool, n_tensors: int, n_bytes: int):
         yield step
         log.done()
         return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
 
     with Progress(
         TextColumn("[bold]merging"), BarColumn(), TextColumn("{task.fields[tensors]}"), DownloadColumn(),

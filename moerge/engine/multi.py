@@ -30,8 +30,26 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
 
+from moerge.engine.card import StageRecord, lineage, saved_recipe, stage_yaml
+from moerge.engine.executor import MergeResult, _check_output, execute
+from moerge.engine.plan import Model, Planner, _pinned, _read_config, open_model
+from moerge.engine.recipe import (
+    Recipe,
+    _line_map,
+    format_path,
+    located,
+    parse_recipe,
+    read_recipe_text,
+    recipe_yaml,
+    split_ref,
+    yaml_error,
+)
 from moerge.errors import MoergeError
-from moerge.engine.recipe import Recipe, _line_map, format_path, located, parse_recipe, recipe_yaml, split_ref, yaml_error
+from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
+from moerge.io.hub import resolve as resolve_ref
+from moerge.io.safetensors_file import TensorInfo
+from moerge.io.source import open_source
+from moerge.io.writer import parse_size
 
 if TYPE_CHECKING:  # plan imports torch: loaded only when a recipe is planned
     from moerge.engine.executor import MergeResult
@@ -115,8 +133,6 @@ class MultiRecipe:
 
     def to_yaml(self) -> str:
         """The stages as one multi-document YAML text, in run order."""
-        from moerge.engine.card import stage_yaml
-
         return "---\n".join(stage_yaml(s.recipe) for s in self.stages)
 
 
@@ -308,8 +324,6 @@ def from_list(items: list, source: str = "<recipe>") -> MultiRecipe | Recipe:
 
 def load(path: str | os.PathLike) -> "Recipe | MultiRecipe":
     """A recipe file with one or several documents."""
-    from moerge.engine.recipe import read_recipe_text
-
     return parse(read_recipe_text(path), str(path))
 
 
@@ -320,8 +334,6 @@ class ExpectedOutput:
     will write. Planning a later stage on it checks everything but the bytes."""
 
     def __init__(self, plan: "Plan", name: str):
-        from moerge.io.safetensors_file import TensorInfo
-
         self.path = Path(name)
         self._infos = {t.name: TensorInfo(t.name, t.out_dtype, tuple(t.shape), self.path, 0, t.nbytes) for t in plan.tasks}
 
@@ -392,8 +404,6 @@ class MultiPlan:
 
 
 def _open_external(site: Site, stage: Stage, recipe: MultiRecipe, library) -> "Model":
-    from moerge.engine.plan import open_model
-
     try:
         return open_model(site.ref, library)
     except MoergeError as e:
@@ -409,8 +419,6 @@ def _open_external(site: Site, stage: Stage, recipe: MultiRecipe, library) -> "M
 
 
 def _build(stage: Stage, recipe: Recipe, models: dict, library, source: str) -> "Plan":
-    from moerge.engine.plan import Planner
-
     try:
         return Planner(recipe, models=models, library=library).build()
     except MoergeError as e:
@@ -420,8 +428,6 @@ def _build(stage: Stage, recipe: Recipe, models: dict, library, source: str) -> 
 def _expected_model(name: str, plan: "Plan", scratch: Path) -> "Model":
     """The Model a later stage will open for ``name``'s output, from its plan: its config, and a
     folder holding the tokenizer it will have (the one its plan copies, or the one it builds)."""
-    from moerge.engine.plan import Model
-
     folder = plan.tokenizer_from.folder if plan.tokenizer_from is not None else scratch / name
     built = plan.alignment.tokenizer if plan.alignment is not None else None
     if built is not None:
@@ -481,11 +487,6 @@ def plan_stages(recipe: MultiRecipe, *, seed: int | None = None, library: str | 
 
 def _open_output(site: Site, folder: Path, library) -> "Model":
     """A stage's finished output, opened under the name it is referred to by (``a``, ``a+adapter``)."""
-    from moerge.engine.plan import Model, _pinned, _read_config
-    from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
-    from moerge.io.hub import resolve as resolve_ref
-    from moerge.io.source import open_source
-
     source = open_source(folder)
     model = Model(site.ref, folder, source, _read_config(folder))
     _, _, lora = split_ref(site.ref)
@@ -501,8 +502,6 @@ def _open_output(site: Site, folder: Path, library) -> "Model":
 def _check_outputs(recipe: MultiRecipe, mp: MultiPlan, out_dir: Path, keep: Path | None, overwrite: bool,
                    lazy: bool = False) -> None:
     """Everything about the output folders, before any stage runs."""
-    from moerge.engine.executor import _check_output
-
     if out_dir.exists() and not overwrite:
         raise MoergeError(f"{out_dir}: already exists; choose another folder or pass --overwrite")
     plans = [sp.plan for sp in mp.stages if sp.plan is not None]
@@ -546,9 +545,6 @@ def _kept_same(dest: Path, plan: "Plan", expected: str, stage: Stage, overwrite:
     """--lazy: whether the kept output in ``dest`` is this stage's merge: its saved recipe is the one the
     stage would write, its card records the inputs' current fingerprints (an input changed on disk
     since is not reused), and its weights open."""
-    from moerge.engine.card import lineage
-    from moerge.io.source import open_source
-
     saved, card = dest / "moerge_recipe.yaml", dest / "README.md"
     why = None
     if not saved.is_file():
@@ -597,10 +593,6 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
     is reused instead of merged again, when its saved ``moerge_recipe.yaml`` is exactly what this stage
     would write (same inputs as written, same parameters, same earlier stages); a kept output of another
     recipe is refused (or, with ``overwrite``, merged again)."""
-    from moerge.engine.card import StageRecord, lineage, saved_recipe
-    from moerge.engine.executor import MergeResult, execute
-    from moerge.io.writer import parse_size
-
     start = time.perf_counter()
     out_dir = Path(out_dir)
     keep = Path(keep_intermediates) if keep_intermediates is not None else None

@@ -17,12 +17,19 @@ from typing import Any
 
 import torch
 
-from moerge.errors import MoergeError
-from moerge.io.hub import resolve as resolve_ref, snapshot_commit
-from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
-from moerge.io.source import TensorSource, adapter_folder, open_source
 from moerge.engine import params as P
 from moerge.engine.recipe import Parameters, Recipe, check_parameters, split_ref
+from moerge.engine.stats import requested
+from moerge.engine.vocab import config_vocab_size, plan_alignment
+from moerge.errors import MoergeError, MoergeWarning
+from moerge.experts.card import read_card
+from moerge.experts.peft_format import ExpertAppliedSource, load_adapter
+from moerge.io.hub import resolve as resolve_ref
+from moerge.io.hub import snapshot_commit
+from moerge.io.source import TensorSource, adapter_folder, open_source
+from moerge.library import Library
+from moerge.library.store import BASE_NAME
+from moerge.library.store import split_ref as split_library_ref
 from moerge.methods import registry
 from moerge.methods.registry import Method
 
@@ -51,7 +58,6 @@ class Model:
     def expert_card(self) -> dict:
         """Its expert card: a library expert's, else the adapter folder's expert.json ({} when none)."""
         if self.card is None:
-            from moerge.train.expert import read_card
 
             self.card = read_card(self.lora) if self.lora is not None else {}
         return self.card
@@ -137,7 +143,6 @@ class Plan:
         if self.config and "num_hidden_layers" in self.config:
             lines.append(f"layers: {self.config['num_hidden_layers']}")
         if self.method.stats:  # data-aware: what each input's statistics will be computed on
-            from moerge.engine.stats import requested
 
             datas, n = requested(self)
             what = {"fisher": "diagonal Fisher", "gram": "per-layer input Gram matrices"}[self.method.stats]
@@ -160,12 +165,19 @@ LIBRARY_SCHEME = "library://"
 def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
     """A model reference as a lazy source: a folder or hub id, ``base+adapter``, or
     ``library://NAME[@VERSION]`` (an expert of the library at ``library``, else ``$MOERGE_LIBRARY``,
-    else the current folder, applied to that library's base)."""
+    else the current folder, applied to that library's base), or ``library://base[@N]``, the library's
+    base (base@N; default the latest)."""
     if ref.startswith(LIBRARY_SCHEME):
-        from moerge.library import Library
-
         lib = Library.open(library)
-        entry = lib.get(ref[len(LIBRARY_SCHEME):])
+        name, version = split_library_ref(ref[len(LIBRARY_SCHEME):])
+        if name == BASE_NAME:
+            b = lib.base(version)
+            source = lib.base_source(b.version)
+            return Model(ref, b.path, source, _read_config(b.path), None, f"{LIBRARY_SCHEME}{b.ref}")
+        try:
+            entry = lib.get(ref[len(LIBRARY_SCHEME):])
+        except MoergeError as e:
+            raise MoergeError(f"{e} (the library's base is library://base, or library://base@N)") from None
         base = lib.base_source(entry.base_version)  # the base version it was made on
         source = ExpertAppliedSource(base, lib.load(entry.ref), f"{LIBRARY_SCHEME}{entry.ref}")
         folder = lib.base(entry.base_version).path
@@ -361,8 +373,6 @@ class Planner:
         there; moerge says why instead."""
         import warnings
 
-        from moerge.errors import MoergeWarning
-
         r = self.recipe
         if self.method.max_inputs is not None and len(entries) + 1 > self.method.max_inputs:
             raise MoergeError(f"base_model: {self.method.name} takes {self.method.max_inputs} model(s), and mergekit adds a "
@@ -431,8 +441,6 @@ class Planner:
         return {"num_layers": out_layer, "layer_sources": layer_sources}
 
     def build(self) -> Plan:
-        from moerge.engine.vocab import config_vocab_size, plan_alignment
-
         r = self.recipe
         self.alignment = plan_alignment(self)
         layout = self.plan_slices() if r.slices else None

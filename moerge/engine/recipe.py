@@ -13,10 +13,20 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from moerge.errors import MoergeError
+from moerge.engine.chat_templates import check
+from moerge.engine.vocab import parse_tokenizer_block
+from moerge.errors import MoergeError, MoergeWarning
 from moerge.methods import registry
 
 Scalar = Union[bool, int, float, str]
@@ -203,8 +213,6 @@ class OutputSlice(Strict):
     def _residual(cls, v):
         import warnings
 
-        from moerge.errors import MoergeWarning
-
         if v is not None:
             warnings.warn("slices: residual_weight has no effect (mergekit reads it and ignores it too)", MoergeWarning,
                           stacklevel=2)
@@ -259,8 +267,6 @@ class Recipe(Strict):
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer(cls, v):
-        from moerge.engine.vocab import parse_tokenizer_block
-
         if v is not None:
             try:
                 parse_tokenizer_block(v, "block")
@@ -273,8 +279,6 @@ class Recipe(Strict):
     @field_validator("chat_template")
     @classmethod
     def _template(cls, v):
-        from moerge.engine.chat_templates import check
-
         return v if v is None else check(v)
 
     @field_validator("merge_method")
@@ -580,8 +584,6 @@ def check_parameters(recipe: Recipe, source: str, lines: dict[tuple, int], warn:
     accepted, as mergekit accepts it, with one ``MoergeWarning`` saying the method ignores it."""
     import difflib
     import warnings
-
-    from moerge.errors import MoergeWarning
 
     method = registry.get(recipe.merge_method)
     scopes: list[tuple[tuple, Parameters | None, bool]] = [(("parameters",), recipe.parameters, False)]

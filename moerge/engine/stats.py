@@ -32,7 +32,16 @@ from pathlib import Path
 
 import torch
 
+from moerge.engine.dense import load_dense, load_tokenizer
+from moerge.engine.layerwise import LayerwiseModel
 from moerge.errors import MoergeError
+from moerge.experts.card import ExpertCard
+from moerge.io.writer import ShardedWriter
+from moerge.lm.batching import collate, completion_loss, encode
+from moerge.lm.precision import compute_dtype, model_kwargs, stored_dtype
+from moerge.tasks.data import is_user_task
+from moerge.tasks.training_data import training_rows
+from moerge.util.files import atomic_file, cache_dir
 
 VERSION = 1  # bump when what a statistic means changes, so old cache files are not reused
 
@@ -65,8 +74,6 @@ class Stats:
 
 
 def cache_root() -> Path:
-    from moerge.util import cache_dir
-
     return cache_dir() / "stats"
 
 
@@ -75,7 +82,6 @@ def rows_for(model, data: str | None, n: int, seed: int = 0, why: str = "") -> t
     """(examples, what they are) for one input model: ``data`` as the recipe gives it, else the
     training data of the model's expert card."""
     from moerge.tasks import examples, mixture
-    from moerge.tasks.data import is_user_task
 
     if data:
         if is_user_task(data) or Path(data).exists():
@@ -90,7 +96,6 @@ def rows_for(model, data: str | None, n: int, seed: int = 0, why: str = "") -> t
         return rows[:n], data
     card = model.expert_card()
     if card.get("data"):
-        from moerge.train.expert import ExpertCard, training_rows
 
         try:
             rows = training_rows(ExpertCard(**{k: v for k, v in card.items() if k in ExpertCard.__dataclass_fields__}), n, seed)
@@ -126,8 +131,6 @@ def fisher(model: torch.nn.Module, tokenizer, rows) -> dict[str, torch.Tensor]:
     accumulated in float32. A bf16 model gives bf16 gradients, squared into the float32 sums: on a
     135M model the per-example cost was mostly memory traffic over every parameter (zeroing, casting
     and accumulating ``.grad``), which fresh gradients from ``autograd.grad`` in the model's own dtype avoid."""
-    from moerge.train.loop import collate, completion_loss, encode
-
     params = dict(model.named_parameters())  # tied weights appear once, under the input embedding's name
     names, weights = list(params), list(params.values())
     for p in weights:
@@ -174,8 +177,6 @@ def gram(lw, tokenizer, rows, put, batch_size: int = 8) -> tuple[dict, dict]:
     each decoder layer's Gram matrices as soon as the layer is done: per linear layer the mean over
     non-padding tokens of x xᵀ of its input x, accumulated in float64. Layers reading the very same
     tensor (q, k and v) share one matrix, recorded in the aliases."""
-    from moerge.train.loop import collate, encode
-
     layers = {w: (mod, layout) for w, mod, layout in _linear_layers(lw.model)}
     encoded = encode(tokenizer, rows)
     batches = [collate(encoded[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
@@ -230,8 +231,6 @@ def gram(lw, tokenizer, rows, put, batch_size: int = 8) -> tuple[dict, dict]:
 def _save(path: Path, tensors: dict, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from moerge.util import atomic_file
-
     with atomic_file(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"moerge": json.dumps(meta)})
 
@@ -245,8 +244,6 @@ def _save_layers(path: Path, compute_into, meta: dict) -> None:
 
     from safetensors import safe_open
     from safetensors.torch import save_file
-
-    from moerge.io.writer import ShardedWriter
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".parts-", dir=path.parent))
@@ -289,18 +286,14 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     the cache when the same model, examples and settings were seen before. Gram matrices are computed
     layer by layer (``layerwise``: one decoder layer's weights in memory at a time) and written as each
     layer finishes; the Fisher needs a backward through the whole model, so it loads it whole."""
-    from moerge.engine.dense import load_dense, load_tokenizer
-    from moerge.engine.layerwise import LayerwiseModel
-
     if kind not in ("fisher", "gram"):
         raise MoergeError(f"unknown statistic {kind!r}")
     start = time.perf_counter()
     tok = load_tokenizer(model_ref, "its statistics")
     mixed = False
     if kind == "fisher":
-        from moerge.precision import compute_dtype, model_kwargs, stored_dtype
 
-        # in bf16 where the model is a bf16 checkpoint and this CPU multiplies bf16 natively (moerge.precision),
+        # in bf16 where the model is a bf16 checkpoint and this CPU multiplies bf16 natively (moerge.lm.precision),
         # the squares summed in float32
         dtype = compute_dtype(stored_dtype(model_ref.config))
         mixed = dtype == torch.bfloat16

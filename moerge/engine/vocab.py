@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
+from moerge.util.progress import quiet_transformers
 
 # tensors whose first axis is the vocabulary (input embeddings and output heads)
 EMBED = re.compile(r"(^|\.)(embed_tokens|wte|word_embeddings|embed_in|embed_out|lm_head|output|embeddings)\.weight$")
@@ -50,8 +51,6 @@ def tokenizer_digest(folder: Path) -> str | None:
 
 def load_tokenizer(folder: Path):
     from transformers import AutoTokenizer
-
-    from moerge.util import quiet_transformers
 
     quiet_transformers()
     try:

@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Iterable
 
 from moerge.errors import MoergeError
-from moerge.eval.generate import exact_match, greedy
+from moerge.eval.harness import is_lm_eval, resolve, scores
+from moerge.lm.generate import exact_match, greedy
+from moerge.tasks import examples, skills
+from moerge.tasks.data import is_user_task, user_rows
 
 __all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
 
@@ -19,9 +22,6 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
     ``heldout``; ``real`` (the real-model suite), ``real-experts``, ``real-heldout``; and users' tasks as
     JSONL files of ``{"prompt", "completion"}`` rows (scored on their test split); and ``lm-eval:TASK``,
     an lm-eval task by registry name or YAML path (scored by its first metric; ``eval.harness``)."""
-    from moerge.tasks import skills
-    from moerge.tasks.data import is_user_task, user_rows
-
     groups = {"all": list(skills.TINY), "experts": list(skills.EXPERTS), "heldout": list(skills.HELDOUT),
               "real": list(skills.REAL_EXPERTS + skills.REAL_HELDOUT), "real-experts": list(skills.REAL_EXPERTS),
               "real-heldout": list(skills.REAL_HELDOUT)}
@@ -32,7 +32,6 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
         for n in groups.get(item, [item]):
             if n not in names:
                 names.append(n)
-    from moerge.eval.harness import is_lm_eval, resolve
 
     if any(is_lm_eval(n) for n in names):
         resolve([n for n in names if is_lm_eval(n)])  # a missing YAML or unknown lm-eval task fails here
@@ -49,9 +48,6 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
 def evaluate(model, tokenizer, tasks: str | Iterable[str] = "all", *, n: int = 200, split: str = "test", seed: int = 0) -> dict[str, float]:
     """Exact-match accuracy per task on ``n`` examples of ``split`` (an ``lm-eval:`` task: its first
     metric on at most ``n`` examples of the split its YAML names)."""
-    from moerge.eval.harness import is_lm_eval, scores
-    from moerge.tasks import examples
-
     names = resolve_tasks(tasks)
     lm = [t for t in names if is_lm_eval(t)]
     if lm and split != "test":

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from moerge.errors import MoergeError
+from moerge.lm.chat import bos_tokenizer, uses_chat
 
 PREFIX = "lm-eval:"  # marks an lm-eval task among moerge's own task names (``--tasks``, ``--eval``)
 INSTALL = "pip install 'moerge[lm-eval]'"
@@ -241,8 +242,6 @@ def harness_model(model, tokenizer, *, batch_size: int = 16):
     (whose router picks the experts for each batch lm-eval runs)."""
     from lm_eval.models.huggingface import HFLM
 
-    from moerge.tasks.chat import bos_tokenizer
-
     class MoergeLM(HFLM):
         """HFLM whose forward and generate go through the router first, when there is one."""
 
@@ -301,8 +300,6 @@ def run(model, tokenizer, tasks, *, limit: int | float | None = None, num_fewsho
     most this many examples per task (lm-eval's ``--limit``)."""
     tasks = tasks if isinstance(tasks, Tasks) else resolve(tasks)
     import lm_eval
-
-    from moerge.tasks.chat import uses_chat
 
     lm = harness_model(model, tokenizer, batch_size=batch_size)
     with _quiet(progress), contextlib.redirect_stdout(io.StringIO()):  # lm-eval prints stray lines

@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from moerge.engine.dense import load_dense, load_tokenizer
+from moerge.engine.multi import MultiPlan, MultiRecipe
+from moerge.engine.plan import Plan
+from moerge.engine.run import load_recipe, plan
 from moerge.errors import MoergeError
+from moerge.eval import evaluate, resolve_tasks
+from moerge.eval.harness import is_lm_eval
+from moerge.lm import base as base_model
+from moerge.lm.precision import compute_dtype, folder_dtype, model_kwargs
+from moerge.tasks import examples
+from moerge.util.files import atomic_file
 
 REPORT = "merge_report.json"
 SECTION = "## Evaluation (moerge merge --eval)"
@@ -29,9 +39,15 @@ class MergeReport:
     merged: dict[str, float]
     inputs: list[dict]  # {"model", "role": "base" | "input", "scores", "own": [tasks]}
     warnings: list[str] = field(default_factory=list)
+    prompts: dict[str, int] = field(default_factory=dict)  # task -> test prompts scored (a JSONL file may hold fewer than n)
+    dtype: str = "float32"  # what every model computed in (as `moerge eval` would load it)
 
     def to_dict(self) -> dict:
-        return {"tasks": self.tasks, "n": self.n, "merged": self.merged, "inputs": self.inputs, "warnings": self.warnings}
+        return {"tasks": self.tasks, "n": self.n, "prompts": self.prompts, "dtype": self.dtype, "merged": self.merged,
+                "inputs": self.inputs, "warnings": self.warnings}
+
+    def prompts_line(self) -> str:
+        return prompts_line(self.tasks, self.prompts, self.n)
 
     def markdown(self) -> str:
         head = "| model | " + " | ".join(self.tasks) + " | mean |\n|---|" + "---|" * (len(self.tasks) + 1) + "\n"
@@ -44,11 +60,21 @@ class MergeReport:
         for m in self.inputs:
             body += row(f"`{m['model']}`" + (" (base)" if m["role"] == "base" else ""), m["scores"], m["own"])
         lm = [t for t in self.tasks if t.startswith("lm-eval:")]
-        note = (f"\nExact match of greedy completions on {self.n} test prompts per task"
+        note = (f"\nExact match of greedy completions ({self.prompts_line()}, computed in {self.dtype})"
                 + (f" ({', '.join(lm)}: lm-eval's first metric of the task, on at most {self.n} examples)" if lm else "")
                 + "; an input's own tasks in bold.\n")
         warn = "".join(f"\n> warning: {w}\n" for w in self.warnings)
         return f"{SECTION}\n\n" + head + body + note + warn
+
+
+def prompts_line(tasks: list[str], prompts: dict[str, int], n: int) -> str:
+    """How many test prompts each task had: "100 test prompts per task", or the counts where they differ
+    (a JSONL task's test split may hold fewer than asked for)."""
+    counts = {t: prompts.get(t, n) for t in tasks}
+    if len(set(counts.values())) <= 1:
+        k = next(iter(counts.values()), n)
+        return f"{k} test prompt{'s' if k != 1 else ''} per task"
+    return "test prompts per task: " + ", ".join(f"{t} {k}" for t, k in counts.items())
 
 
 def _mean(scores: dict) -> float:
@@ -57,11 +83,7 @@ def _mean(scores: dict) -> float:
 
 def _inputs(recipe, library) -> list[tuple[object, str]]:
     """(opened model, "base" | "input") for every model the recipe merges, headers only."""
-    import moerge
-    from moerge.engine.multi import MultiPlan
-    from moerge.engine.plan import Plan
-
-    p = moerge.plan(recipe, library=library)
+    p = plan(recipe, library=library)
     if isinstance(p, MultiPlan):
         models = list(p.opened.values())
         base_refs = {s.stage.recipe.base_model for s in p.stages if s.stage.recipe.base_model}
@@ -87,10 +109,6 @@ def merge_report(recipe, out_dir: str | os.PathLike, tasks, *, n: int = 100, lib
     add the table to the output's README.md and write ``merge_report.json`` (both atomically)."""
     import sys
 
-    from moerge import base as base_model
-    from moerge.engine.dense import load_runnable
-    from moerge.eval import evaluate, resolve_tasks
-
     names = resolve_tasks(tasks)
     out_dir = Path(out_dir)
 
@@ -98,24 +116,29 @@ def merge_report(recipe, out_dir: str | os.PathLike, tasks, *, n: int = 100, lib
         if progress:
             print(line, file=sys.stderr, flush=True)
 
-    say(f"evaluating the merge on {len(names)} task(s), {n} prompts each")
+    prompts = {t: n if is_lm_eval(t) else len(examples(t, "test", n)) for t in names}
     model, tok = base_model.load(out_dir)
+    dtype = next(model.parameters()).dtype
+    say(f"evaluating the merge on {len(names)} task(s) ({prompts_line(names, prompts, n)}), in "
+        f"{str(dtype).removeprefix('torch.')}")
     merged = evaluate(model, tok, names, n=n)
     del model
     inputs = []
     data = _data_params(recipe)
     for m, role in _inputs(recipe, library):
         say(f"evaluating {m.ref}")
-        dense, itok = load_runnable(m, "--eval")
+        # each input computes in the dtype `moerge eval` would give it (a bf16 checkpoint: bf16 where this CPU
+        # is faster in it), so its row here is the score `moerge eval` prints for it
+        own = compute_dtype(folder_dtype(m.folder))
+        dense, itok = load_dense(m, own, **model_kwargs(own)), load_tokenizer(m, "--eval")
         scores = evaluate(dense, itok, names, n=n)
         inputs.append({"model": m.pinned, "role": role, "scores": scores, "own": []})
         inputs[-1]["own"] = _own(m, data.get(m.ref), names) if role == "input" else []
     _claim_best(inputs, names)
     warnings = [f"the merge scores {merged[t]:.1%} on {t}, below {m['model']} ({m['scores'][t]:.1%}), one of whose own "
                 f"tasks it is" for m in inputs if m["role"] == "input" for t in m["own"] if merged[t] < m["scores"][t]]
-    report = MergeReport(names, n, merged, inputs, warnings)
+    report = MergeReport(names, n, merged, inputs, warnings, prompts, str(dtype).removeprefix("torch."))
     if write:
-        from moerge.util import atomic_file
 
         with atomic_file(out_dir / REPORT) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -137,9 +160,6 @@ def _claim_best(inputs: list[dict], names: list[str]) -> None:
 
 def _data_params(recipe) -> dict[str, str]:
     """model reference -> the ``data`` a recipe gives it (a data-aware merge's), for every stage."""
-    from moerge import load_recipe
-    from moerge.engine.multi import MultiRecipe
-
     r = load_recipe(recipe)
     out: dict[str, str] = {}
     for rr in (r.stages if isinstance(r, MultiRecipe) else [r]):

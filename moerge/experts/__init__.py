@@ -2,7 +2,13 @@
 folders (peft_format.py)."""
 
 from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, apply
-from moerge.experts.peft_format import Expert, ExpertAppliedSource, load_adapter, parse_adapter, read_adapter
+from moerge.experts.peft_format import (
+           Expert,
+           ExpertAppliedSource,
+           load_adapter,
+           parse_adapter,
+           read_adapter,
+)
 
 __all__ = ["Dora", "LowRank", "Replace", "Scaling", "apply", "Expert", "ExpertAppliedSource", "load_adapter",
            "parse_adapter", "read_adapter"]

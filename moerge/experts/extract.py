@@ -16,6 +16,10 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.experts.lowrank import factorize
+from moerge.experts.peft_format import write_adapter
+from moerge.io.hub import resolve
+from moerge.io.source import open_source
+from moerge.util.files import check_output_dir
 
 PREFIX = "base_model.model."
 
@@ -38,12 +42,6 @@ def _is_linear(name: str, t_shape: tuple[int, ...]) -> bool:
 
 def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 16,
                  overwrite: bool = False) -> Extraction:
-    from moerge.experts.peft_format import write_adapter
-    from moerge.io.hub import resolve
-    from moerge.io.source import open_source
-
-    from moerge.util import check_output_dir
-
     if rank < 1:
         raise MoergeError(f"--rank must be at least 1, got {rank}")
     check_output_dir(out_dir, overwrite)

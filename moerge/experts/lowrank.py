@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from moerge.errors import MoergeError
 from moerge.experts.kinds import LowRank
 
 EXACT_SVD_MAX = 4096  # beyond this, singular vectors come from a randomized SVD (energy stays exact)
@@ -67,8 +68,6 @@ def combine_adapters(adapters: list, weights: list[float] | None = None, rank: i
 
     ``adapters`` are LoRA ``Expert``s of one base. Without ``rank`` the result is exact (concatenated
     factors); with it, each module is re-factorised to at most that rank."""
-    from moerge.errors import MoergeError
-
     weights = weights or [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise MoergeError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")

@@ -20,9 +20,14 @@ from pathlib import Path
 import torch
 
 from moerge.errors import MoergeError
+from moerge.experts.card import ExpertCard, read_card, recorded_base
 from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, Update, apply
+from moerge.experts.lowrank import combine_adapters
+from moerge.io.fingerprint import fingerprint, folder_fingerprint
+from moerge.io.hub import resolve
 from moerge.io.safetensors_file import TensorInfo
 from moerge.io.source import TensorSource, open_source
+from moerge.util.files import atomic_dir, check_output_dir
 
 PREFIX = "base_model.model."
 PART = re.compile(
@@ -192,8 +197,6 @@ def load_adapter(folder: str | Path, base: TensorSource) -> Expert:
 
 def base_fingerprint(base: TensorSource) -> str:
     """The base's fingerprint, computed once per opened source (a router checks many experts on one base)."""
-    from moerge.io.fingerprint import fingerprint
-
     fp = getattr(base, "_moerge_fingerprint", None)
     if fp is None:
         fp = fingerprint(base)
@@ -212,8 +215,6 @@ def check_base(folder: Path, base: TensorSource, config: dict | None = None) -> 
     by ``moerge expert train``/``extract``/``combine`` and library exports); else PEFT's
     ``base_model_name_or_path`` when it names a local model folder. An adapter with neither (one from
     a hub) is checked by its tensors' names and shapes alone."""
-    from moerge.train.expert import read_card
-
     folder = Path(folder)
     card = read_card(folder)
     made_for = card.get("base_fingerprint")
@@ -228,7 +229,6 @@ def check_base(folder: Path, base: TensorSource, config: dict | None = None) -> 
     if named and Path(named).is_dir() and (Path(named) / "config.json").is_file():
         if Path(named).resolve() == Path(base.path).resolve():
             return
-        from moerge.io.fingerprint import folder_fingerprint
 
         try:
             theirs = folder_fingerprint(named)
@@ -246,11 +246,6 @@ def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Te
     later command refuse it on another base. Atomic: the folder appears complete or not at all."""
     from safetensors.torch import save_file
 
-    from moerge.io.fingerprint import folder_fingerprint
-    from moerge.io.hub import resolve
-    from moerge.train.expert import ExpertCard
-    from moerge.util import atomic_dir
-
     base_dir = resolve(str(base))
     card = ExpertCard(task=task, adapter="lora", base=str(Path(base_dir).resolve()), base_fingerprint=folder_fingerprint(base_dir),
                       trainable_params=sum(t.numel() for t in tensors.values()), rank=config.get("r"),
@@ -264,20 +259,23 @@ def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Te
     return Path(out_dir)
 
 
-def combine_folders(adapters: list[str | Path], base: str | Path, out_dir: str | Path, *, weights: list[float] | None = None,
-                    rank: int | None = None, overwrite: bool = False) -> tuple[dict, dict[str, float]]:
+def combine_folders(adapters: list[str | Path], base: str | Path | None, out_dir: str | Path, *,
+                    weights: list[float] | None = None, rank: int | None = None,
+                    overwrite: bool = False) -> tuple[dict, dict[str, float]]:
     """Σ wᵢ · adapterᵢ of LoRA folders as one PEFT LoRA folder (exact, or at ``rank``); each input first
-    passes the base check. Returns (adapter_config, energy kept per module)."""
-    from moerge.experts.lowrank import combine_adapters
-    from moerge.io.hub import resolve
-
-    from moerge.util import check_output_dir
-
+    passes the base check. ``base`` None: the one the first adapter's card names. Returns
+    (adapter_config, energy kept per module)."""
     check_output_dir(out_dir, overwrite)
+    if not adapters:
+        raise MoergeError("give the LoRA folders to combine")
+    if base is None:
+        base = recorded_base(adapters[0])
+        if base is None:
+            raise MoergeError(f"{adapters[0]}: says nothing of the base it was made on (no expert.json naming it); "
+                              "give it with --base")
     src = open_source(resolve(str(base)))
     loaded = [load_adapter(a, src) for a in adapters]
     config, tensors, kept = combine_adapters(loaded, weights, rank)
-    from moerge.train.expert import read_card
 
     tasks = [read_card(a).get("task") for a in adapters]
     task = "+".join(t for t in tasks if t) if all(tasks) else None

@@ -22,7 +22,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from moerge.engine.executor import execute
+from moerge.engine.plan import Model, Planner, _read_config
+from moerge.engine.run import load_recipe
 from moerge.errors import MoergeError
+from moerge.eval import evaluate, resolve_tasks
+from moerge.experts.peft_format import ExpertAppliedSource
+from moerge.io.fingerprint import fingerprint
+from moerge.library import Library
+from moerge.lm import base as base_model
+from moerge.methods import registry
 
 ALIASES = {"average": "linear", "mean": "linear"}  # ColD Fusion's plain average is mergekit's linear
 CARD = "moerge_fusion.json"
@@ -99,8 +108,6 @@ def _excluded(patterns: list[str], names: list[str]) -> list[str]:
 
 def check_method(method: str) -> str:
     """The engine's name for a fusion method (average is linear), or one line naming the choices."""
-    from moerge.methods import registry
-
     name = ALIASES.get(method, method)
     if name not in registry.names():
         raise MoergeError(f"--method {method!r}: unknown merge method; use average or one of {', '.join(registry.names())}")
@@ -110,16 +117,9 @@ def check_method(method: str) -> str:
 def plan_fuse(library, *, method: str = "average", experts: list[str] | None = None, exclude: list[str] | tuple = (),
               parameters: dict | None = None, eval_tasks: str | list[str] | None = None, n_eval: int = 100) -> FusePlan:
     """Check everything and plan the merge of the contributions into the next base (nothing written)."""
-    import moerge
-    from moerge.engine.plan import Model, Planner, _read_config
-    from moerge.experts.peft_format import ExpertAppliedSource
-    from moerge.library import Library
-    from moerge.methods import registry
-
     lib = library if isinstance(library, Library) else Library.open(library)
     name = check_method(method)
     if eval_tasks:
-        from moerge.eval import resolve_tasks
 
         resolve_tasks(eval_tasks)  # an unknown task fails now, before the merge (and in --dry-run)
         if n_eval < 1:
@@ -140,7 +140,7 @@ def plan_fuse(library, *, method: str = "average", experts: list[str] | None = N
     if params:
         recipe["parameters"] = params
     try:
-        r = moerge.load_recipe(recipe)
+        r = load_recipe(recipe)
     except MoergeError as e:  # the recipe is ours: point at the option the value came from
         raise MoergeError(_as_option(str(e), params)) from None
     models = {}
@@ -184,14 +184,10 @@ def fuse(library, *, method: str = "average", experts: list[str] | None = None, 
     ``scores``: evaluation results to record in the new base's card (``fuse simulate`` passes them);
     ``eval_tasks``: score the new base and its parent on these tasks (exact match, ``n_eval`` test
     prompts each) and record both in the card."""
-    from moerge.engine.executor import execute
-    from moerge.io.fingerprint import fingerprint
-
     start = time.perf_counter()
     fp = plan_fuse(library, method=method, experts=experts, exclude=exclude, parameters=parameters,
                    eval_tasks=eval_tasks, n_eval=n_eval)
     if eval_tasks:
-        from moerge.eval import resolve_tasks
 
         eval_tasks = resolve_tasks(eval_tasks)
     lib, out = fp.library, fp.out
@@ -220,17 +216,12 @@ def fuse(library, *, method: str = "average", experts: list[str] | None = None, 
 
 
 def _score(folder: Path, tasks: list[str], n: int) -> dict[str, float]:
-    from moerge import base as base_model
-    from moerge.eval import evaluate
-
     model, tok = base_model.load(folder)
     return evaluate(model, tok, tasks, n=n)
 
 
 def rescore(library, version: int, scores: dict) -> None:
     """Record evaluation results in base@``version``'s card (after the fact, e.g. ``fuse simulate``)."""
-    from moerge.library import Library
-
     lib = library if isinstance(library, Library) else Library.open(library)
     b = lib.base(version)
     if version == 1:

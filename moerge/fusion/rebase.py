@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moerge.errors import MoergeError
+from moerge.experts.card import CARD, read_card
+from moerge.experts.peft_format import load_expert_folder
+from moerge.io.source import open_source
+from moerge.library import Library
+from moerge.lm.generate import exact_match
+from moerge.tasks import examples, skills
+from moerge.tasks.data import read_jsonl, split_of
+from moerge.train.expert import load_expert
 
 
 @dataclass
@@ -37,14 +45,11 @@ class RebaseResult:
 
 def _eval_rows(task: str | None, card: dict, n: int):
     """Test rows for the expert's task: a built-in skill, or the held-out rows of its JSONL data."""
-    from moerge.tasks import examples, skills
-
     if task and all(t in skills.SKILLS for t in task.split(",")):
         names = task.split(",")
         return [r for t in names for r in examples(t, "test", max(1, n // len(names)))]
     data = card.get("data")
     if data and Path(data).is_file():
-        from moerge.tasks.data import read_jsonl, split_of
 
         rows = [r for r in read_jsonl(data) if split_of(r.prompt) != "train"]
         return rows[:n] or None
@@ -52,9 +57,6 @@ def _eval_rows(task: str | None, card: dict, n: int):
 
 
 def _score(base_dir: Path, expert_dir: Path, rows) -> float:
-    from moerge.eval.generate import exact_match
-    from moerge.train.expert import load_expert
-
     model, tok = load_expert(base_dir, expert_dir)
     return exact_match(model, tok, rows)
 
@@ -63,10 +65,6 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
            evaluate: bool = True) -> RebaseResult:
     """Store ``expert`` (``NAME[@V]`` of the library, or an adapter folder made on one of its bases) as
     the next version of ``name`` (default: its own name) made on base@``to`` (default: the latest)."""
-    from moerge.experts.peft_format import load_expert_folder
-    from moerge.library import Library
-    from moerge.train.expert import CARD, read_card
-
     lib = library if isinstance(library, Library) else Library.open(library)
     target = lib.base(to)
     with tempfile.TemporaryDirectory(prefix="moerge-rebase-") as d:
@@ -120,8 +118,6 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
 def _rebase_full(src: Path, dst: Path, lib, old, target) -> None:
     """A full fine-tune's model folder moved to ``target``: new base + (fine-tune - old base), per tensor."""
     from safetensors.torch import save_file
-
-    from moerge.io.source import open_source
 
     ft, a, b = open_source(src), lib.base_source(old.version), lib.base_source(target.version)
     out = {}

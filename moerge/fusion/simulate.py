@@ -26,17 +26,25 @@ import time
 from pathlib import Path
 
 from moerge.errors import MoergeError
-from moerge.scale import Runner
+from moerge.eval import evaluate, resolve_tasks
+from moerge.experts.card import ADAPTERS, ALIASES
+from moerge.fusion.fuse import check_method, fuse, rescore
+from moerge.library import Library
+from moerge.lm import base as base_model
+from moerge.tasks import skills
+from moerge.tasks.suites import suite_for
+from moerge.train.expert import load_expert, train_expert
+from moerge.util.figures import check_figure, pyplot, save_figure
+from moerge.util.files import atomic_dir, check_output_dir, output_file, write_json
+from moerge.util.progress import quiet_transformers
+from moerge.util.scale import Runner
+from moerge.util.threads import set_threads
 
 
 def _finetune_and_score(base_dir: str, out_dir: str, task: str, adapter: str, steps: int, batch_size: int, seed: int,
                         eval_tasks: list[str], n_eval: int, keep: bool, threads: int | None, lr: float | None = None) -> dict:
     """One job: fine-tune ``base_dir`` on ``task``, score the result on ``eval_tasks``. Runs in this
     process or in a Ray worker (everything it needs is in its arguments)."""
-    from moerge.eval import evaluate
-    from moerge.train.expert import load_expert, train_expert
-    from moerge.util import quiet_transformers, set_threads
-
     if threads:
         set_threads(threads)
     quiet_transformers()
@@ -62,12 +70,7 @@ def task_sets(base, tasks: list[str] | None, heldout: list[str] | None) -> tuple
     """(the contributors' pool, the held-out tasks). By default the pool is the suite of the base's kind,
     as the demo picks it (a chat model gets the real-model suite), and the held-out tasks are the
     composites of two pool skills, from either suite."""
-    from moerge import base as base_model
-    from moerge.eval import resolve_tasks
-    from moerge.tasks import skills
-
     if not tasks:
-        from moerge.demo import suite_for
 
         folder = base_model.resolve(base)
         base_model.check_model_folder(folder, "base")
@@ -92,11 +95,6 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     The workspace ``out_dir`` (a library holding every base version, and ``curves.png`` unless
     ``plot_file`` says otherwise) is built under a temporary name and appears when the run is
     complete; with ``overwrite`` an earlier run's folder is replaced only then."""
-    from moerge.fusion.fuse import check_method
-    from moerge import base as base_model
-    from moerge.train.expert import ADAPTERS, ALIASES
-    from moerge.util import check_output_dir, output_file, quiet_transformers
-
     quiet_transformers()
     adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
@@ -122,14 +120,12 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
     if json_file:
         output_file(json_file, "results (--json)")
     if plot_file:
-        from moerge.util import check_figure
 
         check_figure(plot_file, "curves (--plot)")
     base_dir = base_model.resolve(base)
     base_model.check_model_folder(base_dir, "base")
     say = (lambda text: console.print(text, highlight=False, markup=False)) if console is not None else (lambda text: None)
     start = time.perf_counter()
-    from moerge.util import atomic_dir, write_json
 
     runner = Runner(_finetune_and_score, ray)
     try:
@@ -150,11 +146,6 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
 
 def _loop(runner, out, base_dir, pool, held, rounds, contributors, adapter, method, steps, finetune_steps, batch_size,
           n_eval, seed, ray, say, start, parameters: dict, lr: float | None = None, seen_finetune: bool = False) -> dict:
-    from moerge import base as base_model
-    from moerge.eval import evaluate
-    from moerge.fusion.fuse import fuse, rescore
-    from moerge.library import Library
-
     lib = Library.init(out / "library", base_dir)
     rng = random.Random(seed)
 
@@ -260,8 +251,6 @@ def table(results: dict):
 def plot(results: dict, path: Path) -> Path:
     """Curves over rounds: mean zero-shot accuracy on the pool's tasks and on those seen so far, and the
     held-out tasks' accuracy after a short fine-tune; the original base's values as dashed lines."""
-    from moerge.util import pyplot, save_figure
-
     plt = pyplot()
     rounds = [0] + [r["round"] for r in results["rounds"]]
     o = results["original"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from moerge.io.source import TensorSource
+from moerge.io.source import TensorSource, open_source
 
 SAMPLES = 4
 SAMPLE_BYTES = 256
@@ -55,8 +55,6 @@ def fingerprint(source: TensorSource) -> str:
 
 def folder_fingerprint(folder: str | os.PathLike) -> str:
     """The fingerprint of the weights in a model folder (safetensors or .bin)."""
-    from moerge.io.source import open_source
-
     source = open_source(folder)
     try:
         return fingerprint(source)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from moerge.errors import MoergeError
+from moerge.io import known_bases
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 WANTED = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -42,15 +43,18 @@ def resolve(ref: str, revision: str | None = None, *, want_bin: bool = False) ->
     local = _local(ref)
     if local is not None:
         return local
-    from moerge import zoo
-
-    if ref in zoo.KNOWN and revision is None:  # a real base by name (no hub id has no "/"): its fetched folder
-        return zoo.resolve(ref)
+    if ref in known_bases.KNOWN and revision is None:  # a real base by name (no hub id has no "/"): its fetched folder
+        return known_bases.resolve(ref)
     if looks_local(ref):
         raise MoergeError(f"{_show(ref)}: no such file or folder; check the path")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     at = f"@{revision}" if revision else ""
     nowhere = f"{ref}{at}: no such local folder"

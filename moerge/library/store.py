@@ -38,8 +38,26 @@ from typing import Iterator
 import torch
 
 from moerge.errors import MoergeError, MoergeWarning
+from moerge.experts.card import ADAPTERS, ALIASES, CARD, read_card
+from moerge.experts.embed import with_task_embedding
+from moerge.experts.peft_format import load_expert_folder, parse_adapter
 from moerge.io.blobs import BlobError, BlobStore
-from moerge.train.expert import ADAPTERS, ALIASES
+from moerge.io.fingerprint import folder_fingerprint
+from moerge.io.hub import resolve
+from moerge.io.remote import open_remote
+from moerge.io.source import open_source
+from moerge.util.files import atomic_dir
+
+ENV = "MOERGE_LIBRARY"  # the library commands use when given none
+BASE_NAME = "base"  # library://base[@N] in a recipe: the library's base (base@N), not an expert
+
+
+def library_for(library: str | os.PathLike | None, experts=None) -> Path | None:
+    """The library a command routes or serves from: the one given, else ``$MOERGE_LIBRARY`` when no
+    expert folders are given either (None: there is none)."""
+    if library is not None:
+        return Path(library)
+    return Path(os.environ[ENV]) if not experts and os.environ.get(ENV) else None
 
 FORMAT = 1
 GATE_PREFIX = "moerge_gate::"
@@ -225,9 +243,6 @@ class Library:
 
     @classmethod
     def init(cls, root: str | os.PathLike, base: str | os.PathLike) -> "Library":
-        from moerge.io.fingerprint import folder_fingerprint
-        from moerge.io.hub import resolve
-
         root = Path(root)
         if (root / "library.json").exists():
             raise MoergeError(f"{root}: already holds a library")
@@ -251,7 +266,7 @@ class Library:
 
     @classmethod
     def open(cls, root: str | os.PathLike | None = None) -> "Library":
-        return cls(Path(root or os.environ.get("MOERGE_LIBRARY") or "."))
+        return cls(Path(root or os.environ.get(ENV) or "."))
 
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -296,8 +311,6 @@ class Library:
 
     def base_source(self, version: int | None = None):
         """The tensors of base@``version`` (default: the latest)."""
-        from moerge.io.source import open_source
-
         b = self.base(version)
         if not b.path.exists():
             what = self.meta["base"] if b.version == 1 else b.ref
@@ -307,8 +320,6 @@ class Library:
     def register_base(self, folder: Path, card: dict, parent: int) -> BaseVersion:
         """Make ``folder`` (a complete model folder under ``bases/``) base@parent+1, in one transaction; refused
         when another base was registered on ``parent`` meanwhile (the contributions were made on it)."""
-        from moerge.io.fingerprint import folder_fingerprint
-
         folder = Path(folder)
         rel = folder.resolve().relative_to(self.root.resolve())
         fp = folder_fingerprint(folder)
@@ -360,10 +371,10 @@ class Library:
         adapter config, card and task): nothing would change. The same tensors under another name are added, with a
         ``LibraryWarning``. Blobs found damaged on the way are rewritten (``NothingAdded`` if that is
         all that happened)."""
-        from moerge.experts.peft_format import load_expert_folder
-        from moerge.train.expert import read_card
-
         check_name(name)
+        if name == BASE_NAME:
+            raise MoergeError(f"{name!r}: reserved for the library's base (a recipe names it library://base or "
+                              "library://base@N); give the expert another --name")
         adapter_dir = Path(adapter_dir)
         current = self.base()
         card = read_card(adapter_dir)
@@ -381,7 +392,6 @@ class Library:
             raise MoergeError(f"{adapter_dir}: its task centroids were computed on another base ({cb}); record them on this "
                               f"library's base: moerge expert embed {adapter_dir} --base {current.path}")
         if prompts:
-            from moerge.routing.embed import with_task_embedding
 
             card, _ = with_task_embedding(card, prompts, base=current.path, embedder=embedder)
         config, tensors = expert.config, expert.tensors
@@ -513,8 +523,6 @@ class Library:
 
     def load(self, ref: str):
         """The expert as an Expert (updates keyed by base tensor names), checked against the base."""
-        from moerge.experts.peft_format import parse_adapter
-
         entry = self.get(ref)
         expert = parse_adapter(entry.adapter_config, self.tensors(ref), self.base_source(entry.base_version),
                                f"library:{entry.ref}")
@@ -523,9 +531,6 @@ class Library:
     def export(self, ref: str, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write a PEFT adapter folder (``PeftModel.from_pretrained`` loads it) plus the expert card."""
         from safetensors.torch import save_file
-
-        from moerge.train.expert import CARD
-        from moerge.util import atomic_dir
 
         entry = self.get(ref)
         tensors = self.tensors(entry.ref)
@@ -545,9 +550,6 @@ class Library:
         """A full fine-tune as a whole model folder: the base's tensors with the expert's changes, and
         the base's config and tokenizer files."""
         from safetensors.torch import save_file
-
-        from moerge.train.expert import CARD
-        from moerge.util import atomic_dir
 
         base = self.base_source(entry.base_version)
         base_dir = self.base(entry.base_version).path
@@ -585,12 +587,10 @@ class Library:
         transaction, so a transfer cut short leaves ``dest`` with unreferenced blobs only. A name and
         version that exist on both sides with different contents are a conflict: nothing is copied.
         """
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(str(dest))
-        if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            raise MoergeError(f"{dest}: only local library locations are supported so far (got {fs.protocol})")
-        target = Path(root)
+        remote = open_remote(dest, what="library location")
+        if not remote.local:  # the catalog is SQLite, which needs a filesystem; the blobs alone could go anywhere
+            raise MoergeError(f"{dest}: only local library locations are supported so far (got {remote.fs.protocol})")
+        target = Path(remote.root)
         other = Library(target) if (target / "library.json").exists() else Library._create(target, self.meta)
         if other.meta["base_fingerprint"] != self.meta["base_fingerprint"]:
             raise MoergeError(f"{dest}: is a library of another base ({other.meta['base']}, "
@@ -614,13 +614,10 @@ class Library:
             with self._db() as db:
                 rows = db.execute("SELECT key, blob, dtype, shape, nbytes FROM tensors WHERE expert_id = ?", (e.id,)).fetchall()
             for key, blob, dtype, shape, n in rows:
-                remote = other._blob_path(blob)
-                if not fs.exists(str(remote)) or fs.size(str(remote)) != n:
+                there = str(other._blob_path(blob))
+                if remote.size(there) != n:
                     self._get_blob(blob, dtype, json.loads(shape), n, e, key)  # never spread a damaged blob
-                    fs.makedirs(str(remote.parent), exist_ok=True)
-                    part = other.tmp / f"{blob}.{uuid.uuid4().hex}"
-                    fs.put_file(str(self._blob_path(blob)), str(part))
-                    fs.mv(str(part), str(remote))
+                    remote.put(self._blob_path(blob), there, f"blob {blob[:12]}")
             with other._db(write=True) as db:
                 if db.execute("SELECT 1 FROM experts WHERE name = ? AND version = ?", (e.name, e.version)).fetchone():
                     raise MoergeError(f"{dest}: {e.ref} appeared there during the transfer; run it again")
@@ -633,8 +630,6 @@ class Library:
     def _push_base(self, b: BaseVersion, other: "Library", dest) -> str:
         """Copy fused base ``b`` into ``other`` (under a temporary name, renamed when complete, checked by
         fingerprint) and register it there as the same version."""
-        from moerge.io.fingerprint import folder_fingerprint
-
         if not b.path.is_dir():
             raise MoergeError(f"{self.root}: its {b.ref} is no longer at {b.path}; restore it there before pushing")
         target = other.root / "bases" / f"v{b.version}"
@@ -655,10 +650,7 @@ class Library:
 
     def pull(self, src: str | os.PathLike) -> list[str]:
         """Copy what ``src`` (another library of the same base) has and this one lacks."""
-        import fsspec
-
-        _, root = fsspec.core.url_to_fs(str(src))
-        return Library(Path(root)).push(self.root)
+        return Library(Path(open_remote(src, what="library location").root)).push(self.root)
 
     # ------------------------------------------------------------------ integrity
 

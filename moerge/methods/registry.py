@@ -172,8 +172,21 @@ def all_param_names() -> frozenset[str]:
 
 def _load_builtins() -> None:
     # importing the modules registers their methods
-    from moerge.methods import (arcee_fusion, fisher, karcher, linear, model_stock, multislerp, nearswap,  # noqa: F401
-                                passthrough, ram, regmean, sce, slerp, task_arithmetic)
+    from moerge.methods import (  # noqa: F401
+        arcee_fusion,
+        fisher,
+        karcher,
+        linear,
+        model_stock,
+        multislerp,
+        nearswap,
+        passthrough,
+        ram,
+        regmean,
+        sce,
+        slerp,
+        task_arithmetic,
+    )
 
 
 def compute_dtype(dtypes) -> torch.dtype:

@@ -22,12 +22,27 @@ from pathlib import Path
 
 import torch
 
+from moerge.engine.card import TOKENIZER_FILES
 from moerge.engine.dense import load_dense
-from moerge.engine.plan import DTYPES, Model, _human, open_model, tensor_nbytes, tensor_seed
+from moerge.engine.executor import MergeResult
+from moerge.engine.plan import (
+    DTYPES,
+    Model,
+    _human,
+    open_model,
+    tensor_nbytes,
+    tensor_seed,
+)
 from moerge.engine.recipe import _line_map
 from moerge.errors import MoergeError
+from moerge.io.fingerprint import fingerprint
+from moerge.io.writer import ShardedWriter, parse_size
+from moerge.library import Library
+from moerge.moe import router
 from moerge.moe.arch import PROJS, Arch, fused_experts, select
 from moerge.moe.config import PROMPT_MODES, MoEConfig, _at, same_experts_error
+from moerge.util.progress import ProgressLog
+from moerge.version import __version__
 
 LAYER_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 SKIP = re.compile(r"rotary_emb\.inv_freq$")
@@ -247,9 +262,6 @@ def build_moe_plan(cfg: MoEConfig, library=None, allow_same: bool = False) -> Mo
 def _library_rows(cfg: MoEConfig, base: Model, experts: list[Model], hidden: int, library) -> torch.Tensor:
     """gate_mode library: each expert's task centroid (the base's mean-pooled final hidden states of its
     task's prompts, recorded in its library card), normalised; the same row for every layer."""
-    from moerge.io.fingerprint import fingerprint
-    from moerge.library import Library
-
     lib = Library.open(library)
     base_fp = None
     rows = []
@@ -294,8 +306,6 @@ def _out_config(arch: Arch, base: Model, cfg: MoEConfig, intermediate: int, dtyp
 def compute_routers(plan: MoEPlan, hidden_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(layers, gated experts, hidden) router rows, float32 (``hidden_dtype``: the forward pass's dtype);
     a gated shared expert's row comes last."""
-    from moerge.moe import router
-
     cfg = plan.config
     gated = plan.gated
     if cfg.gate_mode == "library":
@@ -348,8 +358,6 @@ def produce(plan: MoEPlan, task: Task, routers: torch.Tensor) -> torch.Tensor:
 def card_text(plan: MoEPlan, inputs: list[dict]) -> str:
     import yaml
 
-    from moerge.version import __version__
-
     front = {"base_model": [m["model"] for m in inputs], "library_name": "transformers",
              "tags": ["merge", "moerge", "moe", plan.arch.name.split()[0].lower()]}
     rows = "\n".join(f"| `{m['model']}` | {m['role']} | `{m['fingerprint']}` |" for m in inputs)
@@ -374,11 +382,6 @@ def execute_moe(plan: MoEPlan, out_dir, *, overwrite: bool = False, shard_size="
                 hidden_dtype: torch.dtype | None = None):
     """Write the MoE. ``hidden_dtype``: the dtype gate_mode hidden runs the base in; by default bfloat16
     for a half-precision base (as mergekit runs it, and the memory of the base on disk), else float32."""
-    from moerge.engine.card import TOKENIZER_FILES
-    from moerge.engine.executor import MergeResult
-    from moerge.io.fingerprint import fingerprint
-    from moerge.io.writer import ShardedWriter, parse_size
-
     out_dir = Path(out_dir)
     out = out_dir.resolve()
     for m in plan.models:
@@ -403,7 +406,6 @@ def execute_moe(plan: MoEPlan, out_dir, *, overwrite: bool = False, shard_size="
     try:
         log = None
         if progress:
-            from moerge.util import ProgressLog
 
             log = ProgressLog("writing the MoE", len(plan.tasks), unit="tensors")
         for t in plan.tasks:

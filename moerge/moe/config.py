@@ -13,11 +13,28 @@ import math
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+)
 
-from moerge.engine.recipe import (_error_path, _line_map, _message, _ref, check_dtype, format_path, located, whole_number,
-                                  yaml_error)
+from moerge.engine.recipe import (
+    _error_path,
+    _line_map,
+    _message,
+    _ref,
+    check_dtype,
+    format_path,
+    located,
+    whole_number,
+    yaml_error,
+)
 from moerge.errors import MoergeError
+from moerge.moe.arch import ARCHS
 
 GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "library")
 PROMPT_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed")
@@ -131,8 +148,6 @@ class MoEConfig(_Strict):
     @field_validator("architecture")
     @classmethod
     def _arch(cls, v):
-        from moerge.moe.arch import ARCHS
-
         if v is not None and not any(a.name.lower().startswith(v.lower()) for a in ARCHS):
             raise ValueError(f"matches no output architecture; use one of {', '.join(a.name for a in ARCHS)} (or a "
                              "prefix: mixtral, deepseek, qwen, qwen3)")

@@ -7,19 +7,17 @@ only the test prompts.
 
 from __future__ import annotations
 
+from moerge.errors import MoergeError
+from moerge.eval import evaluate
+from moerge.eval.harness import is_lm_eval
 from moerge.routing.model import RoutedModel
+from moerge.tasks import examples
 
 
 def evaluate_routed(routed: RoutedModel, tasks: list[str], *, n: int = 200, shots: int = 5,
                     usage_n: int = 50) -> tuple[dict[str, float], dict[str, list[float]]]:
     """Exact match on ``n`` test examples of each task, and the mean weight each expert got on its
     first ``usage_n`` test prompts."""
-    from moerge.eval import evaluate
-    from moerge.tasks import examples
-
-    from moerge.errors import MoergeError
-    from moerge.eval.harness import is_lm_eval
-
     if any(is_lm_eval(t) for t in tasks):
         raise MoergeError("route eval --tasks: lm-eval tasks have no expert usage to show; score a routed model on them "
                           "with `moerge route eval --lm-eval TASKS`")

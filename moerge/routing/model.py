@@ -14,9 +14,17 @@ from pathlib import Path
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import MoergeError, MoergeWarning
+from moerge.experts.embed import mean_pooled
+from moerge.experts.peft_format import load_adapter
+from moerge.io.source import open_source
+from moerge.library import Library, library_for
+from moerge.lm import base as base_model
+from moerge.lm.chat import prompt_texts
+from moerge.lm.generate import encode_left_padded
+from moerge.routing.batch import set_batch_routes
 from moerge.routing.mixture import RoutingState, attach, detach
-from moerge.routing.registry import Router
+from moerge.routing.registry import Router, get
 
 
 class Mixture:
@@ -48,8 +56,6 @@ class Mixture:
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Base-model prompt embeddings (routing switched off while they are computed)."""
-        from moerge.routing.embed import mean_pooled
-
         saved = (self.state.example_weights, self.state.token_router)
         self.state.example_weights = self.state.token_router = None
         try:
@@ -84,13 +90,10 @@ class RoutedModel(Mixture):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.router.level == "token":
-            self.state.example_weights, self.state.token_router = None, self.router.token_weights
+            set_batch_routes(self.state, None, [(self.router, torch.arange(input_ids.shape[0]))])
             return
-        from moerge.tasks.chat import prompt_texts
-
         prompts = prompt_texts(self.tokenizer, input_ids, attention_mask)
-        self.state.token_router = None
-        self.state.example_weights = self.router.example_weights(self, prompts, input_ids, attention_mask)
+        set_batch_routes(self.state, self.router.example_weights(self, prompts, input_ids, attention_mask))
 
     @contextlib.contextmanager
     def routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
@@ -114,14 +117,9 @@ class RoutedModel(Mixture):
     @torch.no_grad()
     def usage(self, prompts: list[str]) -> torch.Tensor:
         """Average weight each expert receives on ``prompts`` (over examples, or tokens and layers)."""
-        from moerge.eval.generate import encode_left_padded
-
         ids, mask = encode_left_padded(self.tokenizer, prompts)
         if self.router.level == "example":
-            self._route(ids, mask)
-            w = self.state.example_weights.mean(0)
-            self.state.example_weights = None
-            return w
+            return self.router.example_weights(self, prompt_texts(self.tokenizer, ids, mask), ids, mask).mean(0)
         self.state.usage, self.state.record = {}, True
         try:
             self(ids, mask)
@@ -142,9 +140,6 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
     """A routed model from expert folders (on ``base``, default the built-in base) or from a library's
     latest expert versions (or the refs given in ``experts``), with the named router. ``embedder``: a
     sentence-embedding model for the task-embedding routers (centroid, smear) instead of the base."""
-    from moerge import base as base_model
-    from moerge.routing.registry import get
-
     cls = get(router)
     kwargs = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
     if embedder is not None:
@@ -161,14 +156,11 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
 def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: str | os.PathLike | None = None,
                    base: str | os.PathLike | None = None) -> tuple[list, list[dict], Path]:
     """(experts, their cards, the base folder) to route among: adapter folders on ``base``, or a library's
-    latest adapters made on its latest base (or the refs given). Full fine-tunes and experts made on an
-    older base are refused when named, and left out with a warning otherwise."""
-    from moerge import base as base_model
-    from moerge.experts.peft_format import load_adapter
-    from moerge.io.source import open_source
-
+    latest adapters made on its latest base (or the refs given); neither: ``$MOERGE_LIBRARY``'s. Full
+    fine-tunes and experts made on an older base are refused when named, and left out with a warning
+    otherwise."""
+    library = library_for(library, experts)
     if library is not None:
-        from moerge.library import Library
 
         lib = Library.open(library)
         entries = [lib.get(r) for r in experts] if experts else lib.experts(latest=True)
@@ -178,8 +170,6 @@ def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: s
                               "only (merge full fine-tunes with `moerge merge`)")
         if full:  # routing among "the library's latest experts": the adapters among them
             import warnings
-
-            from moerge.errors import MoergeWarning
 
             warnings.warn(f"{', '.join(full)} left out: full fine-tunes are merged, not routed", MoergeWarning, stacklevel=2)
             entries = [e for e in entries if e.kind != "full"]
@@ -194,8 +184,6 @@ def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: s
         if older:  # "the library's latest experts": those made on its latest base
             import warnings
 
-            from moerge.errors import MoergeWarning
-
             warnings.warn(f"{', '.join(older)} left out: made on an older base than {current.ref} (moerge expert rebase "
                           "re-applies them)", MoergeWarning, stacklevel=2)
             entries = [e for e in entries if e.base_version == current.version]
@@ -209,7 +197,7 @@ def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: s
         base_dir = current.path
     else:
         if not experts:
-            raise MoergeError("give expert folders or --library")
+            raise MoergeError("give expert folders or --library (or set $MOERGE_LIBRARY to a library)")
         base_dir = base_model.resolve(base)
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moerge.lm.generate import left_pad
+
 MIN_REUSE = 8  # tokens: a shorter shared start is recomputed (the gather costs more than it saves)
 MIN_NEW = 8  # a prompt is kept when at least this many of its tokens were computed (not reused)
 
@@ -123,7 +125,7 @@ def last_logits_only(model) -> dict:
 
 
 def embed(model, prefixes: PrefixCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, pad: int) -> torch.Tensor:
-    """Mean-pooled final hidden states of the base (``routing.embed.mean_pooled``'s embeddings), each
+    """Mean-pooled final hidden states of the base (``experts.embed.mean_pooled``'s embeddings), each
     prompt's start shared with a cached base prompt taken from the cache (its keys and values, and its
     final hidden states); the prompts are kept for the next ones. (b, hidden) float32."""
     rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
@@ -144,8 +146,6 @@ def forward(model, rows: list[list[int]], reuse: list[tuple[int, Entry | None]],
     positions come from the mask. Returns (output, cache, mask over all columns, width of the reused
     part); the output covers the computed columns only."""
     from transformers import DynamicCache
-
-    from moerge.eval.generate import left_pad
 
     cache = DynamicCache()
     width = max((n for n, _ in reuse), default=0)

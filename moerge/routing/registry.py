@@ -109,4 +109,11 @@ def get(name: str) -> type[Router]:
 
 
 def _load() -> None:
-    from moerge.routing.routers import arrow, centroid, lorahub, oracle, phatgoose, smear  # noqa: F401  (importing registers)
+    from moerge.routing.routers import (  # noqa: F401  (importing registers)
+        arrow,
+        centroid,
+        lorahub,
+        oracle,
+        phatgoose,
+        smear,
+    )

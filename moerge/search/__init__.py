@@ -8,7 +8,7 @@ the result is never worse than it on the search's own score. The best recipe and
 both scored on the *test* split, which the search never saw: that is the number to believe.
 
 With ``ray`` the candidates of a round (``workers`` at a time) run as Ray tasks, each merging and
-scoring in its own process on one core (``moerge.scale``), as mergekit-evolve spreads candidates
+scoring in its own process on one core (``moerge.util.scale``), as mergekit-evolve spreads candidates
 over GPUs.
 """
 
@@ -21,8 +21,19 @@ from pathlib import Path
 
 import yaml
 
+from moerge.engine.dense import model_from_tensors
+from moerge.engine.executor import merge_tensors
+from moerge.engine.multi import MultiRecipe
+from moerge.engine.plan import Plan
+from moerge.engine.run import load_recipe
+from moerge.engine.run import plan as plan_recipe
+from moerge.engine.stats import gather
 from moerge.errors import MoergeError
+from moerge.eval import evaluate, resolve_tasks
+from moerge.methods import registry
 from moerge.search.space import Knob, apply, knobs, value_at
+from moerge.util.files import atomic_file
+from moerge.util.scale import Runner
 
 OPTIMIZERS = ("NGOpt", "CMA", "TwoPointsDE", "PSO", "OnePlusOne", "RandomSearch")
 
@@ -50,15 +61,9 @@ def score_recipe(recipe: dict, tasks: list[str], n: int, split: str = "validatio
     import torch
     from transformers import AutoTokenizer
 
-    import moerge
-    from moerge.engine.dense import model_from_tensors
-    from moerge.engine.executor import merge_tensors
-    from moerge.engine.plan import Plan
-    from moerge.eval import evaluate
-
     if threads:
         torch.set_num_threads(threads)
-    plan = moerge.plan(recipe, library=library)
+    plan = plan_recipe(recipe, library=library)
     if not isinstance(plan, Plan):
         raise MoergeError("merge search takes a one-stage merge recipe (not a multi-document recipe or an MoE config)")
     if plan.config is None:
@@ -87,27 +92,21 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
         import nevergrad as ng
     except ImportError:
         raise MoergeError("merge search needs nevergrad: pip install nevergrad") from None
-    import moerge
-    from moerge.engine.multi import MultiRecipe
-    from moerge.eval import resolve_tasks
-    from moerge.methods import registry
-    from moerge.scale import Runner
 
     if budget < 1:
         raise MoergeError(f"--budget {budget}: give at least 1 candidate to try")
     if optimizer not in OPTIMIZERS:
         raise MoergeError(f"--optimizer {optimizer}: use one of {', '.join(OPTIMIZERS)}")
     names = resolve_tasks(tasks)
-    r = moerge.load_recipe(recipe)
+    r = load_recipe(recipe)
     if isinstance(r, MultiRecipe) or not hasattr(r, "merge_method"):
         raise MoergeError("merge search takes a one-stage merge recipe (not a multi-document recipe or an MoE config)")
     default = yaml.safe_load(r.to_yaml())
     chosen = knobs(default, registry.get(r.merge_method), params)
-    plan0 = moerge.plan(default, library=library)  # every input and parameter checked before any candidate runs
+    plan0 = plan_recipe(default, library=library)  # every input and parameter checked before any candidate runs
     lib = str(library) if library is not None else None
     stats = None
     if plan0.method.stats:  # Fisher, RegMean: each input's statistics once, not once per candidate
-        from moerge.engine.stats import gather
 
         stats = gather(plan0, progress)
     start = time.perf_counter()
@@ -174,8 +173,6 @@ def _fmt(values: dict) -> str:
 
 def write_recipe(result: SearchResult, path: str | Path) -> Path:
     """The best recipe as YAML, atomically."""
-    from moerge.util import atomic_file
-
     with atomic_file(path) as tmp:
         tmp.write_text(result.yaml())
     return Path(path)

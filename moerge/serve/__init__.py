@@ -7,6 +7,9 @@ or per token, with continuous batching over the mixture runtime.
 - ``ray_serve.py``: the same app as Ray Serve replicas (``--ray``);
 - ``Server`` here: the app on uvicorn, in the foreground (the CLI) or a background thread (tests,
   notebooks).
+
+The server's parts (FastAPI, torch) load in the functions that build it, so the package imports
+light: ``serve.protocol`` and the Ray driver need none of them.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
 def load_draft(draft, bank):
     """The draft model for speculative decoding: any causal LM folder (or a base by name) with the
     served base's vocabulary, token for token. (``draft="ngram"`` needs no model: prompt lookup.)"""
-    from moerge import base as base_model
+    from moerge.lm import base as base_model
 
     model, tok = base_model.load(draft)
     if tok.get_vocab() != bank.tokenizer.get_vocab():

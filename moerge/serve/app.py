@@ -20,10 +20,18 @@ import uuid
 from pathlib import Path
 
 from moerge.errors import MoergeError
+from moerge.lm.chat import chat_ids, completion_ids
 from moerge.serve.bank import Conflict, NotFound
 from moerge.serve.engine import Busy, Engine, Sampling, Sequence, Unavailable
-from moerge.serve.protocol import (ChatRequest, CompletionRequest, LoadAdapter, UnloadAdapter, error_body, error_place,
-                                   unknown_field)
+from moerge.serve.protocol import (
+    ChatRequest,
+    CompletionRequest,
+    LoadAdapter,
+    UnloadAdapter,
+    error_body,
+    error_place,
+    unknown_field,
+)
 
 ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatRequest,
@@ -198,8 +206,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
-        from moerge.tasks.chat import completion_ids
-
         given = body.prompt
         if isinstance(given, list) and given and all(isinstance(t, int) for t in given):
             given = [given]  # one prompt of token ids
@@ -219,8 +225,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, adapter_roots: lis
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest):
-        from moerge.tasks.chat import chat_ids
-
         try:
             messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
             ids, text = chat_ids(bank.tokenizer, messages)

@@ -19,6 +19,12 @@ from pathlib import Path
 import torch
 
 from moerge.errors import MoergeError, MoergeWarning
+from moerge.library import Library, library_for
+from moerge.lm import base as base_model
+from moerge.lm.generate import left_pad
+from moerge.routing.batch import set_batch_routes
+from moerge.routing.model import Mixture, gather_experts
+from moerge.routing.registry import get
 
 
 class NotFound(MoergeError):
@@ -42,8 +48,6 @@ class ExpertBank:
     def __init__(self, base_dir: Path, *, experts: list | None = None, cards: list[dict] | None = None,
                  routers: list[str] | None = None, library: str | os.PathLike | None = None, base_id: str | None = None,
                  router_options: dict | None = None, strict: bool = True):
-        from moerge import base as base_model
-
         self.base_dir = Path(base_dir)
         self.model, self.tokenizer = base_model.load(self.base_dir)
         self.base_id = base_id or self.base_dir.name
@@ -69,8 +73,6 @@ class ExpertBank:
     def rebuild(self, strict: bool = False) -> None:
         """Attach the current experts and fit every router to them (``strict``: a router that cannot
         fit is an error, as at start-up; else it is disabled with its reason)."""
-        from moerge.routing.model import Mixture
-
         if self.prefixes is not None:  # keys and values computed with the old bank are stale
             self.prefixes.clear()
         if self.mixture is not None:
@@ -133,8 +135,6 @@ class ExpertBank:
 
     def load_folder(self, name: str, path: str | os.PathLike) -> None:
         """A PEFT adapter folder made on this base (its card, gates and centroids come along if present)."""
-        from moerge.routing.model import gather_experts
-
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name or ""):
             raise MoergeError(f"lora_name {name!r}: use letters, digits, '.', '_' and '-' (at most 128)")
         if not Path(path).is_dir():
@@ -154,8 +154,6 @@ class ExpertBank:
         say which are left out, full fine-tunes and experts on an older base); their refs."""
         if self.library is None:
             return []
-        from moerge.library import Library
-        from moerge.routing.model import gather_experts
 
         lib = Library.open(self.library)
         current = lib.base()
@@ -223,8 +221,6 @@ class ExpertBank:
 
     def assign_example_routes(self, seqs: list) -> None:
         """Rows routed by an example-level router get their weights now, once, from their prompt."""
-        from moerge.eval.generate import left_pad
-
         by_router: dict[str, list] = {}
         for s in seqs:
             if s.route.router is not None and self.routers[s.route.router].level == "example":
@@ -255,21 +251,9 @@ class ExpertBank:
         for layer in self.mixture.layers.values():
             layer.release()
         self._rows = rows
-        if not token:
-            st.token_router, st.example_weights = None, (fixed if fixed.any() else None)
-            self._acc = None
-            return
         groups = [(self.routers[n], torch.tensor(idx)) for n, idx in token.items()]
-        self._acc = torch.zeros(len(rows), len(self.names))
-
-        def per_token(module: str, x: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
-            w = fixed[:, None, :].expand(x.shape[0], x.shape[1], -1).clone()
-            for router, idx in groups:
-                w[idx] = router.token_weights(module, x.index_select(0, idx), None).float()
-                self._acc[idx] += w[idx].sum(1)
-            return w.to(x.dtype)
-
-        st.example_weights, st.token_router = None, per_token
+        self._acc = torch.zeros(len(rows), len(self.names)) if token else None
+        set_batch_routes(st, fixed, groups, self._acc)
 
     def collect(self) -> None:
         """Add what token routers gave each row since the last call to that row's tally."""
@@ -309,8 +293,6 @@ class ExpertBank:
 
 def servable_router(name: str):
     """The router class ``name``, if a server can run it (few-shot routers need each task's examples)."""
-    from moerge.routing.registry import get
-
     cls = get(name)
     if cls.few_shot:
         raise MoergeError(f"router {name!r} needs labelled examples of each task; serve a task-level router (centroid, "
@@ -323,13 +305,10 @@ def sources(*, library: str | os.PathLike | None = None, experts: list | None = 
     """(experts, their cards, the base folder, the base's model id) a server starts from, every input
     checked: adapter folders on ``base``, or a library (whose experts the bank takes itself, as it
     does when more are added later), or the base alone (adapters can be loaded later)."""
-    from moerge import base as base_model
-    from moerge.routing.model import gather_experts
-
     if library is not None and experts:
         raise MoergeError("give --library (its latest adapters are served) or --experts (adapter folders), not both")
+    library = library_for(library, experts)
     if library is not None:
-        from moerge.library import Library
 
         current = Library.open(library).base()
         return [], [], current.path, current.ref

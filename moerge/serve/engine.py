@@ -39,7 +39,6 @@ from moerge.routing import prefix
 from moerge.routing.prefix import PrefixCache, pad_left
 from moerge.serve.bank import ExpertBank, NotFound, Route
 
-
 log = logging.getLogger("moerge.serve")
 
 FAULT_WINDOW = 300.0  # seconds: faults within it count towards ``degraded``

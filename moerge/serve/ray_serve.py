@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 
 from moerge.errors import MoergeError
+from moerge.library import library_for
+from moerge.serve import build
+from moerge.serve.bank import servable_router, sources
 
 NO_RUNTIME = ("adapters are not loaded at run time on Ray Serve replicas (a load would reach one replica); add it to "
               "the library the server runs on (moerge library add) and every replica serves it")
@@ -19,8 +22,6 @@ NO_RUNTIME = ("adapters are not loaded at run time on Ray Serve replicas (a load
 def _replica_app(spec: dict):
     """Runs on each replica: the app over its own engine."""
     import torch
-
-    from moerge.serve import build
 
     torch.set_num_threads(spec.pop("threads", 1))
     app, _engine = build(**spec, no_runtime=NO_RUNTIME)
@@ -33,6 +34,7 @@ def deploy(*, address: str | None = None, replicas: int = 2, host: str = "127.0.
     returns the base URL (``.../v1``). ``address``: None or "local" for a local Ray, else a cluster."""
     if replicas < 1:
         raise MoergeError(f"--replicas {replicas}: at least 1")
+    spec["library"] = library_for(spec.get("library"), spec.get("experts"))  # resolved here, not in each replica
     check(**spec)
     try:
         import ray
@@ -68,8 +70,6 @@ def deploy(*, address: str | None = None, replicas: int = 2, host: str = "127.0.
 
 def check(*, library=None, experts=None, base=None, routers=None, adapter_roots=None, **_) -> None:
     """What can be checked before Ray starts, in one line each: the experts or library, the routers."""
-    from moerge.serve.bank import servable_router, sources
-
     if adapter_roots:
         raise MoergeError("--adapter-root: replicas do not load adapters at run time (a load would reach one replica); "
                           "serve a library and add adapters to it")

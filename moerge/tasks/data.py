@@ -13,22 +13,17 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable
 
 from moerge.errors import MoergeError
+from moerge.lm.example import Example  # noqa: F401  (re-exported: moerge.tasks.Example)
 from moerge.tasks.skills import get
+from moerge.util.files import atomic_file
 
 SPLITS = ("train", "validation", "test")
 SEPARATOR = "="
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    completion: str
-    task: str = ""
 
 
 def format_prompt(instruction: str, x: str) -> str:
@@ -89,8 +84,6 @@ def mixture(tasks: Iterable[str], split: str, n_per_task: int, seed: int = 0) ->
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Example]) -> Path:
-    from moerge.util import atomic_file
-
     path = Path(path)
     with atomic_file(path) as tmp, open(tmp, "w") as f:
         for e in rows:
@@ -122,6 +115,20 @@ def json_rows(path: str | os.PathLike, fields: tuple[str, ...]) -> list[dict]:
     if not out:
         raise MoergeError(f"{path}: has no examples")
     return out
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts of a task, from a JSONL file of ``{"prompt": ...}`` objects (``completion`` ignored) or a
+    text file with one prompt per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ...}} lines or a text file of prompts")
+    if path.suffix == ".jsonl":
+        return [r["prompt"] for r in json_rows(path, ("prompt",))]
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise MoergeError(f"{path}: has no prompts")
+    return lines
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:

@@ -3,7 +3,7 @@ model (SmolLM2-135M-Instruct), scored by exact match.
 
 Each skill draws inputs from small word lists (or numbers, dates), has three paraphrased instructions,
 and one exact answer. The prompt is ``"<instruction>: <input>"``; training and evaluation render it with
-the model's chat template (``moerge.tasks.chat``), so an expert learns to answer in the assistant turn
+the model's chat template (``moerge.lm.chat``), so an expert learns to answer in the assistant turn
 with the bare answer, where the base model answers in sentences. Four held-out composites chain two
 word skills; no expert is trained on them.
 

@@ -13,6 +13,7 @@ import random
 import string
 from typing import Callable
 
+from moerge.errors import MoergeError
 from moerge.tasks import real as _real
 from moerge.tasks.skill import Skill
 
@@ -140,8 +141,6 @@ REAL_EXPERTS, REAL_HELDOUT = _real.EXPERTS, _real.HELDOUT
 
 
 def get(name: str) -> Skill:
-    from moerge.errors import MoergeError
-
     try:
         return SKILLS[name]
     except KeyError:

@@ -14,19 +14,32 @@ conversational pairs with it), then the answer and eos.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from moerge.errors import MoergeError
+from moerge.experts.card import ADAPTERS, ALIASES, ExpertCard
+from moerge.experts.embed import task_centroids
+from moerge.io.fingerprint import folder_fingerprint
+from moerge.lm import base as base_model
+from moerge.lm.batching import completion_logps
+from moerge.lm.chat import bos_tokenizer, uses_chat
+from moerge.lm.generate import exact_match
+from moerge.tasks.data import Example
+from moerge.tasks.preferences import (
+    Preference,
+    preference_hash,
+    read_preferences,
+    split_preferences,
+)
+from moerge.train.expert import DEFAULT_LR, peft_config
+from moerge.util.files import atomic_dir, check_output_dir
+from moerge.util.progress import progress_bar, quiet_transformers
 
-FIELDS = ("prompt", "chosen", "rejected")
 MIN_PAIRS = 20  # as for an expert's data: enough to train on and still hold some out
 # A tenth of expert training's rates: on the real model (bench/dpo_after_merge.py, README) LoRA DPO at
 # expert training's 5e-3 left the model preferring the chosen answers but generating nothing right,
@@ -34,44 +47,8 @@ MIN_PAIRS = 20  # as for an expert's data: enough to train on and still hold som
 LR_SCALE = 0.1
 
 
-@dataclass(frozen=True)
-class Preference:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def read_preferences(path: str | os.PathLike) -> list[Preference]:
-    """A JSONL file of ``{"prompt", "chosen", "rejected"}`` strings (TRL's standard preference format);
-    a malformed line, or a pair whose answers are the same, is one error naming the line."""
-    from moerge.tasks.data import json_rows
-
-    rows = json_rows(path, FIELDS)
-    for n, r in enumerate(rows, 1):
-        if r["chosen"] == r["rejected"]:
-            raise MoergeError(f"{path}: example {n}: chosen and rejected are the same answer; a preference needs two")
-    return [Preference(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-
-
-def split_preferences(prefs: list[Preference]) -> tuple[list[Preference], list[Preference]]:
-    """(train, held out) by the prompt's hash, as users' JSONL is split for experts (about 1 in 5 held out)."""
-    from moerge.tasks.data import split_of
-
-    return [p for p in prefs if split_of(p.prompt) == "train"], [p for p in prefs if split_of(p.prompt) != "train"]
-
-
-def preference_hash(prefs: list[Preference]) -> str:
-    h = hashlib.sha256()
-    for p in prefs:
-        h.update(json.dumps([p.prompt, p.chosen, p.rejected]).encode() + b"\n")
-    return "sha256:" + h.hexdigest()
-
-
 def preference_accuracy(model, tokenizer, prefs: list[Preference]) -> float:
     """Share of pairs where the model gives the chosen answer a higher log-likelihood than the rejected."""
-    from moerge.tasks.data import Example
-    from moerge.train.loop import completion_logps
-
     if not prefs:
         return 0.0
     chosen = completion_logps(model, tokenizer, [Example(p.prompt, p.chosen) for p in prefs])
@@ -79,22 +56,8 @@ def preference_accuracy(model, tokenizer, prefs: list[Preference]) -> float:
     return float((chosen > rejected).float().mean())
 
 
-def chosen_rows(card) -> list:
-    """A DPO expert's training prompts with their chosen answers: its data as prompt/completion rows
-    (what data-aware merges and routers read from an expert's card)."""
-    from moerge.tasks.data import Example
-
-    prefs = split_preferences(read_preferences(card.data))[0]
-    if card.data_sha256 and preference_hash(prefs) != card.data_sha256:
-        raise MoergeError(f"{card.data}: changed since the expert was tuned on it (its hash differs from the card's); "
-                          "give its original data")
-    return [Example(p.prompt, p.chosen) for p in prefs]
-
-
 def _dataset(prefs: list[Preference], tokenizer):
     from datasets import Dataset
-
-    from moerge.tasks.chat import uses_chat
 
     if uses_chat(tokenizer):  # conversational pairs: TRL renders them with the model's chat template
         return Dataset.from_list([{"prompt": [{"role": "user", "content": p.prompt}],
@@ -124,15 +87,6 @@ def tune_dpo(
     base) on the preference pairs in ``data``; write an adapter of it (or, with ``adapter="full"``, the
     tuned model) and its expert card to ``out_dir``. Returns the card; its ``extra["dpo"]`` holds the
     preference accuracy on the held-out pairs before and after."""
-    from moerge import base as base_model
-    from moerge.eval.generate import exact_match
-    from moerge.io.fingerprint import folder_fingerprint
-    from moerge.routing.embed import task_centroids
-    from moerge.tasks.chat import bos_tokenizer
-    from moerge.tasks.data import Example
-    from moerge.train.expert import ADAPTERS, ALIASES, DEFAULT_LR, ExpertCard, peft_config
-    from moerge.util import atomic_dir, check_output_dir, progress_bar, quiet_transformers
-
     adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from moerge.base import CARD, CONFIG, PRETRAIN_LR, PRETRAIN_STEPS, cache_dir
-from moerge.eval.generate import exact_match
 from moerge.io.fingerprint import folder_fingerprint
+from moerge.lm.base import CARD, CONFIG, PRETRAIN_LR, PRETRAIN_STEPS, cache_dir
+from moerge.lm.generate import exact_match
+from moerge.lm.tiny import save_char_tokenizer, tiny_config
 from moerge.tasks import EXPERTS, PRETRAIN, examples, mixture
-from moerge.tiny import save_char_tokenizer, tiny_config
 from moerge.train.loop import train
-from moerge.util import atomic_dir, progress_bar, quiet_transformers
+from moerge.util.files import atomic_dir
+from moerge.util.progress import progress_bar, quiet_transformers
 
 
 def build_base(out_dir: str | Path | None = None, *, seed: int = 0, steps: int = PRETRAIN_STEPS,

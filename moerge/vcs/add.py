@@ -8,6 +8,9 @@ included) when it is smaller than half the dense bytes; otherwise, and for every
 tensor, the dense object is kept as usual. Then ``git add`` runs: the clean filter finds those objects
 already present and writes nothing for them. The manifest git records is the same as a plain
 ``git add`` would make, so diffs, merges, clones and old checkouts work unchanged.
+
+The expert readers and torch load in the functions that apply a LoRA (``--lora``): the rest of
+``moerge git`` starts without torch.
 """
 
 from __future__ import annotations

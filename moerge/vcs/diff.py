@@ -24,6 +24,8 @@ from typing import Callable
 
 from moerge.io.blobs import BlobError, BlobStore
 from moerge.vcs import manifest as mf
+from moerge.vcs.filter import run
+from moerge.vcs.repo import objects
 
 NP_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1",
              "BOOL": "?", "U16": "<u2", "U32": "<u4", "U64": "<u8"}
@@ -111,7 +113,6 @@ def load(path: str | None, store: BlobStore | None) -> dict[str, Tensor] | None:
     if mf.is_manifest(head):
         m = mf.parse(p.read_bytes(), str(p))
         if store is None:
-            from moerge.vcs.repo import objects
 
             store = objects()
         return _from_manifest(m, store, str(p))
@@ -217,8 +218,6 @@ def textconv(path: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moerge.vcs.filter import run
-
     argv = sys.argv[1:] if argv is None else argv
     as_json = bool(argv) and argv[0] == "--json"
     args = argv[1:] if as_json else argv

@@ -20,8 +20,10 @@ import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO
 
+from moerge.errors import MoergeError
 from moerge.io.blobs import BlobError, BlobStore
 from moerge.vcs import manifest as mf
+from moerge.vcs.repo import objects
 
 
 class FilterError(Exception):
@@ -96,9 +98,6 @@ def _missing(e: BlobError, p: mf.Part, path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moerge.errors import MoergeError
-    from moerge.vcs.repo import objects
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("clean", "smudge"):
         print("usage: python -m moerge.vcs.filter clean|smudge PATH", file=sys.stderr)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from moerge.io.blobs import BlobError, BlobStore, sha256
+from moerge.vcs import lowrank
 
 SUFFIX = ".lr"
 MAX_CHAIN = 1000  # deltas on deltas: a cycle (a tampered store) must not recurse forever
@@ -44,7 +45,6 @@ class ObjectStore(BlobStore):
     def read(self, digest: str, nbytes: int | None = None, _depth: int = 0) -> bytes:
         if self.path(digest).exists() or not self.lr_path(digest).exists():
             return super().read(digest, nbytes)
-        from moerge.vcs import lowrank
 
         if _depth > MAX_CHAIN:
             raise BlobError(digest, "corrupt", "its low-rank deltas form a cycle")
@@ -75,7 +75,6 @@ class ObjectStore(BlobStore):
         or a damaged delta)."""
         if not self.is_delta(digest):
             return None
-        from moerge.vcs import lowrank
 
         try:
             with open(self.lr_path(digest), "rb") as f:

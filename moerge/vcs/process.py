@@ -16,6 +16,9 @@ from __future__ import annotations
 import sys
 from typing import BinaryIO
 
+from moerge.vcs.filter import clean, smudge
+from moerge.vcs.repo import objects
+
 MAX_DATA = 65516
 
 
@@ -108,9 +111,6 @@ class PktWriter:
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
     import io
-
-    from moerge.vcs.filter import clean, smudge
-    from moerge.vcs.repo import objects
 
     if read_list(inp) != ["git-filter-client", "version=2"]:
         raise ProtocolError("not git's filter protocol (version 2)")

@@ -5,8 +5,8 @@ bucket, any fsspec URL), sending or fetching only what the other side lacks.
 A remote is a prefix holding ``objects/ab/cdef...`` laid out as the local store. Which objects matter
 is read from git itself: every tracked checkpoint manifest in every commit reachable from any ref
 (``git rev-list --objects --all``), so a pull after ``git fetch`` gets what the fetched commits need.
-Objects are verified (size and sha256) before they are sent and after they arrive; an object arrives
-under a temporary name and is renamed into place (S3 writes are atomic by themselves).
+Objects are verified (size and sha256) before they are sent and after they arrive; they travel through
+``io.remote``, as the expert library's blobs do (whole files: a temporary name renamed into place).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ from pathlib import Path
 
 from moerge.errors import MoergeError
 from moerge.io.blobs import BlobError, sha256
+from moerge.io.remote import Remote, open_remote
 from moerge.vcs import lowrank
 from moerge.vcs import manifest as mf
+from moerge.vcs.filter import FilterError, smudge
 from moerge.vcs.objects import SUFFIX
-from moerge.vcs.repo import git, objects, tracked, worktree
+from moerge.vcs.repo import git, installed, objects, tracked, worktree
 
 
 @dataclass
@@ -74,48 +76,22 @@ def referenced(cwd=None, *, keep_all: bool = False) -> dict[str, Needed]:
     return out
 
 
-def _remote(url: str, must_exist: bool = False):
-    import fsspec
-
-    if not url.strip():
-        raise MoergeError("REMOTE is empty; give a folder or an fsspec URL such as s3://bucket/team")
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except (ImportError, ValueError) as e:
-        raise MoergeError(f"{url}: cannot open this remote ({e}); for s3:// install s3fs (pip install 'moerge[s3]')") from None
-    root = root.rstrip("/")
-    if must_exist:
-        try:
-            there = fs.exists(root)
-        except Exception as e:  # credentials, endpoint: the client's own exception types
-            raise MoergeError(_remote_error(url, e)) from None
-        if not there:
-            raise MoergeError(f"{url}: no such remote (nothing there); check the path, or `moerge git push` to it first")
-    return fs, root
+def _remote(url: str, must_exist: bool = False) -> Remote:
+    remote = open_remote(url)
+    if must_exist and not remote.exists(remote.root):
+        raise MoergeError(f"{url}: no such remote (nothing there); check the path, or `moerge git push` to it first")
+    return remote
 
 
-def _remote_error(url: str, e: Exception) -> str:
-    text = (str(e).splitlines() or [""])[0][:160]
-    hint = ("; check the credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or a profile) and, for an S3-compatible "
-            "store, FSSPEC_S3_ENDPOINT_URL") if url.startswith(("s3://", "s3a://")) else ""
-    return f"{url}: cannot reach the remote ({type(e).__name__}: {text}){hint}"
-
-
-def _listing(fs, root: str, url: str) -> tuple[dict[str, int], set[str]]:
+def _listing(remote: Remote) -> tuple[dict[str, int], set[str]]:
     """The remote's objects: plain ones with their sizes, and those kept as low-rank deltas."""
-    try:
-        found = fs.find(f"{root}/objects", detail=True)
-    except FileNotFoundError:
-        return {}, set()
-    except Exception as e:  # botocore/aiohttp raise their own types for a wrong endpoint or credentials
-        raise MoergeError(_remote_error(url, e)) from None
     plain, deltas = {}, set()
-    for path, info in found.items():
+    for path, size in remote.find(remote.path("objects")).items():
         parts = path.rstrip("/").split("/")
         if len(parts) < 2 or len(parts[-2]) != 2:
             continue
         if len(parts[-1]) == 62:
-            plain[parts[-2] + parts[-1]] = int(info.get("size") or 0)
+            plain[parts[-2] + parts[-1]] = size
         elif len(parts[-1]) == 62 + len(SUFFIX) and parts[-1].endswith(SUFFIX):
             deltas.add(parts[-2] + parts[-1][:62])
     return plain, deltas
@@ -137,10 +113,9 @@ def push(url: str, cwd=None) -> Transfer:
     """Send the objects the remote lacks (every referenced object we have, and the objects that those
     kept as low-rank deltas are built on)."""
     store = objects(cwd)
-    fs, root = _remote(url)
-    plain, deltas = _listing(fs, root, url)
+    remote = _remote(url)
+    plain, deltas = _listing(remote)
     res = Transfer()
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     queue = sorted(referenced(cwd).items())
     seen = {d for d, _ in queue}
     while queue:
@@ -162,35 +137,19 @@ def push(url: str, cwd=None) -> Transfer:
             if parent[0] not in seen:
                 seen.add(parent[0])
                 queue.append((parent[0], Needed(parent[1], need.users)))
-        _send(fs, root, url, digest, data, local, delta=parent is not None)
+        remote.write(_remote_path(remote.root, digest, parent is not None), data, f"object {digest[:12]}")
         res.moved += 1
         res.bytes += len(data)
     return res
 
 
-def _send(fs, root: str, url: str, digest: str, data: bytes, local: bool, delta: bool) -> None:
-    dest = _remote_path(root, digest, delta)
-    try:
-        if local:  # a folder: write under a temporary name, then rename (S3 writes are atomic by themselves)
-            fs.makedirs(f"{root}/objects/{digest[:2]}", exist_ok=True)
-            tmp = f"{root}/objects/{digest[:2]}/.{digest[2:]}.{uuid.uuid4().hex}"
-            fs.pipe_file(tmp, data)
-            fs.mv(tmp, dest)
-        else:
-            fs.pipe_file(dest, data)
-    except Exception as e:
-        raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot write object {digest[:12]}")) from None
-
-
 def pull(url: str, cwd=None) -> Transfer:
     """Fetch the referenced objects we lack (run ``git fetch`` first for new commits' manifests)."""
-    from moerge.vcs.repo import installed
-
     if not installed(cwd):
         raise MoergeError(f"{Path(cwd or '.').resolve()}: moerge's filters are not installed in this clone, so git would store "
                           "the checkpoints pull writes as raw weights; run `moerge git install` first")
     store = objects(cwd)
-    fs, root = _remote(url, must_exist=True)
+    remote = _remote(url, must_exist=True)
     res = Transfer()
     needed = referenced(cwd)
     # missing or truncated here: fetched. A damaged one was moved aside when smudge or verify found it, so it is
@@ -203,7 +162,7 @@ def pull(url: str, cwd=None) -> Transfer:
     res.already = len(needed) - len(todo)
     if not todo:
         return res
-    plain, deltas = _listing(fs, root, url)
+    plain, deltas = _listing(remote)
     damaged, fetched_deltas = [], []
     queue = sorted(todo.items())
     seen = set(todo)
@@ -213,11 +172,8 @@ def pull(url: str, cwd=None) -> Transfer:
         if digest not in plain and not delta:
             res.missing.append(f"{need.users[0][0]}: {need.users[0][1]}")
             continue
-        remote_path = _remote_path(root, digest, delta)
-        try:
-            data = fs.cat_file(remote_path)
-        except Exception as e:
-            raise MoergeError(_remote_error(url, e).replace("cannot reach the remote", f"cannot read object {digest[:12]}")) from None
+        remote_path = _remote_path(remote.root, digest, delta)
+        data = remote.read(remote_path, f"object {digest[:12]}")
         if delta:  # checked once what it is built on is here too (below)
             try:
                 head = lowrank.header(data)
@@ -271,8 +227,6 @@ def materialize(cwd=None) -> list[str]:
     """Write out tracked files of the working tree that are still manifests (a clone made before the
     drivers were installed, or whose objects were missing), now that their objects are here; then
     refresh git's index so they show as unchanged. Returns the paths written."""
-    from moerge.vcs.filter import FilterError, smudge
-
     top = worktree(cwd)
     store = objects(cwd)
     files = [f for f in git("ls-files", "-z", cwd=top).split("\0") if f]

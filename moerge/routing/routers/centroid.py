@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
+from moerge.experts.embed import SentenceEmbedder
+from moerge.library.store import library_origin
 from moerge.routing.registry import ExampleRouter, register, top_k_softmax
 
 
 def _no_centroids(card: dict, embedder: str | None) -> str:
     """What to run when an expert's card lacks task centroids: no retraining, only its task's prompts."""
     from pathlib import Path
-
-    from moerge.library.store import library_origin
 
     name = card.get("name", "?")
     emb = f" --embedder {embedder}" if embedder else ""
@@ -42,8 +42,6 @@ class CentroidRouter(ExampleRouter):
         self.embedder_name = embedder
 
     def fit(self, routed) -> None:
-        from moerge.routing.embed import SentenceEmbedder
-
         self.embedder = SentenceEmbedder(self.embedder_name) if self.embedder_name else None
         self.centroids = []
         for card in routed.cards:

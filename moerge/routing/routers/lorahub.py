@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm.batching import collate, completion_loss, encode
 from moerge.routing.registry import ExampleRouter, register
 
 
@@ -50,7 +51,6 @@ def search(routed, examples: list, budget: int = 40, seed: int = 0) -> torch.Ten
         import nevergrad as ng
     except ImportError:
         raise MoergeError("the lorahub router needs nevergrad: pip install 'moerge[lorahub]' (or pip install nevergrad)") from None
-    from moerge.train.loop import collate, completion_loss, encode
 
     batch = collate(encode(routed.tokenizer, examples), routed.tokenizer.pad_token_id)
     n = len(routed.cards)

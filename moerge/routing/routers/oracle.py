@@ -7,11 +7,10 @@ from __future__ import annotations
 import torch
 
 from moerge.routing.registry import ExampleRouter, register
+from moerge.tasks.skills import SKILLS
 
 
 def task_of(prompt: str) -> str | None:
-    from moerge.tasks.skills import SKILLS
-
     instruction = prompt.split(": ", 1)[0]
     for name, skill in SKILLS.items():
         if instruction in skill.instructions:
@@ -25,8 +24,6 @@ class OracleRouter(ExampleRouter):
     help = "knows the task of each built-in prompt and picks its expert (composites: their parts' experts)"
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
-        from moerge.tasks.skills import SKILLS
-
         tasks = [c.get("task") if c else None for c in routed.cards]
         w = torch.zeros(len(prompts), len(tasks))
         for i, p in enumerate(prompts):

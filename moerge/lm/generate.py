@@ -7,8 +7,8 @@ from typing import Sequence
 
 import torch
 
-from moerge.tasks.chat import prompt_ids
-from moerge.tasks.data import Example
+from moerge.lm.chat import prompt_ids
+from moerge.lm.example import Example
 
 
 def encode_left_padded(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 
 from moerge.errors import MoergeError
-
-from moerge.eval.generate import encode_left_padded
+from moerge.io.fingerprint import folder_fingerprint
+from moerge.lm import base as base_model
+from moerge.lm.generate import encode_left_padded
 
 
 @torch.no_grad()
@@ -62,7 +63,6 @@ class SentenceEmbedder:
             from sentence_transformers import SentenceTransformer
         except ImportError:
             raise MoergeError("a sentence-embedding model needs sentence-transformers: pip install 'moerge[embed]'") from None
-        from moerge.io.fingerprint import folder_fingerprint
 
         self.name = str(name_or_path)
         local = Path(name_or_path)
@@ -92,22 +92,6 @@ def record_embedding(card: dict, embedder: SentenceEmbedder, prompts: Sequence[s
     return card | {"embeddings": dict(card.get("embeddings") or {}) | {embedder.id: entry}}
 
 
-def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts of a task, from a JSONL file of ``{"prompt": ...}`` objects (``completion`` ignored) or a
-    text file with one prompt per line."""
-    from moerge.tasks.data import json_rows
-
-    path = Path(path)
-    if not path.is_file():
-        raise MoergeError(f"{path}: no such file; give a JSONL file of {{\"prompt\": ...}} lines or a text file of prompts")
-    if path.suffix == ".jsonl":
-        return [r["prompt"] for r in json_rows(path, ("prompt",))]
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise MoergeError(f"{path}: has no prompts")
-    return lines
-
-
 def with_task_embedding(card: dict, prompts: Sequence[str], *, base: str | os.PathLike | None = None,
                         embedder: str | os.PathLike | None = None, limit: int = 256) -> tuple[dict, dict]:
     """(the card with task centroids of up to ``limit`` of ``prompts``, what was recorded). By default
@@ -119,8 +103,6 @@ def with_task_embedding(card: dict, prompts: Sequence[str], *, base: str | os.Pa
         model = SentenceEmbedder(embedder)
         card = record_embedding(card, model, prompts)
         return card, card["embeddings"][model.id]
-    from moerge import base as base_model
-    from moerge.io.fingerprint import folder_fingerprint
 
     base_dir = base_model.resolve(base)
     model, tok = base_model.load(base_dir)

@@ -1,0 +1,182 @@
+"""The Python API: what the CLI wraps, one function per job, with the defaults.
+
+    import moerge
+    moerge.merge("recipe.yaml", "out/")             # a mergekit-style recipe, path or text or Recipe
+    plan = moerge.plan("recipe.yaml"); print(plan.summary())
+
+A file of several YAML documents (mergekit-multi's form) is a MultiRecipe: ``merge`` runs its stages
+in dependency order and ``plan`` returns a MultiPlan (every stage, in run order).
+
+The defaults live here (the CLI passes None for what the user did not say). Each function imports
+the parts it runs when called (start-up time: ``import moerge`` and ``moerge --help`` load no torch).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from moerge.engine.run import load_recipe, plan, run
+from moerge.errors import MoergeError
+from moerge.tasks import examples
+
+if TYPE_CHECKING:
+    from moerge.engine.executor import MergeResult
+    from moerge.experts.card import ExpertCard
+
+
+def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed: int | None = None,
+          workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
+          library: "str | os.PathLike | None" = None,
+          keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False,
+          lazy: bool = False, eval_tasks=None, eval_n: int = 100) -> "MergeResult":
+    """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
+    runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
+    or to ``keep_intermediates/NAME`` (``lazy``: reuse those an earlier run kept, when their saved recipe
+    is the stage's); only the final stage writes ``out_dir``. ``eval_tasks`` (task names, groups or
+    JSONL files, as ``moerge eval --tasks``) scores the output against every input afterwards
+    (``eval.report``): the table goes into the output's card and ``merge_report.json``, and is the
+    result's ``report``."""
+    if eval_tasks is not None:
+        from moerge.eval import resolve_tasks
+
+        resolve_tasks(eval_tasks)  # an unknown task is refused before any merging
+    res = run(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=shard_size,
+              progress=progress, library=library, keep_intermediates=keep_intermediates,
+              allow_same_experts=allow_same_experts, lazy=lazy)
+    if eval_tasks is not None:
+        from moerge.eval.report import merge_report
+
+        res.report = merge_report(recipe, res.out_dir, eval_tasks, n=eval_n, library=library, progress=progress)
+    return res
+
+
+def train_expert(out_dir: "str | os.PathLike", *, gate_steps: int = 0, **kwargs) -> "ExpertCard":
+    """Train one expert (``moerge.train.expert.train_expert``: task or data, base, adapter, steps, ...)
+    and, with ``gate_steps``, its PHATGOOSE gates afterwards (the expert frozen), so the routers find
+    them beside it. Refused before any training when the expert could not take gates."""
+    from moerge.experts.card import ALIASES
+    from moerge.train.expert import train_expert as train  # start-up time: torch
+
+    if gate_steps and ALIASES.get(kwargs.get("adapter", "lora"), kwargs.get("adapter")) == "full":
+        raise MoergeError("--gate-steps: PHATGOOSE gates route adapters; a full fine-tune (--adapter full) is merged, not routed")
+    card = train(out_dir, **kwargs)
+    if gate_steps:
+        from moerge.routing.routers.phatgoose import train_gates
+
+        train_gates(out_dir, base=card.base, steps=gate_steps, seed=kwargs.get("seed", 0),
+                    progress=kwargs.get("progress", True))
+    return card
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+EVAL_N = 200  # test prompts per task: enough to tell 5 points apart on the built-in skills
+ROUTE_TASKS = "experts"  # a router is scored where its experts are meant to help
+LORAHUB_SHOTS, LORAHUB_BUDGET = 5, 40  # LoraHub's few-shot search: examples per task, loss evaluations
+
+
+@dataclass
+class Scores:
+    """What an evaluation measured: exact match per task (``scores``), or lm-eval's full results
+    (``lm_eval``, with ``lm_eval=...``); for a router also the mean weight each expert got per task."""
+
+    title: str
+    meta: dict
+    scores: dict[str, float] = field(default_factory=dict)
+    prompts: dict[str, int] = field(default_factory=dict)  # test prompts scored per task
+    lm_eval: Any = None  # eval.harness.HarnessResult
+    usage: dict[str, list[float]] = field(default_factory=dict)
+    experts: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.scores.values()) / max(1, len(self.scores))
+
+
+def _eval_plan(tasks, n, lm_eval, limit, num_fewshot, default_tasks: str):
+    """(task names or None, n, lm-eval tasks or None): refuses options that would be silently ignored
+    (--tasks/--n beside --lm-eval, which scores lm-eval's tasks only; --limit/--num-fewshot without it)."""
+    from moerge.eval import (  # start-up time: the evaluators load torch
+        harness,
+        resolve_tasks,
+    )
+
+    if lm_eval is not None:
+        if tasks is not None:
+            raise MoergeError("--tasks and --lm-eval: give one (lm-eval tasks sit among --tasks as lm-eval:TASK, "
+                              "scored by their first metric)")
+        if n is not None:
+            raise MoergeError("--n applies to --tasks; with --lm-eval, --limit caps the examples per task")
+        return None, None, harness.resolve(lm_eval)
+    for flag, v in (("--limit", limit), ("--num-fewshot", num_fewshot)):
+        if v is not None:
+            raise MoergeError(f"{flag} applies to --lm-eval tasks; for --tasks use --n")
+    n = EVAL_N if n is None else n
+    if n < 1:
+        raise MoergeError(f"--n must be at least 1 (test examples per task), got {n}")
+    return resolve_tasks(default_tasks if tasks is None else tasks), n, None
+
+
+def _prompts(names: list[str], n: int) -> dict[str, int]:
+    from moerge.eval.harness import is_lm_eval
+
+    return {t: n if is_lm_eval(t) else len(examples(t, "test", n)) for t in names}
+
+
+def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.PathLike | None" = None, tasks=None,
+             n: int | None = None, lm_eval=None, limit: int | None = None, num_fewshot: int | None = None,
+             progress: bool = False) -> Scores:
+    """Score a model folder (None: with ``adapter``, the base its card names; else the built-in base),
+    with an expert folder applied, on ``tasks`` (default ``all``: exact match of greedy completions on
+    ``n`` test prompts each, default 200) or on lm-eval's tasks (``lm_eval``: every metric)."""
+    from moerge.eval import evaluate as exact_match_scores
+    from moerge.eval import harness
+    from moerge.experts.card import recorded_base
+    from moerge.lm import base as base_model
+    from moerge.train.expert import load_expert
+
+    names, n, lm_tasks = _eval_plan(tasks, n, lm_eval, limit, num_fewshot, "all")
+    if adapter is not None and model is None:
+        model = recorded_base(adapter)  # the base the expert was made on (None: nothing says; the built-in one)
+    loaded, tok = load_expert(model, adapter) if adapter else base_model.load(model)
+    title = f"{model or 'built-in base'}" + (f" + {adapter}" if adapter else "")
+    meta = {"model": str(model or "base"), "adapter": str(adapter) if adapter else None}
+    if lm_tasks is not None:
+        return Scores(title, meta, lm_eval=harness.run(loaded, tok, lm_tasks, limit=limit, num_fewshot=num_fewshot,
+                                                       progress=progress))
+    return Scores(title, meta, scores=exact_match_scores(loaded, tok, names, n=n), prompts=_prompts(names, n))
+
+
+def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, experts: list | None = None,
+                    base: "str | os.PathLike | None" = None, top_k: int | None = None, temperature: float | None = None,
+                    embedder: str | None = None, tasks=None, n: int | None = None, shots: int = LORAHUB_SHOTS,
+                    budget: int = LORAHUB_BUDGET, lm_eval=None, limit: int | None = None,
+                    num_fewshot: int | None = None, progress: bool = False) -> Scores:
+    """Score a routed model (``router`` over a library's latest adapters — ``$MOERGE_LIBRARY``'s when
+    neither a library nor expert folders are given — or over ``experts``) on ``tasks`` (default: the
+    experts' skills), with where it sent each task; or on lm-eval's tasks. ``shots`` and ``budget``:
+    LoraHub's few-shot search (examples per task, loss evaluations)."""
+    from moerge.eval import harness
+    from moerge.routing import load_routed
+    from moerge.routing.evaluate import evaluate_routed
+
+    names, n, lm_tasks = _eval_plan(tasks, n, lm_eval, limit, num_fewshot, ROUTE_TASKS)
+    routed = load_routed(router, experts=experts or None, library=library, base=base, top_k=top_k,
+                         temperature=temperature, embedder=embedder)
+    if router == "lorahub":
+        routed.router.budget = budget
+    title = f"router {router} over {', '.join(routed.names)}"
+    meta = {"router": router, "experts": routed.names}
+    if lm_tasks is not None:
+        if routed.router.few_shot:
+            raise MoergeError(f"router {router!r} adapts to each task from its examples; lm-eval tasks give it none. "
+                              "Use another router with --lm-eval")
+        res = harness.run(routed, routed.tokenizer, lm_tasks, limit=limit, num_fewshot=num_fewshot, progress=progress)
+        return Scores(title, meta, lm_eval=res, experts=routed.names)
+    scores, usage = evaluate_routed(routed, names, n=n, shots=shots)
+    return Scores(title, meta, scores=scores, prompts=_prompts(names, n), usage=usage, experts=routed.names)
+
+
+__all__ = ["Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "plan", "train_expert"]

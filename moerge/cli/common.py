@@ -1,0 +1,111 @@
+"""What every command shares: the consoles, the one-line error and warning, and the options that
+appear on many commands (threads, dtype, library, embedder)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moerge.errors import MoergeError
+from moerge.util.progress import console
+
+err = console(stderr=True)
+out = console()
+err = console(stderr=True)
+out = console()
+EMBEDDER_OPT = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or hub id) "
+                            "for task embeddings instead of the base model; needs moerge[embed].")
+
+
+def _fail(e: MoergeError) -> None:
+    from rich.markup import escape
+
+    # escaped: messages hold paths and extras such as moerge[lorahub], which are not markup
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@contextmanager
+def _user_errors():
+    """A user-caused failure becomes one error line and exit code 1; each MoergeWarning raised inside
+    (input accepted but not used as written) becomes one ``warning:`` line. Yields the warnings."""
+    import warnings
+
+    from moerge.errors import MoergeWarning
+
+    with warnings.catch_warnings(record=True) as notes:
+        warnings.simplefilter("always", MoergeWarning)
+        try:
+            yield notes
+        except MoergeError as e:
+            _warn(notes)
+            _fail(e)
+    _warn(notes)
+
+
+def _warn(notes) -> None:
+    from rich.markup import escape
+
+    from moerge.errors import MoergeWarning
+
+    seen = set()
+    for w in notes:
+        text = str(w.message)
+        if issubclass(w.category, MoergeWarning) and text not in seen:
+            seen.add(text)
+            err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _set_threads(value: Optional[int]) -> Optional[int]:
+    from moerge.util.threads import set_threads
+
+    if value is not None:
+        with _user_errors():
+            set_threads(value)
+    return value
+
+
+THREADS_OPT = typer.Option(None, "--threads", callback=_set_threads, metavar="N",
+                           help="Torch threads for this command (default: $MOERGE_THREADS, else 1: fastest for the "
+                           "tiny base and robust on a busy machine; more for large models on idle cores).")
+
+
+def _set_dtype(value: Optional[str]) -> Optional[str]:
+    from moerge.lm.precision import set_dtype
+
+    if value is not None:
+        with _user_errors():
+            set_dtype(value)
+    return value
+
+
+DTYPE_HELP = ("What models compute in: auto (default; $MOERGE_DTYPE), float32 or bfloat16. auto keeps a bf16 checkpoint "
+              "in bf16 where this CPU multiplies bf16 faster than float32, and computes everything else in float32.")
+DTYPE_OPT = typer.Option(None, "--dtype", callback=_set_dtype, metavar="auto|float32|bfloat16", help=DTYPE_HELP)
+
+
+LIBRARY = typer.Option(None, "--library", help="Library folder (default: $MOERGE_LIBRARY, else the current folder).")
+
+
+def _library(path: Optional[Path]):
+    from moerge.library import Library
+
+    return Library.open(path)
+
+
+def _params(items: list[str]) -> dict:
+    """--param NAME=VALUE (repeatable): a merge method's global parameter, VALUE read as YAML."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise MoergeError(f"--param {item!r}: write NAME=VALUE, e.g. --param density=0.5")
+        if name.strip() in out:
+            raise MoergeError(f"--param {name.strip()}: given twice; give each parameter once")
+        out[name.strip()] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,185 @@
+"""`moerge expert`: train, extract, combine, gate, embed, show and rebase experts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from moerge.cli.common import (
+    DTYPE_OPT,
+    EMBEDDER_OPT,
+    LIBRARY,
+    THREADS_OPT,
+    _library,
+    _user_errors,
+    out,
+)
+from moerge.errors import MoergeError
+
+expert_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True, help="Train and inspect specialist experts.")
+
+
+@expert_app.command("train")
+def expert_train(
+    out_dir: Path = typer.Option(..., "--out", help="Expert folder to write (PEFT adapter + expert.json)."),
+    task: Optional[str] = typer.Option(None, "--task", help="A built-in skill (see `moerge tasks list`)."),
+    data: Optional[Path] = typer.Option(None, "--data", help='Your own JSONL: {"prompt": ..., "completion": ...} per line.'),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model folder (default: the built-in base)."),
+    adapter: str = typer.Option("lora", "--adapter", help="lora, dora, ia3, or full (a full fine-tune; `none` is accepted too)."),
+    steps: int = typer.Option(200, "--steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default per adapter kind)."),
+    rank: int = typer.Option(8, "--rank", help="LoRA/DoRA rank."),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    seed: int = typer.Option(0, "--seed"),
+    embedder: Optional[str] = EMBEDDER_OPT,
+    gate_steps: int = typer.Option(0, "--gate-steps", help="Then train its PHATGOOSE gates for this many steps "
+                                   "(as `moerge expert gate`; 0: no gates)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+) -> None:
+    """Train one expert from the base with PEFT (or fully) and write its card."""
+    from moerge.api import train_expert
+
+    with _user_errors():
+        card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
+                            batch_size=batch_size, seed=seed, embedder=embedder, gate_steps=gate_steps,
+                            overwrite=overwrite, progress=True)
+    acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
+    out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "
+              f"{card.seconds:.0f} s, validation exact match {acc}", highlight=False)
+
+
+@expert_app.command("extract")
+def expert_extract(
+    finetune: str = typer.Argument(..., help="A full fine-tune (folder or hub id)."),
+    base: str = typer.Option(..., "--base", help="The base it was fine-tuned from."),
+    out_dir: Path = typer.Option(..., "--out", help="PEFT LoRA folder to write."),
+    rank: int = typer.Option(16, "--rank", help="LoRA rank per layer."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Compress a fine-tune into a LoRA by truncated SVD; report the energy each layer keeps."""
+    from moerge.experts.extract import extract_lora
+
+    with _user_errors():
+        res = extract_lora(finetune, base, out_dir, rank=rank, overwrite=overwrite)
+    worst = min(res.layers, key=lambda r: r["energy"])
+    out.print(f"wrote {out_dir}: {len(res.layers)} layers at rank {res.rank}, mean energy kept {res.mean_energy:.1%} "
+              f"(lowest {worst['energy']:.1%} in {worst['module']}); details in moerge_extract.json", highlight=False)
+    if res.skipped:
+        out.print(f"not representable as LoRA and left out: {len(res.skipped)} changed tensors "
+                  f"(e.g. {res.skipped[0]['tensor']}, max change {res.skipped[0]['max_abs_change']:.2e})", highlight=False)
+
+
+@expert_app.command("combine")
+def expert_combine(
+    adapters: list[Path] = typer.Argument(..., help="PEFT LoRA folders of one base."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base they were trained on (default: the one the "
+                                        "first adapter's expert.json names)."),
+    out_dir: Path = typer.Option(..., "--out", help="PEFT LoRA folder to write."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Comma-separated, one per adapter (default 1 each)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Re-factorise to at most this rank (default: exact, ranks add up)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Sum LoRA adapters into one, exactly (concatenated factors) or at a chosen rank (SVD)."""
+    from moerge.experts.peft_format import combine_folders
+
+    with _user_errors():
+        ws = None
+        if weights:
+            try:
+                ws = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise MoergeError(f"--weights {weights!r}: give numbers separated by commas") from None
+        config, kept = combine_folders(adapters, base, out_dir, weights=ws, rank=rank, overwrite=overwrite)
+    low = min(kept.values())
+    out.print(f"wrote {out_dir}: {len(kept)} modules, rank {config['r']}" +
+              (f", lowest energy kept {low:.1%}" if rank else " (exact)"), highlight=False)
+
+
+@expert_app.command("gate")
+def expert_gate(
+    expert_dir: Path = typer.Argument(..., help="An expert folder: trained by `moerge expert train`, or any PEFT adapter."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Examples of its task (JSONL of prompt/completion); default: the "
+                                        "training data its expert.json names."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Its base (default: the expert card's, else the built-in base)."),
+    steps: int = typer.Option(100, "--steps"),
+    lr: float = typer.Option(1e-2, "--lr"),
+    threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+) -> None:
+    """Train the expert's PHATGOOSE gates on its own data (expert and base frozen)."""
+    from moerge.routing.routers.phatgoose import train_gates
+    from moerge.tasks import read_jsonl
+
+    with _user_errors():
+        gates = train_gates(expert_dir, base=base, steps=steps, lr=lr, progress=True,
+                            rows=read_jsonl(data) if data else None)
+    out.print(f"wrote {expert_dir / 'gates.safetensors'} ({len(gates)} modules)", highlight=False)
+
+
+@expert_app.command("embed")
+def expert_embed(
+    expert_dir: Path = typer.Argument(..., help="An expert folder: trained by `moerge expert train`, or any PEFT adapter."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Its task's prompts: JSONL with \"prompt\" fields, or one per "
+                                           "line (default: the training data its expert.json names)."),
+    embedder: Optional[str] = typer.Option(None, "--embedder", help="A sentence-embedding model (sentence-transformers folder or "
+                                           "hub id); default: the base model's embeddings."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The base for base-model embeddings (default: the expert card's base, else the built-in base)."),
+    threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+) -> None:
+    """Record task centroids of the expert's prompts in its card, for the centroid and smear routers."""
+    from moerge.tasks.data import read_prompts
+    from moerge.train.expert import embed_expert
+
+    with _user_errors():
+        entry = embed_expert(expert_dir, embedder, prompts=read_prompts(prompts) if prompts else None, base=base)
+    out.print(f"wrote {len(entry['centroids'])} centroids ({len(entry['centroid'])}-dim) from {embedder or 'the base model'} "
+              f"into {expert_dir / 'expert.json'}", highlight=False)
+
+
+@expert_app.command("show")
+def expert_show(
+    expert_dir: Path = typer.Argument(..., help="An expert folder."),
+    as_json: bool = typer.Option(False, "--json", help="The whole card as JSON (centroids included)."),
+) -> None:
+    """Print an expert's card (centroids summarised by their shape; --json: everything)."""
+    from moerge.experts.card import describe_expert
+
+    with _user_errors():
+        card, lines = describe_expert(expert_dir)
+    if as_json:
+        out.print_json(json.dumps(card))
+        return
+    for line in lines:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@expert_app.command("rebase")
+def expert_rebase(
+    expert: str = typer.Argument(..., help="A library expert NAME[@V], or an adapter folder made on one of its bases."),
+    to: Optional[int] = typer.Option(None, "--to", help="Target base version N of base@N (default: the latest)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Store it under this name (default: its own)."),
+    n_eval: int = typer.Option(100, "--n-eval", help="Test prompts to measure how much of its skill survives."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure."),
+    library: Optional[Path] = LIBRARY,
+    threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+) -> None:
+    """Re-apply an expert made on an older base to a newer one (its adapter factors, or a full fine-tune's
+    delta) and store it as its next version; report its skill before and after."""
+    from moerge.fusion import rebase
+
+    with _user_errors():
+        res = rebase(_library(library), expert, to=to, name=name, n_eval=n_eval, evaluate=not no_eval)
+    line = f"stored {res.entry.ref}: {res.source} moved from base@{res.from_version} to base@{res.to_version}"
+    if res.before is not None:
+        kept = f", {res.retained:.0%} retained" if res.retained is not None else ""
+        line += f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on base@{res.to_version}{kept}"
+    elif not no_eval:
+        line += " (not measured: its task is not a built-in skill and its card names no JSONL data)"
+    out.print(line, highlight=False, markup=False)
