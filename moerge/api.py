@@ -41,7 +41,8 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     if eval_tasks is not None:
         from moerge.eval import resolve_tasks
 
-        resolve_tasks(eval_tasks)  # an unknown task is refused before any merging
+        # an unknown task, or a JSONL file with no test rows, is refused before any merging
+        _prompts(resolve_tasks(eval_tasks), eval_n)
     res = run(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=shard_size,
               progress=progress, library=library, keep_intermediates=keep_intermediates,
               allow_same_experts=allow_same_experts, lazy=lazy)
@@ -127,22 +128,26 @@ def _prompts(names: list[str], n: int) -> dict[str, int]:
 
 def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.PathLike | None" = None, tasks=None,
              n: int | None = None, lm_eval=None, limit: int | None = None, num_fewshot: int | None = None,
-             progress: bool = False) -> Scores:
+             device: str | None = None, progress: bool = False) -> Scores:
     """Score a model folder (None: with ``adapter``, the base its card names; else the built-in base),
     with an expert folder applied, on ``tasks`` (default ``all``: exact match of greedy completions on
-    ``n`` test prompts each, default 200) or on lm-eval's tasks (``lm_eval``: every metric)."""
+    ``n`` test prompts each, default 200) or on lm-eval's tasks (``lm_eval``: every metric), on
+    ``device`` (None: the ``--device`` setting; ``auto``: CUDA when there is one)."""
     from moerge.eval import evaluate as exact_match_scores
     from moerge.eval import harness
     from moerge.experts.card import recorded_base
     from moerge.lm import base as base_model
+    from moerge.lm.device import resolve as resolve_device
     from moerge.train.expert import load_expert
 
     names, n, lm_tasks = _eval_plan(tasks, n, lm_eval, limit, num_fewshot, "all")
     if adapter is not None and model is None:
-        model = recorded_base(adapter)  # the base the expert was made on (None: nothing says; the built-in one)
-    loaded, tok = load_expert(model, adapter) if adapter else base_model.load(model)
-    title = f"{model or 'built-in base'}" + (f" + {adapter}" if adapter else "")
-    meta = {"model": str(model or "base"), "adapter": str(adapter) if adapter else None}
+        # the base the expert was made on (None: nothing says; the built-in one)
+        model = recorded_base(adapter, "give that base as the MODEL argument")
+    where = resolve_device(device)
+    loaded, tok = load_expert(model, adapter, where) if adapter else base_model.load(model, device=where)
+    title = f"{model or 'built-in base'}" + (f" + {adapter}" if adapter else "") + ("" if where.type == "cpu" else f" ({where})")
+    meta = {"model": str(model or "base"), "adapter": str(adapter) if adapter else None, "device": str(where)}
     if lm_tasks is not None:
         return Scores(title, meta, lm_eval=harness.run(loaded, tok, lm_tasks, limit=limit, num_fewshot=num_fewshot,
                                                        progress=progress))

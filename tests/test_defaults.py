@@ -128,5 +128,37 @@ def test_routing_and_serving_use_the_library_in_the_environment(expert, tmp_path
     assert sources()[3] == "base@1"
     assert len(loaded) == 1 and loaded[0].kind == "lora"
     monkeypatch.delenv("MOERGE_LIBRARY")
-    with pytest.raises(MoergeError, match=r"give expert folders or --library \(or set \$MOERGE_LIBRARY"):
+    with pytest.raises(MoergeError, match=r"or a library \(--library, or set \$MOERGE_LIBRARY"):
         gather_experts()
+
+
+def test_the_tour_s_defaults_and_refusals(expert, tmp_path, monkeypatch):
+    """Found by trying the README's tour: a library of the built-in base by default; serve takes
+    $MOERGE_LIBRARY's experts; a JSONL task with no test rows and `base` in any case are refused before
+    anything is written; a recipe's library:// with no library says where to point it."""
+    from moerge.library import Library
+    from moerge.serve.bank import open_bank
+
+    res = runner.invoke(app, ["library", "init", str(tmp_path / "lib")])
+    assert res.exit_code == 0, res.output
+    lib = Library.open(tmp_path / "lib")
+    assert lib.base().path == base_model.default_base().resolve()
+    lib.add(expert, "sort")
+    with pytest.raises(MoergeError, match="reserved"):
+        lib.add(expert, "BASE")
+    monkeypatch.setenv("MOERGE_LIBRARY", str(lib.root))
+    bank = open_bank(routers=["centroid"])
+    assert bank.names == ["sort@1"] and "centroid" in bank.routers
+    monkeypatch.delenv("MOERGE_LIBRARY")
+    few = tmp_path / "few.jsonl"
+    from moerge.tasks import split_of
+
+    prompts = [p for p in (f"p{i}" for i in range(100)) if split_of(p) != "test"][:20]  # rows, none of them test
+    few.write_text("".join(json.dumps({"prompt": p, "completion": "c"}) + "\n" for p in prompts))
+    recipe = {"merge_method": "linear", "models": [{"model": str(base_model.default_base()), "parameters": {"weight": 1.0}}]}
+    with pytest.raises(MoergeError, match="test split"):
+        merge(recipe, tmp_path / "out", eval_tasks=f"copy,{few}", eval_n=20)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MoergeError, match=r"library://sort: .*not an expert library.*--library DIR \(or \$MOERGE_LIBRARY\)"):
+        merge({"merge_method": "linear", "models": [{"model": "library://sort"}]}, tmp_path / "out2")

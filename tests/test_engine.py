@@ -401,3 +401,21 @@ def test_a_base_model_not_under_models_joins_methods_without_a_base_as_mergekit_
     torch.testing.assert_close(out[name], (sd(tiny["ft1"])[name] + 3 * sd(tiny["base"])[name]) / 4)
     with pytest.raises(MoergeError, match="passthrough takes 1 model"):
         moerge.plan({"merge_method": "passthrough", "base_model": base, "models": [{"model": f1}]})
+
+
+def test_folders_whose_names_hold_a_plus_are_folders(tiny, tmp_path):
+    """``base+adapter`` splits on +; a folder named with a + is still a folder (issue 31), as a model,
+    as the model side of base+adapter and as the adapter side, in the short and the long form."""
+    base = tmp_path / "my+base"
+    shutil.copytree(tiny["base"], base)
+    adapter = _lora(tiny, tmp_path / "lo+ra", seed=3)
+    plain = shutil.copytree(adapter, tmp_path / "plain")  # the same adapter under a plain name: the reference
+    recipe = {"merge_method": "passthrough", "models": [{"model": f"{tiny['base']}+{plain}"}]}
+    want = load_file(moerge.merge(recipe, tmp_path / "w").out_dir / "model.safetensors")
+    for i, ref in enumerate([f"{base}+{adapter}", {"model": {"path": str(base)}, "lora": {"path": str(adapter)}}]):
+        got = load_file(moerge.merge({"merge_method": "passthrough", "models": [{"model": ref}]}, tmp_path / f"o{i}").out_dir
+                        / "model.safetensors")
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    alone = load_file(moerge.merge({"merge_method": "passthrough", "models": [{"model": str(base)}]}, tmp_path / "b").out_dir
+                      / "model.safetensors")
+    assert all(torch.equal(alone[k], v) for k, v in load_file(tiny["base"] / "model.safetensors").items())

@@ -297,7 +297,7 @@ def test_route_cli_with_a_library(experts, tmp_path):
     res = CliRunner().invoke(app, ["generate", "reverse: abc=", "--library", str(lib.root), "--router", "oracle"])
     assert res.exit_code == 0 and "reverse@1 1.00" in res.output
     res = CliRunner().invoke(app, ["route", "eval", "--router", "oracle"])
-    assert res.exit_code == 1 and "give expert folders or --library (or set $MOERGE_LIBRARY" in res.output
+    assert res.exit_code == 1 and "give expert folders (--experts) or a library (--library, or set $MOERGE_LIBRARY" in res.output
 
 
 def test_phatgoose_gates_train_route_and_travel_through_the_library(experts, tmp_path):

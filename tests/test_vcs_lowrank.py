@@ -200,6 +200,11 @@ def test_git_add_with_lora_refuses_bad_input(lora_repo, tiny, tmp_path):
     assert res.exit_code == 0 and "0 tensor(s) kept as factors" in res.output and "kept dense" in res.output
     assert objects(repo).delta_digests() == set()
     assert git(repo, "status", "--porcelain").splitlines()[0] == "M  model.safetensors"
+    # a relative FILE is the repository's (as `git -C DIR add FILE`), wherever the command runs
+    res = add("model.safetensors", "--lora", str(tmp_path / "unrelated"))
+    assert res.exit_code == 0 and "staged model.safetensors" in res.output, res.output
+    res = add("missing.safetensors", "--lora", str(adapter))
+    assert res.exit_code == 1 and f"missing.safetensors: no such file in {repo}" in res.output.replace("\n", "")
 
 
 def test_git_add_with_a_library_expert(lora_repo, tiny, tmp_path):

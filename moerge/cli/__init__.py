@@ -27,7 +27,7 @@ from moerge.cli import (
     serve,
     tasks,
 )
-from moerge.cli.common import DTYPE_HELP, _user_errors, err, out
+from moerge.cli.common import DEVICE_OPT, DTYPE_HELP, _user_errors, err, out
 
 app = typer.Typer(
     rich_markup_mode=None,  # help texts are plain: NAME[@V] and moerge[embed] must print as written
@@ -50,6 +50,7 @@ def _root(
     threads: Optional[int] = typer.Option(None, "--threads", metavar="N", help="Torch threads for every command "
                                           "(default: $MOERGE_THREADS, else 1)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|float32|bfloat16", help=DTYPE_HELP),
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Merge, route and version specialist experts built from one base model."""
     from moerge.lm.precision import set_dtype

@@ -59,32 +59,33 @@ def _warn(notes) -> None:
             err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
-def _set_threads(value: Optional[int]) -> Optional[int]:
-    from moerge.util.threads import set_threads
+def _applies(setter: str):
+    """The callback of a process-wide option (threads, dtype, device): when given, ``setter``
+    ("module:function") applies it, a bad value being one error line. Imported only then: start-up
+    time (the setters load torch)."""
+    def callback(value):
+        if value is not None:
+            import importlib
 
-    if value is not None:
-        with _user_errors():
-            set_threads(value)
-    return value
+            module, name = setter.split(":")
+            with _user_errors():
+                getattr(importlib.import_module(module), name)(value)
+        return value
+
+    return callback
 
 
-THREADS_OPT = typer.Option(None, "--threads", callback=_set_threads, metavar="N",
+THREADS_OPT = typer.Option(None, "--threads", callback=_applies("moerge.util.threads:set_threads"), metavar="N",
                            help="Torch threads for this command (default: $MOERGE_THREADS, else 1: fastest for the "
                            "tiny base and robust on a busy machine; more for large models on idle cores).")
-
-
-def _set_dtype(value: Optional[str]) -> Optional[str]:
-    from moerge.lm.precision import set_dtype
-
-    if value is not None:
-        with _user_errors():
-            set_dtype(value)
-    return value
-
-
 DTYPE_HELP = ("What models compute in: auto (default; $MOERGE_DTYPE), float32 or bfloat16. auto keeps a bf16 checkpoint "
               "in bf16 where this CPU multiplies bf16 faster than float32, and computes everything else in float32.")
-DTYPE_OPT = typer.Option(None, "--dtype", callback=_set_dtype, metavar="auto|float32|bfloat16", help=DTYPE_HELP)
+DTYPE_OPT = typer.Option(None, "--dtype", callback=_applies("moerge.lm.precision:set_dtype"),
+                         metavar="auto|float32|bfloat16", help=DTYPE_HELP)
+DEVICE_HELP = ("Where models compute: auto (default; $MOERGE_DEVICE: a CUDA GPU when torch sees one, else Apple MPS, "
+               "else the CPU), cpu, cuda, cuda:N or mps. Training and evaluation so far; other commands use the CPU.")
+DEVICE_OPT = typer.Option(None, "--device", callback=_applies("moerge.lm.device:set_device"),
+                          metavar="auto|cpu|cuda[:N]|mps", help=DEVICE_HELP)
 
 
 LIBRARY = typer.Option(None, "--library", help="Library folder (default: $MOERGE_LIBRARY, else the current folder).")

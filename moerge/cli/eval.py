@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from moerge.cli.common import (
+    DEVICE_OPT,
     DTYPE_OPT,
     THREADS_OPT,
     _user_errors,
@@ -36,6 +37,7 @@ def eval_cmd(
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the scores as JSON."),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Exact-match accuracy of greedy completions on the test split of each task; or, with --lm-eval,
     every metric of lm-eval's tasks."""

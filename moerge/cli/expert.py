@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from moerge.cli.common import (
+    DEVICE_OPT,
     DTYPE_OPT,
     EMBEDDER_OPT,
     LIBRARY,
@@ -40,6 +41,7 @@ def expert_train(
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Train one expert from the base with PEFT (or fully) and write its card."""
     from moerge.api import train_expert

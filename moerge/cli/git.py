@@ -48,7 +48,7 @@ def git_track(
 
 @git_app.command("add")
 def git_add(
-    files: list[str] = typer.Argument(..., help="Checkpoint file(s) to stage."),
+    files: list[str] = typer.Argument(..., help="Checkpoint file(s) to stage (relative to --repo, as `git -C`)."),
     lora: str = typer.Option(..., "--lora", help="The LoRA that explains the change: a PEFT adapter folder or "
                              "library://NAME[@V]."),
     rev: str = typer.Option("HEAD", "--from", help="The revision the checkpoint changed from."),

@@ -26,14 +26,15 @@ library_app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
 @library_app.command("init")
 def library_init(
     root: Path = typer.Argument(..., help="Folder for the new library."),
-    base: str = typer.Option(..., "--base", help="The base model every expert must fit (folder or hub id)."),
+    base: Optional[str] = typer.Option(None, "--base", help="The base model every expert must fit: a folder, hub id "
+                                       "or real base's name (default: the built-in base)."),
 ) -> None:
     """Create a library bound to one base model."""
     from moerge.library import Library
 
     with _user_errors():
         lib = Library.init(root, base)
-    out.print(f"created library {root} for base {base} ({lib.meta['base_fingerprint']})", highlight=False)
+    out.print(f"created library {root} for base {lib.meta['base']} ({lib.meta['base_fingerprint']})", highlight=False)
 
 
 @library_app.command("add")

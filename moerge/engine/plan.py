@@ -168,7 +168,10 @@ def open_model(ref: str, library: str | os.PathLike | None = None) -> Model:
     else the current folder, applied to that library's base), or ``library://base[@N]``, the library's
     base (base@N; default the latest)."""
     if ref.startswith(LIBRARY_SCHEME):
-        lib = Library.open(library)
+        try:
+            lib = Library.open(library)
+        except MoergeError as e:  # no library here: the recipe's reference says which one was meant
+            raise MoergeError(f"{ref}: {e}; or say where the library is: --library DIR (or $MOERGE_LIBRARY)") from None
         name, version = split_library_ref(ref[len(LIBRARY_SCHEME):])
         if name == BASE_NAME:
             b = lib.base(version)

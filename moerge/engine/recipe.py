@@ -112,8 +112,15 @@ class Strict(BaseModel):
 
 def split_ref(ref: str) -> tuple[str, str | None, str | None]:
     """``path``, ``org/name``, ``org/name@revision`` or ``base+lora``, as mergekit spells them:
-    returns (model, revision, lora)."""
+    returns (model, revision, lora). A folder whose name holds ``+`` is a folder: the whole reference
+    when it exists, else the split whose model side is a folder here (``./a+b+./lora``: model ``./a+b``)."""
+    if os.path.exists(ref):
+        return ref, None, None
     model, _, lora = ref.partition("+")
+    for i in [i for i, c in enumerate(ref) if c == "+"][1:]:
+        if os.path.exists(ref[:i]) and not os.path.exists(model):
+            model, lora = ref[:i], ref[i + 1:]
+            break
     rev = None
     if "@" in model and not model.startswith(("/", ".", "~")) and not os.path.exists(model):  # a folder named a@b is a folder
         model, _, rev = model.partition("@")

@@ -89,11 +89,12 @@ class ExpertCard:
         return cls.read(folder) if (Path(folder) / CARD).is_file() else cls()
 
 
-def recorded_base(folder: str | os.PathLike) -> Path | None:
+def recorded_base(folder: str | os.PathLike, give: str = "give that base") -> Path | None:
     """The base an expert says it was made on, found here: the folder its card names, else the built-in
     base or a fetched real base with the card's ``base_fingerprint`` (the cache moved, another machine),
     else PEFT's ``base_model_name_or_path`` when that is a folder here. None when nothing says; one line
-    when the card names a base that is not here, rather than a silent fall back to another base."""
+    when the card names a base that is not here (ending in ``give``: how the command takes a base),
+    rather than a silent fall back to another base."""
     card = read_card(folder)
     named = card.get("base")
     if named and Path(named).is_dir():
@@ -105,7 +106,7 @@ def recorded_base(folder: str | os.PathLike) -> Path | None:
                 return candidate
     if named or want:
         raise MoergeError(f"{folder}: its card says it was made on {named or 'a base with fingerprint ' + want[:19]}, "
-                          "which is not here; give that base (the MODEL argument, or --base)")
+                          f"which is not here; {give}")
     peft = Path(folder) / "adapter_config.json"
     if peft.is_file():
         try:
@@ -169,7 +170,8 @@ def describe_expert(folder: str | os.PathLike) -> tuple[dict, list[str]]:
     (a hub adapter given task centroids by ``expert embed``) is shown as it is."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MoergeError(f"{folder}: no such expert folder; check the path")
+        what = "is a file, not an expert folder" if folder.exists() else "no such expert folder"
+        raise MoergeError(f"{folder}: {what}; give the folder that holds expert.json and the adapter")
     card = read_card(folder)
     if not card:
         raise MoergeError(f"{folder}: has no {CARD}; train it with `moerge expert train`, or give a hub adapter one "
@@ -177,5 +179,5 @@ def describe_expert(folder: str | os.PathLike) -> tuple[dict, list[str]]:
     files = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
     lines = [f"expert  {folder}", f"files   {', '.join(files) or '-'}"]
     lines += ["card:"] + card_lines(card, "  ")
-    lines.append(f"(everything, centroids included: moerge expert show {folder} --json)")
+    lines.append(f"(the whole card{', centroids included' if 'centroid' in card else ''}: moerge expert show {folder} --json)")
     return card, lines

@@ -18,6 +18,7 @@ import torch
 from moerge.errors import MoergeError
 from moerge.io.fingerprint import folder_fingerprint
 from moerge.lm import base as base_model
+from moerge.lm.device import model_device, to_device
 from moerge.lm.generate import encode_left_padded
 
 
@@ -30,8 +31,12 @@ def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
 
 
 def embed_prompts(model, tokenizer, prompts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-    return torch.cat([mean_pooled(model, *encode_left_padded(tokenizer, prompts[s: s + batch_size]))
-                      for s in range(0, len(prompts), batch_size)])
+    """Mean-pooled last hidden states of ``prompts``, computed where the model is, returned on the CPU."""
+    device, out = model_device(model), []
+    for s in range(0, len(prompts), batch_size):
+        batch = to_device(dict(zip(("ids", "mask"), encode_left_padded(tokenizer, prompts[s: s + batch_size]))), device)
+        out.append(mean_pooled(model, batch["ids"], batch["mask"]).cpu())
+    return torch.cat(out)
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:

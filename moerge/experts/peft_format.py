@@ -91,6 +91,10 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
         return Expert("full", {n: Replace(t) for n, t in tensors.items()}, config, tensors)
     if ptype not in ("LORA", "IA3"):
         raise MoergeError(f"{where}: a {ptype} adapter; moerge reads LoRA, DoRA and (IA)3 adapters")
+    if config.get("target_parameters"):  # said before any tensor is matched: otherwise it reads as "another base"
+        raise MoergeError(f"{where}: LoRA on parameters ({', '.join(map(str, config['target_parameters']))}: PEFT's "
+                          "target_parameters, such as an MoE base's fused expert weights) is not read by moerge yet; "
+                          "MoE bases are not supported as bases so far, only as outputs of `moerge moe`")
     kind = "ia3" if ptype == "IA3" else "dora" if config.get("use_dora") else "lora"
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -269,7 +273,7 @@ def combine_folders(adapters: list[str | Path], base: str | Path | None, out_dir
     if not adapters:
         raise MoergeError("give the LoRA folders to combine")
     if base is None:
-        base = recorded_base(adapters[0])
+        base = recorded_base(adapters[0], "give that base with --base")
         if base is None:
             raise MoergeError(f"{adapters[0]}: says nothing of the base it was made on (no expert.json naming it); "
                               "give it with --base")

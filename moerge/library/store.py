@@ -46,6 +46,7 @@ from moerge.io.fingerprint import folder_fingerprint
 from moerge.io.hub import resolve
 from moerge.io.remote import open_remote
 from moerge.io.source import open_source
+from moerge.lm.base import default_base
 from moerge.util.files import atomic_dir
 
 ENV = "MOERGE_LIBRARY"  # the library commands use when given none
@@ -242,8 +243,12 @@ class Library:
     # ------------------------------------------------------------------ creation and access
 
     @classmethod
-    def init(cls, root: str | os.PathLike, base: str | os.PathLike) -> "Library":
+    def init(cls, root: str | os.PathLike, base: str | os.PathLike | None = None) -> "Library":
+        """A new library at ``root`` bound to ``base`` (a folder, hub id or real base's name; None: the
+        built-in base)."""
         root = Path(root)
+        if base is None:
+            base = default_base()
         if (root / "library.json").exists():
             raise MoergeError(f"{root}: already holds a library")
         base_dir = resolve(str(base))
@@ -306,7 +311,8 @@ class Library:
         for b in chain:
             if b.version == version:
                 return b
-        raise MoergeError(f"{self.root}: has no base@{version}; its bases are base@1..base@{chain[-1].version} "
+        bases = "its only base is base@1" if len(chain) == 1 else f"its bases are base@1..base@{chain[-1].version}"
+        raise MoergeError(f"{self.root}: has no base@{version}; {bases} "
                           "(`moerge library bases`)")
 
     def base_source(self, version: int | None = None):
@@ -372,7 +378,7 @@ class Library:
         ``LibraryWarning``. Blobs found damaged on the way are rewritten (``NothingAdded`` if that is
         all that happened)."""
         check_name(name)
-        if name == BASE_NAME:
+        if name.lower() == BASE_NAME:
             raise MoergeError(f"{name!r}: reserved for the library's base (a recipe names it library://base or "
                               "library://base@N); give the expert another --name")
         adapter_dir = Path(adapter_dir)

@@ -18,6 +18,7 @@ import torch
 from moerge.errors import MoergeError
 from moerge.io.source import open_source
 from moerge.lm import zoo
+from moerge.lm.device import resolve as resolve_device
 from moerge.lm.precision import as_dtype, compute_dtype, folder_dtype, model_kwargs
 from moerge.util.files import cache_dir  # noqa: F401  (moerge.lm.base.cache_dir: where the built-in base and real bases live)
 from moerge.util.progress import quiet_transformers
@@ -80,22 +81,27 @@ def contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
 
-def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None):
+def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
+         device: torch.device | str | None = None):
     """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
     refused in one line (``check_model_folder``), and whatever transformers still cannot load is
     reported with its first line, never as a traceback. ``dtype``: what to compute in; by default
     ``moerge.lm.precision.compute_dtype`` of the stored one (bf16 checkpoints stay bf16 on CPUs that
-    multiply bf16 natively, everything else is float32)."""
+    multiply bf16 natively, everything else is float32). ``device``: where it computes (None: the CPU;
+    ``moerge.lm.device.resolve`` of a name or of the ``--device`` setting)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(path)
     check_model_folder(folder)
     quiet_transformers()
     try:
+        where = torch.device("cpu") if device is None else resolve_device(device)
         if dtype is None:
-            dtype = compute_dtype(folder_dtype(folder))
+            dtype = compute_dtype(folder_dtype(folder), where)
         dtype = as_dtype(dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs(dtype)).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs(dtype, where)).eval()
+        if where.type != "cpu":
+            model.to(where)
         tok = AutoTokenizer.from_pretrained(folder)
         head = model.get_output_embeddings()
         if head is not None:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moerge.lm.base import contiguous_input
 from moerge.lm.chat import prompt_ids
+from moerge.lm.device import model_device, to_device
 from moerge.lm.example import Example
 
 
@@ -85,11 +86,12 @@ def completion_logps(model, tokenizer, rows: Sequence[Example], *, batch_size: i
     preference compares (DPO's implicit reward is its change against the reference model)."""
     model.eval()
     encoded = encode(tokenizer, rows)
+    device = model_device(model)
     out = []
     for s in range(0, len(encoded), batch_size):
-        batch = collate(encoded[s: s + batch_size], tokenizer.pad_token_id)
+        batch = to_device(collate(encoded[s: s + batch_size], tokenizer.pad_token_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         labels = batch["labels"][:, 1:]
         token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out.append((token * (labels != -100)).sum(1))
-    return torch.cat(out) if out else torch.zeros(0)
+    return torch.cat(out).cpu() if out else torch.zeros(0)

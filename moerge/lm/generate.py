@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 
 from moerge.lm.chat import prompt_ids
+from moerge.lm.device import model_device, to_device
 from moerge.lm.example import Example
 
 
@@ -33,8 +34,10 @@ def greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 16
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     out: list[str] = []
     model.eval()
+    device = model_device(model)
     for s in range(0, len(prompts), batch_size):
-        input_ids, mask = encode_left_padded(tokenizer, prompts[s: s + batch_size])
+        batch = to_device(dict(zip(("ids", "mask"), encode_left_padded(tokenizer, prompts[s: s + batch_size]))), device)
+        input_ids, mask = batch["ids"], batch["mask"]
         width = input_ids.shape[1]
         gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              eos_token_id=eos, pad_token_id=pad)

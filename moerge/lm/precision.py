@@ -23,6 +23,7 @@ import time
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm.device import model_device
 
 ENV = "MOERGE_DTYPE"
 CHOICES = ("auto", "float32", "bfloat16")
@@ -105,26 +106,35 @@ def folder_dtype(folder) -> torch.dtype | None:
     return stored_dtype(json.loads((Path(folder) / "config.json").read_text()))
 
 
-def compute_dtype(stored: torch.dtype | None) -> torch.dtype:
-    """The dtype to compute in for weights stored as ``stored``: bf16 only for a bf16 checkpoint, and
-    under ``auto`` only where this CPU runs bf16 faster (``fast_bf16``); float32 otherwise (float16
+def compute_dtype(stored: torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """The dtype to compute in for weights stored as ``stored`` on ``device`` (default the CPU): bf16
+    only for a bf16 checkpoint, and under ``auto`` only where the device runs bf16 well: a GPU that
+    supports it, a CPU that multiplies bf16 faster (``fast_bf16``); float32 otherwise (float16
     checkpoints too: CPU float16 kernels are slow)."""
     choice = setting()
     if stored != torch.bfloat16 or choice == "float32":
         return torch.float32
-    return torch.bfloat16 if choice == "bfloat16" or fast_bf16() else torch.float32
+    if choice == "bfloat16":
+        return torch.bfloat16
+    if device is not None and device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device is not None and device.type == "mps":
+        return torch.float32
+    return torch.bfloat16 if fast_bf16() else torch.float32
 
 
-def model_kwargs(dtype: torch.dtype) -> dict:
-    """transformers loading arguments for computing in ``dtype``: eager attention in bf16, where torch's
-    CPU flash attention ran its backward 4x slower than the plain matmuls (SmolLM2-135M LoRA training,
-    measured here); the default attention in float32."""
-    return {"attn_implementation": "eager"} if dtype == torch.bfloat16 else {}
+def model_kwargs(dtype: torch.dtype, device: torch.device | None = None) -> dict:
+    """transformers loading arguments for computing in ``dtype`` on ``device`` (default the CPU): eager
+    attention in bf16 on the CPU, where torch's CPU flash attention ran its backward 4x slower than the
+    plain matmuls (SmolLM2-135M LoRA training, measured here); the default attention otherwise (on a
+    GPU, its fused kernels)."""
+    on_cpu = device is None or device.type == "cpu"
+    return {"attn_implementation": "eager"} if dtype == torch.bfloat16 and on_cpu else {}
 
 
 def autocast_for(model: torch.nn.Module):
     """A context that trains ``model`` in mixed precision when its frozen weights are bf16 (float32
     adapter weights, bf16 matmuls, float32 loss); a no-op for a float32 model."""
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(model_device(model).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -65,22 +65,28 @@ def make_vocab_model(folder: str | Path, tokens: list[str], *, seed: int, hidden
     return folder
 
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # what MoE outputs are built from in the tests
+# the dense decoder families tested end to end (tests/test_families.py): fused projections (phi3's
+# qkv_proj and gate_up_proj, gpt_neox's query_key_value), norms with offsets and soft-capping (gemma2/3)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt_neox")
 
 
 def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None,
                 tie: bool = False, arch: str = "llama"):
-    """A tiny decoder config: Llama by default; ``arch`` mistral, qwen2 (q/k/v biases) or qwen3 (q/k
-    norms) for the MoE outputs that need those inputs."""
+    """A tiny decoder config: Llama by default, or any of ``FAMILIES`` (``arch``) at the same size."""
     from transformers import AutoConfig
 
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if arch not in FAMILIES:
+        raise ValueError(f"arch must be one of {', '.join(FAMILIES)}, got {arch!r}")
+    extra = {"head_dim": hidden // heads} if arch in ("qwen3", "gemma2", "gemma3_text") else {}
+    if arch == "gpt_neox":  # no grouped keys/values; rotary on part of each head, as Pythia
+        extra["rotary_pct"] = 0.25
+    else:
+        extra["num_key_value_heads"] = heads
     return AutoConfig.for_model(
-        arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        arch, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=intermediate, vocab_size=vocab or len(SPECIALS) + len(CHARS), max_position_embeddings=256,
-        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        **({"head_dim": hidden // heads} if arch == "qwen3" else {}),
+        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra,
     )
 
 

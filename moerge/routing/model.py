@@ -197,7 +197,7 @@ def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: s
         base_dir = current.path
     else:
         if not experts:
-            raise MoergeError("give expert folders or --library (or set $MOERGE_LIBRARY to a library)")
+            raise MoergeError("give expert folders (--experts) or a library (--library, or set $MOERGE_LIBRARY to one)")
         base_dir = base_model.resolve(base)
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]

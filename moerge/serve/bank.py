@@ -323,7 +323,9 @@ def sources(*, library: str | os.PathLike | None = None, experts: list | None = 
 
 def open_bank(*, library: str | os.PathLike | None = None, experts: list | None = None, base: str | os.PathLike | None = None,
               routers: list[str] | None = None, router_options: dict | None = None, strict: bool = True) -> ExpertBank:
-    """A bank from ``sources`` with the named routers fitted."""
+    """A bank from ``sources`` with the named routers fitted (``$MOERGE_LIBRARY``'s experts when given
+    neither a library nor expert folders)."""
+    library = library_for(library, experts)
     loaded, cards, base_dir, base_id = sources(library=library, experts=experts, base=base)
     return ExpertBank(base_dir, experts=loaded, cards=cards, routers=routers, library=library, base_id=base_id,
                       router_options=router_options, strict=strict)

@@ -149,7 +149,7 @@ def tune_dpo(
         try:
             trainer = trl.DPOTrainer(model=net, args=config, train_dataset=_dataset(train_prefs, tok),
                                      processing_class=bos_tokenizer(tok),
-                                     peft_config=None if adapter == "full" else peft_config(adapter, rank),
+                                     peft_config=None if adapter == "full" else peft_config(adapter, rank, net),
                                      callbacks=[Progress()])
             trainer.remove_callback(PrinterCallback)  # it prints every step's log dict to stdout; ours is the bar
             result = trainer.train()

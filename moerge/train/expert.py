@@ -35,6 +35,9 @@ from moerge.experts.peft_format import load_adapter
 from moerge.io.fingerprint import folder_fingerprint
 from moerge.io.source import open_source
 from moerge.lm import base as base_model
+from moerge.lm.arch import ia3_modules
+from moerge.lm.device import model_device
+from moerge.lm.device import resolve as resolve_device
 from moerge.lm.generate import exact_match
 from moerge.tasks import mixture, read_jsonl
 from moerge.tasks.training_data import data_hash, split_user_data, training_rows
@@ -47,15 +50,19 @@ DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 3e-2, "full": 1e-3}
 MIN_EXAMPLES = 20  # below this, a JSONL file cannot train an expert and still leave rows to validate it on
 
 
-def peft_config(adapter: str, rank: int = 8):
-    """All linear layers: on tiny models, attention-only adapters barely learn a new skill."""
+def peft_config(adapter: str, rank: int = 8, model=None):
+    """LoRA and DoRA on all linear layers (on tiny models, attention-only adapters barely learn a new
+    skill); (IA)³ on the keys, values and feed-forward layers of ``model``'s family (``lm.arch``)."""
     from peft import IA3Config, LoraConfig
 
     if adapter in ("lora", "dora"):
         return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
                           use_dora=adapter == "dora", task_type="CAUSAL_LM")
     if adapter == "ia3":
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM")
+        if model is None:
+            raise MoergeError("(IA)3 needs the model to find its key, value and feed-forward layers")
+        targets, ff = ia3_modules(model)
+        return IA3Config(target_modules=targets, feedforward_modules=ff, task_type="CAUSAL_LM")
     raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
 
 
@@ -76,6 +83,7 @@ def train_expert(
     embedder: str | os.PathLike | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    device: str | None = None,
 ) -> ExpertCard:
     """Train one expert on a built-in task or a JSONL file and save it atomically into ``out_dir``,
     with its card; with ``embedder`` also the task centroids of a sentence-embedding model (those of
@@ -107,7 +115,9 @@ def train_expert(
     base_dir = base_model.resolve(base)
     # a full fine-tune's weights are what the optimizer updates: float32 masters whatever the checkpoint's dtype;
     # an adapter trains in float32 over a bf16 base where the CPU multiplies bf16 natively (moerge.lm.precision)
-    model, tok = base_model.load(base_dir, dtype=torch.float32 if adapter == "full" else None)
+    # on the chosen device (``--device``; None: the setting, ``auto``: CUDA when there is one)
+    model, tok = base_model.load(base_dir, dtype=torch.float32 if adapter == "full" else None,
+                                 device=resolve_device(device))
     computed_in = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     prompts = [r.prompt for r in train_rows[:256]]
@@ -119,7 +129,7 @@ def train_expert(
     else:
         from peft import get_peft_model
 
-        model = get_peft_model(model, peft_config(adapter, rank))
+        model = get_peft_model(model, peft_config(adapter, rank, model))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lr = lr or DEFAULT_LR[adapter]
     start = time.perf_counter()
@@ -145,27 +155,28 @@ def train_expert(
     return card
 
 
-def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLike):
+def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLike, device=None):
     """(model, tokenizer): the base (None: the one the expert's card names, else the built-in base) with
     the expert applied. Any PEFT adapter folder is accepted, with
     or without ``expert.json``; it is first checked against the base (``check_base``: the card's base
     fingerprint or PEFT's ``base_model_name_or_path``, then every tensor's name and shape), so a
-    wrong base is one clear line, not a PEFT traceback. A full fine-tune (a model folder) loads as is."""
+    wrong base is one clear line, not a PEFT traceback. A full fine-tune (a model folder) loads as is.
+    ``device``: where it computes (None: the CPU)."""
     expert_dir = Path(expert_dir)
     if not expert_dir.is_dir():
         raise MoergeError(f"{expert_dir}: no such expert folder; check the path")
     if not (expert_dir / "adapter_config.json").is_file():
         if (expert_dir / "config.json").is_file():  # a full fine-tune is a model of its own
-            return base_model.load(expert_dir)
+            return base_model.load(expert_dir, device=device)
         raise MoergeError(f"{expert_dir}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)")
-    base_dir = base_model.resolve(base_dir if base_dir is not None else recorded_base(expert_dir))
+    base_dir = base_model.resolve(base_dir if base_dir is not None else recorded_base(expert_dir, "give that base"))
     base_model.check_model_folder(base_dir, "base model")
     load_adapter(expert_dir, open_source(base_dir))  # the base check, and a truncated or mismatched adapter
     from peft import PeftModel
 
-    model, tok = base_model.load(base_dir)
+    model, tok = base_model.load(base_dir, device=device)
     try:
-        return PeftModel.from_pretrained(model, expert_dir).eval(), tok
+        return PeftModel.from_pretrained(model, expert_dir).to(model_device(model)).eval(), tok
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MoergeError(f"{expert_dir}: PEFT cannot load it on {base_dir} ({first}); check it is a PEFT adapter of this base") from None

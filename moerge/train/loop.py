@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from moerge.lm.batching import collate, completion_loss, encode
+from moerge.lm.device import model_device, to_device
 from moerge.lm.example import Example
 from moerge.lm.precision import autocast_for
 
@@ -53,6 +54,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / n_warm if s < n_warm else 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, steps - n_warm))))
     autocast = autocast_for(model)  # bf16 frozen weights: mixed precision, float32 adapter weights and loss
+    device = model_device(model)  # batches are made on the CPU and sent where the model is
     model.train()
     order: list[int] = []
     losses: list[float] = []
@@ -62,7 +64,7 @@ def train(
             more = list(range(len(encoded)))
             rng.shuffle(more)
             order += more
-        batch = collate([encoded[i] for i in order[:batch_size]], tokenizer.pad_token_id)
+        batch = to_device(collate([encoded[i] for i in order[:batch_size]], tokenizer.pad_token_id), device)
         del order[:batch_size]
         with autocast:
             loss = completion_loss(model, batch)

@@ -107,7 +107,8 @@ def _updates(lora: str, parent: _ManifestSource, library) -> dict:
 
 
 def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=None) -> AddReport:
-    """Write low-rank objects for the tensors of ``paths`` that ``lora`` explains, then ``git add`` them."""
+    """Write low-rank objects for the tensors of ``paths`` (relative to ``cwd``, the repository, as
+    ``git -C``) that ``lora`` explains, then ``git add`` them."""
     top = worktree(cwd)
     if not installed(top):
         raise MoergeError(f"{top}: moerge's filters are not installed here; run `moerge git install` first")
@@ -116,9 +117,10 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
     store = objects(top)
     report = AddReport()
     for given in paths:
-        path = Path(given).absolute()
+        # relative to the repository given (as `git -C DIR add FILE`), not to where the command runs
+        path = Path(given) if Path(given).is_absolute() else (Path(cwd or ".") / given).absolute()
         if not path.is_file():
-            raise MoergeError(f"{given}: no such file")
+            raise MoergeError(f"{given}: no such file" + ("" if Path(given).is_absolute() else f" in {Path(cwd or '.').absolute()}"))
         try:
             rel = path.resolve().relative_to(top.resolve()).as_posix()
         except ValueError:

@@ -1,0 +1,100 @@
+"""Where models compute (``--device``, ``$MOERGE_DEVICE``; issue 31). This machine has no GPU: the
+CUDA paths are checked for what they choose and refuse; bench/device_check.py is the GPU run."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moerge.cli import app
+from moerge.errors import MoergeError
+from moerge.lm import device, precision
+
+runner = CliRunner()
+no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a machine without CUDA")
+
+
+@no_cuda
+def test_the_device_a_name_means_and_the_ones_this_machine_lacks(monkeypatch):
+    monkeypatch.delenv(device.ENV, raising=False)
+    assert device.resolve("cpu") == torch.device("cpu")
+    assert device.resolve("auto").type in ("cpu", "mps") and device.resolve(None) == device.resolve("auto")
+    for bad in ("cuda", "cuda:1"):
+        with pytest.raises(MoergeError, match=rf"--device {bad}: torch sees no CUDA device here .*use --device cpu"):
+            device.resolve(bad)
+    with pytest.raises(MoergeError, match="give auto, cpu, cuda, cuda:N or mps"):
+        device.set_device("gpu")
+    monkeypatch.setenv(device.ENV, "tpu")
+    with pytest.raises(MoergeError, match=r"MOERGE_DEVICE='tpu': give auto"):
+        device.resolve()
+    monkeypatch.setenv(device.ENV, "cpu")
+    assert device.resolve() == torch.device("cpu")
+
+
+def test_a_gpu_computes_bf16_checkpoints_in_bf16_where_it_can(monkeypatch):
+    """``auto`` dtype on a GPU: bf16 for a bf16 checkpoint when the GPU supports it; float32 on MPS and for
+    float32 checkpoints; the CPU's eager attention only on the CPU."""
+    monkeypatch.delenv(precision.ENV, raising=False)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert precision.compute_dtype(torch.bfloat16, cuda) == torch.bfloat16
+    assert precision.compute_dtype(torch.float32, cuda) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.compute_dtype(torch.bfloat16, cuda) == torch.float32
+    assert precision.compute_dtype(torch.bfloat16, torch.device("mps")) == torch.float32
+    monkeypatch.setenv(precision.ENV, "float32")
+    assert precision.compute_dtype(torch.bfloat16, cuda) == torch.float32
+    assert precision.model_kwargs(torch.bfloat16, cuda) == {}
+    assert precision.model_kwargs(torch.bfloat16, torch.device("cpu")) == {"attn_implementation": "eager"}
+
+
+def test_inputs_follow_the_model():
+    lin = torch.nn.Linear(2, 2)
+
+    class Routed:  # what RoutedModel looks like to the helpers: the base model under .model
+        model = lin
+
+    assert device.model_device(lin) == torch.device("cpu") and device.model_device(Routed()) == torch.device("cpu")
+    batch = {"ids": torch.ones(2, 3)}
+    assert device.to_device(batch, torch.device("cpu")) is batch  # no copy on the CPU
+
+
+@no_cuda
+def test_train_and_eval_take_the_device_option(tmp_path, monkeypatch):
+    monkeypatch.setenv(device.ENV, "auto")  # --device sets it for the process; restored after the test
+    res = runner.invoke(app, ["eval", "--device", "cuda", "--tasks", "sort"])
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "torch sees no CUDA device" in lines[0]
+    res = runner.invoke(app, ["expert", "train", "--task", "sort", "--steps", "1", "--batch-size", "4", "--device", "cuda",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and not (tmp_path / "x").exists()
+    res = runner.invoke(app, ["--device", "cpu", "expert", "train", "--task", "sort", "--steps", "1", "--batch-size", "4",
+                              "--out", str(tmp_path / "x")])
+    assert res.exit_code == 0, res.output
+    a = runner.invoke(app, ["eval", "--device", "cpu", "--adapter", str(tmp_path / "x"), "--tasks", "sort", "--n", "8",
+                            "--json", str(tmp_path / "a.json")])
+    b = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "x"), "--tasks", "sort", "--n", "8",
+                            "--json", str(tmp_path / "b.json")])
+    assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
+    import json
+
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+
+
+def test_the_device_check_runs_the_loop_on_the_cpu():
+    """bench/device_check.py, the GPU acceptance run, in its smoke form: train, eval, library, merge,
+    route, one table (on a GPU machine: ``python bench/device_check.py --device cuda``)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "device_check.py"
+    r = subprocess.run([sys.executable, str(script), "--device", "cpu", "--quick"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| step")]
+    assert [ln.split(" | ")[0].lstrip("| ") for ln in rows] == [
+        "train sort", "eval sort expert", "train reverse", "eval reverse expert", "library add",
+        "merge (task arithmetic)", "eval merge", "route eval centroid"]
+    r = subprocess.run([sys.executable, str(script), "--device", "cuda" if not __import__("torch").cuda.is_available()
+                        else "cuda:99", "--quick"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --device cuda") and "Traceback" not in r.stderr
