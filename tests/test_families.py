@@ -1,6 +1,7 @@
 """Every dense decoder family transformers ships, tried on a tiny random-init model of each (issue 31):
 an expert of each adapter kind trains on it, targets the layers its family has (fused projections
-too), and moerge applies it exactly as PEFT's own ``merge_and_unload`` does."""
+too), and moerge applies it exactly as PEFT does: merged into the weights (``merge_and_unload``) and
+in the mixture runtime that routing and serving use (the logits of PEFT's merged model)."""
 
 import json
 
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 import moerge
 from moerge.lm.arch import ia3_modules
 from moerge.lm.tiny import FAMILIES, make_base
+from moerge.routing import load_routed
 from moerge.train.expert import peft_config, train_expert
 
 
@@ -44,6 +46,13 @@ def test_each_family_trains_every_adapter_kind_and_merges_as_peft_does(arch, bas
         changed = {k for k in out if not torch.equal(out[k], before[k])}
         for k, v in out.items():
             torch.testing.assert_close(v, want[k], rtol=1e-5, atol=1e-6, msg=f"{arch} {adapter}: {k}")
+        # the mixture runtime (routing, serving) applies it as PEFT does: one expert, weight 1
+        ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+        routed = load_routed("uniform", experts=[tmp_path / adapter], base=base)
+        with torch.no_grad():
+            torch.testing.assert_close(routed(ids).logits, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-5,
+                                       msg=f"{arch} {adapter}: routed logits")
+        routed.detach()
         targets = ia3_modules(model)[0] if adapter == "ia3" else None
         if targets:  # every (IA)³ target of the family is scaled, attention and feed-forward alike
             assert {k.split(".")[-2] for k in changed} == set(targets), (arch, changed)
