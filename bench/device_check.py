@@ -33,6 +33,7 @@ def run(where: str, base: str | None, tasks: list[str], steps: int, n: int, root
     rows = []
 
     def timed(step, ran_on, fn):
+        print(f"{where}: {step} ...", file=sys.stderr, flush=True)  # progress, also when the table goes to a file
         start = time.perf_counter()
         score = fn()
         rows.append((step, ran_on, time.perf_counter() - start, score))

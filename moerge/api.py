@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 from moerge.engine.run import load_recipe, plan, run
 from moerge.errors import MoergeError
-from moerge.tasks import examples
 
 if TYPE_CHECKING:
     from moerge.engine.executor import MergeResult
@@ -39,10 +38,10 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     (``eval.report``): the table goes into the output's card and ``merge_report.json``, and is the
     result's ``report``."""
     if eval_tasks is not None:
-        from moerge.eval import resolve_tasks
+        from moerge.eval import prompt_counts, resolve_tasks
 
         # an unknown task, or a JSONL file with no test rows, is refused before any merging
-        _prompts(resolve_tasks(eval_tasks), eval_n)
+        prompt_counts(resolve_tasks(eval_tasks), eval_n)
     res = run(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=shard_size,
               progress=progress, library=library, keep_intermediates=keep_intermediates,
               allow_same_experts=allow_same_experts, lazy=lazy)
@@ -120,12 +119,6 @@ def _eval_plan(tasks, n, lm_eval, limit, num_fewshot, default_tasks: str):
     return resolve_tasks(default_tasks if tasks is None else tasks), n, None
 
 
-def _prompts(names: list[str], n: int) -> dict[str, int]:
-    from moerge.eval.harness import is_lm_eval
-
-    return {t: n if is_lm_eval(t) else len(examples(t, "test", n)) for t in names}
-
-
 def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.PathLike | None" = None, tasks=None,
              n: int | None = None, lm_eval=None, limit: int | None = None, num_fewshot: int | None = None,
              device: str | None = None, progress: bool = False) -> Scores:
@@ -134,7 +127,7 @@ def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.Pat
     ``n`` test prompts each, default 200) or on lm-eval's tasks (``lm_eval``: every metric), on
     ``device`` (None: the ``--device`` setting; ``auto``: CUDA when there is one)."""
     from moerge.eval import evaluate as exact_match_scores
-    from moerge.eval import harness
+    from moerge.eval import harness, prompt_counts
     from moerge.experts.card import recorded_base
     from moerge.lm import base as base_model
     from moerge.lm.device import resolve as resolve_device
@@ -151,7 +144,7 @@ def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.Pat
     if lm_tasks is not None:
         return Scores(title, meta, lm_eval=harness.run(loaded, tok, lm_tasks, limit=limit, num_fewshot=num_fewshot,
                                                        progress=progress))
-    return Scores(title, meta, scores=exact_match_scores(loaded, tok, names, n=n), prompts=_prompts(names, n))
+    return Scores(title, meta, scores=exact_match_scores(loaded, tok, names, n=n), prompts=prompt_counts(names, n))
 
 
 def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, experts: list | None = None,
@@ -163,7 +156,7 @@ def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, 
     neither a library nor expert folders are given — or over ``experts``) on ``tasks`` (default: the
     experts' skills), with where it sent each task; or on lm-eval's tasks. ``shots`` and ``budget``:
     LoraHub's few-shot search (examples per task, loss evaluations)."""
-    from moerge.eval import harness
+    from moerge.eval import harness, prompt_counts
     from moerge.routing import load_routed
     from moerge.routing.evaluate import evaluate_routed
 
@@ -181,7 +174,7 @@ def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, 
         res = harness.run(routed, routed.tokenizer, lm_tasks, limit=limit, num_fewshot=num_fewshot, progress=progress)
         return Scores(title, meta, lm_eval=res, experts=routed.names)
     scores, usage = evaluate_routed(routed, names, n=n, shots=shots)
-    return Scores(title, meta, scores=scores, prompts=_prompts(names, n), usage=usage, experts=routed.names)
+    return Scores(title, meta, scores=scores, prompts=prompt_counts(names, n), usage=usage, experts=routed.names)
 
 
 __all__ = ["Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "plan", "train_expert"]

@@ -61,7 +61,7 @@ def show_scores(res, json_file: Optional[Path], extra_columns: bool = False) -> 
         _lm_eval_done(res.lm_eval, res.title, json_file, res.meta)
         return
     if extra_columns:
-        table = Table("task", "exact match", *res.experts, title=f"{res.title.split(' over ')[0]}: accuracy and mean "
+        table = Table("task", "exact match", *res.experts, title=f"router {res.meta['router']}: accuracy and mean "
                       "expert weight")
         for t, v in res.scores.items():
             table.add_row(t, f"{v:.1%}", *[f"{w:.2f}" for w in res.usage[t]])

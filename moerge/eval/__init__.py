@@ -14,7 +14,7 @@ from moerge.lm.generate import exact_match, greedy
 from moerge.tasks import examples, skills
 from moerge.tasks.data import is_user_task, user_rows
 
-__all__ = ["evaluate", "exact_match", "greedy", "resolve_tasks"]
+__all__ = ["evaluate", "exact_match", "greedy", "prompt_counts", "resolve_tasks"]
 
 
 def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
@@ -43,6 +43,12 @@ def resolve_tasks(spec: str | Iterable[str]) -> list[str]:
         else:
             skills.get(n)  # unknown names fail with the list of known ones
     return names
+
+
+def prompt_counts(names: list[str], n: int) -> dict[str, int]:
+    """The test prompts each task gives when ``n`` are asked for: ``n``, or fewer for a JSONL file whose
+    test split is smaller (one line, before any work, when it has none)."""
+    return {t: n if is_lm_eval(t) else len(examples(t, "test", n)) for t in names}
 
 
 def evaluate(model, tokenizer, tasks: str | Iterable[str] = "all", *, n: int = 200, split: str = "test", seed: int = 0) -> dict[str, float]:

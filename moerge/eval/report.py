@@ -21,11 +21,9 @@ from moerge.engine.multi import MultiPlan, MultiRecipe
 from moerge.engine.plan import Plan
 from moerge.engine.run import load_recipe, plan
 from moerge.errors import MoergeError
-from moerge.eval import evaluate, resolve_tasks
-from moerge.eval.harness import is_lm_eval
+from moerge.eval import evaluate, prompt_counts, resolve_tasks
 from moerge.lm import base as base_model
 from moerge.lm.precision import compute_dtype, folder_dtype, model_kwargs
-from moerge.tasks import examples
 from moerge.util.files import atomic_file
 
 REPORT = "merge_report.json"
@@ -116,7 +114,7 @@ def merge_report(recipe, out_dir: str | os.PathLike, tasks, *, n: int = 100, lib
         if progress:
             print(line, file=sys.stderr, flush=True)
 
-    prompts = {t: n if is_lm_eval(t) else len(examples(t, "test", n)) for t in names}
+    prompts = prompt_counts(names, n)
     model, tok = base_model.load(out_dir)
     dtype = next(model.parameters()).dtype
     say(f"evaluating the merge on {len(names)} task(s) ({prompts_line(names, prompts, n)}), in "

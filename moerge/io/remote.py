@@ -46,7 +46,7 @@ class Remote:
     def size(self, path: str) -> int | None:
         """The size of ``path`` there, or None when it is not there."""
         try:
-            return int(self.fs.size(path)) if self.fs.exists(path) else None
+            return int(self.fs.size(path))
         except FileNotFoundError:
             return None
         except Exception as e:
@@ -85,9 +85,10 @@ class Remote:
                 try:
                     send(tmp)
                     self.fs.mv(tmp, path)
-                finally:
-                    if self.fs.exists(tmp):
+                except BaseException:
+                    if self.fs.exists(tmp):  # a part written before the failure
                         self.fs.rm(tmp)
+                    raise
             else:
                 send(path)
         except MoergeError:
