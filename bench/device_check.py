@@ -5,10 +5,11 @@
 
 For each of the chosen device and the CPU, in this process: two LoRA experts trained (sort, reverse on
 the built-in base; the real suite's reverse_words and caps on a real base), each scored on its own task,
-both added to a fresh library, merged (task arithmetic, streamed by the engine), the merge scored, and the
-centroid router scored over the library. Steps that do not compute on the device yet (the merge
-engine streams on the CPU; routing, serving and fusion) are marked ``cpu`` in the device column, so
-the table says what ran where. Prints one table: step, where it ran, seconds on the device and on the
+both added to a fresh library, merged (task arithmetic, streamed by the engine), the merge scored, the
+centroid and Arrow routers scored over the library (the mixture runtime on the device), and the server
+answering a burst of requests to each expert and the router (continuous batching on the device). Steps
+that do not compute on the device yet (the merge engine streams on the CPU; fusion) are marked ``cpu``
+in the device column, so the table says what ran where. Prints one table: step, where it ran, seconds on the device and on the
 CPU, their ratio, and the scores (the same on both, up to bf16 rounding when the device computes in
 bf16). On a CUDA machine this is the run that accepts the device paths; none of this project's
 machines has a GPU, so the numbers in the docs are the CPU's against itself.
@@ -48,8 +49,33 @@ def run(where: str, base: str | None, tasks: list[str], steps: int, n: int, root
               "models": [{"model": f"library://{t}", "parameters": {"weight": 1.0}} for t in tasks]}
     timed("merge (task arithmetic)", "cpu", lambda: merge(recipe, root / "merged", library=lib.root) and None)
     timed("eval merge", device, lambda: evaluate(root / "merged", tasks=",".join(tasks), n=n, device=where).mean)
-    timed("route eval centroid", "cpu", lambda: evaluate_router("centroid", library=lib.root, tasks=",".join(tasks), n=n).mean)
+    for r in ("centroid", "arrow"):
+        timed(f"route eval {r}", device, lambda r=r: evaluate_router(r, library=lib.root, tasks=",".join(tasks), n=n,
+                                                                     device=where).mean)
+    timed("serve 4 requests per expert and router", device, lambda: serve_burst(lib.root, tasks, where))
     return rows
+
+
+def serve_burst(library: Path, tasks: list[str], where: str) -> float:
+    """The server on ``where``: each expert and the centroid router asked 4 prompts of the experts' tasks
+    at once (one continuous batch); the share of answers that equal the same request asked alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    from moerge.serve import Server
+    from moerge.tasks.data import examples
+
+    prompts = [ex.prompt for t in tasks for ex in examples(t, "test", 2, seed=1)]
+    with Server(library=str(library), routers=["centroid"], device=where) as s:
+        c = OpenAI(base_url=s.url, api_key="unused", max_retries=0)
+        ask = lambda job: c.completions.create(model=job[0], prompt=job[1], max_tokens=12,  # noqa: E731
+                                               temperature=0).choices[0].text
+        jobs = [(m, p) for m in [*tasks, "router:centroid"] for p in prompts]
+        alone = [ask(j) for j in jobs[:: len(prompts)]]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            together = list(pool.map(ask, jobs))
+    return sum(a == b for a, b in zip(alone, together[:: len(prompts)])) / len(alone)
 
 
 def main(argv=None) -> None:

@@ -151,18 +151,19 @@ def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, 
                     base: "str | os.PathLike | None" = None, top_k: int | None = None, temperature: float | None = None,
                     embedder: str | None = None, tasks=None, n: int | None = None, shots: int = LORAHUB_SHOTS,
                     budget: int = LORAHUB_BUDGET, lm_eval=None, limit: int | None = None,
-                    num_fewshot: int | None = None, progress: bool = False) -> Scores:
+                    num_fewshot: int | None = None, device: str | None = None, progress: bool = False) -> Scores:
     """Score a routed model (``router`` over a library's latest adapters — ``$MOERGE_LIBRARY``'s when
     neither a library nor expert folders are given — or over ``experts``) on ``tasks`` (default: the
     experts' skills), with where it sent each task; or on lm-eval's tasks. ``shots`` and ``budget``:
-    LoraHub's few-shot search (examples per task, loss evaluations)."""
+    LoraHub's few-shot search (examples per task, loss evaluations). ``device``: where the base and
+    the experts compute (None: the ``--device`` setting)."""
     from moerge.eval import harness, prompt_counts
     from moerge.routing import load_routed
     from moerge.routing.evaluate import evaluate_routed
 
     names, n, lm_tasks = _eval_plan(tasks, n, lm_eval, limit, num_fewshot, ROUTE_TASKS)
     routed = load_routed(router, experts=experts or None, library=library, base=base, top_k=top_k,
-                         temperature=temperature, embedder=embedder)
+                         temperature=temperature, embedder=embedder, device=device)
     if router == "lorahub":
         routed.router.budget = budget
     title = f"router {router} over {', '.join(routed.names)}"

@@ -82,7 +82,7 @@ def test_train_and_eval_take_the_device_option(tmp_path, monkeypatch):
 
 def test_the_device_check_runs_the_loop_on_the_cpu():
     """bench/device_check.py, the GPU acceptance run, in its smoke form: train, eval, library, merge,
-    route, one table (on a GPU machine: ``python bench/device_check.py --device cuda``)."""
+    route -> serve, one table (on a GPU machine: ``python bench/device_check.py --device cuda``)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -94,7 +94,82 @@ def test_the_device_check_runs_the_loop_on_the_cpu():
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| step")]
     assert [ln.split(" | ")[0].lstrip("| ") for ln in rows] == [
         "train sort", "eval sort expert", "train reverse", "eval reverse expert", "library add",
-        "merge (task arithmetic)", "eval merge", "route eval centroid"]
+        "merge (task arithmetic)", "eval merge", "route eval centroid", "route eval arrow",
+        "serve 4 requests per expert and router"]
+    served = rows[-1].split(" | ")
+    assert served[-2] == "100.0%", rows[-1]  # a burst answers as each request alone
     r = subprocess.run([sys.executable, str(script), "--device", "cuda" if not __import__("torch").cuda.is_available()
                         else "cuda:99", "--quick"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: --device cuda") and "Traceback" not in r.stderr
+
+
+def test_gradient_checkpointing_trains_the_same_expert(tmp_path, monkeypatch):
+    """Recomputing activations in the backward pass changes memory and time, not the gradients: the
+    same seed gives the same adapter with and without it (for LoRA on a dense base and on an MoE base)."""
+    import transformers.modeling_utils as mu
+    from safetensors.torch import load_file
+
+    from moerge.lm.tiny import make_base
+    from moerge.train.expert import train_expert
+
+    calls = []
+    real = mu.checkpoint
+    monkeypatch.setattr(mu, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    for base in (None, make_base(tmp_path / "mixtral", arch="mixtral", hidden=32, intermediate=64)):
+        got = []
+        for ckpt in (False, True):
+            out = tmp_path / f"x-{ckpt}-{base is not None}"
+            train_expert(out, base=base, task="sort", steps=3, n_train=32, batch_size=8, n_val=20, progress=False,
+                         gradient_checkpointing=ckpt)
+            got.append(load_file(out / "adapter_model.safetensors"))
+            assert bool(calls) == ckpt  # the layers were checkpointed exactly when asked
+            calls.clear()
+        assert got[0].keys() == got[1].keys()
+        for k in got[0]:
+            torch.testing.assert_close(got[0][k], got[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@no_cuda
+def test_qlora_is_refused_in_one_line_without_cuda(tmp_path):
+    r = runner.invoke(app, ["expert", "train", "--task", "sort", "--out", str(tmp_path / "q"), "--quantize", "4bit",
+                            "--device", "cpu"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "--quantize 4bit: bitsandbytes' 4-bit layers need a CUDA GPU; this run is on cpu" in r.output
+    r = runner.invoke(app, ["expert", "train", "--task", "sort", "--out", str(tmp_path / "q"), "--quantize", "8bit"])
+    assert r.exit_code == 1 and "--quantize '8bit': give 4bit" in r.output
+    assert not (tmp_path / "q").exists()
+
+
+def test_device_map_auto_offloads_a_base_and_answers_as_it_whole(tmp_path, monkeypatch):
+    """``--device-map auto`` with less memory than the model: accelerate keeps what fits and offloads
+    the rest to disk; evaluation answers exactly as the whole model does. Routing adapts layers in
+    place, so an offloaded map is one line there; a map that keeps everything on a device routes."""
+    from moerge.api import evaluate
+    from moerge.lm import base as base_model
+    from moerge.lm.device import MAP_ENV, MEMORY_ENV, dispatched, offloaded
+    from moerge.lm.tiny import make_base
+    from moerge.routing import load_routed
+    from moerge.train.expert import train_expert
+
+    base = make_base(tmp_path / "b", hidden=64, layers=4)
+    train_expert(tmp_path / "x", base=base, task="reverse", steps=2, n_train=16, batch_size=8, n_val=20, progress=False)
+    whole = evaluate(base, tasks="reverse", n=6).scores
+    whole_x = evaluate(adapter=tmp_path / "x", tasks="reverse", n=6).scores
+    monkeypatch.setenv(MAP_ENV, "auto")
+    monkeypatch.setenv(MEMORY_ENV, "cpu=200KB")
+    model, _ = base_model.load(base)
+    assert offloaded(model) and "disk" in dispatched(model).values()
+    assert evaluate(base, tasks="reverse", n=6).scores == whole
+    assert evaluate(adapter=tmp_path / "x", tasks="reverse", n=6).scores == whole_x
+    with pytest.raises(MoergeError, match=r"--device-map auto put .* copied in at each forward .*--max-memory"):
+        load_routed("uniform", experts=[tmp_path / "x"], base=base)
+    monkeypatch.delenv(MEMORY_ENV)  # everything fits on the CPU: routed as usual
+    routed = load_routed("uniform", experts=[tmp_path / "x"], base=base)
+    assert not offloaded(routed.model)
+    ids = torch.tensor([[1, 40, 41, 42]])
+    monkeypatch.delenv(MAP_ENV)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(ids).logits, load_routed("uniform", experts=[tmp_path / "x"], base=base)(ids).logits)
+    r = runner.invoke(app, ["--device-map", "auto", "--max-memory", "cpu:lots", "eval", str(base)])
+    assert r.exit_code == 1 and "--max-memory 'cpu:lots': give DEVICE=AMOUNT pairs" in r.output

@@ -79,16 +79,3 @@ def test_a_family_whose_layers_cannot_be_told_apart_is_one_line():
 
     with pytest.raises(MoergeError, match=r"\(IA\)3 on odd: cannot tell .* its linear layers: mix\); use --adapter lora"):
         ia3_modules(Odd())
-
-
-def test_lora_on_an_moe_base_s_expert_parameters_is_named_not_called_another_base(bases):
-    """PEFT's target_parameters (LoRA on an MoE's fused 3-D expert weights) is not read yet: the line says
-    so, instead of the base check's "made for another base" (issue 31)."""
-    from moerge.errors import MoergeError
-    from moerge.experts.peft_format import parse_adapter
-    from moerge.io.source import open_source
-
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": [], "target_parameters": ["mlp.experts.gate_up_proj"]}
-    tensors = {"base_model.model.model.layers.0.mlp.experts.lora_A.weight": torch.zeros(2, 32)}
-    with pytest.raises(MoergeError, match=r"LoRA on parameters \(mlp.experts.gate_up_proj: PEFT's target_parameters.*not read"):
-        parse_adapter(config, tensors, open_source(bases["llama"]))

@@ -124,9 +124,14 @@ def test_arrow_prototypes_are_the_top_right_singular_vectors_and_route_aligned_t
     from moerge.routing.routers.arrow import ArrowRouter
 
     dirs = torch.eye(6)[:3]
-    class Layer:  # what fit() reads: a (E, r, in), b (E, out, r)
+    class Layer:  # what fit() reads: each expert's factor pairs on the layer's input
         a = torch.stack([torch.cat([d[None], torch.zeros(1, 6)]) for d in dirs])  # rank 2, second row empty
         b = torch.randn(3, 5, 2, generator=g)
+        in_features = 6
+
+        @classmethod
+        def factor_pairs(cls, e):
+            return [(cls.a[e], cls.b[e])]
     class Routed:
         layers, kinds, cards = {"m": Layer}, ["lora"] * 3, [{}] * 3
     router = ArrowRouter(top_k=1)
@@ -135,6 +140,18 @@ def test_arrow_prototypes_are_the_top_right_singular_vectors_and_route_aligned_t
     assert router.token_weights("m", x).argmax(-1).tolist() == [[2, 0, 1]]
     fused = x @ router.score_map("m")
     assert torch.equal(router.token_weights("m", x, fused), router.token_weights("m", x))
+
+
+def test_arrow_prototype_of_an_moe_layer_is_the_top_right_singular_vector_of_the_stacked_updates():
+    """On an MoE layer an expert has one LoRA per base expert: its prototype is the input direction the
+    stack [B_1A_1; B_2A_2; ...] amplifies most, found from the factors (an in × in matrix)."""
+    from moerge.routing.routers.arrow import prototype
+
+    g = torch.Generator().manual_seed(1)
+    pairs = [(torch.randn(2, 12, generator=g), torch.randn(7, 2, generator=g)) for _ in range(4)]
+    want = torch.linalg.svd(torch.cat([b @ a for a, b in pairs]).double())[2][0].float()
+    assert abs(float(prototype(pairs, 12) @ want)) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(prototype([(torch.zeros(2, 12), torch.zeros(7, 2))], 12), torch.zeros(12))
 
 
 def test_arrow_equals_peft_arrow(tmp_path):

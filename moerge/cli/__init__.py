@@ -27,7 +27,7 @@ from moerge.cli import (
     serve,
     tasks,
 )
-from moerge.cli.common import DEVICE_OPT, DTYPE_HELP, _user_errors, err, out
+from moerge.cli.common import DEVICE_MAP_OPT, DEVICE_OPT, DTYPE_HELP, MAX_MEMORY_OPT, _user_errors, err, out
 
 app = typer.Typer(
     rich_markup_mode=None,  # help texts are plain: NAME[@V] and moerge[embed] must print as written
@@ -51,6 +51,8 @@ def _root(
                                           "(default: $MOERGE_THREADS, else 1)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", metavar="auto|float32|bfloat16", help=DTYPE_HELP),
     device: Optional[str] = DEVICE_OPT,
+    device_map: Optional[str] = DEVICE_MAP_OPT,
+    max_memory: Optional[str] = MAX_MEMORY_OPT,
 ) -> None:
     """Merge, route and version specialist experts built from one base model."""
     from moerge.lm.precision import set_dtype

@@ -83,9 +83,18 @@ DTYPE_HELP = ("What models compute in: auto (default; $MOERGE_DTYPE), float32 or
 DTYPE_OPT = typer.Option(None, "--dtype", callback=_applies("moerge.lm.precision:set_dtype"),
                          metavar="auto|float32|bfloat16", help=DTYPE_HELP)
 DEVICE_HELP = ("Where models compute: auto (default; $MOERGE_DEVICE: a CUDA GPU when torch sees one, else Apple MPS, "
-               "else the CPU), cpu, cuda, cuda:N or mps. Training and evaluation so far; other commands use the CPU.")
+               "else the CPU), cpu, cuda, cuda:N or mps. Training, evaluation, routing and serving; merges stream on the CPU.")
 DEVICE_OPT = typer.Option(None, "--device", callback=_applies("moerge.lm.device:set_device"),
                           metavar="auto|cpu|cuda[:N]|mps", help=DEVICE_HELP)
+
+
+DEVICE_MAP_OPT = typer.Option(None, "--device-map", callback=_applies("moerge.lm.device:set_device_map"), metavar="auto",
+                              help="A base bigger than one device: spread it over the GPUs, the CPU and the disk "
+                              "(accelerate; $MOERGE_DEVICE_MAP). Evaluation on any spread; routing and serving with "
+                              "every layer on a GPU (or on the CPU alone).")
+MAX_MEMORY_OPT = typer.Option(None, "--max-memory", callback=_applies("moerge.lm.device:set_max_memory"),
+                              metavar="0=20GiB,cpu=64GiB", help="What --device-map auto may use of each device "
+                              "($MOERGE_MAX_MEMORY).")
 
 
 LIBRARY = typer.Option(None, "--library", help="Library folder (default: $MOERGE_LIBRARY, else the current folder).")

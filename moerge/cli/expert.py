@@ -38,6 +38,10 @@ def expert_train(
     embedder: Optional[str] = EMBEDDER_OPT,
     gate_steps: int = typer.Option(0, "--gate-steps", help="Then train its PHATGOOSE gates for this many steps "
                                    "(as `moerge expert gate`; 0: no gates)."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the "
+                                                "backward pass: less memory, about a third more time."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", metavar="4bit", help="QLoRA: the frozen base in 4-bit "
+                                           "NF4 (CUDA and pip install 'moerge[qlora]')."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
@@ -49,6 +53,7 @@ def expert_train(
     with _user_errors():
         card = train_expert(out_dir, base=base, task=task, data=data, adapter=adapter, steps=steps, lr=lr, rank=rank,
                             batch_size=batch_size, seed=seed, embedder=embedder, gate_steps=gate_steps,
+                            gradient_checkpointing=gradient_checkpointing, quantize=quantize,
                             overwrite=overwrite, progress=True)
     acc = "-" if card.validation_accuracy is None else f"{card.validation_accuracy:.1%}"
     out.print(f"wrote {out_dir}: {card.adapter} expert for {card.task}, {card.trainable_params:,} trainable parameters, "

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moerge.api import LORAHUB_BUDGET, LORAHUB_SHOTS
 from moerge.cli.common import (
+    DEVICE_OPT,
     DTYPE_OPT,
     EMBEDDER_OPT,
     THREADS_OPT,
@@ -71,6 +72,7 @@ def route_eval(
     num_fewshot: Optional[int] = FEWSHOT_OPT,
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Exact match of the routed model on the test split of each task, and where the router sent each task;
     or, with --lm-eval, every metric of lm-eval's tasks (the router picks the experts for each input)."""
@@ -99,6 +101,7 @@ def generate_cmd(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Answer one prompt with the routed model; print the answer and the experts it used."""
     from moerge.eval import greedy

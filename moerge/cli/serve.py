@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from moerge.cli.common import (
+    DEVICE_OPT,
     DTYPE_OPT,
     THREADS_OPT,
     _user_errors,
@@ -49,6 +50,7 @@ def serve_cmd(
                                             "KEY'), instead of --api-key (or $MOERGE_ADMIN_KEY)."),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """An OpenAI-compatible server: the base, each expert and each router as a model, continuous batching."""
     from moerge.serve import serve

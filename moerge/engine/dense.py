@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm.arch import checkpoint_reader
 
 
 def _filled(cfg, dtype: torch.dtype, get, where: str, **kw):
@@ -43,8 +44,7 @@ def load_dense(model_ref, dtype: torch.dtype, **kw):
     except Exception as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise MoergeError(f"{model_ref.ref}: cannot read its config.json ({first}); this needs the model's forward") from None
-    src = model_ref.source
-    return _filled(cfg, dtype, lambda name: src.get(name) if name in src else None, model_ref.ref, **kw)
+    return _filled(cfg, dtype, checkpoint_reader(cfg.model_type, model_ref.source), model_ref.ref, **kw)
 
 
 def model_from_tensors(config: dict, tensors: dict[str, torch.Tensor]):
@@ -57,7 +57,14 @@ def model_from_tensors(config: dict, tensors: dict[str, torch.Tensor]):
         cfg = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     except (KeyError, ValueError) as e:
         raise MoergeError(f"the merge's config cannot build a model ({e}); it needs a model_type transformers knows") from None
-    return _filled(cfg, torch.float32, tensors.get, "the merge")
+    return _filled(cfg, torch.float32, checkpoint_reader(cfg.model_type, _Tensors(tensors)), "the merge")
+
+
+class _Tensors(dict):
+    """A dict of tensors as a tensor source (``names``, ``get``, ``in``)."""
+
+    def names(self) -> list[str]:
+        return list(self)
 
 
 def load_tokenizer(model_ref, needed_for: str):

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm.arch import checkpoint_reader
 
 
 class _Caught(Exception):
@@ -79,6 +80,7 @@ class LayerwiseModel:
         model.tie_weights()
         self.ref = model_ref.ref
         self.source = model_ref.source
+        self.read = checkpoint_reader(cfg.model_type, model_ref.source)  # the model's names, the checkpoint's tensors
         self.model = model.eval()
         self._tuples = False  # whether the layers return tuples (older transformers) or tensors; set by run
         found = _blocks(model, cfg)
@@ -96,11 +98,11 @@ class LayerwiseModel:
     def tensor(self, name: str) -> torch.Tensor:
         """The float32 tensor of a parameter of the model, from the lazy source (adapters applied)."""
         key = self.alias.get(name, name)
-        if key not in self.source and name in self.source:
-            key = name
-        if key not in self.source:
+        t = self.read(key) if key != name else None
+        t = self.read(name) if t is None else t
+        if t is None:
             raise MoergeError(f"{self.ref}: lacks tensor {key!r} its config implies; is it a complete checkpoint?")
-        return self.source.get(key).to(torch.float32)
+        return t.to(torch.float32)
 
     def _load(self, module: torch.nn.Module, prefix: str, skip: str | None = None) -> None:
         """Give every meta parameter under ``module`` its weights (tied ones share one tensor)."""

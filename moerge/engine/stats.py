@@ -37,6 +37,7 @@ from moerge.engine.layerwise import LayerwiseModel
 from moerge.errors import MoergeError
 from moerge.experts.card import ExpertCard
 from moerge.io.writer import ShardedWriter
+from moerge.lm.arch import as_stored
 from moerge.lm.batching import collate, completion_loss, encode
 from moerge.lm.precision import compute_dtype, model_kwargs, stored_dtype
 from moerge.tasks.data import is_user_task
@@ -318,7 +319,9 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     meta = {"kind": kind, "version": VERSION, "model": model_ref.pinned, "data": described, "examples": len(rows), "scale": 1.0,
             **({"dtype": "bfloat16"} if mixed else {})}
     if kind == "fisher":
-        tensors = fisher(model, tok, rows)
+        # keyed as the checkpoint stores its tensors (an MoE base's stacked experts, one tensor each), as merges read them
+        stored = list(model_ref.source.names())
+        tensors = as_stored(model.config.model_type, fisher(model, tok, rows), stored)
         total = sum(float(t.sum()) for t in tensors.values())
         meta.update(aliases=tied_names(model), layouts={},
                     scale=total / max(1, sum(t.numel() for t in tensors.values())))

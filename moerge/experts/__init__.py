@@ -1,7 +1,7 @@
 """Experts: what a fine-tune or adapter changes in its base, per kind (kinds.py), read from PEFT
 folders (peft_format.py)."""
 
-from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, apply
+from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, StackedLowRank, apply
 from moerge.experts.peft_format import (
            Expert,
            ExpertAppliedSource,
@@ -10,5 +10,5 @@ from moerge.experts.peft_format import (
            read_adapter,
 )
 
-__all__ = ["Dora", "LowRank", "Replace", "Scaling", "apply", "Expert", "ExpertAppliedSource", "load_adapter",
+__all__ = ["Dora", "LowRank", "Replace", "Scaling", "StackedLowRank", "apply", "Expert", "ExpertAppliedSource", "load_adapter",
            "parse_adapter", "read_adapter"]

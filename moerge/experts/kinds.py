@@ -7,7 +7,9 @@ ever materialised:
 - ``LowRank`` (LoRA): delta = s·B·A (transposed for embeddings and ``fan_in_fan_out`` layers);
 - ``Dora``: LoRA plus a magnitude vector: W' = m ⊙ (W + s·B·A) / ‖W + s·B·A‖ (row norms), as PEFT merges;
 - ``Scaling`` ((IA)³): W' = W ⊙ l, with l a column (outputs) or a row (feed-forward inputs);
-- ``Replace``: a full tensor (PEFT's ``modules_to_save``, or any tensor of a full fine-tune).
+- ``Replace``: a full tensor (PEFT's ``modules_to_save``, or any tensor of a full fine-tune);
+- ``StackedLowRank``: LoRA on an MoE base's fused expert weights (a 3-D ``(experts, out, in)`` tensor),
+  one pair of factors per expert of the base, as PEFT's ``target_parameters`` trains them.
 """
 
 from __future__ import annotations
@@ -80,7 +82,44 @@ class Replace:
         return self.tensor.float() - base.float()
 
 
-Update = LowRank | Dora | Scaling | Replace
+@dataclass
+class StackedLowRank:
+    """LoRA on a stack of expert matrices: delta[k] = s·B_k·A_k for each expert k of an MoE layer.
+
+    PEFT stores the stack's factors flat (A: (r·K, in), B: (out, r·K)); ``from_peft`` unfolds them so
+    each expert's pair is a plain (r, in), (out, r) LoRA. ``transposed``: the base keeps the stack as
+    (K, in, out) (a module with ``is_transposed``) instead of transformers' usual (K, out, in)."""
+
+    a: torch.Tensor  # (K, r, in)
+    b: torch.Tensor  # (K, out, r)
+    scale: float
+    transposed: bool = False
+
+    @classmethod
+    def from_peft(cls, a: torch.Tensor, b: torch.Tensor, experts: int, scale: float, transposed: bool = False) -> "StackedLowRank":
+        """From PEFT's ParamWrapper layout: rows of A are expert-major (k·r + j), columns of B rank-major (j·K + k)."""
+        a3 = a.reshape(experts, -1, a.shape[-1])
+        b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)
+        return cls(a3, b3, scale, transposed)
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def experts(self) -> int:
+        return self.a.shape[0]
+
+    def shape(self) -> tuple[int, ...]:
+        k, out, i = self.b.shape[0], self.b.shape[1], self.a.shape[2]
+        return (k, i, out) if self.transposed else (k, out, i)
+
+    def delta(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        d = torch.bmm(self.b.float(), self.a.float()) * self.scale  # (K, out, in)
+        return d.transpose(1, 2) if self.transposed else d
+
+
+Update = LowRank | Dora | Scaling | Replace | StackedLowRank
 
 
 def apply(base: torch.Tensor, update: Update) -> torch.Tensor:

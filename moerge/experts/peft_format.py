@@ -21,7 +21,7 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.experts.card import ExpertCard, read_card, recorded_base
-from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, Update, apply
+from moerge.experts.kinds import Dora, LowRank, Replace, Scaling, StackedLowRank, Update, apply
 from moerge.experts.lowrank import combine_adapters
 from moerge.io.fingerprint import fingerprint, folder_fingerprint
 from moerge.io.hub import resolve
@@ -46,6 +46,14 @@ class Expert:
     config: dict = field(default_factory=dict)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # as stored (for export and hashing)
     path: Path | None = None
+    # the same updates keyed by the loaded model's parameter names, when the checkpoint stores some
+    # otherwise (an MoE base's fused experts): what the mixture runtime attaches to
+    model_updates: dict[str, Update] | None = None
+
+    @property
+    def in_model(self) -> dict[str, Update]:
+        """The updates keyed as the loaded model names its parameters."""
+        return self.updates if self.model_updates is None else self.model_updates
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -81,8 +89,11 @@ def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     raise MoergeError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
 
 
-def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSource, where: str = "adapter") -> Expert:
-    """Turn PEFT's config and tensors into an Expert, checked against the base's names and shapes."""
+def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSource, where: str = "adapter",
+                  model_dir: str | Path | None = None) -> Expert:
+    """Turn PEFT's config and tensors into an Expert, checked against the base's names and shapes.
+    ``model_dir``: a folder with the base's config.json, when ``base`` is not such a folder (a
+    committed checkpoint), for adapters that name parameters as the loaded model does (MoE bases)."""
     ptype = config.get("peft_type", "LORA")
     if ptype == "DENSE":  # a full fine-tune, stored as the tensors it changed
         for name, t in tensors.items():
@@ -91,10 +102,6 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
         return Expert("full", {n: Replace(t) for n, t in tensors.items()}, config, tensors)
     if ptype not in ("LORA", "IA3"):
         raise MoergeError(f"{where}: a {ptype} adapter; moerge reads LoRA, DoRA and (IA)3 adapters")
-    if config.get("target_parameters"):  # said before any tensor is matched: otherwise it reads as "another base"
-        raise MoergeError(f"{where}: LoRA on parameters ({', '.join(map(str, config['target_parameters']))}: PEFT's "
-                          "target_parameters, such as an MoE base's fused expert weights) is not read by moerge yet; "
-                          "MoE bases are not supported as bases so far, only as outputs of `moerge moe`")
     kind = "ia3" if ptype == "IA3" else "dora" if config.get("use_dora") else "lora"
     fan_in_fan_out = bool(config.get("fan_in_fan_out"))
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -103,26 +110,37 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
     def another_base(what: str) -> MoergeError:
         return MoergeError(f"{where}: {what} in {base.path}; was it made for another base?")
 
+    layout = _Layout(base, model_dir)
     for key, t in tensors.items():
         name = SAVED_MODULE.sub("", key[len(PREFIX):] if key.startswith(PREFIX) else key)
         m = PART.match(name)
-        if ".base_layer." in name:  # PEFT saves targeted embeddings' own weights: they must be the base's
+        if m:  # (an MoE layer's parameters: the factors of nested wrappers, module.base_layer...lora_A)
+            parts.setdefault(m["module"], {})[m["part"]] = t
+        elif ".base_layer." in name:  # PEFT saves targeted embeddings' own weights: they must be the base's
             own = name.replace(".base_layer.", ".")
             if own not in base or not torch.equal(base.get(own), t.to(base.info(own).dtype)):
                 raise another_base(f"the adapter carries its own {own} (resized or retrained embeddings), which differs")
-        elif m:
-            parts.setdefault(m["module"], {})[m["part"]] = t
-        elif name in base:
+        elif name in base or layout.shape(name) is not None:
             updates[name] = Replace(t)
         else:
             raise another_base(f"adapter tensor {key!r} matches nothing")
+    wrapped = _parameter_targets(config, parts, layout, where) if config.get("target_parameters") else {}
     for module, p in parts.items():
+        if module in wrapped:  # LoRA on a parameter (PEFT's target_parameters): an MoE stack, or a router's weight
+            target, experts, transposed = wrapped[module]
+            a, b = p.get("lora_A"), p.get("lora_B")
+            r = a.shape[0] // max(experts, 1)
+            alpha = _pattern_value(config.get("alpha_pattern"), target, config.get("lora_alpha", r))
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            updates[target] = (StackedLowRank.from_peft(a, b, experts, scale, transposed) if experts
+                               else LowRank(a, b, scale))
+            continue
         target = module + ".weight"
-        if target not in base:
+        if layout.shape(target) is None:
             raise another_base(f"the adapter changes {module!r}, which is missing")
         if "ia3_l" in p:
             updates[target] = Scaling(p["ia3_l"], fan_in_fan_out)
-            if p["ia3_l"].shape[-1] == 1 and module + ".bias" in base:
+            if p["ia3_l"].shape[-1] == 1 and layout.shape(module + ".bias") is not None:
                 updates[module + ".bias"] = Scaling(p["ia3_l"])
             continue
         emb = "lora_embedding_A" in p
@@ -138,7 +156,7 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
         else:
             updates[target] = LowRank(a, b, scale, transpose)
     for target, u in updates.items():
-        want = tuple(base.info(target).shape)
+        want = layout.shape(target)
         if isinstance(u, Scaling):
             v = u.vector.T if u.transpose else u.vector
             ok = target.endswith(".bias") and v.numel() == want[0] or (
@@ -149,7 +167,127 @@ def parse_adapter(config: dict, tensors: dict[str, torch.Tensor], base: TensorSo
             ok = got == want
         if not ok:
             raise another_base(f"the update for {target} has shape {got} but the base tensor is {want}")
-    return Expert(kind, updates, config, tensors)
+    stored = layout.to_checkpoint(updates, another_base)
+    return Expert(kind, stored, config, tensors, model_updates=None if stored is updates else updates)
+
+
+class _Layout:
+    """The base as an adapter sees it: PEFT names the model's parameters as the loaded model holds
+    them, a checkpoint may store them otherwise (Mixtral's ``block_sparse_moe.experts.3.w1.weight``
+    for expert 3's slice of ``mlp.experts.gate_up_proj``). The model class is built (on the meta
+    device) only when some name is not the checkpoint's own."""
+
+    def __init__(self, base: TensorSource, model_dir: str | Path | None = None):
+        self.base = base
+        self.model_dir = model_dir if model_dir is not None else getattr(base, "path", None)
+        self._model = False
+
+    @property
+    def model(self):
+        if self._model is False:
+            from moerge.lm.arch import parameter_layout
+
+            path = self.model_dir
+            self._model = parameter_layout(path) if path is not None and Path(str(path)).exists() else None
+        return self._model
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The tensor's shape in the checkpoint, else in the model class; None when neither has it."""
+        if name in self.base:
+            return tuple(self.base.info(name).shape)
+        return self.model.shapes.get(name) if self.model else None
+
+    def to_checkpoint(self, updates: dict[str, Update], another_base) -> dict[str, Update]:
+        """``updates`` keyed by the checkpoint's names (``updates`` itself when they already are): renamed
+        tensors take the stored name, a stack's LoRA becomes one plain LoRA per stored piece (each
+        expert's gate and up halves share its A and split its B's rows)."""
+        if all(n in self.base for n in updates):
+            return updates
+        renamed, fused = self.model.checkpoint_names(self.base.names()) if self.model else ({}, {})
+        out: dict[str, Update] = {}
+        for name, u in updates.items():
+            if name in self.base:
+                out[name] = u
+            elif name in renamed:
+                out[renamed[name]] = u
+            elif name in fused and isinstance(u, StackedLowRank) and not u.transposed:
+                for piece in fused[name]:
+                    a, b = u.a[piece.expert], u.b[piece.expert]
+                    if piece.dim == 1:
+                        size = b.shape[0] // piece.count
+                        b = b[piece.index * size:(piece.index + 1) * size]
+                    else:
+                        size = a.shape[1] // piece.count
+                        a = a[:, piece.index * size:(piece.index + 1) * size]
+                    out[piece.name] = LowRank(a.contiguous(), b.contiguous(), u.scale)
+            else:
+                raise another_base(f"the adapter changes {name!r}, which the checkpoint does not store "
+                                   "(as itself or as pieces moerge knows how to read)")
+        for name, u in out.items():
+            want = tuple(self.base.info(name).shape)
+            if isinstance(u, LowRank) and tuple(u.shape()) != want:
+                raise another_base(f"the update for {name} has shape {tuple(u.shape())} but the base tensor is {want}")
+        return out
+
+
+def _parameter_targets(config: dict, parts: dict, layout: "_Layout", where: str) -> dict[str, tuple[str, int, bool]]:
+    """Which parameter each parameter wrapper's factors belong to: {saved module name: (parameter name
+    as the model holds it, experts in its stack (0 for a matrix), kept (experts, in, out))}.
+
+    PEFT nests one wrapper per targeted parameter of a module, the first declared innermost, and saves
+    the wrapper d levels down as ``module`` + ``.base_layer`` × d. The declaration order and the
+    stacks' orientation come from the base's model class (``lm.arch.parameter_layout``); a base
+    without a config (a committed checkpoint) is matched by the factors' shapes instead."""
+    keys = [str(k) for k in config.get("target_parameters") or []]
+    model, base = layout.model, layout.base
+    found: dict[str, tuple[str, int, bool]] = {}
+    for saved in parts:
+        owner, depth = saved, 0
+        while owner.endswith(".base_layer"):
+            owner, depth = owner[: -len(".base_layer")], depth + 1
+        known = model is not None and owner in model.params
+        names = model.params[owner] if known else sorted(
+            n[len(owner) + 1:] for n in base.names() if n.startswith(owner + ".") and "." not in n[len(owner) + 1:])
+        targeted = [n for n in names if layout.shape(f"{owner}.{n}") is not None
+                    and any(f"{owner}.{n}" == k or f"{owner}.{n}".endswith("." + k) for k in keys)]
+        if not targeted and owner != saved and model is not None:
+            raise MoergeError(f"{where}: the adapter changes parameters of {owner!r} ({', '.join(keys)}), which "
+                              f"{base.path} does not have; was it made for another base?")
+        if not targeted and owner != saved:
+            raise MoergeError(f"{where}: LoRA on parameters of {owner!r} (PEFT's target_parameters: {', '.join(keys)}), which "
+                              f"{base.path} does not store as such; reading it needs the base's config.json beside it "
+                              "(an MoE base stores its experts one tensor each)")
+        if not targeted:
+            continue  # a module targeted as a layer (target_modules)
+        a, b = parts[saved].get("lora_A"), parts[saved].get("lora_B")
+        if a is None or b is None:
+            raise MoergeError(f"{where}: {saved!r} has only one of its A/B matrices; the adapter is incomplete")
+
+        def fits(n: str, transposed: bool) -> bool:
+            shape = layout.shape(f"{owner}.{n}")
+            if len(shape) not in (2, 3):
+                return False
+            e = shape[0] if len(shape) == 3 else 1
+            out, inp = (shape[-1], shape[-2]) if transposed else (shape[-2], shape[-1])
+            return a.shape[0] % e == 0 and a.shape[0] == b.shape[1] and a.shape[1] == inp and b.shape[0] == out
+
+        if known:  # the wrapper d levels down is the (d+1)-th targeted parameter from the last
+            if depth >= len(targeted):
+                raise MoergeError(f"{where}: {saved!r} is nested deeper than the {len(targeted)} parameter(s) it targets "
+                                  f"on {owner!r}; was it made for another base?")
+            name, transposed = targeted[len(targeted) - 1 - depth], owner in model.transposed
+        else:  # no model class to ask: the one parameter whose shape the factors fit
+            fitting = [(n, t) for n in targeted for t in (False, True) if fits(n, t)]
+            if len({n for n, _ in fitting}) != 1:
+                raise MoergeError(f"{where}: cannot tell which parameter of {owner!r} the factors {saved!r} belong to "
+                                  f"({len(fitting)} fit); read the adapter against the base model folder (with its config.json)")
+            name, transposed = fitting[0]
+        shape = layout.shape(f"{owner}.{name}")
+        if not fits(name, transposed):
+            raise MoergeError(f"{where}: the factors {tuple(a.shape)}, {tuple(b.shape)} of {owner}.{name} do not fit "
+                              f"its shape {shape} in {base.path}; was it made for another base?")
+        found[saved] = (f"{owner}.{name}", shape[0] if len(shape) == 3 else 0, transposed)
+    return found
 
 
 def load_finetune(folder: str | Path, base: TensorSource) -> Expert:

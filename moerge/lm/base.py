@@ -18,6 +18,7 @@ import torch
 from moerge.errors import MoergeError
 from moerge.io.source import open_source
 from moerge.lm import zoo
+from moerge.lm.device import device_map, max_memory
 from moerge.lm.device import resolve as resolve_device
 from moerge.lm.precision import as_dtype, compute_dtype, folder_dtype, model_kwargs
 from moerge.util.files import cache_dir  # noqa: F401  (moerge.lm.base.cache_dir: where the built-in base and real bases live)
@@ -81,14 +82,32 @@ def contiguous_input(module, args):
     return (args[0].contiguous(), *args[1:])
 
 
+def offload_folder() -> str:
+    """Where ``--device-map auto`` puts the weights no device has room for: a temporary folder of this
+    process, removed when it ends."""
+    import atexit
+    import shutil
+    import tempfile
+
+    global _OFFLOAD
+    if _OFFLOAD is None:
+        _OFFLOAD = tempfile.mkdtemp(prefix="moerge-offload-")
+        atexit.register(shutil.rmtree, _OFFLOAD, True)
+    return _OFFLOAD
+
+
+_OFFLOAD: str | None = None
+
+
 def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None = None,
-         device: torch.device | str | None = None):
+         device: torch.device | str | None = None, quantization=None):
     """(model, tokenizer) of a base folder (default: the built-in base), in eval mode. Bad folders are
     refused in one line (``check_model_folder``), and whatever transformers still cannot load is
     reported with its first line, never as a traceback. ``dtype``: what to compute in; by default
     ``moerge.lm.precision.compute_dtype`` of the stored one (bf16 checkpoints stay bf16 on CPUs that
     multiply bf16 natively, everything else is float32). ``device``: where it computes (None: the CPU;
-    ``moerge.lm.device.resolve`` of a name or of the ``--device`` setting)."""
+    ``moerge.lm.device.resolve`` of a name or of the ``--device`` setting). ``quantization``: a
+    transformers quantization config (QLoRA's 4-bit base), loaded straight onto ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = resolve(path)
@@ -99,8 +118,17 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None 
         if dtype is None:
             dtype = compute_dtype(folder_dtype(folder), where)
         dtype = as_dtype(dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs(dtype, where)).eval()
-        if where.type != "cpu":
+        spread = device_map() if quantization is None else None
+        if quantization is not None:  # quantized weights cannot be moved after loading: load them in place
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, quantization_config=quantization,
+                                                         device_map={"": where}, **model_kwargs(dtype, where)).eval()
+        elif spread:  # accelerate: over the GPUs, then the CPU, then the disk (a folder that lives as long as the process)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=spread, max_memory=max_memory(),
+                                                         offload_folder=offload_folder(),
+                                                         **model_kwargs(dtype, where)).eval()
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs(dtype, where)).eval()
+        if where.type != "cpu" and quantization is None and not spread:
             model.to(where)
         tok = AutoTokenizer.from_pretrained(folder)
         head = model.get_output_embeddings()

@@ -1,9 +1,14 @@
 """Where models compute: ``--device auto|cpu|cuda[:N]|mps`` (and ``$MOERGE_DEVICE``).
 
 ``auto`` takes the first CUDA GPU when torch sees one, else Apple's MPS, else the CPU. Asking for a
-device this machine does not have is one line saying what torch sees. The commands that compute on
-the chosen device so far are expert training and evaluation (of a model, or a model with an expert);
-routing, serving, fusion and search compute on the CPU until they do too (issue 31).
+device this machine does not have is one line saying what torch sees. Training, evaluation, routing
+and serving compute on the chosen device; the merge engine streams on the CPU.
+
+A base bigger than one device: ``--device-map auto`` (``$MOERGE_DEVICE_MAP``) spreads it with
+accelerate over the GPUs, then the CPU, then the disk (``--max-memory 0=20GiB,cpu=64GiB``,
+``$MOERGE_MAX_MEMORY``: how much of each to use). Evaluation runs on any such map; routing and serving
+need every layer they adapt on a device that computes it (GPUs, or the CPU alone), so a map that
+offloads weights to be copied in at each forward is refused there in one line.
 
 Inputs follow the model: ``model_device`` is where a model's weights are, and the generation,
 batching and embedding helpers put the tensors they make there (non-blocking from pinned CPU memory
@@ -67,9 +72,79 @@ def resolve(value: str | torch.device | None = None) -> torch.device:
     return torch.device(v)
 
 
+MAP_ENV, MEMORY_ENV = "MOERGE_DEVICE_MAP", "MOERGE_MAX_MEMORY"
+
+
+def set_device_map(value: str | None) -> str | None:
+    """``moerge --device-map auto``: bases load spread over the devices (accelerate) in this process."""
+    if value is None:
+        return os.environ.get(MAP_ENV) or None
+    if value.strip().lower() != "auto":
+        raise MoergeError(f"--device-map {value!r}: give auto (accelerate spreads the model over GPUs, CPU and disk)")
+    os.environ[MAP_ENV] = "auto"
+    return "auto"
+
+
+def set_max_memory(value: str | None) -> dict | None:
+    """``moerge --max-memory 0=20GiB,cpu=64GiB``: what ``--device-map auto`` may use of each device."""
+    if value is None:
+        return max_memory()
+    parsed = parse_max_memory(value)
+    os.environ[MEMORY_ENV] = value
+    return parsed
+
+
+def parse_max_memory(spec: str) -> dict:
+    """``0=20GiB,cpu=64GiB`` -> {0: "20GiB", "cpu": "64GiB"} (GPU indices as ints, as accelerate wants)."""
+    out: dict = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        key, sep, amount = part.partition("=")
+        key = key.strip().lower().removeprefix("cuda:")
+        if not sep or not amount.strip() or not (key.isdigit() or key in ("cpu", "mps", "disk")):
+            raise MoergeError(f"--max-memory {spec!r}: give DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=64GiB "
+                              "(a GPU index, cpu or mps; amounts as 20GiB, 500MB or bytes)")
+        out[int(key) if key.isdigit() else key] = int(amount) if amount.strip().isdigit() else amount.strip()
+    return out
+
+
+def device_map() -> str | None:
+    """The ``--device-map`` setting: "auto", or None (the model goes whole onto ``--device``)."""
+    v = os.environ.get(MAP_ENV, "").strip().lower()
+    if v and v != "auto":
+        raise MoergeError(f"{MAP_ENV}={v!r}: give auto, or unset it")
+    return v or None
+
+
+def max_memory() -> dict | None:
+    v = os.environ.get(MEMORY_ENV, "").strip()
+    return parse_max_memory(v) if v else None
+
+
+def dispatched(model) -> dict | None:
+    """A model spread by accelerate: its device map (module -> GPU index, "cpu", "mps" or "disk"), else None."""
+    for m in (model, getattr(model, "model", None), getattr(model, "base_model", None)):
+        found = getattr(m, "hf_device_map", None) if m is not None else None
+        if found:
+            return found
+    return None
+
+
+def offloaded(model) -> list[str]:
+    """The modules of a dispatched model whose weights are copied in at each forward (to disk, or to
+    the CPU while the GPUs compute): what the mixture runtime cannot adapt in place."""
+    where = dispatched(model) or {}
+    gpus = any(not isinstance(d, str) or d.startswith(("cuda", "mps")) for d in where.values())
+    return [m for m, d in where.items() if d == "disk" or (gpus and d == "cpu")]
+
+
 def model_device(model) -> torch.device:
     """Where a model's weights are: a transformers or PEFT model, a routed model (its ``model``), or
-    anything with parameters; the CPU when it has none."""
+    anything with parameters; the CPU when it has none. A model spread by accelerate: where its first
+    module computes (inputs go there; accelerate's hooks move them on)."""
+    where = dispatched(model)
+    if where:
+        first = next(iter(where.values()))
+        return torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
     for m in (model, getattr(model, "model", None)):
         if m is None:
             continue

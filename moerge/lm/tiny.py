@@ -69,6 +69,9 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")  # what MoE outputs are built fro
 # the dense decoder families tested end to end (tests/test_families.py): fused projections (phi3's
 # qkv_proj and gate_up_proj, gpt_neox's query_key_value), norms with offsets and soft-capping (gemma2/3)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "granite", "gpt_neox")
+# MoE bases: each layer's experts kept as fused 3-D tensors (gate_up_proj, down_proj) behind a top-k router;
+# qwen2_moe adds a shared expert. Four experts, two per token; expert widths chosen so no stack is square.
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate: int = 128, vocab: int | None = None,
@@ -76,9 +79,16 @@ def tiny_config(hidden: int = 64, layers: int = 2, heads: int = 4, intermediate:
     """A tiny decoder config: Llama by default, or any of ``FAMILIES`` (``arch``) at the same size."""
     from transformers import AutoConfig
 
-    if arch not in FAMILIES:
-        raise ValueError(f"arch must be one of {', '.join(FAMILIES)}, got {arch!r}")
-    extra = {"head_dim": hidden // heads} if arch in ("qwen3", "gemma2", "gemma3_text") else {}
+    if arch not in FAMILIES + MOE_FAMILIES:
+        raise ValueError(f"arch must be one of {', '.join(FAMILIES + MOE_FAMILIES)}, got {arch!r}")
+    extra = {"head_dim": hidden // heads} if arch in ("qwen3", "gemma2", "gemma3_text", "qwen3_moe") else {}
+    if arch == "mixtral":
+        extra |= {"num_local_experts": 4, "num_experts_per_tok": 2}
+    elif arch in ("qwen2_moe", "qwen3_moe"):
+        extra |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 3 * intermediate // 8,
+                  "decoder_sparse_step": 1, "mlp_only_layers": []}
+        if arch == "qwen2_moe":
+            extra["shared_expert_intermediate_size"] = intermediate
     if arch == "gpt_neox":  # no grouped keys/values; rotary on part of each head, as Pythia
         extra["rotary_pct"] = 0.25
     else:

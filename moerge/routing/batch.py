@@ -24,7 +24,12 @@ def set_batch_routes(state: RoutingState, fixed: torch.Tensor | None,
     alone), unless it is in one of ``groups`` — (token-level router, the row indices it routes).
     ``fixed`` None: every row is in a group.
     ``usage`` (rows × experts), when given, gathers each token-routed row's weights summed over its
-    tokens, at every layer (the server reports which experts served a request)."""
+    tokens, at every layer (the server reports which experts served a request); keep it on the
+    model's device (``state.device``), where the weights are made.
+    Weights made on the CPU (by example-level routers, once per call) move to the model's device here,
+    once, not in every layer."""
+    if fixed is not None and fixed.device != state.device:
+        fixed = fixed.to(state.device, non_blocking=True)
     if not groups:
         state.token_router = None
         state.example_weights = fixed if fixed is not None and bool(fixed.any()) else None
@@ -34,15 +39,16 @@ def set_batch_routes(state: RoutingState, fixed: torch.Tensor | None,
         return
 
     def per_token(module: str, x: torch.Tensor, scores: torch.Tensor | None) -> torch.Tensor:
-        parts = [(idx, router.token_weights(module, x.index_select(0, idx), None).float()) for router, idx in groups]
+        parts = [(idx, router.token_weights(module, x.index_select(0, idx), None).float())
+                 for router, idx in ((r, i.to(x.device)) for r, i in groups)]
         if fixed is None:
-            w = torch.zeros(x.shape[0], x.shape[1], parts[0][1].shape[-1])
+            w = torch.zeros(x.shape[0], x.shape[1], parts[0][1].shape[-1], device=x.device)
         else:
             w = fixed[:, None, :].expand(x.shape[0], x.shape[1], -1).clone()
         for idx, part in parts:
             w[idx] = part
             if usage is not None:
-                usage[idx] += part.sum(1)
+                usage[idx.to(usage.device)] += part.sum(1).to(usage.device)
         return w.to(x.dtype)
 
     state.example_weights, state.token_router = None, per_token

@@ -50,6 +50,7 @@ class RoutingState:
     compose: str = "deltas"
     usage: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> summed weights (E,), for reports
     record: bool = False
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # the model's: where weights are put
 
 
 @dataclass
@@ -64,21 +65,23 @@ class Bank:
 
 
 class MixtureLinear(nn.Module):
-    def __init__(self, base: nn.Linear, name: str, bank: Bank, state: RoutingState):
+    def __init__(self, base: nn.Linear, name: str, bank: Bank, state: RoutingState, rows=None):
         super().__init__()
         self.base = base
         self.name = name
         self.state = state
-        dtype = base.weight.dtype  # the bank is made in float32 and kept in the model's dtype: no cast per call
+        self.rows = rows  # the model's (batch, tokens), for a layer inside an MoE block that sees them flattened
+        # the bank is made in float32 on the CPU and kept in the model's dtype, on its device: no cast or copy per call
+        dtype, device = base.weight.dtype, base.weight.device
         for k in ("s_out", "s_bias", "s_in"):
             t = getattr(bank, k)
-            self.register_buffer(k, None if t is None else t.to(dtype), persistent=False)
+            self.register_buffer(k, None if t is None else t.to(device, dtype), persistent=False)
         self.n_e, self.rank = (0, 0) if bank.a is None else bank.a.shape[:2]
         self.er = self.n_e * self.rank
         if bank.a is not None:
             e, r, i = bank.a.shape
-            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.to(dtype).contiguous(), persistent=False)  # (in, E·r)
-            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).to(dtype).contiguous(), persistent=False)
+            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.to(device, dtype).contiguous(), persistent=False)  # (in, E·r)
+            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).to(device, dtype).contiguous(), persistent=False)
         else:
             self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map
@@ -97,6 +100,15 @@ class MixtureLinear(nn.Module):
         """(E, out, r) up-projections (LoRA scale and DoRA's c_e folded in)."""
         return None if self.b_cat is None else self.b_cat.reshape(self.n_e, self.rank, -1).permute(0, 2, 1)
 
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    def factor_pairs(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Expert e's (A (r, in), B (out, r)) on this layer's input: what the token routers read
+        (one pair here; an MoE layer gives one per base expert)."""
+        return [] if self.a_cat is None else [(self.a[e].float(), self.b[e].float())]
+
     def fuse(self, scores_map: torch.Tensor | None) -> None:
         """Append a token router's (in, P) score map to A_cat (None: route from x separately). A_cat
         then becomes a view of the fused matrix, so the factors are still stored once."""
@@ -110,6 +122,9 @@ class MixtureLinear(nn.Module):
         st = self.state
         if st.token_router is None and st.example_weights is None:
             return self.base(x)
+        if x.dim() == 2:  # tokens flattened by an MoE block (a shared expert): back into rows, and out again
+            b_t = self.rows.split(x.shape[0]) if self.rows is not None else (1, x.shape[0])
+            return self.forward(x.view(*b_t, -1)).view(x.shape[0], -1)
         hw, w, b = self._mix(x)
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
@@ -188,7 +203,7 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
     if all(u is None for u in ups):
         return None
     n, (out_f, in_f) = len(experts), linear.weight.shape
-    w = linear.weight.detach().float()
+    w = linear.weight.detach().float().cpu()  # once per attach: the bank is built on the CPU, then moved
     bank = Bank()
 
     def put(kind: str, i: int, row: torch.Tensor) -> None:  # one expert's row of a per-expert table, made on first use
@@ -221,34 +236,3 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
             else:  # (1, in): scales a feed-forward layer's inputs
                 put("s_in", i, v - 1)
     return bank
-
-
-def attach(model: nn.Module, experts: list, state: RoutingState) -> dict[str, MixtureLinear]:
-    """Wrap every linear layer that some expert adapts; returns the wrappers by module name."""
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    for e in experts:
-        for t, u in e.updates.items():
-            module, _, kind = t.rpartition(".")
-            if module not in linears or kind not in ("weight", "bias") or (kind == "bias" and not isinstance(u, Scaling)):
-                raise MoergeError(f"expert {getattr(e, 'path', '?')} changes {t!r}, which is not the weight of a linear layer of "
-                                  "this model; the mixture runtime routes LoRA, DoRA and (IA)3 updates of linear layers")
-    targets = sorted({t.rpartition(".")[0] for e in experts for t in e.updates})
-    wrapped = {}
-    for module in targets:
-        bank = stack_bank(experts, module, linears[module])
-        if bank is None:
-            continue
-        parent_name, _, child = module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = MixtureLinear(linears[module], module, bank, state)
-        setattr(parent, child, layer)
-        wrapped[module] = layer
-    return wrapped
-
-
-def detach(model: nn.Module, layers: dict[str, MixtureLinear]) -> None:
-    """Undo ``attach``: each wrapped layer's own ``nn.Linear`` goes back in its place."""
-    for module, layer in layers.items():
-        parent_name, _, child = module.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.base)

@@ -21,9 +21,11 @@ from moerge.io.source import open_source
 from moerge.library import Library, library_for
 from moerge.lm import base as base_model
 from moerge.lm.chat import prompt_texts
+from moerge.lm.device import resolve as resolve_device
 from moerge.lm.generate import encode_left_padded
+from moerge.routing.attach import attach, detach
 from moerge.routing.batch import set_batch_routes
-from moerge.routing.mixture import RoutingState, attach, detach
+from moerge.routing.mixture import RoutingState
 from moerge.routing.registry import Router, get
 
 
@@ -83,6 +85,7 @@ class RoutedModel(Mixture):
         self.state.compose = router.compose
         router.fit(self)
         if router.level == "token":
+            router.to(self.state.device)
             for name, layer in self.layers.items():
                 layer.fuse(router.score_map(name))
 
@@ -90,7 +93,7 @@ class RoutedModel(Mixture):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.router.level == "token":
-            set_batch_routes(self.state, None, [(self.router, torch.arange(input_ids.shape[0]))])
+            set_batch_routes(self.state, None, [(self.router, torch.arange(input_ids.shape[0], device=self.state.device))])
             return
         prompts = prompt_texts(self.tokenizer, input_ids, attention_mask)
         set_batch_routes(self.state, self.router.example_weights(self, prompts, input_ids, attention_mask))
@@ -136,10 +139,12 @@ def _card(folder: Path) -> dict:
 
 def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, library: str | os.PathLike | None = None,
                 base: str | os.PathLike | None = None, top_k: int | None = None, temperature: float | None = None,
-                embedder: str | os.PathLike | None = None) -> RoutedModel:
+                embedder: str | os.PathLike | None = None, device: str | None = None) -> RoutedModel:
     """A routed model from expert folders (on ``base``, default the built-in base) or from a library's
     latest expert versions (or the refs given in ``experts``), with the named router. ``embedder``: a
-    sentence-embedding model for the task-embedding routers (centroid, smear) instead of the base."""
+    sentence-embedding model for the task-embedding routers (centroid, smear) instead of the base.
+    ``device``: where the base and the experts compute (``lm.device``: auto, cpu, cuda[:N], mps; None:
+    ``$MOERGE_DEVICE``)."""
     cls = get(router)
     kwargs = {k: v for k, v in (("top_k", top_k), ("temperature", temperature)) if v is not None}
     if embedder is not None:
@@ -149,7 +154,7 @@ def load_routed(router: str, *, experts: list[str | os.PathLike] | None = None, 
             raise MoergeError(f"router {router!r} does not embed prompts; --embedder is for centroid and smear")
         kwargs["embedder"] = str(embedder)
     loaded, cards, base_dir = gather_experts(experts, library=library, base=base)
-    model, tok = base_model.load(base_dir)
+    model, tok = base_model.load(base_dir, device=resolve_device(device))
     return RoutedModel(model, tok, loaded, cards, cls(**kwargs))
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moerge.lm.device import model_device, to_device
 from moerge.lm.generate import left_pad
 
 MIN_REUSE = 8  # tokens: a shorter shared start is recomputed (the gather costs more than it saves)
@@ -156,6 +157,7 @@ def forward(model, rows: list[list[int]], reuse: list[tuple[int, Entry | None]],
         mask = torch.cat([cached, new_mask], 1)
     else:
         ids, mask = left_pad(rows, pad)
+    ids, mask = to_device({"ids": ids, "mask": mask}, model_device(model)).values()  # made on the CPU, once per prefill
     pos = (mask.cumsum(1) - 1).clamp(min=0)[:, width:]
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache}, **kw)
     return out, cache, mask, width

@@ -58,6 +58,22 @@ class ExampleRouter(Router):
 class TokenRouter(Router):
     level = "token"
 
+    def to(self, device: torch.device) -> "TokenRouter":
+        """Move what ``fit`` computed (tensors, and dicts or lists of them) to the model's device: a
+        token router runs in every adapted layer at every step, so nothing it reads may sit elsewhere."""
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, dict):
+                return {k: move(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [move(x) for x in v]
+            return v
+
+        for k, v in list(vars(self).items()):
+            setattr(self, k, move(v))
+        return self
+
     def score_map(self, module: str) -> torch.Tensor | None:
         """An (in, P) matrix M whose product x @ M the router needs at ``module``, or None."""
         return None

@@ -27,13 +27,15 @@ __all__ = ["Server", "build", "serve"]
 def build(*, library=None, experts=None, base=None, routers=None, router_options=None, api_key: str | None = None,
           max_batch: int = 32, max_concurrent: int = 64, adapter_roots: list | None = None, admin_key: str | None = None,
           request_timeout: float = 600.0, draft=None, draft_tokens: int = 4, prefix_cache: int = 4096,
-          no_runtime: str | None = None):
+          no_runtime: str | None = None, device: str | None = None):
     """(FastAPI app, engine) for a library or adapter folders (see ``open_bank``). Routers named in
     ``routers`` must fit the experts (else an error); by default ``centroid`` is served when it can be.
     ``adapter_roots``: folders run-time ``load_lora_adapter`` may read from (None: loading and
     unloading at run time are off); ``admin_key``: the key they need instead of ``api_key``;
     ``request_timeout``: seconds before a request is answered 504; ``prefix_cache``: prompt tokens whose
-    keys and values are kept to be reused by prompts that start alike (0: off)."""
+    keys and values are kept to be reused by prompts that start alike (0: off); ``device``: where the
+    base, the experts and the batches compute (None: the ``--device`` setting; auto: a CUDA GPU when
+    there is one)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -55,7 +57,7 @@ def build(*, library=None, experts=None, base=None, routers=None, router_options
     if admin_key is not None and adapter_roots is None:
         raise MoergeError("--admin-key guards run-time adapter loading, which is off: give --adapter-root DIR too")
     bank = open_bank(library=library, experts=experts, base=base, routers=["centroid"] if routers is None else routers,
-                     router_options=router_options, strict=routers is not None)
+                     router_options=router_options, strict=routers is not None, device=device)
     draft = "ngram" if draft == "ngram" else load_draft(draft, bank) if draft else None
     engine = Engine(bank, max_batch=max_batch, max_concurrent=max_concurrent, draft=draft,
                     draft_tokens=draft_tokens, prefix_cache=prefix_cache)
@@ -70,8 +72,9 @@ def load_draft(draft, bank):
     """The draft model for speculative decoding: any causal LM folder (or a base by name) with the
     served base's vocabulary, token for token. (``draft="ngram"`` needs no model: prompt lookup.)"""
     from moerge.lm import base as base_model
+    from moerge.lm.device import model_device
 
-    model, tok = base_model.load(draft)
+    model, tok = base_model.load(draft, device=model_device(bank.model))  # beside the served model
     if tok.get_vocab() != bank.tokenizer.get_vocab():
         raise MoergeError(f"--draft {draft}: its tokenizer differs from the base's ({len(tok)} vs {len(bank.tokenizer)} tokens); "
                           "a draft must share the served model's vocabulary")

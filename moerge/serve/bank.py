@@ -21,6 +21,7 @@ import torch
 from moerge.errors import MoergeError, MoergeWarning
 from moerge.library import Library, library_for
 from moerge.lm import base as base_model
+from moerge.lm.device import resolve as resolve_device
 from moerge.lm.generate import left_pad
 from moerge.routing.batch import set_batch_routes
 from moerge.routing.model import Mixture, gather_experts
@@ -47,9 +48,10 @@ class Route:
 class ExpertBank:
     def __init__(self, base_dir: Path, *, experts: list | None = None, cards: list[dict] | None = None,
                  routers: list[str] | None = None, library: str | os.PathLike | None = None, base_id: str | None = None,
-                 router_options: dict | None = None, strict: bool = True):
+                 router_options: dict | None = None, strict: bool = True, device: str | None = None):
         self.base_dir = Path(base_dir)
-        self.model, self.tokenizer = base_model.load(self.base_dir)
+        # on the --device setting ($MOERGE_DEVICE; auto: a CUDA GPU when there is one)
+        self.model, self.tokenizer = base_model.load(self.base_dir, device=resolve_device(device))
         self.base_id = base_id or self.base_dir.name
         self.library = library
         self.experts, self.cards = list(experts or []), list(cards or [])
@@ -90,6 +92,8 @@ class ExpertBank:
             try:
                 router = cls(**self.router_options.get(name, {}))
                 router.fit(self.mixture)
+                if router.level == "token":
+                    router.to(self.mixture.state.device)
                 self.routers[name] = router
             except MoergeError as exc:
                 if strict:
@@ -240,7 +244,7 @@ class ExpertBank:
             return
         st = self.mixture.state
         index = {n: i for i, n in enumerate(self.names)}
-        fixed = torch.zeros(len(rows), len(self.names))
+        fixed = torch.zeros(len(rows), len(self.names))  # moved once to the model's device by set_batch_routes
         token: dict[str, list[int]] = {}
         for i, s in enumerate(rows):
             if s.route.router is not None and self.routers[s.route.router].level == "token":
@@ -251,8 +255,8 @@ class ExpertBank:
         for layer in self.mixture.layers.values():
             layer.release()
         self._rows = rows
-        groups = [(self.routers[n], torch.tensor(idx)) for n, idx in token.items()]
-        self._acc = torch.zeros(len(rows), len(self.names)) if token else None
+        groups = [(self.routers[n], torch.tensor(idx, device=st.device)) for n, idx in token.items()]
+        self._acc = torch.zeros(len(rows), len(self.names), device=st.device) if token else None
         set_batch_routes(st, fixed, groups, self._acc)
 
     def collect(self) -> None:
@@ -322,10 +326,11 @@ def sources(*, library: str | os.PathLike | None = None, experts: list | None = 
 
 
 def open_bank(*, library: str | os.PathLike | None = None, experts: list | None = None, base: str | os.PathLike | None = None,
-              routers: list[str] | None = None, router_options: dict | None = None, strict: bool = True) -> ExpertBank:
+              routers: list[str] | None = None, router_options: dict | None = None, strict: bool = True,
+              device: str | None = None) -> ExpertBank:
     """A bank from ``sources`` with the named routers fitted (``$MOERGE_LIBRARY``'s experts when given
-    neither a library nor expert folders)."""
+    neither a library nor expert folders), its base on ``device`` (None: the ``--device`` setting)."""
     library = library_for(library, experts)
     loaded, cards, base_dir, base_id = sources(library=library, experts=experts, base=base)
     return ExpertBank(base_dir, experts=loaded, cards=cards, routers=routers, library=library, base_id=base_id,
-                      router_options=router_options, strict=strict)
+                      router_options=router_options, strict=strict, device=device)

@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm.device import model_device
 from moerge.routing import prefix
 from moerge.routing.prefix import PrefixCache, pad_left
 from moerge.serve.bank import ExpertBank, NotFound, Route
@@ -91,6 +92,8 @@ class Engine:
     def __init__(self, bank: ExpertBank, *, max_batch: int = 32, max_concurrent: int = 64, draft=None,
                  draft_tokens: int = 4, prefix_cache: int = 4096):
         self.bank, self.model, self.tok = bank, bank.model, bank.tokenizer
+        # every tensor a step makes goes where the model is (a draft model must be there too)
+        self.device = model_device(self.model)
         # speculative decoding: a small model (or, with draft="ngram", prompt lookup) proposes k tokens per step
         self.ngram = draft == "ngram"
         self.draft, self.k = (None if self.ngram else draft), draft_tokens
@@ -292,7 +295,7 @@ class Engine:
         self.bank.assign_example_routes(new)
         for s in new:
             seed = s.sampling.seed if s.sampling.seed is not None else int.from_bytes(os.urandom(6), "little")
-            s.generator = torch.Generator().manual_seed(seed % 2**64)  # torch takes any 64-bit pattern
+            s.generator = torch.Generator(device=self.device).manual_seed(seed % 2**64)  # torch takes any 64-bit pattern
         routes = [self._route_key(s) for s in new]
         rows = [s.prompt_ids for s in new]
         reuse = [self.prefixes.lookup(r, ids) for r, ids in zip(routes, rows)] if self.prefixes else []
@@ -325,8 +328,8 @@ class Engine:
             drafted = self._draft_proposals(rows) if self.draft is not None else self._ngram_proposals(rows)
             if drafted is not None:
                 return self._speculate(rows, drafted)
-        ids = torch.tensor([[s.out_ids[-1]] for s in rows])
-        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long)], 1)
+        ids = torch.tensor([[s.out_ids[-1]] for s in rows], device=self.device)
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], 1)
         pos = self._mask.sum(1, keepdim=True)
         if self._batch_route is not rows:
             self._set_routing(rows)
@@ -339,9 +342,9 @@ class Engine:
         """k greedy proposals per row from the draft model: k + 1 one-token forwards, so that its cache
         gets the same k + 1 columns as the model's. (b, k)"""
         k, b, width = self.k, len(rows), self._mask.shape[1]
-        tok = torch.tensor([[s.out_ids[-1]] for s in rows])
+        tok = torch.tensor([[s.out_ids[-1]] for s in rows], device=self.device)
         count = self._mask.sum(1, keepdim=True)
-        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long)], 1)
+        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long, device=self.device)], 1)
         proposals = []
         for j in range(k + 1):
             logits = self.draft(input_ids=tok, attention_mask=mask[:, : width + j + 1], position_ids=count + j,
@@ -360,7 +363,7 @@ class Engine:
             found = ngram_lookup(s.prompt_ids + s.out_ids, k) if s.sampling.temperature == 0 else []
             hit = hit or bool(found)
             out.append(found + [s.out_ids[-1]] * (k - len(found)))
-        return torch.tensor(out) if hit else None
+        return torch.tensor(out, device=self.device) if hit else None
 
     def _speculate(self, rows: list[Sequence], drafted: torch.Tensor) -> None:
         """One step of speculative decoding for the whole batch, over k proposals per row (from the
@@ -373,13 +376,13 @@ class Engine:
         ``_compact`` squeezes them out."""
         k = self.k
         b, width = len(rows), self._mask.shape[1]
-        last = torch.tensor([[s.out_ids[-1]] for s in rows])
+        last = torch.tensor([[s.out_ids[-1]] for s in rows], device=self.device)
         count = self._mask.sum(1, keepdim=True)
-        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long)], 1)
+        mask = torch.cat([self._mask, torch.ones(b, k + 1, dtype=torch.long, device=self.device)], 1)
         if self._batch_route is not rows:
             self._set_routing(rows)
         logits = self.model(input_ids=torch.cat([last, drafted], 1), attention_mask=mask,
-                            position_ids=count + torch.arange(k + 1), use_cache=True,
+                            position_ids=count + torch.arange(k + 1, device=self.device), use_cache=True,
                             **{self._cache_kw: self._cache}).logits.float()  # (b, k + 1, vocab)
         best = logits.argmax(-1)
         sampled = self._sample(rows, logits[:, 0])
@@ -451,7 +454,7 @@ class Engine:
             self._cache = self._dcache = self._mask = None
             self.bank.unroute()
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=self.device)
         mask = self._mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row left
         self._mask = mask[:, start:]

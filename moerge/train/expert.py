@@ -36,7 +36,7 @@ from moerge.io.fingerprint import folder_fingerprint
 from moerge.io.source import open_source
 from moerge.lm import base as base_model
 from moerge.lm.arch import ia3_modules
-from moerge.lm.device import model_device
+from moerge.lm.device import device_map, dispatched, model_device
 from moerge.lm.device import resolve as resolve_device
 from moerge.lm.generate import exact_match
 from moerge.tasks import mixture, read_jsonl
@@ -50,14 +50,25 @@ DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 3e-2, "full": 1e-3}
 MIN_EXAMPLES = 20  # below this, a JSONL file cannot train an expert and still leave rows to validate it on
 
 
+def stacked_parameters(model) -> list[str]:
+    """The 3-D parameters of ``model`` (an MoE base's stacked experts), as PEFT's target_parameters
+    names them (``experts.gate_up_proj``): LoRA trains them too, one pair of factors per expert."""
+    return sorted({".".join(n.split(".")[-2:]) for n, p in model.named_parameters() if p.dim() == 3})
+
+
 def peft_config(adapter: str, rank: int = 8, model=None):
     """LoRA and DoRA on all linear layers (on tiny models, attention-only adapters barely learn a new
-    skill); (IA)³ on the keys, values and feed-forward layers of ``model``'s family (``lm.arch``)."""
+    skill) and, on an MoE base, LoRA on its stacked experts too; (IA)³ on the keys, values and
+    feed-forward layers of ``model``'s family (``lm.arch``)."""
     from peft import IA3Config, LoraConfig
 
     if adapter in ("lora", "dora"):
+        stacks = stacked_parameters(model) if model is not None else []
+        if stacks and adapter == "dora":
+            raise MoergeError(f"DoRA on {model.config.model_type}: its experts' weights are stacked 3-D parameters, which PEFT "
+                              "trains with plain LoRA only (target_parameters); use --adapter lora")
         return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
-                          use_dora=adapter == "dora", task_type="CAUSAL_LM")
+                          target_parameters=stacks or None, use_dora=adapter == "dora", task_type="CAUSAL_LM")
     if adapter == "ia3":
         if model is None:
             raise MoergeError("(IA)3 needs the model to find its key, value and feed-forward layers")
@@ -84,17 +95,24 @@ def train_expert(
     overwrite: bool = False,
     progress: bool = True,
     device: str | None = None,
+    gradient_checkpointing: bool = False,
+    quantize: str | None = None,
 ) -> ExpertCard:
     """Train one expert on a built-in task or a JSONL file and save it atomically into ``out_dir``,
     with its card; with ``embedder`` also the task centroids of a sentence-embedding model (those of
     the base are always recorded). PHATGOOSE gates are trained afterwards (``moerge.api.train_expert``).
     ``n_val``: validation examples of a built-in task (at least 20 per task), generated and scored
-    after training."""
+    after training. For a base bigger than the memory: ``gradient_checkpointing`` recomputes each
+    layer's activations in the backward pass instead of keeping them (less memory, about a third more
+    time, the same gradients); ``quantize="4bit"`` is QLoRA (Dettmers et al. 2023): the frozen base
+    in 4-bit NF4 (bitsandbytes, CUDA only), the LoRA factors in full precision, saved as a plain
+    adapter of the full-precision base."""
     if (task is None) == (data is None):
         raise MoergeError("give exactly one of --task NAME or --data FILE.jsonl")
     adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
+    quantization = _quantization(quantize, adapter, resolve_device(device))
     out = check_output_dir(out_dir, overwrite, inputs=(base, data))
     if task is not None:
         names = [t.strip() for t in task.split(",") if t.strip()]  # several: a multitask expert
@@ -117,7 +135,7 @@ def train_expert(
     # an adapter trains in float32 over a bf16 base where the CPU multiplies bf16 natively (moerge.lm.precision)
     # on the chosen device (``--device``; None: the setting, ``auto``: CUDA when there is one)
     model, tok = base_model.load(base_dir, dtype=torch.float32 if adapter == "full" else None,
-                                 device=resolve_device(device))
+                                 device=resolve_device(device), quantization=quantization)
     computed_in = str(next(model.parameters()).dtype).removeprefix("torch.")
 
     prompts = [r.prompt for r in train_rows[:256]]
@@ -127,9 +145,13 @@ def train_expert(
     if adapter == "full":
         model.train()
     else:
-        from peft import get_peft_model
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
+        if quantization is not None:  # norms in float32, inputs that carry gradients through the frozen 4-bit layers
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, peft_config(adapter, rank, model))
+    if gradient_checkpointing:  # non-reentrant: frozen embeddings need no input gradients for it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lr = lr or DEFAULT_LR[adapter]
     start = time.perf_counter()
@@ -137,6 +159,8 @@ def train_expert(
         stats = train(model, tok, train_rows, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
                       on_step=lambda s, loss: advance(loss))
     seconds = time.perf_counter() - start
+    if gradient_checkpointing:
+        model.gradient_checkpointing_disable()  # generation (validation) keeps its cache
     val = exact_match(model, tok, val_rows) if val_rows else None
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp)
@@ -150,9 +174,33 @@ def train_expert(
             rank=rank if adapter in ("lora", "dora") else None, seed=seed, seconds=round(seconds, 1), dtype=computed_in,
             final_loss=round(stats.final_loss, 4), validation_accuracy=val, centroid=centroid, centroids=centroids,
             embeddings=embeddings,
+            extra={"quantized_base": quantize} if quantize else {},
         )
         card.write(tmp)
     return card
+
+
+QUANTIZE = ("4bit",)
+
+
+def _quantization(quantize: str | None, adapter: str, device: torch.device):
+    """bitsandbytes' 4-bit config for QLoRA, or None; refused in one line where it cannot run."""
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise MoergeError(f"--quantize {quantize!r}: give 4bit (QLoRA: the base in 4-bit NF4)")
+    if adapter not in ("lora", "dora"):
+        raise MoergeError(f"--quantize {quantize}: QLoRA trains LoRA (or DoRA) over a frozen 4-bit base, not a {adapter} expert")
+    if device.type != "cuda":
+        raise MoergeError(f"--quantize {quantize}: bitsandbytes' 4-bit layers need a CUDA GPU; this run is on {device} "
+                          "(drop --quantize, or run with --device cuda)")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise MoergeError(f"--quantize {quantize}: needs bitsandbytes: pip install 'moerge[qlora]'") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
 
 
 def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLike, device=None):
@@ -172,14 +220,32 @@ def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLik
     base_dir = base_model.resolve(base_dir if base_dir is not None else recorded_base(expert_dir, "give that base"))
     base_model.check_model_folder(base_dir, "base model")
     load_adapter(expert_dir, open_source(base_dir))  # the base check, and a truncated or mismatched adapter
+    if device_map():  # spread by accelerate (some layers maybe on disk): the adapter goes into the weights first
+        return base_model.load(_applied(base_dir, expert_dir), device=device)
     from peft import PeftModel
 
     model, tok = base_model.load(base_dir, device=device)
     try:
-        return PeftModel.from_pretrained(model, expert_dir).to(model_device(model)).eval(), tok
+        peft_model = PeftModel.from_pretrained(model, expert_dir)
+        if not dispatched(model):  # a model accelerate spread keeps its placement; the adapter follows its layers
+            peft_model.to(model_device(model))
+        return peft_model.eval(), tok
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MoergeError(f"{expert_dir}: PEFT cannot load it on {base_dir} ({first}); check it is a PEFT adapter of this base") from None
+
+
+def _applied(base_dir: Path, expert_dir: Path) -> Path:
+    """The base with the expert merged in (``base+adapter``, streamed by the merge engine, tensor by
+    tensor, as PEFT's ``merge_and_unload`` would give it), in this process's offload folder: what a
+    base spread over devices and disk loads instead of the base with PEFT's layers on top, which
+    accelerate would have to lay out again."""
+    from moerge.engine.run import run
+
+    out = Path(base_model.offload_folder()) / f"applied-{folder_fingerprint(base_dir)[7:19]}-{expert_dir.resolve().name}"
+    if not (out / "config.json").is_file():
+        run({"merge_method": "passthrough", "models": [{"model": f"{base_dir}+{expert_dir}"}]}, out, overwrite=True)
+    return out
 
 
 def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | None = None, *,

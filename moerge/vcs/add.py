@@ -79,7 +79,7 @@ def _torch_dtype(name: str):
     return DTYPES.get(name, torch.uint8)
 
 
-def _updates(lora: str, parent: _ManifestSource, library) -> dict:
+def _updates(lora: str, parent: _ManifestSource, library, model_dir: Path | None = None) -> dict:
     """The adapter's low-rank updates keyed by the checkpoint's tensor names."""
     from moerge.experts.kinds import Dora, LowRank
     from moerge.experts.peft_format import parse_adapter, read_adapter
@@ -99,7 +99,7 @@ def _updates(lora: str, parent: _ManifestSource, library) -> dict:
             raise MoergeError(f"--lora {lora}: not a PEFT adapter folder (no adapter_config.json); give the adapter "
                               "that was merged into the checkpoint, or library://NAME")
         config, tensors = read_adapter(folder)
-        expert = parse_adapter(config, tensors, parent, f"--lora {lora}")
+        expert = parse_adapter(config, tensors, parent, f"--lora {lora}", model_dir=model_dir)
     ups = {n: u for n, u in expert.updates.items() if isinstance(u, LowRank) and not isinstance(u, Dora)}
     if not ups:
         raise MoergeError(f"--lora {lora}: has no LoRA factors ({expert.kind}); only LoRA updates are stored as factors")
@@ -133,7 +133,8 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
                               "then add the LoRA-changed version with --lora")
         parent = mf.parse(shown, f"{rev}:{rel}")
         src = _ManifestSource(parent, store, f"{rev}:{rel}")
-        ups = _updates(lora, src, library)
+        # the checkpoint's config.json beside it says how the model names what the checkpoint stores (MoE bases)
+        ups = _updates(lora, src, library, path.parent if (path.parent / "config.json").is_file() else None)
         with open(path, "rb") as f:
             new = mf.split(f, sha256)  # names, digests and offsets of the new file, nothing stored
         if not new.is_safetensors:

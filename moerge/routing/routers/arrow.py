@@ -18,6 +18,20 @@ def top_right_singular_vector(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (vh[0] @ qa.T).float()
 
 
+def prototype(pairs: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
+    """The input direction an expert amplifies most at a layer: the top right singular vector of its
+    B·A, or, on an MoE layer (one pair per base expert), of all of them stacked, [B_1A_1; B_2A_2; ...]:
+    the top eigenvector of Σ_k A_kᵀ(B_kᵀB_k)A_k, an (in × in) matrix, never the stack itself.
+    Zero when the expert does not adapt the layer."""
+    pairs = [(a, b) for a, b in pairs if bool(a.any()) and bool(b.any())]
+    if not pairs:
+        return torch.zeros(width)
+    if len(pairs) == 1:
+        return top_right_singular_vector(*pairs[0])
+    gram = sum(a.double().T @ (b.double().T @ b.double()) @ a.double() for a, b in pairs)
+    return torch.linalg.eigh(gram).eigenvectors[:, -1].float()
+
+
 @register
 class ArrowRouter(TokenRouter):
     name = "arrow"
@@ -34,10 +48,9 @@ class ArrowRouter(TokenRouter):
         self.protos: dict[str, torch.Tensor] = {}
         self.absent: dict[str, torch.Tensor | None] = {}
         for module, layer in routed.layers.items():
-            present = [bool(b.any()) and bool(a.any()) for a, b in zip(layer.a, layer.b)]
-            self.protos[module] = torch.stack([top_right_singular_vector(a, b) if has else torch.zeros(a.shape[1])
-                                               for a, b, has in zip(layer.a, layer.b, present)])  # (E, in)
-            self.absent[module] = absent_mask(present)
+            protos = [prototype(layer.factor_pairs(e), layer.in_features) for e in range(len(routed.kinds))]
+            self.protos[module] = torch.stack(protos)  # (E, in)
+            self.absent[module] = absent_mask([bool(p.any()) for p in protos])
 
     def score_map(self, module: str) -> torch.Tensor:
         return self.protos[module].T

@@ -53,6 +53,6 @@ class CentroidRouter(ExampleRouter):
 
     def example_weights(self, routed, prompts, input_ids, attention_mask) -> torch.Tensor:
         emb = self.embedder(prompts) if self.embedder else routed.embed(input_ids, attention_mask)
-        emb = torch.nn.functional.normalize(emb, dim=-1)
+        emb = torch.nn.functional.normalize(emb.float().cpu(), dim=-1)  # once per call: routers score on the CPU
         scores = torch.stack([(emb @ c.T).max(dim=1).values for c in self.centroids], dim=1)
         return top_k_softmax(scores, self.top_k, self.temperature)

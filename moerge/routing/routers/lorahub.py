@@ -12,6 +12,7 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.lm.batching import collate, completion_loss, encode
+from moerge.lm.device import to_device
 from moerge.routing.registry import ExampleRouter, register
 
 
@@ -52,12 +53,13 @@ def search(routed, examples: list, budget: int = 40, seed: int = 0) -> torch.Ten
     except ImportError:
         raise MoergeError("the lorahub router needs nevergrad: pip install 'moerge[lorahub]' (or pip install nevergrad)") from None
 
-    batch = collate(encode(routed.tokenizer, examples), routed.tokenizer.pad_token_id)
+    batch = to_device(collate(encode(routed.tokenizer, examples), routed.tokenizer.pad_token_id), routed.state.device)
     n = len(routed.cards)
 
     def loss(w) -> float:
         routed.state.token_router = None
-        routed.state.example_weights = torch.tensor(w, dtype=torch.float32).expand(batch["input_ids"].shape[0], -1)
+        routed.state.example_weights = torch.tensor(w, dtype=torch.float32, device=routed.state.device).expand(
+            batch["input_ids"].shape[0], -1)
         try:
             value = float(completion_loss(routed.model, batch))
         finally:

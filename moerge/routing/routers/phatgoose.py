@@ -22,7 +22,8 @@ from moerge.experts.peft_format import load_adapter
 from moerge.io.source import open_source
 from moerge.library.store import library_origin
 from moerge.lm import base as base_model
-from moerge.routing.mixture import RoutingState, attach
+from moerge.routing.attach import attach
+from moerge.routing.mixture import RoutingState
 from moerge.routing.registry import TokenRouter, absent_mask, register, top_k_softmax
 from moerge.tasks.training_data import training_rows
 from moerge.train.loop import train
@@ -43,7 +44,7 @@ class _GateTrainer(nn.Module):
         super().__init__()
         self.model, self.state = model, state  # the model is frozen; only the gates are parameters here
         self.keys = {m: m.replace(".", "__") for m in layers}
-        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].base.in_features)) for m, k in self.keys.items()})
+        self.gates = nn.ParameterDict({k: nn.Parameter(torch.zeros(layers[m].in_features)) for m, k in self.keys.items()})
 
     def route(self, module: str, x: torch.Tensor, scores=None) -> torch.Tensor:
         return torch.sigmoid(x @ self.gates[self.keys[module]].to(x.dtype)).unsqueeze(-1)
@@ -131,7 +132,7 @@ class PhatgooseRouter(TokenRouter):
         self.gates: dict[str, torch.Tensor] = {}
         self.absent: dict[str, torch.Tensor | None] = {}
         for module, layer in routed.layers.items():
-            dim = layer.base.in_features
+            dim = layer.in_features
             rows = [g.get(module, torch.zeros(dim)) for g in gates]
             self.gates[module] = _standardise(torch.stack(rows).float())
             self.absent[module] = absent_mask([module in g for g in gates])
