@@ -5,11 +5,11 @@
 
 For each of the chosen device and the CPU, in this process: two LoRA experts trained (sort, reverse on
 the built-in base; the real suite's reverse_words and caps on a real base), each scored on its own task,
-both added to a fresh library, merged (task arithmetic, streamed by the engine), the merge scored, the
+both added to a fresh library, merged (task arithmetic, streamed by the engine, each tensor computed on
+the device), the merge scored, the
 centroid and Arrow routers scored over the library (the mixture runtime on the device), and the server
-answering a burst of requests to each expert and the router (continuous batching on the device). Steps
-that do not compute on the device yet (the merge engine streams on the CPU; fusion) are marked ``cpu``
-in the device column, so the table says what ran where. Prints one table: step, where it ran, seconds on the device and on the
+answering a burst of requests to each expert and the router (continuous batching on the device). The
+library step is file work on the CPU (``cpu`` in the device column), so the table says what ran where. Prints one table: step, where it ran, seconds on the device and on the
 CPU, their ratio, and the scores (the same on both, up to bf16 rounding when the device computes in
 bf16). On a CUDA machine this is the run that accepts the device paths; none of this project's
 machines has a GPU, so the numbers in the docs are the CPU's against itself.
@@ -47,7 +47,7 @@ def run(where: str, base: str | None, tasks: list[str], steps: int, n: int, root
     timed("library add", "cpu", lambda: [lib.add(root / t, t) and None for t in tasks] and None)
     recipe = {"merge_method": "task_arithmetic", "base_model": "library://base",
               "models": [{"model": f"library://{t}", "parameters": {"weight": 1.0}} for t in tasks]}
-    timed("merge (task arithmetic)", "cpu", lambda: merge(recipe, root / "merged", library=lib.root) and None)
+    timed("merge (task arithmetic)", device, lambda: merge(recipe, root / "merged", library=lib.root, device=where) and None)
     timed("eval merge", device, lambda: evaluate(root / "merged", tasks=",".join(tasks), n=n, device=where).mean)
     for r in ("centroid", "arrow"):
         timed(f"route eval {r}", device, lambda r=r: evaluate_router(r, library=lib.root, tasks=",".join(tasks), n=n,

@@ -29,14 +29,15 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
           workers: int | None = None, shard_size: "str | int" = "5B", progress: bool = False,
           library: "str | os.PathLike | None" = None,
           keep_intermediates: "str | os.PathLike | None" = None, allow_same_experts: bool = False,
-          lazy: bool = False, eval_tasks=None, eval_n: int = 100) -> "MergeResult":
+          lazy: bool = False, eval_tasks=None, eval_n: int = 100, device: "str | None" = None) -> "MergeResult":
     """Merge the models a recipe names into ``out_dir`` (created atomically). A multi-document recipe
     runs its stages in dependency order; their outputs go to a temporary folder, removed afterwards,
     or to ``keep_intermediates/NAME`` (``lazy``: reuse those an earlier run kept, when their saved recipe
     is the stage's); only the final stage writes ``out_dir``. ``eval_tasks`` (task names, groups or
     JSONL files, as ``moerge eval --tasks``) scores the output against every input afterwards
     (``eval.report``): the table goes into the output's card and ``merge_report.json``, and is the
-    result's ``report``."""
+    result's ``report``. ``device``: where each tensor is computed, streamed one at a time (None: the
+    ``--device`` the user named, else the CPU; mergekit's ``--cuda``)."""
     if eval_tasks is not None:
         from moerge.eval import prompt_counts, resolve_tasks
 
@@ -44,7 +45,7 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
         prompt_counts(resolve_tasks(eval_tasks), eval_n)
     res = run(recipe, out_dir, overwrite=overwrite, seed=seed, workers=workers, shard_size=shard_size,
               progress=progress, library=library, keep_intermediates=keep_intermediates,
-              allow_same_experts=allow_same_experts, lazy=lazy)
+              allow_same_experts=allow_same_experts, lazy=lazy, device=device)
     if eval_tasks is not None:
         from moerge.eval.report import merge_report
 

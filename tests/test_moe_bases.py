@@ -206,3 +206,26 @@ def test_serving_an_moe_base_answers_each_expert_as_peft_does_in_one_batch(moe):
         assert got == want
         r = c.completions.create(model="router:uniform", prompt=prompts[x.name], max_tokens=4, temperature=0)
         assert r.model_extra["experts"] and r.choices[0].text is not None
+
+
+def test_library_eval_and_a_fusion_round_on_an_moe_base(moe, tmp_path):
+    """The library keeps MoE experts like any other, eval applies one as PEFT does, and a fusion round
+    (average of the two experts) writes base@2 with every stored expert tensor moved by both."""
+    from moerge.api import evaluate
+    from moerge.fusion import fuse
+    from moerge.library import Library
+
+    base, (x, y) = moe["qwen2_moe"]
+    lib = Library.init(tmp_path / "lib", base)
+    lib.add(x, "x", task="sort")
+    lib.add(y, "y", task="reverse")
+    assert {e.name for e in lib.experts()} == {"x", "y"}
+    copy = lib.load(lib.get("x").ref)  # read back from the blob store against the base
+    assert any(".experts.1.up_proj" in k for k in copy.updates)
+    scores = evaluate(base, adapter=x, tasks="sort", n=4)
+    assert set(scores.scores) == {"sort"}
+    res = fuse(lib, method="average")
+    new = load_file(next(res.base.path.glob("*.safetensors")))
+    old = load_file(base / "model.safetensors")
+    ex = [k for k in old if ".mlp.experts.2." in k]
+    assert ex and all(not torch.equal(new[k], old[k]) for k in ex)

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from moerge.cli.common import (
+    DEVICE_OPT,
     DTYPE_OPT,
     LIBRARY,
     THREADS_OPT,
@@ -40,6 +41,7 @@ def fuse_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
 ) -> None:
     """Fuse the contributions made on the library's latest base (base@N) into base@N+1, through the merge
     engine (streaming; the new base appears only when complete, registered in one transaction)."""

@@ -11,6 +11,7 @@ from rich.table import Table
 from moerge.cli.common import (
     DTYPE_OPT,
     THREADS_OPT,
+    _applies,
     _user_errors,
     err,
     out,
@@ -44,6 +45,9 @@ def merge(
     eval_n: int = typer.Option(100, "--eval-n", min=1, help="Test prompts per task for --eval."),
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = typer.Option(None, "--device", callback=_applies("moerge.lm.device:set_device"),
+                                         metavar="cpu|cuda[:N]|mps|auto", help="Compute each tensor there, streamed "
+                                         "one at a time (mergekit's --cuda; default: the CPU, or $MOERGE_DEVICE)."),
 ) -> None:
     """Merge the models a recipe names into OUT_DIR. A recipe of several YAML documents (mergekit-multi's
     form) runs its stages in dependency order; only the final one writes OUT_DIR. A mergekit-moe config

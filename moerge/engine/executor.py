@@ -47,8 +47,15 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.Tensor:
-    """Compute one output tensor (pure function of the plan and the inputs' bytes)."""
+def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """An input read from its file, on the device the merge computes on (None: where it is)."""
+    return t if device is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: torch.device | None = None) -> torch.Tensor:
+    """Compute one output tensor (pure function of the plan and the inputs' bytes), on ``device``
+    (None: the CPU). Inputs are read on the CPU and sent there one tensor at a time; random masks are
+    drawn on the CPU from the tensor's seed and sent too, so a merge is the same on every device."""
     models = plan.models
     if not task.floating:
         i, name = task.inputs[0]
@@ -56,7 +63,7 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     read = _reader(plan, task)
 
     def load(i: int, name: str) -> torch.Tensor:
-        t = read(i, name)
+        t = _on(read(i, name), device)
         if plan.cast is not None and t.dtype != plan.cast:
             t = t.to(plan.cast)  # the recipe's dtype: inputs are rounded to it, as in mergekit
         return t
@@ -64,8 +71,8 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
     if plan.method.blockwise:
         # inputs stay in their storage dtype; blocks are widened (and rounded to the recipe dtype) as they go
-        stored = [read(i, n) for i, n in task.inputs]
-        base = read(*task.base) if task.base else None
+        stored = [_on(read(i, n), device) for i, n in task.inputs]
+        base = _on(read(*task.base), device) if task.base else None
         dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in stored] + ([base.dtype] if base is not None else [])
         work = compute_dtype(dtypes)
         return _guarded(task, plan, lambda: plan.method.stream(
@@ -76,7 +83,8 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
         if plan.stats is None:
             raise MoergeError(f"{plan.method.name}: the inputs' statistics were not gathered (engine.stats.gather) before the merge")
         params = {k: v for k, v in params.items() if not plan.method.param(k).for_stats}
-        params["stats"] = [plan.stats[i].get(n) if plan.stats[i] else None for i, n in task.inputs]
+        params["stats"] = [_on(s, device) if s is not None else None
+                           for s in (plan.stats[i].get(n) if plan.stats[i] else None for i, n in task.inputs)]
         params["stats_scale"] = [plan.stats[i].scale if plan.stats[i] else 1.0 for i, _ in task.inputs]
         params["layout"] = next((plan.stats[i].layout(n) for i, n in task.inputs if plan.stats[i]), None)
     raw = [load(i, n) for i, n in task.inputs]
@@ -89,11 +97,16 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK) -> torch.
     return _guarded(task, plan, lambda: plan.method(base, tensors, generator=gen, **params)).to(task.out_dtype)
 
 
-def merge_tensors(plan: Plan, progress: bool = False) -> dict[str, torch.Tensor]:
+def merge_tensors(plan: Plan, progress: bool = False, device: torch.device | None = None) -> dict[str, torch.Tensor]:
     """The merged model's tensors in memory, nothing written (a merge search scores many candidates):
     the same ``run_task`` per tensor as ``execute``, so the tensors equal a written merge's."""
     ensure_stats(plan, progress)
-    return {task.name: run_task(plan, task) for task in plan.tasks}
+    return {task.name: _home(run_task(plan, task, device=device)) for task in plan.tasks}
+
+
+def _home(t: torch.Tensor) -> torch.Tensor:
+    """A merged tensor back in host memory, where it is written (one copy per tensor)."""
+    return t if t.device.type == "cpu" else t.to("cpu")
 
 
 def _reader(plan: Plan, task: TensorTask):
@@ -168,7 +181,10 @@ def execute(
     workers: int | None = None,
     shard_size: str | int = "5B",
     progress: bool = True,
+    device: torch.device | None = None,
 ) -> MergeResult:
+    """Write the plan's merge to ``out_dir``, tensor by tensor, each computed on ``device`` (None: the
+    CPU; mergekit's ``--cuda``): only the tensors in flight are on the device, as in host memory."""
     out_dir = Path(out_dir)
     _check_output(plan, out_dir)
     start = time.perf_counter()
@@ -182,7 +198,7 @@ def execute(
 
             def job(task: TensorTask) -> None:
                 nonlocal done_bytes
-                writer.write(task.name, run_task(plan, task))
+                writer.write(task.name, _home(run_task(plan, task, device=device)))
                 with lock:
                     done_bytes += task.nbytes
                 advance(task.nbytes)

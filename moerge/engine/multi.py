@@ -584,7 +584,8 @@ def _scratch_root(out_dir: Path) -> Path:
 def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermediates: str | os.PathLike | None = None,
                overwrite: bool = False, seed: int | None = None, workers: int | None = None, shard_size: str | int = "5B",
                progress: bool = False, library: str | os.PathLike | None = None,
-               on_stage: Callable[[int, int, Stage, Path], None] | None = None, lazy: bool = False) -> "MergeResult":
+               on_stage: Callable[[int, int, Stage, Path], None] | None = None, lazy: bool = False,
+               device=None) -> "MergeResult":
     """Run every stage in dependency order; intermediate outputs go to a temporary folder removed
     afterwards (or ``keep_intermediates/NAME``), and only the final stage writes ``out_dir`` (atomically).
     Its card and ``moerge_recipe.yaml`` record every stage it depends on, pinned.
@@ -627,7 +628,8 @@ def run_stages(recipe: MultiRecipe, out_dir: str | os.PathLike, *, keep_intermed
                       file=sys.stderr, flush=True)
             if not reuse:
                 try:
-                    res = execute(plan, dest, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
+                    res = execute(plan, dest, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress,
+                                  device=device)
                 except MoergeError as e:
                     raise MoergeError(f"{_where(source, stage.line, stage)} {e}") from None
             if not final:

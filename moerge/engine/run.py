@@ -89,15 +89,23 @@ def plan(recipe, *, seed: int | None = None, library: "str | os.PathLike | None"
 
 def run(recipe, out_dir, *, overwrite: bool = False, seed: int | None = None, workers: int | None = None,
         shard_size="5B", progress: bool = False, library=None, keep_intermediates=None,
-        allow_same_experts: bool = False, lazy: bool = False) -> "MergeResult":
+        allow_same_experts: bool = False, lazy: bool = False, device: str | None = None) -> "MergeResult":
+    """Plan and run a recipe (``moerge.api.merge``). ``device``: where each tensor is computed (None:
+    the one named by ``--device``/``$MOERGE_DEVICE``, else the CPU)."""
     from moerge.engine.executor import execute
+    from moerge.lm.device import explicit
+    from moerge.lm.device import resolve as resolve_device
+
+    named = device or explicit()
+    where = resolve_device(named) if named else None
     from moerge.engine.multi import MultiRecipe, run_stages
     from moerge.moe.config import MoEConfig
 
     r = load_recipe(recipe)
     if isinstance(r, MultiRecipe):
         return run_stages(r, out_dir, keep_intermediates=keep_intermediates, overwrite=overwrite, seed=seed,
-                          workers=workers, shard_size=shard_size, progress=progress, library=library, lazy=lazy)
+                          workers=workers, shard_size=shard_size, progress=progress, library=library, lazy=lazy,
+                          device=where)
     if lazy:
         raise MoergeError("--lazy: the recipe has one stage (one YAML document), so there are no intermediate outputs to "
                           "reuse; drop --lazy")
@@ -106,7 +114,7 @@ def run(recipe, out_dir, *, overwrite: bool = False, seed: int | None = None, wo
         from moerge.moe.build import execute_moe
 
         return execute_moe(p, out_dir, overwrite=overwrite, shard_size=shard_size, progress=progress)
-    return execute(p, out_dir, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress)
+    return execute(p, out_dir, overwrite=overwrite, workers=workers, shard_size=shard_size, progress=progress, device=where)
 
 
 def _reseed(r, seed: int):

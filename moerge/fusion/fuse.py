@@ -31,6 +31,8 @@ from moerge.experts.peft_format import ExpertAppliedSource
 from moerge.io.fingerprint import fingerprint
 from moerge.library import Library
 from moerge.lm import base as base_model
+from moerge.lm.device import explicit
+from moerge.lm.device import resolve as resolve_device
 from moerge.methods import registry
 
 ALIASES = {"average": "linear", "mean": "linear"}  # ColD Fusion's plain average is mergekit's linear
@@ -179,11 +181,13 @@ class FuseResult:
 
 def fuse(library, *, method: str = "average", experts: list[str] | None = None, exclude: list[str] | tuple = (),
          parameters: dict | None = None, scores: dict | None = None, progress: bool = False,
-         workers: int | None = None, eval_tasks: str | list[str] | None = None, n_eval: int = 100) -> FuseResult:
+         workers: int | None = None, eval_tasks: str | list[str] | None = None, n_eval: int = 100,
+         device: str | None = None) -> FuseResult:
     """Fuse the contributions on the latest base into ``base@N+1`` and register it (see the module doc).
     ``scores``: evaluation results to record in the new base's card (``fuse simulate`` passes them);
     ``eval_tasks``: score the new base and its parent on these tasks (exact match, ``n_eval`` test
-    prompts each) and record both in the card."""
+    prompts each) and record both in the card. ``device``: where the merge computes each tensor (None:
+    the ``--device`` the user named, else the CPU), as ``moerge merge``."""
     start = time.perf_counter()
     fp = plan_fuse(library, method=method, experts=experts, exclude=exclude, parameters=parameters,
                    eval_tasks=eval_tasks, n_eval=n_eval)
@@ -194,7 +198,8 @@ def fuse(library, *, method: str = "average", experts: list[str] | None = None, 
     registered = {b.path.resolve() for b in lib.bases()}
     stale = out.exists() and out.resolve() not in registered  # left by a fusion that crashed before registering
     out.parent.mkdir(parents=True, exist_ok=True)
-    execute(fp.plan, out, overwrite=stale, workers=workers, progress=progress)
+    named = device or explicit()
+    execute(fp.plan, out, overwrite=stale, workers=workers, progress=progress, device=resolve_device(named) if named else None)
     card = {
         "version": fp.parent.version + 1, "parent": fp.parent.version, "parent_fingerprint": fp.parent.fingerprint,
         "method": fp.method, "parameters": fp.parameters, "exclude": fp.exclude, "excluded_tensors": len(fp.excluded),

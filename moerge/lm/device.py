@@ -36,6 +36,14 @@ def setting() -> str:
     return raw
 
 
+def explicit() -> str | None:
+    """The device the user named (``--device``, ``$MOERGE_DEVICE``), None when it is left to ``auto``'s
+    default: merges stay on the CPU unless asked (mergekit's ``--cuda``), since they stream tensors
+    from disk and gain from a GPU only on large models."""
+    v = os.environ.get(ENV, "").strip().lower()
+    return setting() if v else None
+
+
 def set_device(value: str | None) -> str:
     """Choose the device for this process and the processes it starts (``moerge --device``)."""
     if value is None:

@@ -39,7 +39,7 @@ def tukey_threshold(scores: torch.Tensor) -> torch.Tensor:
     last = flat.size - 1
     ranks = [last // 4, last // 2, (3 * last) // 4]
     part = np.partition(flat, ranks)
-    q1, median, q3 = (torch.tensor(part[r], dtype=scores.dtype) for r in ranks)
+    q1, median, q3 = (torch.tensor(part[r], dtype=scores.dtype, device=scores.device) for r in ranks)
     return median + 1.5 * (q3 - q1)
 
 

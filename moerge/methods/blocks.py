@@ -45,6 +45,7 @@ class Blocks:
         self.tensors = [t.reshape(-1) for t in tensors]
         self.n = len(tensors)
         self.numel = self.tensors[0].numel()
+        self.device = self.tensors[0].device  # where the merge computes: scratch and outputs are made there
         self.work = work
         self.cast = cast
         self.size = max(1, self.numel if size is None else min(size, self.numel))
@@ -62,7 +63,7 @@ class Blocks:
         if self.whole and src.dtype == self.work:
             return src
         if self._scratch is None:
-            self._scratch = torch.empty((self.n + 1, self.size), dtype=self.work)
+            self._scratch = torch.empty((self.n + 1, self.size), dtype=self.work, device=self.device)
         return self._scratch[row, : sl.stop - sl.start].copy_(src)
 
     def __iter__(self) -> Iterator[tuple[slice, torch.Tensor | None, list[torch.Tensor]]]:
@@ -72,7 +73,7 @@ class Blocks:
 
     def magnitudes(self, i: int) -> torch.Tensor:
         """``|tensors[i] - base|`` (or ``|tensors[i]|`` without a base) as a new flat float32 tensor."""
-        out = torch.empty(self.numel, dtype=torch.float32)
+        out = torch.empty(self.numel, dtype=torch.float32, device=self.device)
         for sl in self.slices():
             x = self._load(self.tensors[i], sl, i)
             if self.base is not None:

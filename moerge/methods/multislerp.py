@@ -16,7 +16,7 @@ def multislerp(base, tensors: list[torch.Tensor], weight: list[float], normalize
     x = torch.stack([t.reshape(-1) for t in tensors])
     if base is not None:
         x -= base.reshape(-1)
-    w = torch.tensor(weight, dtype=x.dtype)
+    w = torch.tensor(weight, dtype=x.dtype, device=x.device)
     if normalize_weights:
         w = w / w.sum()
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)

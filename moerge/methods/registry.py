@@ -115,7 +115,7 @@ class Method:
         blocks = Blocks(base, tensors, work, cast, block)
         kwargs = _kwargs(params)
         extras = self.prepare(blocks, generator=generator, **kwargs) if self.prepare else {}
-        out = torch.empty(blocks.numel, dtype=out_dtype)
+        out = torch.empty(blocks.numel, dtype=out_dtype, device=blocks.device)
         for sl, b, ts in blocks:
             out[sl].copy_(self.fn(b, ts, **kwargs, **cut(extras, sl, blocks.whole)))
         return out.reshape(blocks.shape)

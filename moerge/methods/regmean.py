@@ -39,7 +39,7 @@ def regmean(base, tensors: list[torch.Tensor], weight: list[float], stats: list[
     lhs = sum(grams)
     lam = ridge * float(lhs.diagonal().mean().clamp_min(1e-12))
     rhs = sum(g @ w for g, w in zip(grams, ws)) + lam * avg
-    lhs = lhs + lam * torch.eye(lhs.shape[0], dtype=lhs.dtype)
+    lhs = lhs + lam * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device)
     out = torch.linalg.solve(lhs, rhs)
     return out if in_out else out.T.contiguous()
 

@@ -35,12 +35,12 @@ def sce_prepare(blocks: Blocks, *, select_topk: float = 1.0, generator=None, **_
     n, numel = blocks.n, blocks.numel
     keep = None
     if select_topk < 1:
-        var = torch.empty(numel, dtype=blocks.work)
+        var = torch.empty(numel, dtype=blocks.work, device=blocks.device)
         for sl, b, ts in blocks:
             torch.var(torch.stack([t - b for t in ts]), dim=0, unbiased=False, out=var[sl])
         k = selected_count(int(torch.count_nonzero(var)), select_topk)
         # the k positions of largest variance; k never exceeds the nonzero count, so none has zero variance
-        keep = rank_range_mask(var, numel - k, numel) if k > 0 else torch.zeros(numel, dtype=torch.bool)
+        keep = rank_range_mask(var, numel - k, numel) if k > 0 else torch.zeros(numel, dtype=torch.bool, device=blocks.device)
         del var
     squares = [0.0] * n
     for sl, b, ts in blocks:

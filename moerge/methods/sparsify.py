@@ -32,13 +32,14 @@ def rank_range_mask(mag: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Mask of the entries of flat ``mag`` whose ascending (stable) rank is in [start, stop).
 
     numpy does the work: its partition is linear time, and on CPU its comparisons run several times
-    faster than torch's boolean kernels."""
+    faster than torch's boolean kernels. (On a GPU the magnitudes come to the host for it, once per
+    tensor, and the mask goes back: the same mask on every device, ties included.)"""
     n = mag.numel()
     start, stop = max(0, start), min(n, stop)
     if start >= stop:
-        return torch.zeros(n, dtype=torch.bool)
+        return torch.zeros(n, dtype=torch.bool, device=mag.device)
     if start == 0 and stop == n:
-        return torch.ones(n, dtype=torch.bool)
+        return torch.ones(n, dtype=torch.bool, device=mag.device)
     arr = mag.detach().cpu().numpy()
     part = arr.copy()
     # one partition per end: numpy's multi-kth partition is several times slower
@@ -60,7 +61,7 @@ def rank_range_mask(mag: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         _fill_ties(keep, arr, lo, np.count_nonzero(arr < lo), start, stop)
     if hi is not None and hi != lo:
         _fill_ties(keep, arr, hi, np.count_nonzero(arr < hi), start, stop)
-    return torch.from_numpy(keep)
+    return torch.from_numpy(keep).to(mag.device)
 
 
 def top_k_mask(mag: torch.Tensor, density: float) -> torch.Tensor:
@@ -80,14 +81,16 @@ def outlier_mask(mag: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     return rank_range_mask(mag, n_bot, n_bot + target)
 
 
-def bernoulli_mask(n: int, density: float, generator: torch.Generator | None) -> torch.Tensor:
+def bernoulli_mask(n: int, density: float, generator: torch.Generator | None,
+                   device: torch.device | None = None) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``. Drawn in fixed blocks so that the mask
-    of a tensor depends only on the seed, never on how the merge is split."""
+    of a tensor depends only on the seed, never on how the merge is split; drawn on the CPU (the
+    generator's device) and sent to ``device``, so it is the same on every device."""
     keep = torch.empty(n, dtype=torch.bool)
     for s in range(0, n, RANDOM_BLOCK):
         e = min(n, s + RANDOM_BLOCK)
         torch.lt(torch.rand(e - s, generator=generator), density, out=keep[s:e])
-    return keep
+    return keep if device is None else keep.to(device)
 
 
 def della_mask(mag: torch.Tensor, shape: torch.Size, density: float, epsilon: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -99,11 +102,12 @@ def della_mask(mag: torch.Tensor, shape: torch.Size, density: float, epsilon: fl
     cols = rows.shape[1]
     order = rows.argsort(dim=1, stable=True)
     ranks = torch.empty_like(rows)
-    ranks.scatter_(1, order, torch.arange(cols, dtype=rows.dtype).expand_as(rows).contiguous())
+    ranks.scatter_(1, order, torch.arange(cols, dtype=rows.dtype, device=rows.device).expand_as(rows).contiguous())
     del order
     rank_norm = ranks.div_(cols - 1) if cols > 1 else ranks.zero_()
     probs = rank_norm.mul_(2 * epsilon).add_(density - epsilon)
-    return torch.bernoulli(probs, generator=generator).to(torch.bool).reshape(-1)
+    # drawn on the CPU from the tensor's seed (the generator's device), then sent back: the same on every device
+    return torch.bernoulli(probs.cpu(), generator=generator).to(torch.bool).reshape(-1).to(mag.device)
 
 
 def l1_scale(mag: torch.Tensor, keep: torch.Tensor, eps: float = 1e-7) -> float:

@@ -46,7 +46,7 @@ def sparsify_prepare(
         elif sparsifier == "magnitude_outliers":
             mask = sparsify.outlier_mask(mag, d, gamma[i] if gamma else 0.0)
         elif sparsifier == "random":
-            mask = sparsify.bernoulli_mask(blocks.numel, d, generator)
+            mask = sparsify.bernoulli_mask(blocks.numel, d, generator, blocks.device)
         else:
             mask = sparsify.della_mask(mag, blocks.shape, d, epsilon[i] if epsilon else 0.0, generator)
         keep.append(mask)
