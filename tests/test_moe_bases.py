@@ -147,6 +147,12 @@ def test_moe_adapters_refused_in_one_line_where_they_cannot_be_read(moe, tmp_pat
     dense = make_base(tmp_path / "llama", hidden=32, intermediate=64)
     with pytest.raises(MoergeError, match="another base"):
         load_adapter(x, open_source(dense))
+    # `expert combine` writes plain LoRA layers only: an MoE expert is refused, not written unreadable
+    from moerge.experts.peft_format import combine_folders
+
+    with pytest.raises(MoergeError, match="an expert of an MoE base .*merge such experts with `moerge merge`"):
+        combine_folders([x, moe["mixtral"][1][1]], base, tmp_path / "combined")
+    assert not (tmp_path / "combined").exists()
     # DoRA cannot train on stacked parameters (PEFT)
     from transformers import AutoModelForCausalLM
 

@@ -22,6 +22,7 @@ from moerge.engine.plan import Plan, TensorTask
 from moerge.engine.stats import ensure as ensure_stats
 from moerge.errors import MoergeError
 from moerge.io.writer import ShardedWriter, parse_size
+from moerge.lm import device as devices
 from moerge.methods.blocks import DEFAULT_BLOCK
 from moerge.methods.registry import compute_dtype
 from moerge.util.progress import ProgressLog
@@ -47,11 +48,6 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
-    """An input read from its file, on the device the merge computes on (None: where it is)."""
-    return t if device is None or t.device == device else t.to(device, non_blocking=True)
-
-
 def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: torch.device | None = None) -> torch.Tensor:
     """Compute one output tensor (pure function of the plan and the inputs' bytes), on ``device``
     (None: the CPU). Inputs are read on the CPU and sent there one tensor at a time; random masks are
@@ -63,7 +59,7 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: t
     read = _reader(plan, task)
 
     def load(i: int, name: str) -> torch.Tensor:
-        t = _on(read(i, name), device)
+        t = devices.send(read(i, name), device)
         if plan.cast is not None and t.dtype != plan.cast:
             t = t.to(plan.cast)  # the recipe's dtype: inputs are rounded to it, as in mergekit
         return t
@@ -71,8 +67,8 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: t
     gen = torch.Generator().manual_seed(task.seed) if plan.method.random else None
     if plan.method.blockwise:
         # inputs stay in their storage dtype; blocks are widened (and rounded to the recipe dtype) as they go
-        stored = [_on(read(i, n), device) for i, n in task.inputs]
-        base = _on(read(*task.base), device) if task.base else None
+        stored = [devices.send(read(i, n), device) for i, n in task.inputs]
+        base = devices.send(read(*task.base), device) if task.base else None
         dtypes = [plan.cast] if plan.cast is not None else [t.dtype for t in stored] + ([base.dtype] if base is not None else [])
         work = compute_dtype(dtypes)
         return _guarded(task, plan, lambda: plan.method.stream(
@@ -83,7 +79,7 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: t
         if plan.stats is None:
             raise MoergeError(f"{plan.method.name}: the inputs' statistics were not gathered (engine.stats.gather) before the merge")
         params = {k: v for k, v in params.items() if not plan.method.param(k).for_stats}
-        params["stats"] = [_on(s, device) if s is not None else None
+        params["stats"] = [devices.send(s, device) if s is not None else None
                            for s in (plan.stats[i].get(n) if plan.stats[i] else None for i, n in task.inputs)]
         params["stats_scale"] = [plan.stats[i].scale if plan.stats[i] else 1.0 for i, _ in task.inputs]
         params["layout"] = next((plan.stats[i].layout(n) for i, n in task.inputs if plan.stats[i]), None)

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from moerge.errors import MoergeError
+from moerge.lm import device as devices
 from moerge.lm.arch import checkpoint_reader
 
 
@@ -63,7 +64,7 @@ class LayerwiseModel:
     """An opened model (``plan.Model``) as a float32 skeleton whose decoder layers are loaded one at a
     time; the modules outside them (embeddings, final norm, head) are loaded once."""
 
-    def __init__(self, model_ref):
+    def __init__(self, model_ref, device: torch.device | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         try:
@@ -81,6 +82,12 @@ class LayerwiseModel:
         self.ref = model_ref.ref
         self.source = model_ref.source
         self.read = checkpoint_reader(cfg.model_type, model_ref.source)  # the model's names, the checkpoint's tensors
+        self.device = device  # where the layers run (None: the CPU): weights are sent there as each layer loads
+        if device is not None:  # the buffers the skeleton made (rotary frequencies) go there once
+            for mod in model.modules():
+                for bname, buf in list(mod._buffers.items()):
+                    if buf is not None and not buf.is_meta:
+                        mod._buffers[bname] = buf.to(device)
         self.model = model.eval()
         self._tuples = False  # whether the layers return tuples (older transformers) or tensors; set by run
         found = _blocks(model, cfg)
@@ -116,7 +123,7 @@ class LayerwiseModel:
                 full = f"{mname}.{pname}" if mname else pname
                 key = self.alias.get(full, full)
                 if key not in loaded:
-                    loaded[key] = torch.nn.Parameter(self.tensor(full), requires_grad=False)
+                    loaded[key] = torch.nn.Parameter(devices.send(self.tensor(full), self.device), requires_grad=False)
                 mod._parameters[pname] = loaded[key]
 
     @staticmethod
@@ -140,7 +147,8 @@ class LayerwiseModel:
         try:
             for batch in batches:
                 try:
-                    self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    self.model(input_ids=devices.send(batch["input_ids"], self.device),
+                               attention_mask=devices.send(batch["attention_mask"], self.device), use_cache=False)
                 except _Caught as c:
                     caught.append(c)
                 else:  # pragma: no cover - every decoder model calls its first layer
@@ -171,7 +179,8 @@ class LayerwiseModel:
                     replay[0] = b
                     if visit is not None:
                         visit("", self.model, b)
-                    self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+                    self.model(input_ids=devices.send(batch["input_ids"], self.device),
+                               attention_mask=devices.send(batch["attention_mask"], self.device), use_cache=False)
 
     @contextmanager
     def _replaying(self, states: list[torch.Tensor]) -> Iterator[list[int]]:

@@ -37,8 +37,11 @@ from moerge.engine.layerwise import LayerwiseModel
 from moerge.errors import MoergeError
 from moerge.experts.card import ExpertCard
 from moerge.io.writer import ShardedWriter
+from moerge.lm import device as devices
 from moerge.lm.arch import as_stored
 from moerge.lm.batching import collate, completion_loss, encode
+from moerge.lm.device import explicit, model_device
+from moerge.lm.device import resolve as resolve_device
 from moerge.lm.precision import compute_dtype, model_kwargs, stored_dtype
 from moerge.tasks.data import is_user_task
 from moerge.tasks.training_data import training_rows
@@ -122,7 +125,7 @@ def _digest(names, get) -> str:
     for name in sorted(names):
         t = get(name)
         h.update(name.encode())
-        h.update(memoryview(t.detach().to(torch.float32).reshape(-1).contiguous().view(torch.uint8).numpy()))
+        h.update(memoryview(t.detach().to(torch.float32).reshape(-1).contiguous().cpu().view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
@@ -138,8 +141,9 @@ def fisher(model: torch.nn.Module, tokenizer, rows) -> dict[str, torch.Tensor]:
         p.requires_grad_(True)
     acc = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     model.eval()  # no dropout: the Fisher of the model as it predicts
+    where = model_device(model)
     for ids in encode(tokenizer, rows):
-        batch = collate([ids], tokenizer.pad_token_id)
+        batch = {k: devices.send(v, where) for k, v in collate([ids], tokenizer.pad_token_id).items()}
         n_tokens = int((batch["labels"][:, 1:] != -100).sum())
         loss = completion_loss(model, batch).float() * n_tokens  # -log p(y | x): the mean times the tokens
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
@@ -148,7 +152,7 @@ def fisher(model: torch.nn.Module, tokenizer, rows) -> dict[str, torch.Tensor]:
                 acc[n].addcmul_(g, g)
     for p in weights:
         p.requires_grad_(False)
-    return {n: a.div_(len(rows)) for n, a in acc.items()}
+    return {n: a.div_(len(rows)).cpu() for n, a in acc.items()}
 
 
 def tied_names(model: torch.nn.Module) -> dict[str, str]:
@@ -181,7 +185,7 @@ def gram(lw, tokenizer, rows, put, batch_size: int = 8) -> tuple[dict, dict]:
     layers = {w: (mod, layout) for w, mod, layout in _linear_layers(lw.model)}
     encoded = encode(tokenizer, rows)
     batches = [collate(encoded[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size)]
-    masks = [b["attention_mask"].reshape(-1).bool() for b in batches]
+    masks = [devices.send(b["attention_mask"].reshape(-1).bool(), lw.device) for b in batches]
     tokens = max(1, sum(int(m.sum()) for m in masks))
     aliases: dict[str, str] = {}
     grams: dict[str, torch.Tensor] = {}
@@ -210,7 +214,7 @@ def gram(lw, tokenizer, rows, put, batch_size: int = 8) -> tuple[dict, dict]:
         hooks.clear()
         seen.clear()
         if grams:
-            put({w: g.div_(tokens).float() for w, g in grams.items()})
+            put({w: g.div_(tokens).float().cpu() for w, g in grams.items()})
         grams.clear()
 
     inside = lw.prefix + "."
@@ -290,6 +294,8 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     if kind not in ("fisher", "gram"):
         raise MoergeError(f"unknown statistic {kind!r}")
     start = time.perf_counter()
+    named = explicit()  # as merges: on the device the user named, else the CPU
+    where = resolve_device(named) if named else None
     tok = load_tokenizer(model_ref, "its statistics")
     mixed = False
     if kind == "fisher":
@@ -300,9 +306,10 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
         mixed = dtype == torch.bfloat16
         model = load_dense(model_ref, dtype, **model_kwargs(dtype))
         sd = model.state_dict()
-        digest = _digest(sd, sd.__getitem__)
+        digest = _digest(sd, sd.__getitem__)  # of the weights as read, before they move: one cache key on every device
+        devices.send_module(model, where)
     else:
-        model = LayerwiseModel(model_ref)
+        model = LayerwiseModel(model_ref, where if where is None or where.type != "mps" else None)  # float64 sums: not on MPS
         sd = model.model.state_dict(keep_vars=True)
         digest = _digest(sd, lambda n: model.tensor(n) if sd[n].is_meta else sd[n])
     key = hashlib.sha256(json.dumps({"v": VERSION, "kind": kind, "model": digest, "rows": _rows_digest(rows),

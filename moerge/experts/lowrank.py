@@ -72,6 +72,9 @@ def combine_adapters(adapters: list, weights: list[float] | None = None, rank: i
     if len(weights) != len(adapters):
         raise MoergeError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
     for e in adapters:
+        if getattr(e, "model_updates", None) is not None:
+            raise MoergeError(f"{e.path}: an expert of an MoE base (LoRA on its stacked experts or router): combine "
+                              "writes plain LoRA layers only; merge such experts with `moerge merge` instead")
         if e.kind != "lora" or any(type(u) is not LowRank for u in e.updates.values()):
             raise MoergeError(f"{e.path}: a {e.kind} expert (or one with modules_to_save); only plain LoRA adapters combine "
                               "without materialising; merge the others with `moerge merge`")

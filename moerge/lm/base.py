@@ -17,6 +17,7 @@ import torch
 
 from moerge.errors import MoergeError
 from moerge.io.source import open_source
+from moerge.lm import device as devices
 from moerge.lm import zoo
 from moerge.lm.device import device_map, max_memory
 from moerge.lm.device import resolve as resolve_device
@@ -129,7 +130,7 @@ def load(path: str | os.PathLike | None = None, dtype: torch.dtype | str | None 
         else:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **model_kwargs(dtype, where)).eval()
         if where.type != "cpu" and quantization is None and not spread:
-            model.to(where)
+            devices.send_module(model, where)
         tok = AutoTokenizer.from_pretrained(folder)
         head = model.get_output_embeddings()
         if head is not None:

@@ -165,10 +165,24 @@ def model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def send(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """One tensor read on the host, on the device a computation runs on (None: where it is). The one
+    place the merge engine and its statistics move inputs (a test traces what passes through it)."""
+    return t if device is None or t.device == device else t.to(device, non_blocking=True)
+
+
+def send_module(module: torch.nn.Module, device: torch.device | None) -> torch.nn.Module:
+    """``module.to(device)``, each parameter and buffer through ``send`` (in place: tied weights stay tied)."""
+    if device is None:
+        return module
+    for mod in module.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                t.data = send(t.data, device)
+    return module
+
+
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """A batch moved to ``device``: a no-op on the CPU, pinned and non-blocking onto CUDA."""
-    if device.type == "cpu":
-        return tensors
-    if device.type == "cuda":
-        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
-    return {k: v.to(device) for k, v in tensors.items()}
+    """A batch moved to ``device`` through ``send``: a no-op on the CPU, pinned and non-blocking onto CUDA."""
+    pin = device.type == "cuda"
+    return {k: send(v.pin_memory() if pin and v.device.type == "cpu" else v, device) for k, v in tensors.items()}

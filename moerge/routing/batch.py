@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from moerge.lm import device as devices
 from moerge.routing.mixture import RoutingState
 
 
@@ -28,8 +29,8 @@ def set_batch_routes(state: RoutingState, fixed: torch.Tensor | None,
     model's device (``state.device``), where the weights are made.
     Weights made on the CPU (by example-level routers, once per call) move to the model's device here,
     once, not in every layer."""
-    if fixed is not None and fixed.device != state.device:
-        fixed = fixed.to(state.device, non_blocking=True)
+    if fixed is not None:
+        fixed = devices.send(fixed, state.device)
     if not groups:
         state.token_router = None
         state.example_weights = fixed if fixed is not None and bool(fixed.any()) else None

@@ -37,6 +37,7 @@ from torch import nn
 
 from moerge.errors import MoergeError
 from moerge.experts.kinds import Dora, LowRank, Scaling
+from moerge.lm import device as devices
 
 
 @dataclass
@@ -75,13 +76,15 @@ class MixtureLinear(nn.Module):
         dtype, device = base.weight.dtype, base.weight.device
         for k in ("s_out", "s_bias", "s_in"):
             t = getattr(bank, k)
-            self.register_buffer(k, None if t is None else t.to(device, dtype), persistent=False)
+            self.register_buffer(k, None if t is None else devices.send(t.to(dtype), device), persistent=False)
         self.n_e, self.rank = (0, 0) if bank.a is None else bank.a.shape[:2]
         self.er = self.n_e * self.rank
         if bank.a is not None:
             e, r, i = bank.a.shape
-            self.register_buffer("a_cat", bank.a.reshape(e * r, i).T.to(device, dtype).contiguous(), persistent=False)  # (in, E·r)
-            self.register_buffer("b_cat", bank.b.permute(0, 2, 1).reshape(e * r, -1).to(device, dtype).contiguous(), persistent=False)
+            a_cat = bank.a.reshape(e * r, i).T.to(dtype).contiguous()  # (in, E·r)
+            b_cat = bank.b.permute(0, 2, 1).reshape(e * r, -1).to(dtype).contiguous()  # (E·r, out)
+            self.register_buffer("a_cat", devices.send(a_cat, device), persistent=False)
+            self.register_buffer("b_cat", devices.send(b_cat, device), persistent=False)
         else:
             self.a_cat = self.b_cat = None
         self.a_fused: torch.Tensor | None = None  # (in, E·r + P): A_cat with a token router's score map

@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from moerge.errors import MoergeError
 from moerge.experts.kinds import LowRank, StackedLowRank
+from moerge.lm import device as devices
 from moerge.routing.mixture import RoutingState, _as
 
 
@@ -131,8 +132,9 @@ class MixtureExperts(_Routed):
                 continue
             cats = [_cat([None if u is None else (u.a[j], u.b[j], u.scale) for u in ups], n_in, n_out) for j in range(k)]
             self.ranks[p] = cats[0][2]
-            self.register_buffer(f"{p}_a", torch.stack([c[0] for c in cats]).to(device, dtype), persistent=False)  # (K, in, E·r)
-            self.register_buffer(f"{p}_b", torch.stack([c[1] for c in cats]).to(device, dtype), persistent=False)  # (K, E·r, out)
+            a, b = torch.stack([c[0] for c in cats]).to(dtype), torch.stack([c[1] for c in cats]).to(dtype)  # (K, in, E·r), (K, E·r, out)
+            self.register_buffer(f"{p}_a", devices.send(a, device), persistent=False)
+            self.register_buffer(f"{p}_b", devices.send(b, device), persistent=False)
         self.in_features = base.gate_up_proj.shape[1 if self.transposed else 2]
         self._check()
 
@@ -217,8 +219,8 @@ class MixtureParam(_Routed):
         self.base, self.param, self.name, self.state, self.rows, self.n_e = base, param, name, state, rows, len(updates)
         n_out, n_in = weight.shape
         a, b, self.rank = _cat([None if u is None else (u.a, u.b, u.scale) for u in updates], n_in, n_out)
-        self.register_buffer("a_cat", a.to(weight.device, weight.dtype), persistent=False)
-        self.register_buffer("b_cat", b.to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("a_cat", devices.send(a.to(weight.dtype), weight.device), persistent=False)
+        self.register_buffer("b_cat", devices.send(b.to(weight.dtype), weight.device), persistent=False)
         self.in_features = n_in
 
     def factor_pairs(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
