@@ -38,6 +38,9 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     (``eval.report``): the table goes into the output's card and ``merge_report.json``, and is the
     result's ``report``. ``device``: where each tensor is computed, streamed one at a time (None: the
     ``--device`` the user named, else the CPU; mergekit's ``--cuda``)."""
+    from moerge.util.files import check_output_dir
+
+    check_output_dir(out_dir, overwrite)  # an existing output is refused before any planning, not after
     if eval_tasks is not None:
         from moerge.eval import prompt_counts, resolve_tasks
 

@@ -174,3 +174,23 @@ def test_device_map_auto_offloads_a_base_and_answers_as_it_whole(tmp_path, monke
         torch.testing.assert_close(routed(ids).logits, load_routed("uniform", experts=[tmp_path / "x"], base=base)(ids).logits)
     r = runner.invoke(app, ["--device-map", "auto", "--max-memory", "cpu:lots", "eval", str(base)])
     assert r.exit_code == 1 and "--max-memory 'cpu:lots': give DEVICE=AMOUNT pairs" in r.output
+
+
+def test_max_memory_and_device_map_refuse_bad_input_before_any_work(tmp_path, monkeypatch):
+    from moerge.lm.device import MAP_ENV, MEMORY_ENV
+
+    for env in (MAP_ENV, MEMORY_ENV):  # the options set these for the process: restored after the test
+        monkeypatch.setenv(env, "")
+    bad = {("--device-map", "auto", "--max-memory", "cpu=lots"): "cpu='lots' is not an amount",
+           ("--device-map", "auto", "--max-memory", "cpu=-5GB"): "is not an amount",
+           ("--device-map", "auto", "--max-memory", "cpu=1GB,cpu=2GB"): "cpu is named twice",
+           ("--max-memory", "cpu=1GB"): "add --device-map auto",
+           ("--device-map", "all"): "--device-map 'all': give auto"}
+    if not torch.cuda.is_available():
+        bad[("--device-map", "auto", "--max-memory", "0=1GiB")] = "there is no GPU 0"
+    for opts, line in bad.items():
+        monkeypatch.setenv(MAP_ENV, "")
+        r = runner.invoke(app, [*opts, "eval", str(tmp_path)])
+        assert r.exit_code == 1 and line in r.output and r.output.count("\n") == 1, (opts, r.output)
+    r = runner.invoke(app, ["--device-map", "auto", "expert", "train", "--task", "sort", "--out", str(tmp_path / "t")])
+    assert r.exit_code == 1 and "training needs the model on one device" in r.output and not (tmp_path / "t").exists()

@@ -235,3 +235,21 @@ def test_library_eval_and_a_fusion_round_on_an_moe_base(moe, tmp_path):
     old = load_file(base / "model.safetensors")
     ex = [k for k in old if ".mlp.experts.2." in k]
     assert ex and all(not torch.equal(new[k], old[k]) for k in ex)
+
+
+def test_a_full_fine_tune_scored_with_a_base_must_be_of_that_base(moe, tmp_path):
+    """`eval BASE --adapter FULL`: a full fine-tune of another base is refused, not scored and labelled
+    with the base given; expert folders routed without --base use the base their cards name."""
+    from moerge.api import evaluate, train_expert
+    from moerge.routing import load_routed
+
+    base, _ = moe["mixtral"]
+    train_expert(tmp_path / "full", base=base, task="sort", adapter="full", steps=1, n_train=8, batch_size=4, n_val=20,
+                 progress=False)
+    train_expert(tmp_path / "lora", base=base, task="sort", steps=1, n_train=8, batch_size=4, n_val=20, progress=False)
+    other = make_base(tmp_path / "llama", hidden=32, intermediate=64)
+    with pytest.raises(MoergeError, match="another base"):
+        evaluate(other, adapter=tmp_path / "full", tasks="sort", n=2)
+    assert evaluate(base, adapter=tmp_path / "full", tasks="sort", n=2).scores.keys() == {"sort"}
+    routed = load_routed("uniform", experts=[tmp_path / "lora"])  # no base given: the card's, not the built-in one
+    assert routed.model.config.model_type == "mixtral"

@@ -164,6 +164,16 @@ def test_git_add_with_lora_keeps_factors_and_checkout_is_exact(lora_repo, tiny, 
     assert runner.invoke(app, ["git", "verify", "--repo", str(repo)]).exit_code == 0
 
 
+def test_git_add_with_lora_after_git_status_still_keeps_factors(lora_repo):
+    """`git status` runs the clean filter, which stores the changed tensors dense: the LoRA add then
+    replaces those copies by their factors instead of skipping them."""
+    repo, adapter = lora_repo
+    git(repo, "status", "--porcelain")
+    res = runner.invoke(app, ["git", "add", str(repo / "model.safetensors"), "--lora", str(adapter), "--repo", str(repo)])
+    assert res.exit_code == 0, res.output
+    assert "21 tensor(s) kept as factors" in res.output and len(objects(repo).delta_digests()) == 21
+
+
 def test_git_add_with_lora_refuses_bad_input(lora_repo, tiny, tmp_path):
     repo, adapter = lora_repo
 
@@ -172,7 +182,16 @@ def test_git_add_with_lora_refuses_bad_input(lora_repo, tiny, tmp_path):
 
     f = str(repo / "model.safetensors")
     res = add(f, "--lora", str(tmp_path / "nope"))
+    assert res.exit_code == 1 and "--lora " in res.output and "nope: no such folder" in res.output
+    (tmp_path / "empty").mkdir()
+    res = add(f, "--lora", str(tmp_path / "empty"))
     assert res.exit_code == 1 and "not a PEFT adapter folder" in res.output
+    whole = (repo / "model.safetensors").read_bytes()
+    (repo / "model.safetensors").write_bytes(whole[:-100])  # the committed checkpoint, truncated: named, one line
+    res = add(f, "--lora", str(adapter))
+    assert res.exit_code == 1 and res.output.count("\n") == 1 and "model.safetensors: " in res.output
+    assert "truncated" in res.output or "ends inside" in res.output
+    (repo / "model.safetensors").write_bytes(whole)
     res = add(str(repo / "missing.safetensors"), "--lora", str(adapter))
     assert res.exit_code == 1 and "no such file" in res.output
     (repo / "new.safetensors").write_bytes((repo / "model.safetensors").read_bytes())

@@ -61,6 +61,10 @@ def _root(
     with _user_errors():
         set_threads(threads)
         set_dtype(dtype)
+        if max_memory is not None and device_map is None:
+            from moerge.errors import MoergeError
+
+            raise MoergeError("--max-memory says what --device-map auto may use of each device; add --device-map auto")
 
 
 # commands, then groups: the order of `moerge --help`

@@ -83,7 +83,8 @@ DTYPE_HELP = ("What models compute in: auto (default; $MOERGE_DTYPE), float32 or
 DTYPE_OPT = typer.Option(None, "--dtype", callback=_applies("moerge.lm.precision:set_dtype"),
                          metavar="auto|float32|bfloat16", help=DTYPE_HELP)
 DEVICE_HELP = ("Where models compute: auto (default; $MOERGE_DEVICE: a CUDA GPU when torch sees one, else Apple MPS, "
-               "else the CPU), cpu, cuda, cuda:N or mps. Training, evaluation, routing and serving; merges stream on the CPU.")
+               "else the CPU), cpu, cuda, cuda:N or mps. Training, evaluation, routing and serving follow it; merges, "
+               "fusion and search only when a device is named (else the CPU).")
 DEVICE_OPT = typer.Option(None, "--device", callback=_applies("moerge.lm.device:set_device"),
                           metavar="auto|cpu|cuda[:N]|mps", help=DEVICE_HELP)
 

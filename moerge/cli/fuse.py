@@ -36,7 +36,7 @@ def fuse_cmd(
                                     "density=0.5; repeatable."),
     eval_tasks: Optional[str] = typer.Option(None, "--eval", metavar="TASKS", help="Score the new base and its parent "
                                              "on these tasks (e.g. experts, or a.jsonl) and record both in its card."),
-    n_eval: int = typer.Option(100, "--n-eval", help="Test prompts per task for --eval."),
+    n_eval: int = typer.Option(100, "--eval-n", "--n-eval", min=1, help="Test prompts per task for --eval (as merge --eval-n)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Check everything and print the plan; write nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     threads: Optional[int] = THREADS_OPT,

@@ -56,7 +56,8 @@ def route_eval(
     library: Optional[Path] = typer.Option(None, "--library", help="Route among the library's latest experts (default: "
                                            "$MOERGE_LIBRARY's, when no --experts are given)."),
     experts: Optional[str] = EXPERTS_OPT,
-    base: Optional[Path] = typer.Option(None, "--base", help="Base for expert folders (default: the built-in base)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base for expert folders (default: the one their cards "
+                                        "name, else the built-in base)."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     temperature: Optional[float] = typer.Option(None, "--temperature"),
     embedder: Optional[str] = EMBEDDER_OPT,

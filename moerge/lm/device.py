@@ -102,16 +102,30 @@ def set_max_memory(value: str | None) -> dict | None:
     return parsed
 
 
+AMOUNT = re.compile(r"^(\d+(\.\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)?$", re.IGNORECASE)
+
+
 def parse_max_memory(spec: str) -> dict:
-    """``0=20GiB,cpu=64GiB`` -> {0: "20GiB", "cpu": "64GiB"} (GPU indices as ints, as accelerate wants)."""
+    """``0=20GiB,cpu=64GiB`` -> {0: "20GiB", "cpu": "64GiB"} (GPU indices as ints, as accelerate wants),
+    every device named once, every amount positive, every GPU one torch sees."""
     out: dict = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, sep, amount = part.partition("=")
-        key = key.strip().lower().removeprefix("cuda:")
-        if not sep or not amount.strip() or not (key.isdigit() or key in ("cpu", "mps", "disk")):
+        key, amount = key.strip().lower().removeprefix("cuda:"), amount.strip()
+        if not sep or not (key.isdigit() or key in ("cpu", "mps")):
             raise MoergeError(f"--max-memory {spec!r}: give DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=64GiB "
                               "(a GPU index, cpu or mps; amounts as 20GiB, 500MB or bytes)")
-        out[int(key) if key.isdigit() else key] = int(amount) if amount.strip().isdigit() else amount.strip()
+        m = AMOUNT.match(amount)
+        if not m or float(m.group(1)) <= 0:
+            raise MoergeError(f"--max-memory {spec!r}: {key}={amount!r} is not an amount; write it as 20GiB, 500MB or "
+                              "a byte count, above 0")
+        device = int(key) if key.isdigit() else key
+        if device in out:
+            raise MoergeError(f"--max-memory {spec!r}: {key} is named twice; give each device once")
+        if isinstance(device, int) and device >= torch.cuda.device_count():
+            raise MoergeError(f"--max-memory {spec!r}: there is no GPU {device} (torch sees {torch.cuda.device_count()}); "
+                              "name the GPUs by index from 0, and cpu")
+        out[device] = int(amount) if amount.isdigit() else amount
     return out
 
 

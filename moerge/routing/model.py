@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from moerge.errors import MoergeError, MoergeWarning
+from moerge.experts.card import recorded_base
 from moerge.experts.embed import mean_pooled
 from moerge.experts.peft_format import load_adapter
 from moerge.io.source import open_source
@@ -203,6 +204,8 @@ def gather_experts(experts: list[str | os.PathLike] | None = None, *, library: s
     else:
         if not experts:
             raise MoergeError("give expert folders (--experts) or a library (--library, or set $MOERGE_LIBRARY to one)")
+        if base is None:  # the base the experts' cards name (as `eval --adapter`), else the built-in one
+            base = recorded_base(experts[0], "give it with --base")
         base_dir = base_model.resolve(base)
         src = open_source(base_dir)
         loaded = [load_adapter(Path(d), src) for d in experts]

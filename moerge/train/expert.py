@@ -112,6 +112,9 @@ def train_expert(
     adapter = ALIASES.get(adapter, adapter)
     if adapter not in ADAPTERS:
         raise MoergeError(f"unknown adapter {adapter!r}; use one of {', '.join(ADAPTERS)}")
+    if device_map():
+        raise MoergeError("--device-map auto is for evaluation, routing and serving; training needs the model on one device: "
+                          "use --gradient-checkpointing (less memory) or --quantize 4bit (QLoRA, on a GPU)")
     quantization = _quantization(quantize, adapter, resolve_device(device))
     out = check_output_dir(out_dir, overwrite, inputs=(base, data))
     if task is not None:
@@ -215,6 +218,8 @@ def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLik
         raise MoergeError(f"{expert_dir}: no such expert folder; check the path")
     if not (expert_dir / "adapter_config.json").is_file():
         if (expert_dir / "config.json").is_file():  # a full fine-tune is a model of its own
+            if base_dir is not None:  # ... of the base named, or refused: a score must not be labelled with another base
+                _check_finetune_of(expert_dir, base_model.resolve(base_dir))
             return base_model.load(expert_dir, device=device)
         raise MoergeError(f"{expert_dir}: neither a PEFT adapter (no adapter_config.json) nor a model folder (no config.json)")
     base_dir = base_model.resolve(base_dir if base_dir is not None else recorded_base(expert_dir, "give that base"))
@@ -233,6 +238,19 @@ def load_expert(base_dir: str | os.PathLike | None, expert_dir: str | os.PathLik
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise MoergeError(f"{expert_dir}: PEFT cannot load it on {base_dir} ({first}); check it is a PEFT adapter of this base") from None
+
+
+def _check_finetune_of(finetune: Path, base_dir: Path) -> None:
+    """A full fine-tune given with a base: made for it (its card's fingerprint) and of its shapes."""
+    from moerge.experts.peft_format import check_base
+
+    base = open_source(base_dir)
+    check_base(finetune, base)
+    ft = open_source(finetune)
+    for name in base.names():
+        if name not in ft or tuple(ft.info(name).shape) != tuple(base.info(name).shape):
+            raise MoergeError(f"{finetune}: a full fine-tune whose tensors do not match {base_dir} ({name}); was it made "
+                              "for another base? Evaluate it alone (moerge eval FOLDER)")
 
 
 def _applied(base_dir: Path, expert_dir: Path) -> Path:

@@ -95,6 +95,9 @@ def _updates(lora: str, parent: _ManifestSource, library, model_dir: Path | None
                               "expert of this model?")
     else:
         folder = Path(lora)
+        if not folder.exists():
+            raise MoergeError(f"--lora {lora}: no such folder; give the PEFT adapter folder that was merged into the "
+                              "checkpoint, or library://NAME")
         if not (folder / "adapter_config.json").is_file():
             raise MoergeError(f"--lora {lora}: not a PEFT adapter folder (no adapter_config.json); give the adapter "
                               "that was merged into the checkpoint, or library://NAME")
@@ -135,8 +138,11 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
         src = _ManifestSource(parent, store, f"{rev}:{rel}")
         # the checkpoint's config.json beside it says how the model names what the checkpoint stores (MoE bases)
         ups = _updates(lora, src, library, path.parent if (path.parent / "config.json").is_file() else None)
-        with open(path, "rb") as f:
-            new = mf.split(f, sha256)  # names, digests and offsets of the new file, nothing stored
+        try:
+            with open(path, "rb") as f:
+                new = mf.split(f, sha256)  # names, digests and offsets of the new file, nothing stored
+        except mf.ManifestError as e:
+            raise MoergeError(f"{given}: {e}; is the checkpoint complete? (re-save or re-copy it)") from None
         if not new.is_safetensors:
             raise MoergeError(f"{given}: is not a readable safetensors file")
         offsets, pos = {}, 0
@@ -153,9 +159,10 @@ def add(paths: list[str], *, lora: str, rev: str = "HEAD", library=None, cwd=Non
                 if u is None or o is None or o.dtype != p.dtype or o.shape != p.shape or p.dtype not in lowrank.FLOATS:
                     report.untargeted.append(f"{rel}: {name}")
                     continue
-                if store.has(p.digest):  # stored by an earlier add (as factors or dense)
-                    report.already += store.is_delta(p.digest)
+                if store.is_delta(p.digest):  # kept as factors by an earlier add
+                    report.already += 1
                     continue
+                # (stored dense by the clean filter, e.g. after a `git status`: replaced by its factors below)
                 f.seek(offsets[name])
                 target = f.read(p.nbytes)
                 try:

@@ -107,8 +107,10 @@ def _no_gates(card: dict) -> str:
     origin = library_origin(card)
     if origin:
         lib_name, src = origin
+        data = "" if card.get("data") else " --data FILE"  # a card naming its training data needs no examples
         return (f"expert {name} has no gates in the library; train them on the folder it was added from, then add it again: "
-                f"`moerge expert gate {src} --data FILE` (examples of its task), then `moerge library add {src} --name {lib_name}`")
+                f"`moerge expert gate {src}{data}`" + (" (examples of its task)" if data else "")
+                + f", then `moerge library add {src} --name {lib_name}`")
     folder = Path(card["gates_path"]).parent if card.get("gates_path") else "DIR"
     return (f"expert {name} has no gates; train them with `moerge expert gate {folder}` (add --data FILE, examples of its "
             "task, if it has no expert.json naming its training data)")
