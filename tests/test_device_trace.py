@@ -110,11 +110,8 @@ def test_the_data_aware_statistics_compute_where_they_are_sent(models, monkeypat
 def routing_bases(tmp_path_factory):
     """A dense base with two trained experts (cards with centroids, PHATGOOSE gates), and an MoE base
     with two LoRA experts on its stacked experts and router."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from moerge.api import train_expert
-    from moerge.train.expert import peft_config
+    from moerge.lm.tiny import make_random_adapter
 
     root = tmp_path_factory.mktemp("route-trace")
     dense = make_base(root / "dense", hidden=32, layers=2, intermediate=64)
@@ -122,17 +119,7 @@ def routing_bases(tmp_path_factory):
     for e in experts:
         train_expert(e, base=dense, task=e.name, steps=2, n_train=16, batch_size=8, n_val=20, gate_steps=2, progress=False)
     moe = make_base(root / "mixtral", arch="mixtral", hidden=32, intermediate=64)
-    moe_experts = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_pretrained(moe)
-        pm = get_peft_model(model, peft_config("lora", 4, model))
-        with torch.no_grad():
-            for n, prm in pm.named_parameters():
-                if "lora_B" in n:
-                    prm.add_(0.1 * torch.randn_like(prm))
-        pm.save_pretrained(root / f"moe-{seed}")
-        moe_experts.append(root / f"moe-{seed}")
+    moe_experts = [make_random_adapter(moe, root / f"moe-{seed}", seed=seed) for seed in (0, 1)]
     return {"dense": (dense, experts), "moe": (moe, moe_experts)}
 
 

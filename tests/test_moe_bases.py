@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import moerge
 from moerge.errors import MoergeError
-from moerge.lm.tiny import MOE_FAMILIES, make_base
+from moerge.lm.tiny import MOE_FAMILIES, make_base, make_random_adapter
 from moerge.routing import load_routed
 from moerge.train.expert import peft_config
 
@@ -23,25 +23,11 @@ IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45], [1, 60, 61, 62, 63, 64, 65]])
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
     """Per family: the base, and two LoRA experts made by PEFT with random B (nothing is zero)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("moe")
     out = {}
     for arch in MOE_FAMILIES:
         base = make_base(root / arch, arch=arch, hidden=32, intermediate=64)
-        experts = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_pretrained(base)
-            peft_model = get_peft_model(model, peft_config("lora", 4, model))
-            with torch.no_grad():
-                for name, p in peft_model.named_parameters():
-                    if "lora_B" in name:
-                        p.add_(0.1 * torch.randn_like(p))
-            peft_model.save_pretrained(root / f"{arch}-{seed}")
-            experts.append(root / f"{arch}-{seed}")
-        out[arch] = (base, experts)
+        out[arch] = (base, [make_random_adapter(base, root / f"{arch}-{seed}", seed=seed) for seed in (0, 1)])
     return out
 
 
@@ -253,3 +239,18 @@ def test_a_full_fine_tune_scored_with_a_base_must_be_of_that_base(moe, tmp_path)
     assert evaluate(base, adapter=tmp_path / "full", tasks="sort", n=2).scores.keys() == {"sort"}
     routed = load_routed("uniform", experts=[tmp_path / "lora"])  # no base given: the card's, not the built-in one
     assert routed.model.config.model_type == "mixtral"
+
+
+def test_extract_from_an_moe_fine_tune_keeps_what_peft_can_load(moe, tmp_path):
+    """`expert extract` writes LoRA on the linear layers the loaded model has; the experts and router,
+    stored per expert but stacked in the model, are listed as not extracted, with the reason."""
+    from moerge.api import evaluate
+    from moerge.experts.extract import extract_lora
+    from moerge.lm.tiny import make_finetune
+
+    base, _ = moe["mixtral"]
+    ft = make_finetune(base, tmp_path / "ft", seed=3)
+    r = extract_lora(ft, base, tmp_path / "ex", rank=2)
+    assert r.layers and all("block_sparse_moe" not in layer["module"] for layer in r.layers)
+    assert any(".experts.0.w1" in s["tensor"] and "MoE" in s.get("why", "") for s in r.skipped)
+    assert evaluate(base, adapter=tmp_path / "ex", tasks="sort", n=2).scores.keys() == {"sort"}  # PEFT loads it

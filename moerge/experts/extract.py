@@ -19,6 +19,7 @@ from moerge.experts.lowrank import factorize
 from moerge.experts.peft_format import write_adapter
 from moerge.io.hub import resolve
 from moerge.io.source import open_source
+from moerge.lm.arch import checkpoint_names
 from moerge.util.files import check_output_dir
 
 PREFIX = "base_model.model."
@@ -40,6 +41,19 @@ def _is_linear(name: str, t_shape: tuple[int, ...]) -> bool:
     return len(t_shape) == 2 and name.endswith(".weight") and "embed" not in name and "lm_head" not in name
 
 
+def _stored_otherwise(base_dir, base) -> set[str]:
+    """The checkpoint tensors the loaded model holds under another name or stacked (an MoE base's
+    experts and router): a LoRA keyed by their stored names would not load in PEFT."""
+    import json
+
+    try:
+        model_type = json.loads((Path(base_dir) / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError):
+        return set()
+    renamed, fused = checkpoint_names(model_type, list(base.names()))
+    return set(renamed.values()) | {p.name for pieces in fused.values() for p in pieces}
+
+
 def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: str | os.PathLike, *, rank: int = 16,
                  overwrite: bool = False) -> Extraction:
     if rank < 1:
@@ -56,6 +70,7 @@ def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: 
                           f"layers' full deltas ({dense_params:,}); use a rank below {useful + 1}, or merge the fine-tune "
                           "as it is (it is its own expert)")
     result = Extraction(Path(out_dir), rank)
+    stacked = _stored_otherwise(base_dir, b)
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     for name in b.names():
@@ -69,8 +84,10 @@ def extract_lora(finetune: str | os.PathLike, base: str | os.PathLike, out_dir: 
         delta = ft.get(name).float() - b.get(name).float()
         if not bool(delta.any()):
             continue
-        if not _is_linear(name, tuple(bi.shape)):
-            result.skipped.append({"tensor": name, "max_abs_change": float(delta.abs().max())})
+        if not _is_linear(name, tuple(bi.shape)) or name in stacked:
+            result.skipped.append({"tensor": name, "max_abs_change": float(delta.abs().max())}
+                                  | ({"why": "an MoE base's expert or router, stacked or renamed when the model loads: "
+                                      "PEFT's LoRA on it is a parameter LoRA, not extracted"} if name in stacked else {}))
             continue
         module = name[: -len(".weight")]
         a, bb, energy = factorize(delta, rank)

@@ -65,6 +65,12 @@ def ia3_modules(model) -> tuple[list[str], list[str]]:
     return targets, ff
 
 
+def stacked_parameters(model) -> list[str]:
+    """The 3-D parameters of ``model`` (an MoE base's stacked experts), as PEFT's target_parameters
+    names them (``experts.gate_up_proj``): LoRA trains them too, one pair of factors per expert."""
+    return sorted({".".join(n.split(".")[-2:]) for n, p in model.named_parameters() if p.dim() == 3})
+
+
 @dataclass
 class Piece:
     """One tensor of a checkpoint that transformers fuses into a stacked parameter when it loads the

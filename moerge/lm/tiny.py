@@ -137,6 +137,28 @@ def make_finetune(base: str | Path, folder: str | Path, *, seed: int, scale: flo
     return folder
 
 
+def make_random_adapter(base: str | Path, folder: str | Path, *, seed: int, rank: int = 4, scale: float = 0.1) -> Path:
+    """A PEFT LoRA of ``base`` as one downloads it: on every linear layer and, on an MoE base, on the
+    stacked experts and the router (``target_parameters``), with random B (``scale``) so that it changes
+    the outputs. The stand-in for a hub adapter in tests and benchmarks that compare with PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from moerge.lm.arch import stacked_parameters
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                        target_parameters=stacked_parameters(model) or None, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.add_(scale * torch.randn_like(p))
+    peft_model.save_pretrained(folder)
+    return Path(folder)
+
+
 def make_sentence_embedder(folder: str | Path, *, seed: int = 0, hidden: int = 32) -> Path:
     """A random tiny BERT saved as a sentence-transformers model (mean pooling): the offline stand-in
     for a hub sentence-embedding model such as all-MiniLM-L6-v2."""

@@ -12,6 +12,7 @@ import os
 
 from moerge.errors import MoergeError
 from moerge.library import library_for
+from moerge.lm.device import resolve as resolve_device
 from moerge.serve import build
 from moerge.serve.bank import servable_router, sources
 
@@ -52,13 +53,17 @@ def deploy(*, address: str | None = None, replicas: int = 2, host: str = "127.0.
         except ConnectionError as e:
             raise MoergeError(f"--ray {address}: cannot join the Ray cluster ({e}); check the address or use 'local'") from None
     serve.start(http_options={"host": host, "port": port})
-    replica_spec = dict(spec, threads=threads)
+    # the device, decided here (--device, $MOERGE_DEVICE; auto: CUDA when this machine has it): a CUDA replica
+    # asks Ray for a GPU of its own and sees it as cuda (Ray sets CUDA_VISIBLE_DEVICES per replica)
+    where = resolve_device(spec.pop("device", None))
+    replica_spec = dict(spec, threads=threads, device="cuda" if where.type == "cuda" else where.type)
+    gpus = {"num_gpus": 1} if where.type == "cuda" else {}
 
     def builder():  # a function of no arguments: Ray Serve calls it on each replica to get the ASGI app
         return _replica_app(dict(replica_spec))
 
     deployment = serve.deployment(serve.ingress(builder)(), name="moerge", num_replicas=replicas,
-                                  ray_actor_options={"num_cpus": cpus_per_replica})
+                                  ray_actor_options={"num_cpus": cpus_per_replica, **gpus})
     try:
         serve.run(deployment.bind(), name="moerge", route_prefix="/", blocking=blocking)
     except Exception as exc:  # a replica failed to start: Ray's own error, first line

@@ -35,7 +35,7 @@ from moerge.experts.peft_format import load_adapter
 from moerge.io.fingerprint import folder_fingerprint
 from moerge.io.source import open_source
 from moerge.lm import base as base_model
-from moerge.lm.arch import ia3_modules
+from moerge.lm.arch import ia3_modules, stacked_parameters
 from moerge.lm.device import device_map, dispatched, model_device
 from moerge.lm.device import resolve as resolve_device
 from moerge.lm.generate import exact_match
@@ -48,12 +48,6 @@ from moerge.util.progress import progress_bar
 # learning rates that train the built-in skills in a few hundred steps (see README: Experts)
 DEFAULT_LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 3e-2, "full": 1e-3}
 MIN_EXAMPLES = 20  # below this, a JSONL file cannot train an expert and still leave rows to validate it on
-
-
-def stacked_parameters(model) -> list[str]:
-    """The 3-D parameters of ``model`` (an MoE base's stacked experts), as PEFT's target_parameters
-    names them (``experts.gate_up_proj``): LoRA trains them too, one pair of factors per expert."""
-    return sorted({".".join(n.split(".")[-2:]) for n, p in model.named_parameters() if p.dim() == 3})
 
 
 def peft_config(adapter: str, rank: int = 8, model=None):
