@@ -79,3 +79,38 @@ def test_a_family_whose_layers_cannot_be_told_apart_is_one_line():
 
     with pytest.raises(MoergeError, match=r"\(IA\)3 on odd: cannot tell .* its linear layers: mix\); use --adapter lora"):
         ia3_modules(Odd())
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_each_family_goes_through_library_routers_fusion_and_git(arch, bases, tmp_path):
+    """Two hub-style LoRA adapters of each family: kept in a library, routed by a token router (Arrow,
+    prototypes from every layer's factors) and an example router, fused into base@2, and read against a
+    committed checkpoint as `git add --lora` reads them."""
+    from moerge.experts.peft_format import parse_adapter, read_adapter
+    from moerge.fusion import fuse
+    from moerge.io.source import open_source
+    from moerge.library import Library
+    from moerge.lm.tiny import make_random_adapter
+
+    base = bases[arch]
+    xs = [make_random_adapter(base, tmp_path / f"x{s}", seed=s) for s in (0, 1)]
+    lib = Library.init(tmp_path / "lib", base)
+    for i, x in enumerate(xs):
+        lib.add(x, f"x{i}", task="sort")
+    ids = torch.tensor([[1, 40, 41, 42, 43, 44]])
+    arrow = load_routed("arrow", library=lib.root)
+    arrow.state.record = True
+    with torch.no_grad():
+        arrow(ids)
+    used = sum(arrow.state.usage.values())
+    assert used.shape == (2,) and float(used.sum()) > 0
+    with torch.no_grad():
+        assert torch.isfinite(load_routed("uniform", library=lib.root)(ids).logits).all()
+    new = fuse(lib, method="average").base
+    assert new.version == 2 and (new.path / "config.json").is_file()
+    bare = tmp_path / "committed"  # a checkpoint without its config, as git holds it
+    bare.mkdir()
+    for f in base.glob("*.safetensors"):
+        (bare / f.name).write_bytes(f.read_bytes())
+    config, tensors = read_adapter(xs[0])
+    assert parse_adapter(config, tensors, open_source(bare)).updates
