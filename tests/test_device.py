@@ -144,8 +144,8 @@ def test_qlora_is_refused_in_one_line_without_cuda(tmp_path):
 
 def test_device_map_auto_offloads_a_base_and_answers_as_it_whole(tmp_path, monkeypatch):
     """``--device-map auto`` with less memory than the model: accelerate keeps what fits and offloads
-    the rest to disk; evaluation answers exactly as the whole model does. Routing adapts layers in
-    place, so an offloaded map is one line there; a map that keeps everything on a device routes."""
+    the rest to disk; evaluation answers exactly as the whole model does, and so does routing (a LoRA and
+    a DoRA expert, mixed uniformly and by Arrow), whose layers read their offloaded weights as they run."""
     from moerge.api import evaluate
     from moerge.lm import base as base_model
     from moerge.lm.device import MAP_ENV, MEMORY_ENV, dispatched, offloaded
@@ -155,6 +155,8 @@ def test_device_map_auto_offloads_a_base_and_answers_as_it_whole(tmp_path, monke
 
     base = make_base(tmp_path / "b", hidden=64, layers=4)
     train_expert(tmp_path / "x", base=base, task="reverse", steps=2, n_train=16, batch_size=8, n_val=20, progress=False)
+    train_expert(tmp_path / "y", base=base, task="sort", adapter="dora", steps=2, n_train=16, batch_size=8, n_val=20,
+                 progress=False)
     whole = evaluate(base, tasks="reverse", n=6).scores
     whole_x = evaluate(adapter=tmp_path / "x", tasks="reverse", n=6).scores
     monkeypatch.setenv(MAP_ENV, "auto")
@@ -163,15 +165,17 @@ def test_device_map_auto_offloads_a_base_and_answers_as_it_whole(tmp_path, monke
     assert offloaded(model) and "disk" in dispatched(model).values()
     assert evaluate(base, tasks="reverse", n=6).scores == whole
     assert evaluate(adapter=tmp_path / "x", tasks="reverse", n=6).scores == whole_x
-    with pytest.raises(MoergeError, match=r"--device-map auto put .* copied in at each forward .*--max-memory"):
-        load_routed("uniform", experts=[tmp_path / "x"], base=base)
-    monkeypatch.delenv(MEMORY_ENV)  # everything fits on the CPU: routed as usual
-    routed = load_routed("uniform", experts=[tmp_path / "x"], base=base)
-    assert not offloaded(routed.model)
-    ids = torch.tensor([[1, 40, 41, 42]])
+    # routing and serving adapt the offloaded layers too: the weights copied in once per layer for both terms
+    ids = torch.tensor([[1, 40, 41, 42], [1, 50, 51, 52]])
     monkeypatch.delenv(MAP_ENV)
     with torch.no_grad():
-        torch.testing.assert_close(routed(ids).logits, load_routed("uniform", experts=[tmp_path / "x"], base=base)(ids).logits)
+        want = {r: load_routed(r, experts=[tmp_path / "x", tmp_path / "y"], base=base)(ids).logits for r in ("uniform", "arrow")}
+    monkeypatch.setenv(MAP_ENV, "auto")
+    for r in ("uniform", "arrow"):
+        routed = load_routed(r, experts=[tmp_path / "x", tmp_path / "y"], base=base)
+        assert offloaded(routed.model)
+        with torch.no_grad():
+            torch.testing.assert_close(routed(ids).logits, want[r], msg=r)
     r = runner.invoke(app, ["--device-map", "auto", "--max-memory", "cpu:lots", "eval", str(base)])
     assert r.exit_code == 1 and "--max-memory 'cpu:lots': give DEVICE=AMOUNT pairs" in r.output
 

@@ -254,3 +254,19 @@ def test_extract_from_an_moe_fine_tune_keeps_what_peft_can_load(moe, tmp_path):
     assert r.layers and all("block_sparse_moe" not in layer["module"] for layer in r.layers)
     assert any(".experts.0.w1" in s["tensor"] and "MoE" in s.get("why", "") for s in r.skipped)
     assert evaluate(base, adapter=tmp_path / "ex", tasks="sort", n=2).scores.keys() == {"sort"}  # PEFT loads it
+
+
+def test_an_offloaded_moe_base_routes_as_the_whole_one(moe, monkeypatch):
+    """`--device-map auto` with less memory than the model: the stacked experts and the router are
+    offloaded, and the mixture runtime reads them as each layer runs; the logits are the whole model's."""
+    from moerge.lm.device import MAP_ENV, MEMORY_ENV, offloaded
+
+    base, experts = moe["qwen3_moe"]
+    with torch.no_grad():
+        want = load_routed("arrow", experts=experts, base=base)(IDS).logits
+    monkeypatch.setenv(MAP_ENV, "auto")
+    monkeypatch.setenv(MEMORY_ENV, "cpu=100KB")
+    routed = load_routed("arrow", experts=experts, base=base)
+    assert offloaded(routed.model)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(IDS).logits, want, rtol=1e-4, atol=1e-5)

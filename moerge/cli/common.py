@@ -91,8 +91,7 @@ DEVICE_OPT = typer.Option(None, "--device", callback=_applies("moerge.lm.device:
 
 DEVICE_MAP_OPT = typer.Option(None, "--device-map", callback=_applies("moerge.lm.device:set_device_map"), metavar="auto",
                               help="A base bigger than one device: spread it over the GPUs, the CPU and the disk "
-                              "(accelerate; $MOERGE_DEVICE_MAP). Evaluation on any spread; routing and serving with "
-                              "every layer on a GPU (or on the CPU alone).")
+                              "(accelerate; $MOERGE_DEVICE_MAP) for evaluation, routing and serving.")
 MAX_MEMORY_OPT = typer.Option(None, "--max-memory", callback=_applies("moerge.lm.device:set_max_memory"),
                               metavar="0=20GiB,cpu=64GiB", help="What --device-map auto may use of each device "
                               "($MOERGE_MAX_MEMORY).")

@@ -6,9 +6,9 @@ and serving compute on the chosen device; the merge engine streams on the CPU.
 
 A base bigger than one device: ``--device-map auto`` (``$MOERGE_DEVICE_MAP``) spreads it with
 accelerate over the GPUs, then the CPU, then the disk (``--max-memory 0=20GiB,cpu=64GiB``,
-``$MOERGE_MAX_MEMORY``: how much of each to use). Evaluation runs on any such map; routing and serving
-need every layer they adapt on a device that computes it (GPUs, or the CPU alone), so a map that
-offloads weights to be copied in at each forward is refused there in one line.
+``$MOERGE_MAX_MEMORY``: how much of each to use). Evaluation, routing and serving run on any such map:
+the mixture runtime keeps its banks where each layer computes and reads an offloaded layer's weights
+once per call (``weights_in``, ``plain_call``).
 
 Inputs follow the model: ``model_device`` is where a model's weights are, and the generation,
 batching and embedding helpers put the tensors they make there (non-blocking from pinned CPU memory
@@ -17,6 +17,7 @@ on CUDA), so nothing copies back to the CPU inside a loop but the tokens it retu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 
@@ -159,14 +160,59 @@ def offloaded(model) -> list[str]:
     return [m for m, d in where.items() if d == "disk" or (gpus and d == "cpu")]
 
 
+def _as_device(d) -> torch.device:
+    return torch.device(f"cuda:{d}" if isinstance(d, int) else "cpu" if d == "disk" else d)
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` computes: accelerate's execution device when it spread the model (an offloaded
+    layer's weights wait on the CPU or disk and are copied there for each call), else where its
+    weights are."""
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return _as_device(hook.execution_device)
+    p = next((p for p in module.parameters() if not p.is_meta), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def is_offloaded(module: torch.nn.Module) -> bool:
+    """Whether accelerate copies ``module``'s own weights in for each call (CPU or disk offload)."""
+    return bool(getattr(getattr(module, "_hf_hook", None), "offload", False))
+
+
+@contextlib.contextmanager
+def weights_in(module: torch.nn.Module):
+    """``module``'s offloaded weights on its execution device for the duration, for code that reads them
+    outside one call (the mixture runtime computes beside the layer); call the layer inside with
+    ``plain_call``, which does not copy them in (and out) again. A no-op for a module in place."""
+    if not is_offloaded(module):
+        yield
+        return
+    hook = module._hf_hook
+    hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        hook.post_forward(module, None)
+
+
+def plain_call(module: torch.nn.Module, *args, **kwargs):
+    """``module(*args)`` without accelerate's hook (inside ``weights_in``: the weights are already there)."""
+    if is_offloaded(module):
+        return module._old_forward(*args, **kwargs)
+    return module(*args, **kwargs)
+
+
 def model_device(model) -> torch.device:
     """Where a model's weights are: a transformers or PEFT model, a routed model (its ``model``), or
     anything with parameters; the CPU when it has none. A model spread by accelerate: where its first
     module computes (inputs go there; accelerate's hooks move them on)."""
     where = dispatched(model)
-    if where:
-        first = next(iter(where.values()))
-        return torch.device(f"cuda:{first}" if isinstance(first, int) else "cpu" if first == "disk" else first)
+    if where:  # the main execution device (accelerate's top hook), else the first module's
+        for m in (model, getattr(model, "model", None), getattr(model, "base_model", None)):
+            if getattr(getattr(m, "_hf_hook", None), "execution_device", None) is not None:
+                return _as_device(m._hf_hook.execution_device)
+        return _as_device(next(iter(where.values())))
     for m in (model, getattr(model, "model", None)):
         if m is None:
             continue

@@ -13,7 +13,7 @@ from torch import nn
 
 from moerge.errors import MoergeError
 from moerge.experts.kinds import LowRank, Scaling, StackedLowRank
-from moerge.lm.device import model_device, offloaded
+from moerge.lm.device import model_device
 from moerge.routing.mixture import MixtureLinear, RoutingState, stack_bank
 from moerge.routing.stacked import MixtureExperts, MixtureParam, Rows, watch_model
 
@@ -43,12 +43,6 @@ def attach(model: nn.Module, experts: list, state: RoutingState) -> dict[str, nn
                 raise MoergeError(f"expert {getattr(e, 'path', '?')} changes {t!r}, which is not the weight of a linear layer of "
                                   "this model; the mixture runtime routes LoRA, DoRA and (IA)3 updates of linear layers "
                                   "and LoRA on an MoE layer's experts and router")
-    away = offloaded(model)
-    if away:
-        what = f"{away[0] or 'the whole model'}" + (f" and {len(away) - 1} more module(s)" if len(away) > 1 else "")
-        raise MoergeError(f"--device-map auto put {what} where it is copied in at each forward "
-                          "(CPU or disk offload); routing and serving adapt every layer in place: give the GPUs more room "
-                          "(--max-memory), use more GPUs, or evaluate a merge instead")
     wrapped: dict[str, nn.Module] = {}
     rows = Rows()
     state.device = model_device(model)

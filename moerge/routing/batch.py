@@ -45,7 +45,7 @@ def set_batch_routes(state: RoutingState, fixed: torch.Tensor | None,
         if fixed is None:
             w = torch.zeros(x.shape[0], x.shape[1], parts[0][1].shape[-1], device=x.device)
         else:
-            w = fixed[:, None, :].expand(x.shape[0], x.shape[1], -1).clone()
+            w = fixed[:, None, :].to(x.device).expand(x.shape[0], x.shape[1], -1).clone()
         for idx, part in parts:
             w[idx] = part
             if usage is not None:

@@ -72,8 +72,10 @@ class MixtureLinear(nn.Module):
         self.name = name
         self.state = state
         self.rows = rows  # the model's (batch, tokens), for a layer inside an MoE block that sees them flattened
-        # the bank is made in float32 on the CPU and kept in the model's dtype, on its device: no cast or copy per call
-        dtype, device = base.weight.dtype, base.weight.device
+        # the bank is made in float32 on the CPU and kept in the model's dtype where the layer computes (an offloaded
+        # layer's execution device): no cast or copy per call
+        dtype, device = base.weight.dtype, devices.execution_device(base)
+        self.offloaded = devices.is_offloaded(base)
         for k in ("s_out", "s_bias", "s_in"):
             t = getattr(bank, k)
             self.register_buffer(k, None if t is None else devices.send(t.to(dtype), device), persistent=False)
@@ -131,7 +133,11 @@ class MixtureLinear(nn.Module):
         hw, w, b = self._mix(x)
         if st.record:
             st.usage[self.name] = st.usage.get(self.name, 0) + w.detach().reshape(-1, w.shape[-1]).sum(0)
-        y = self._scaled_base(x, w)
+        if self.offloaded:  # the layer's weights copied in once for both terms (accelerate's offload)
+            with devices.weights_in(self.base):
+                y = self._scaled_base(x, w)
+        else:
+            y = self._scaled_base(x, w)
         if hw is not None and b.shape[0]:  # y is a fresh tensor: accumulate into it in place (one fused multiply-add)
             y.view(-1, y.shape[-1]).addmm_(hw.reshape(-1, b.shape[0]), _as(b, x))
         return y
@@ -182,8 +188,8 @@ class MixtureLinear(nn.Module):
     def _scaled_base(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Wx + bias with the experts' weighted scalings ((IA)3, DoRA) applied; a new tensor."""
         if self.s_in is not None and self.s_out is None:
-            return self.base(x * (1 + w @ _as(self.s_in, x)))
-        y = self.base(x)
+            return devices.plain_call(self.base, x * (1 + w @ _as(self.s_in, x)))
+        y = devices.plain_call(self.base, x)
         if self.s_out is not None:
             bias = self.base.bias
             wx = y if bias is None else y - bias
@@ -196,8 +202,9 @@ class MixtureLinear(nn.Module):
 
 
 def _as(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``x``'s dtype (no call at all when it already is: these run for every layer and token)."""
-    return t if t.dtype == x.dtype else t.to(x.dtype)
+    """``t`` in ``x``'s dtype, on its device (no call at all when it already is: these run for every layer
+    and token; a model spread over GPUs moves what it shares, the routing weights, at each GPU's layers)."""
+    return t if t.dtype == x.dtype and t.device == x.device else t.to(x.device, x.dtype)
 
 
 def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
@@ -206,7 +213,7 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
     if all(u is None for u in ups):
         return None
     n, (out_f, in_f) = len(experts), linear.weight.shape
-    w = linear.weight.detach().float().cpu()  # once per attach: the bank is built on the CPU, then moved
+    w = None  # the layer's weight, read once (on the CPU) if some expert is DoRA
     bank = Bank()
 
     def put(kind: str, i: int, row: torch.Tensor) -> None:  # one expert's row of a per-expert table, made on first use
@@ -225,6 +232,9 @@ def stack_bank(experts: list, module: str, linear: nn.Linear) -> Bank | None:
         for i, u in low:
             a, b = u.a.float(), u.b.float() * u.scale
             if isinstance(u, Dora):
+                if w is None:
+                    with devices.weights_in(linear):  # (an offloaded layer's weight is copied in for this)
+                        w = linear.weight.detach().float().cpu()
                 c = u.magnitude.float().reshape(-1) / torch.linalg.vector_norm(w + b @ a, dim=1)
                 b = c[:, None] * b
                 put("s_out", i, c - 1)

@@ -92,7 +92,7 @@ def top_k_softmax(scores: torch.Tensor, k: int | None, temperature: float = 1.0,
                   absent: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax over the k best scores of the last dimension; the others, and ``absent`` experts, get 0."""
     if absent is not None:
-        scores = scores.masked_fill(absent, float("-inf"))
+        scores = scores.masked_fill(absent.to(scores.device), float("-inf"))
     if temperature != 1.0:
         scores = scores / temperature
     if k is None or k >= scores.shape[-1]:

@@ -120,7 +120,7 @@ class MixtureExperts(_Routed):
                               f"layers made of {' and '.join(self.PARAMS)} (Mixtral, Qwen-MoE); merge these experts instead")
         self.base, self.name, self.state, self.rows, self.n_e = base, name, state, rows, len(updates)
         self.transposed = bool(getattr(base, "is_transposed", False))
-        dtype, device = base.gate_up_proj.dtype, base.gate_up_proj.device
+        dtype, device = base.gate_up_proj.dtype, devices.execution_device(base)  # (an offloaded layer's: where it runs)
         self.ranks: dict[str, int] = {}
         for p in self.PARAMS:
             stack = getattr(base, p)
@@ -158,7 +158,9 @@ class MixtureExperts(_Routed):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if not self.active():
             return self.base(hidden_states, top_k_index, top_k_weights)
-        return self._run(hidden_states, top_k_index, top_k_weights, self.token_weights(hidden_states))
+        w = self.token_weights(hidden_states)
+        with devices.weights_in(self.base):  # offloaded experts: copied in once for the whole layer
+            return self._run(hidden_states, top_k_index, top_k_weights, w)
 
     def _run(self, hidden_states, top_k_index, top_k_weights, w: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros_like(hidden_states)
@@ -176,15 +178,15 @@ class MixtureExperts(_Routed):
 
     def _check(self) -> None:
         """The runtime's own computation of the layer equals the module's, on a few random tokens."""
-        p = self.base.gate_up_proj
+        p, where = self.base.gate_up_proj, devices.execution_device(self.base)
         g = torch.Generator(device="cpu").manual_seed(0)
         k_all, top = p.shape[0], min(2, p.shape[0])
-        x = torch.randn(6, self.in_features, generator=g).to(p.device, p.dtype)
-        idx = torch.stack([torch.randperm(k_all, generator=g)[:top] for _ in range(6)]).to(p.device)
-        wts = torch.rand(6, top, generator=g).to(p.device, p.dtype)
-        with torch.no_grad():
+        x = torch.randn(6, self.in_features, generator=g).to(where, p.dtype)
+        idx = torch.stack([torch.randperm(k_all, generator=g)[:top] for _ in range(6)]).to(where)
+        wts = torch.rand(6, top, generator=g).to(where, p.dtype)
+        with torch.no_grad(), devices.weights_in(self.base):
             try:
-                theirs = self.base(x, idx, wts)
+                theirs = devices.plain_call(self.base, x, idx, wts)
             except Exception as e:  # a signature this runtime does not call the same way
                 raise MoergeError(f"{self.name}: the mixture runtime cannot run this family's experts "
                                   f"({type(e).__name__}: {e}); merge these experts instead") from None
@@ -215,12 +217,12 @@ class MixtureParam(_Routed):
 
     def __init__(self, base: nn.Module, name: str, param: str, updates: list[LowRank | None], state: RoutingState, rows: Rows):
         super().__init__()
-        weight = getattr(base, param)
+        weight, where = getattr(base, param), devices.execution_device(base)
         self.base, self.param, self.name, self.state, self.rows, self.n_e = base, param, name, state, rows, len(updates)
         n_out, n_in = weight.shape
         a, b, self.rank = _cat([None if u is None else (u.a, u.b, u.scale) for u in updates], n_in, n_out)
-        self.register_buffer("a_cat", devices.send(a.to(weight.dtype), weight.device), persistent=False)
-        self.register_buffer("b_cat", devices.send(b.to(weight.dtype), weight.device), persistent=False)
+        self.register_buffer("a_cat", devices.send(a.to(weight.dtype), where), persistent=False)
+        self.register_buffer("b_cat", devices.send(b.to(weight.dtype), where), persistent=False)
         self.in_features = n_in
 
     def factor_pairs(self, e: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -236,9 +238,10 @@ class MixtureParam(_Routed):
             return _low_rank(flat, self.a_cat, self.b_cat, self.token_weights(flat), self.rank, self.state.compose).reshape(
                 *x.shape[:-1], -1)
 
-        mode = _AddLowRank(getattr(self.base, self.param), extra)
-        with mode:
-            out = self.base(*args, **kwargs)
+        with devices.weights_in(self.base):  # (offloaded: the weight the call will read is the one copied in now)
+            mode = _AddLowRank(getattr(self.base, self.param), extra)
+            with mode:
+                out = devices.plain_call(self.base, *args, **kwargs)
         if not mode.hit:
             raise MoergeError(f"{self.name}: does not use its {self.param} through F.linear, so the mixture runtime cannot "
                               "route a LoRA on it; merge these experts instead")

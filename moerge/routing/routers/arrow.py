@@ -56,5 +56,5 @@ class ArrowRouter(TokenRouter):
         return self.protos[module].T
 
     def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
-        scores = (x @ self.protos[module].to(x.dtype).T if scores is None else scores).abs()
+        scores = (x @ self.protos[module].to(x.device, x.dtype).T if scores is None else scores).abs()
         return top_k_softmax(scores, self.top_k, self.temperature, self.absent[module])

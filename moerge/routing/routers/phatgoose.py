@@ -145,6 +145,6 @@ class PhatgooseRouter(TokenRouter):
     def token_weights(self, module: str, x: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         # the gates are standardised (zero mean), so standardising x reduces to dividing by its std
         if scores is None:
-            scores = x @ self.gates[module].T.to(x.dtype)
+            scores = x @ self.gates[module].T.to(x.device, x.dtype)
         scores = scores.float() / (x.float().std(-1, keepdim=True).clamp(min=1e-6) * x.shape[-1] ** 0.5)
         return top_k_softmax(scores, self.top_k, self.temperature, self.absent[module]).to(x.dtype)
