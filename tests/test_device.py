@@ -192,9 +192,17 @@ def test_max_memory_and_device_map_refuse_bad_input_before_any_work(tmp_path, mo
            ("--device-map", "all"): "--device-map 'all': give auto"}
     if not torch.cuda.is_available():
         bad[("--device-map", "auto", "--max-memory", "0=1GiB")] = "there is no GPU 0"
+    if not torch.backends.mps.is_available():
+        bad[("--device-map", "auto", "--max-memory", "mps=1GB")] = "torch sees no Apple MPS device here"
     for opts, line in bad.items():
         monkeypatch.setenv(MAP_ENV, "")
         r = runner.invoke(app, [*opts, "eval", str(tmp_path)])
         assert r.exit_code == 1 and line in r.output and r.output.count("\n") == 1, (opts, r.output)
+    monkeypatch.setenv(MAP_ENV, "")
+    for value, line in (("cpu=lots", "is not an amount"), ("cpu=1GB", "$MOERGE_MAX_MEMORY says what --device-map auto")):
+        monkeypatch.setenv(MEMORY_ENV, value)  # the variable is checked as the option is
+        r = runner.invoke(app, ["eval", str(tmp_path)])
+        assert r.exit_code == 1 and line in r.output and r.output.count("\n") == 1, (value, r.output)
+    monkeypatch.setenv(MEMORY_ENV, "")
     r = runner.invoke(app, ["--device-map", "auto", "expert", "train", "--task", "sort", "--out", str(tmp_path / "t")])
     assert r.exit_code == 1 and "training needs the model on one device" in r.output and not (tmp_path / "t").exists()

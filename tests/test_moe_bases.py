@@ -198,6 +198,9 @@ def test_serving_an_moe_base_answers_each_expert_as_peft_does_in_one_batch(moe):
         assert got == want
         r = c.completions.create(model="router:uniform", prompt=prompts[x.name], max_tokens=4, temperature=0)
         assert r.model_extra["experts"] and r.choices[0].text is not None
+    with Server(experts=[str(x), str(y)], routers=["uniform"]) as s:  # no --base: the one the adapters were made on
+        ids = [m.id for m in OpenAI(base_url=s.url, api_key="unused", max_retries=0).models.list().data]
+        assert base.name in ids and "moerge-tiny" not in ids
 
 
 def test_library_eval_and_a_fusion_round_on_an_moe_base(moe, tmp_path):

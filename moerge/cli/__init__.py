@@ -65,6 +65,16 @@ def _root(
             from moerge.errors import MoergeError
 
             raise MoergeError("--max-memory says what --device-map auto may use of each device; add --device-map auto")
+        if os.environ.get("MOERGE_MAX_MEMORY", "").strip():  # the variable, checked as the option is
+            from moerge.lm.device import device_map as spread
+            from moerge.lm.device import max_memory as limits
+
+            limits()
+            if not spread():
+                from moerge.errors import MoergeError
+
+                raise MoergeError("$MOERGE_MAX_MEMORY says what --device-map auto may use of each device; add "
+                                  "--device-map auto (or set $MOERGE_DEVICE_MAP=auto), or unset it")
 
 
 # commands, then groups: the order of `moerge --help`

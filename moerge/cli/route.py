@@ -94,7 +94,8 @@ def generate_cmd(
     router: str = typer.Option("centroid", "--router"),
     library: Optional[Path] = typer.Option(None, "--library"),
     experts: Optional[str] = EXPERTS_OPT,
-    base: Optional[Path] = typer.Option(None, "--base"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base for expert folders (default: the one their cards "
+                                        "name, else the built-in base)."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     embedder: Optional[str] = EMBEDDER_OPT,
     examples_file: Optional[Path] = typer.Option(None, "--examples", help="lorahub: a few examples of the prompt's task "

@@ -21,7 +21,7 @@ def serve_cmd(
     library: Optional[Path] = typer.Option(None, "--library", help="Serve the library's latest adapters on its latest base "
                                            "(experts added to it later appear without a restart)."),
     experts: Optional[str] = typer.Option(None, "--experts", help="Adapter folders (comma-separated) instead of a library."),
-    base: Optional[str] = typer.Option(None, "--base", help="Base for --experts, or to serve alone (default: the built-in base)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base for --experts (default: the one their cards name, else the built-in base), or to serve alone."),
     router: Optional[list[str]] = typer.Option(None, "--router", help="A router to serve as model 'router:NAME' (repeat "
                                                "for several; default: centroid when the experts allow it)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to listen on (0.0.0.0: every one; set --api-key then)."),

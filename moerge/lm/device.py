@@ -123,6 +123,8 @@ def parse_max_memory(spec: str) -> dict:
         device = int(key) if key.isdigit() else key
         if device in out:
             raise MoergeError(f"--max-memory {spec!r}: {key} is named twice; give each device once")
+        if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise MoergeError(f"--max-memory {spec!r}: torch sees no Apple MPS device here; name the GPUs by index, and cpu")
         if isinstance(device, int) and device >= torch.cuda.device_count():
             raise MoergeError(f"--max-memory {spec!r}: there is no GPU {device} (torch sees {torch.cuda.device_count()}); "
                               "name the GPUs by index from 0, and cpu")

@@ -322,7 +322,10 @@ def sources(*, library: str | os.PathLike | None = None, experts: list | None = 
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise MoergeError(f"two experts are named {dup[0]!r} (adapter folders are named after the folder); rename one")
-    return loaded, cards, base_dir, "moerge-tiny" if base is None else Path(base_dir).name if Path(str(base)).exists() else str(base)
+    if base is None:  # the built-in base, or the one the experts' cards name: called as served
+        builtin = Path(base_dir).resolve() == Path(base_model.resolve(None)).resolve()
+        return loaded, cards, base_dir, "moerge-tiny" if builtin else Path(base_dir).name
+    return loaded, cards, base_dir, Path(base_dir).name if Path(str(base)).exists() else str(base)
 
 
 def open_bank(*, library: str | os.PathLike | None = None, experts: list | None = None, base: str | os.PathLike | None = None,

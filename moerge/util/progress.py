@@ -101,3 +101,6 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    import logging
+
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # its note on offloaded weights (--device-map asked for it)
