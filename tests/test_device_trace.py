@@ -36,6 +36,7 @@ RECIPES = {
     "multislerp": ({"weight": 0.5}, 2, True), "slerp": ({"t": 0.3}, 1, True), "nearswap": ({"t": 0.01}, 1, True),
     "arcee_fusion": ({}, 1, True), "fisher": ({"weight": 0.5, "data": "sort", "num_examples": 2}, 2, False),
     "regmean": ({"weight": 0.5, "data": "sort", "num_examples": 2}, 2, False),
+    "tsv": ({"alpha": 1.0}, 2, True), "iso_c": ({"alpha": 1.0}, 2, True), "iso_cts": ({"alpha": 1.0, "common": 0.5}, 2, True),
 }
 
 
@@ -54,7 +55,7 @@ def test_every_method_is_covered():
 def test_every_method_computes_where_the_engine_sends_its_inputs(method, models, monkeypatch):
     base, fts = models
     params, n, with_base = RECIPES[method]
-    per_model = {k: v for k, v in params.items() if k in ("weight", "density", "epsilon", "data")}
+    per_model = {k: v for k, v in params.items() if k in ("weight", "density", "epsilon", "data")}  # the rest shared
     shared = {k: v for k, v in params.items() if k not in per_model}
     recipe = {"merge_method": method, "models": [{"model": str(f), "parameters": per_model} for f in fts[:n]]}
     if with_base or method in ("slerp", "nearswap", "arcee_fusion"):

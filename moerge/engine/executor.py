@@ -75,6 +75,8 @@ def run_task(plan: Plan, task: TensorTask, block: int = DEFAULT_BLOCK, device: t
             base, stored, work=work, out_dtype=task.out_dtype, cast=plan.cast, block=block, generator=gen,
             **task.shared, **task.per_input))
     params = {**task.shared, **task.per_input}
+    if plan.method.extra.get("tensor_name"):  # methods whose math is for layer matrices only (not token tables)
+        params["name"] = task.name
     if plan.method.stats:
         if plan.stats is None:
             raise MoergeError(f"{plan.method.name}: the inputs' statistics were not gathered (engine.stats.gather) before the merge")

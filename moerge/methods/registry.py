@@ -175,6 +175,7 @@ def _load_builtins() -> None:
     from moerge.methods import (  # noqa: F401
         arcee_fusion,
         fisher,
+        iso,
         karcher,
         linear,
         model_stock,
@@ -186,6 +187,7 @@ def _load_builtins() -> None:
         sce,
         slerp,
         task_arithmetic,
+        tsv,
     )
 
 
