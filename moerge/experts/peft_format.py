@@ -445,6 +445,13 @@ class ExpertAppliedSource:
         return self.base.info(name)
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor with the expert applied, kept in float32 when the base is stored narrower: rounding
+        it back to bf16 would add a rounding change to every weight, a noise of full rank that the merge
+        methods reading each model's change (TIES, DARE, the subspace merges) cannot tell from the
+        expert's own; the merge output is rounded once, at the end."""
         t = self.base.get(name)
         update = self.expert.updates.get(name)
-        return t if update is None else apply(t, update)
+        if update is None:
+            return t
+        exact = t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)
+        return (t.float() + update.delta(t)) if exact and not isinstance(update, Replace) else apply(t, update)
