@@ -36,7 +36,7 @@ RECIPES = {
     "multislerp": ({"weight": 0.5}, 2, True), "slerp": ({"t": 0.3}, 1, True), "nearswap": ({"t": 0.01}, 1, True),
     "arcee_fusion": ({}, 1, True), "fisher": ({"weight": 0.5, "data": "sort", "num_examples": 2}, 2, False),
     "regmean": ({"weight": 0.5, "data": "sort", "num_examples": 2}, 2, False),
-    "tsv": ({"alpha": 1.0}, 2, True), "iso_c": ({"alpha": 1.0}, 2, True), "iso_cts": ({"alpha": 1.0, "common": 0.5}, 2, True),
+    "tsv": ({"alpha": 1.0}, 2, True), "wudi": ({"steps": 3}, 2, True), "iso_c": ({"alpha": 1.0}, 2, True), "iso_cts": ({"alpha": 1.0, "common": 0.5}, 2, True),
 }
 
 

@@ -1,4 +1,4 @@
-"""The 2025 subspace merges (issue 33): TSV-M, Iso-C, Iso-CTS. Their invariants, checked on random
+"""The 2025 subspace merges (issue 33): TSV-M, Iso-C, Iso-CTS, and the data-free WUDI. Their invariants, checked on random
 matrices, and one merge of each through the engine (embeddings and vectors averaged)."""
 
 import pytest
@@ -9,6 +9,7 @@ import moerge
 from moerge.methods.iso import iso_c, iso_cts
 from moerge.methods.subspace import polar
 from moerge.methods.tsv import tsv
+from moerge.methods.wudi import interference, wudi
 
 g = torch.Generator().manual_seed(0)
 W0 = torch.randn(24, 16, generator=g)
@@ -40,7 +41,7 @@ def test_tsv_one_task_in_is_that_task_out_and_orthogonal_tasks_add_up():
 
 def test_subspace_merges_do_not_depend_on_the_order_of_the_tasks():
     ts = [W0 + torch.randn(24, 16, generator=g) * 0.1 for _ in range(3)]
-    for merge in (tsv, iso_c, iso_cts):
+    for merge in (tsv, iso_c, iso_cts, wudi):
         a, b = merge(W0, ts, name="x.weight"), merge(W0, ts[::-1], name="x.weight")
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=merge.__name__)
 
@@ -65,7 +66,17 @@ def test_iso_cts_with_the_whole_rank_common_is_iso_c_and_adds_each_task_s_own_di
     assert not torch.allclose(got, iso_c(W0, ts, name="x.weight") - W0, atol=1e-3)
 
 
-@pytest.mark.parametrize("merge", [tsv, iso_c, iso_cts])
+def test_wudi_keeps_one_task_sums_orthogonal_ones_and_lowers_the_interference():
+    d1 = low_rank(slice(0, 24), slice(0, 8), 3)
+    torch.testing.assert_close(wudi(W0, [W0 + d1], name="x.weight"), W0 + d1, atol=1e-6, rtol=0)  # zero loss: unmoved
+    d2 = low_rank(slice(0, 24), slice(8, 16), 3)  # inputs orthogonal to d1's
+    torch.testing.assert_close(wudi(W0, [W0 + d1, W0 + d2], name="x.weight"), W0 + d1 + d2, atol=1e-6, rtol=0)
+    ds = [torch.randn(24, 16, generator=g) * 0.1 for _ in range(3)]  # overlapping: the interference goes down
+    got = wudi(W0, [W0 + d for d in ds], lr=1e-3, steps=200, name="x.weight") - W0
+    assert interference(got, ds) < 0.5 * interference(sum(ds), ds)
+
+
+@pytest.mark.parametrize("merge", [tsv, iso_c, iso_cts, wudi])
 def test_vectors_and_token_tables_are_averaged(merge):
     b, ts = torch.randn(16, generator=g), [torch.randn(16, generator=g) for _ in range(2)]
     torch.testing.assert_close(merge(b, ts, name="norm.weight"), (ts[0] + ts[1]) / 2, atol=1e-6, rtol=0)
@@ -73,14 +84,14 @@ def test_vectors_and_token_tables_are_averaged(merge):
     torch.testing.assert_close(merge(W0, m, name="model.embed_tokens.weight"), (m[0] + m[1]) / 2, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts", "wudi"])
 def test_each_merges_a_model_through_the_engine(method, tmp_path):
     from moerge.lm.tiny import make_base, make_finetune
 
     base = make_base(tmp_path / "base", hidden=32, layers=1, intermediate=64)
     fts = [make_finetune(base, tmp_path / f"ft{i}", seed=i) for i in (1, 2)]
     recipe = {"merge_method": method, "base_model": str(base), "models": [{"model": str(f)} for f in fts],
-              "parameters": {"alpha": 1.0}}
+              "parameters": {"lr": 1e-3, "steps": 20} if method == "wudi" else {"alpha": 1.0}}
     out = load_file(moerge.merge(recipe, tmp_path / "out").out_dir / "model.safetensors")
     w0, a, b = (load_file(p / "model.safetensors") for p in (base, *fts))
     emb = "model.embed_tokens.weight"

@@ -188,6 +188,7 @@ def _load_builtins() -> None:
         slerp,
         task_arithmetic,
         tsv,
+        wudi,
     )
 
 
