@@ -6,7 +6,8 @@ longer drown the rest, which are each task's own. W = W₀ + α τ. Only the dir
 (its numerical rank): experts that are LoRAs change a layer in a few directions, and flattening the
 spectrum over the others would add noise of full rank.
 
-**Iso-CTS** adds what the common subspace misses: it keeps the top k = ⌊common · r⌋ directions of τ_TA,
+**Iso-CTS** adds what the common subspace misses: it keeps the top k = ⌊common · r⌋ directions of τ_TA
+(r: the sum's numerical rank, the layer's for full fine-tunes, the adapters' total for LoRAs),
 projects each task's change off that subspace, τ̄ₜ = τₜ − U_c U_cᵀ τₜ, keeps each one's top (r − k)/T
 directions, stacks common and task-specific vectors, makes the stacks orthonormal (polar factors), and
 scales isotropically by the mean of all kept singular values.
@@ -39,9 +40,12 @@ def iso_cts(base: torch.Tensor, tensors: list[torch.Tensor], *, alpha: float = 1
         return average(base, tensors)
     w0 = base.float()
     deltas = [t.float() - w0 for t in tensors]
-    r = min(base.shape)
+    # the rank the change has, not the layer's: a sum of LoRA changes spans only their ranks, and sizing the
+    # subspaces from the layer's rank would fill the task-specific part with noise
+    u_all, s_all, v_all = top(sum(deltas), min(base.shape))
+    r = len(s_all)
     k = max(1, min(r, int(common * r)))
-    uc, sc, vc = top(sum(deltas), k)
+    uc, sc, vc = u_all[:, :k], s_all[:k], v_all[:, :k]
     own = (r - k) // len(deltas)
     us, ss, vs = [uc], [sc], [vc]
     if own > 0:
