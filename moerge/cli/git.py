@@ -69,7 +69,8 @@ def git_add(
     out.print(line, highlight=False, markup=False, soft_wrap=True)
     if res.kept_dense:
         out.print(f"{len(res.kept_dense)} tensor(s) the adapter targets are kept dense: as factors, with what they do "
-                  f"not explain of the change, they would take over half the dense bytes (e.g. {res.kept_dense[0]})", highlight=False, markup=False, soft_wrap=True)
+                  f"not explain of the change, they would take over half the dense bytes (e.g. {res.kept_dense[0]})",
+                  highlight=False, markup=False, soft_wrap=True)
     if res.untargeted:
         out.print(f"{len(res.untargeted)} changed tensor(s) the adapter does not touch are stored dense (e.g. "
                   f"{res.untargeted[0]})", highlight=False, markup=False, soft_wrap=True)

@@ -83,11 +83,7 @@ class LayerwiseModel:
         self.source = model_ref.source
         self.read = checkpoint_reader(cfg.model_type, model_ref.source)  # the model's names, the checkpoint's tensors
         self.device = device  # where the layers run (None: the CPU): weights are sent there as each layer loads
-        if device is not None:  # the buffers the skeleton made (rotary frequencies) go there once
-            for mod in model.modules():
-                for bname, buf in list(mod._buffers.items()):
-                    if buf is not None and not buf.is_meta:
-                        mod._buffers[bname] = buf.to(device)
+        devices.send_module(model, device)  # what the skeleton holds already (rotary frequencies) goes there once
         self.model = model.eval()
         self._tuples = False  # whether the layers return tuples (older transformers) or tensors; set by run
         found = _blocks(model, cfg)

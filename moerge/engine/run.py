@@ -93,11 +93,9 @@ def run(recipe, out_dir, *, overwrite: bool = False, seed: int | None = None, wo
     """Plan and run a recipe (``moerge.api.merge``). ``device``: where each tensor is computed (None:
     the one named by ``--device``/``$MOERGE_DEVICE``, else the CPU)."""
     from moerge.engine.executor import execute
-    from moerge.lm.device import explicit
-    from moerge.lm.device import resolve as resolve_device
+    from moerge.lm.device import named
 
-    named = device or explicit()
-    where = resolve_device(named) if named else None
+    where = named(device)
     from moerge.engine.multi import MultiRecipe, run_stages
     from moerge.moe.config import MoEConfig
 

@@ -40,8 +40,7 @@ from moerge.io.writer import ShardedWriter
 from moerge.lm import device as devices
 from moerge.lm.arch import as_stored
 from moerge.lm.batching import collate, completion_loss, encode
-from moerge.lm.device import explicit, model_device
-from moerge.lm.device import resolve as resolve_device
+from moerge.lm.device import model_device, named
 from moerge.lm.precision import compute_dtype, model_kwargs, stored_dtype
 from moerge.tasks.data import is_user_task
 from moerge.tasks.training_data import training_rows
@@ -294,8 +293,7 @@ def compute(model_ref, kind: str, rows: list, described: str, progress: bool = F
     if kind not in ("fisher", "gram"):
         raise MoergeError(f"unknown statistic {kind!r}")
     start = time.perf_counter()
-    named = explicit()  # as merges: on the device the user named, else the CPU
-    where = resolve_device(named) if named else None
+    where = named()  # as merges: on the device the user named, else the CPU
     tok = load_tokenizer(model_ref, "its statistics")
     mixed = False
     if kind == "fisher":

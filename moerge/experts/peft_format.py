@@ -453,5 +453,5 @@ class ExpertAppliedSource:
         update = self.expert.updates.get(name)
         if update is None:
             return t
-        exact = t.is_floating_point() and t.dtype in (torch.bfloat16, torch.float16)
+        exact = t.dtype in (torch.bfloat16, torch.float16)
         return (t.float() + update.delta(t)) if exact and not isinstance(update, Replace) else apply(t, update)

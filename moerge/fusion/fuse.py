@@ -31,8 +31,7 @@ from moerge.experts.peft_format import ExpertAppliedSource
 from moerge.io.fingerprint import fingerprint
 from moerge.library import Library
 from moerge.lm import base as base_model
-from moerge.lm.device import explicit
-from moerge.lm.device import resolve as resolve_device
+from moerge.lm.device import named
 from moerge.methods import registry
 
 ALIASES = {"average": "linear", "mean": "linear"}  # ColD Fusion's plain average is mergekit's linear
@@ -198,8 +197,7 @@ def fuse(library, *, method: str = "average", experts: list[str] | None = None, 
     registered = {b.path.resolve() for b in lib.bases()}
     stale = out.exists() and out.resolve() not in registered  # left by a fusion that crashed before registering
     out.parent.mkdir(parents=True, exist_ok=True)
-    named = device or explicit()
-    execute(fp.plan, out, overwrite=stale, workers=workers, progress=progress, device=resolve_device(named) if named else None)
+    execute(fp.plan, out, overwrite=stale, workers=workers, progress=progress, device=named(device))
     card = {
         "version": fp.parent.version + 1, "parent": fp.parent.version, "parent_fingerprint": fp.parent.fingerprint,
         "method": fp.method, "parameters": fp.parameters, "exclude": fp.exclude, "excluded_tensors": len(fp.excluded),

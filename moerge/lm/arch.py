@@ -10,6 +10,7 @@ A family neither table knows is read from its layer names; one line when that fi
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -92,6 +93,13 @@ def checkpoint_names(model_type: str, names: list[str]) -> tuple[dict[str, str],
     Read from transformers' own conversion mapping for the family (what ``from_pretrained``
     applies: renamings, then experts stacked with MergeModulelist and gate/up joined with
     Concatenate), run forward on each checkpoint name; empty for families stored as loaded."""
+    return _checkpoint_names(model_type, tuple(names))
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_names(model_type: str, names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, list[Piece]]]:
+    """``checkpoint_names``, once per checkpoint: every expert read against a base asks it again
+    (shared results: read them, do not change them)."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     except ImportError:  # transformers 4: checkpoints are stored as loaded
@@ -123,8 +131,6 @@ def checkpoint_names(model_type: str, names: list[str]) -> tuple[dict[str, str],
         if name is not None and name != disk:
             renamed[name] = disk
     return renamed, fused
-
-
 
 
 def checkpoint_reader(model_type: str, source) -> Callable[[str], "torch.Tensor | None"]:

@@ -45,6 +45,13 @@ def explicit() -> str | None:
     return setting() if v else None
 
 
+def named(device: str | None = None) -> torch.device | None:
+    """Where a merge, a fusion, a search or their statistics compute: ``device``, else the one the user
+    named (``explicit``), resolved; None (the CPU) when neither says."""
+    name = device or explicit()
+    return resolve(name) if name else None
+
+
 def set_device(value: str | None) -> str:
     """Choose the device for this process and the processes it starts (``moerge --device``)."""
     if value is None:
@@ -155,11 +162,9 @@ def dispatched(model) -> dict | None:
 
 
 def offloaded(model) -> list[str]:
-    """The modules of a dispatched model whose weights are copied in at each forward (to disk, or to
-    the CPU while the GPUs compute): what the mixture runtime cannot adapt in place."""
-    where = dispatched(model) or {}
-    gpus = any(not isinstance(d, str) or d.startswith(("cuda", "mps")) for d in where.values())
-    return [m for m, d in where.items() if d == "disk" or (gpus and d == "cpu")]
+    """The modules of a spread model whose own weights are copied in at each call (from the disk, or
+    from the CPU while the GPUs compute)."""
+    return [name for name, m in model.named_modules() if is_offloaded(m)]
 
 
 def _as_device(d) -> torch.device:
@@ -234,12 +239,13 @@ def send(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
 
 
 def send_module(module: torch.nn.Module, device: torch.device | None) -> torch.nn.Module:
-    """``module.to(device)``, each parameter and buffer through ``send`` (in place: tied weights stay tied)."""
+    """``module.to(device)``, each parameter and buffer through ``send`` (in place: tied weights stay tied);
+    tensors on the meta device (a skeleton's weights, loaded later) are left where they are."""
     if device is None:
         return module
     for mod in module.modules():
         for t in list(mod._parameters.values()) + list(mod._buffers.values()):
-            if t is not None:
+            if t is not None and not t.is_meta:
                 t.data = send(t.data, device)
     return module
 

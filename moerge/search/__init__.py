@@ -30,8 +30,7 @@ from moerge.engine.run import plan as plan_recipe
 from moerge.engine.stats import gather
 from moerge.errors import MoergeError
 from moerge.eval import evaluate, resolve_tasks
-from moerge.lm.device import explicit, send_module
-from moerge.lm.device import resolve as resolve_device
+from moerge.lm.device import named, send_module
 from moerge.methods import registry
 from moerge.search.space import Knob, apply, knobs, value_at
 from moerge.util.files import atomic_file
@@ -72,8 +71,7 @@ def score_recipe(recipe: dict, tasks: list[str], n: int, split: str = "validatio
         raise MoergeError(f"{plan.config_from.ref}: has no config.json, so a candidate merge cannot be run to score it")
     if stats is not None:
         plan.stats = stats
-    named = explicit()  # a device the user named: each candidate is merged and scored there
-    where = resolve_device(named) if named else None
+    where = named()  # a device the user named: each candidate is merged and scored there
     model = send_module(model_from_tensors(plan.config, merge_tensors(plan, device=where)), where)
     if plan.alignment is not None and plan.alignment.tokenizer is not None:
         tok = plan.alignment.tokenizer

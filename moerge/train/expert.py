@@ -252,9 +252,15 @@ def _applied(base_dir: Path, expert_dir: Path) -> Path:
     tensor, as PEFT's ``merge_and_unload`` would give it), in this process's offload folder: what a
     base spread over devices and disk loads instead of the base with PEFT's layers on top, which
     accelerate would have to lay out again."""
+    import hashlib
+
     from moerge.engine.run import run
 
-    out = Path(base_model.offload_folder()) / f"applied-{folder_fingerprint(base_dir)[7:19]}-{expert_dir.resolve().name}"
+    # named by the base and this very adapter (its path, size and time), so two experts of one name never share it
+    weights = next(expert_dir.glob("adapter_model.*"))
+    stat = weights.stat()
+    key = hashlib.sha256(f"{weights.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = Path(base_model.offload_folder()) / f"applied-{folder_fingerprint(base_dir)[7:19]}-{key}"
     if not (out / "config.json").is_file():
         run({"merge_method": "passthrough", "models": [{"model": f"{base_dir}+{expert_dir}"}]}, out, overwrite=True)
     return out
