@@ -15,7 +15,7 @@ from __future__ import annotations
 from moerge.errors import MoergeError
 from moerge.version import __version__
 
-API = ("Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "plan", "train_expert")  # moerge.api.__all__
+API = ("Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "merge_lora", "plan", "train_expert")  # moerge.api.__all__
 __all__ = ["MoergeError", *API, "__version__"]
 
 

@@ -56,6 +56,47 @@ def merge(recipe, out_dir: "str | os.PathLike", *, overwrite: bool = False, seed
     return res
 
 
+def merge_lora(experts: list, out_dir: "str | os.PathLike", *, method: str | None = None, params: dict | None = None,
+               space: str | None = None, rank: int | None = None, seed: int = 0, base: "str | os.PathLike | None" = None,
+               task: str | None = None, library: "str | os.PathLike | None" = None, add: str | None = None,
+               overwrite: bool = False, search: "list[str] | None" = None, tasks=None, budget: int = 8, n: int = 30,
+               progress: bool = False):
+    """Merge LoRA experts (folders, or ``library://NAME[@V]``) into one LoRA expert at ``out_dir`` (a PEFT
+    folder with its card and lineage), not into a model: ``method`` (default ``iso_cts``) runs in the
+    experts' shared ``space`` (default ``core``, where Iso-C/Iso-CTS/TSV/linear equal their dense merge);
+    ``rank`` cuts every layer to that rank (default: its exact rank). ``add``: also add it to the library
+    (``library``, default $MOERGE_LIBRARY, else ".") under that name. ``search``: parameters to choose
+    first (``["alpha"]``, ``["density"]`` ...) by the best exact match on ``n`` validation rows of
+    ``tasks`` (default: the experts' own data, from their cards) within ``budget`` candidates
+    (``search.lora``); what was tried and found goes into the card. Returns the
+    :class:`~moerge.engine.lora_merge.LoraMerge` (ranks, energy kept, resolved parameters, ``report``)."""
+    from moerge.engine.lora_merge import DEFAULT_METHOD, merge_lora_folders, open_inputs
+
+    if add:  # a name or library that cannot take the result is refused before the merge, not after
+        from moerge.library.store import Library, check_name
+
+        check_name(add)
+        Library.open(library)
+    method, space, record = method or DEFAULT_METHOD, space or "core", None
+    if search:
+        from moerge.search.lora import search_lora
+        from moerge.util.files import check_output_dir
+
+        check_output_dir(out_dir, overwrite)  # before the search's minutes, not after
+        loaded, cards, base_dir, _ = open_inputs([str(e) for e in experts], base, library)
+        found = search_lora(loaded, base_dir, method=method, params=params, tune=list(search), tasks=tasks, cards=cards,
+                            budget=budget, n=n, seed=seed, space=space, rank=rank, progress=progress)
+        params, record = dict(params or {}) | found.best, found.record()
+    res = merge_lora_folders(experts, out_dir, method=method, params=params, space=space, rank=rank, seed=seed,
+                             base=base, library=library, task=task, overwrite=overwrite, search=record)
+    if add:
+        from moerge.library.store import Library
+
+        entry = Library.open(library).add(out_dir, add)
+        res.report["library_ref"] = entry.ref
+    return res
+
+
 def train_expert(out_dir: "str | os.PathLike", *, gate_steps: int = 0, **kwargs) -> "ExpertCard":
     """Train one expert (``moerge.train.expert.train_expert``: task or data, base, adapter, steps, ...)
     and, with ``gate_steps``, its PHATGOOSE gates afterwards (the expert frozen), so the routers find
@@ -182,4 +223,4 @@ def evaluate_router(router: str, *, library: "str | os.PathLike | None" = None, 
     return Scores(title, meta, scores=scores, prompts=prompt_counts(names, n), usage=usage, experts=routed.names)
 
 
-__all__ = ["Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "plan", "train_expert"]
+__all__ = ["Scores", "evaluate", "evaluate_router", "load_recipe", "merge", "merge_lora", "plan", "train_expert"]

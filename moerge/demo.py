@@ -1,7 +1,7 @@
 """``moerge demo``: the main job, offline, on the embedded tiny base or a real one.
 
 From the base it trains one LoRA expert per skill, merges them through the merge engine (each
-expert enters a recipe as ``base+expert``), trains a multitask LoRA on the union of the experts'
+expert enters a recipe as ``base+expert``) and into one LoRA expert (``engine/lora_merge.py``), trains a multitask LoRA on the union of the experts'
 data (the upper baseline that needs everybody's data), routes among the experts with every router,
 and scores everything on each skill and on held-out composites of them. The scoreboard is printed,
 written as JSON and drawn. On the tiny base it uses the tiny suite; on a real chat model
@@ -46,6 +46,12 @@ MERGES = {
     "fisher": {"weight": 1.0},
     "regmean": {"weight": 1.0},
 }
+
+
+# LoRA-native merges (``moerge expert merge``): the experts merged into one LoRA expert in their shared core
+# space (each takes about a second on the real model), written into the loaded base's weights and scored,
+# at the LoRA defaults (engine/lora_merge.LORA_DEFAULTS: alpha and density as searched on real experts)
+LORA_MERGES = {"iso_cts": {}, "tsv": {}, "ties": {}}
 
 
 # routers compared in the demo (top-k); "oracle" knows each prompt's task. LoraHub (few-shot: 5
@@ -167,6 +173,21 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         res = api.merge(recipe, out_dir / "merges" / method, overwrite=True, progress=False)
         model, tok = base_model.load(res.out_dir)
         score(f"merge:{method}", model, tok, time.perf_counter() - t0)
+    if LORA_MERGES:
+        from moerge.engine.lora_merge import merge_lora
+        from moerge.experts.patch import Patched
+        from moerge.experts.peft_format import load_adapter
+        from moerge.io.source import open_source
+
+        source = open_source(str(base_dir))
+        loaded = [load_adapter(p, source) for p in experts.values()]
+        model, tok = base_model.load(base_dir)
+        patched = Patched(model)
+        for method, params in LORA_MERGES.items():
+            phase(f"merging the experts into one LoRA with {method} (core space), then scoring it")
+            t0 = time.perf_counter()
+            patched.apply(merge_lora(loaded, method, params).updates)
+            score(f"lora:{method}", model, tok, time.perf_counter() - t0)
     phase(f"training the multitask baseline on all {len(tasks)} skills' data")
     card = train_expert(out_dir / "experts" / "multitask", base=base_dir, task=",".join(tasks),
                         steps=steps * cfg["multitask"][pick], lr=lr, batch_size=batch, overwrite=True, progress=progress,
@@ -190,7 +211,7 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
                           "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
                           "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick],
-                          "fisher_examples": cfg["fisher_examples"][pick]}}
+                          "fisher_examples": cfg["fisher_examples"][pick], "lora_merges": LORA_MERGES}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)

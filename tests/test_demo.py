@@ -19,7 +19,7 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path, monkeypatch):
     assert len(tasks) >= 3 and len(heldout) >= 2
     merges = ("linear", "task_arithmetic", "ties", "dare_ties", "fisher", "regmean")
     assert set(rows) == {"base", "multitask", "oracle"} | {f"expert:{t}" for t in tasks} | {
-        f"merge:{m}" for m in merges} | {
+        f"merge:{m}" for m in merges} | {"lora:iso_cts", "lora:tsv", "lora:ties"} | {
         f"route:{r}" for r in ("uniform", "centroid", "smear", "arrow", "phatgoose", "lorahub")}
     for scores in rows.values():
         assert set(scores) == set(tasks + heldout) and all(0 <= v <= 1 for v in scores.values())
@@ -34,6 +34,8 @@ def test_demo_quick_scoreboard_and_quality_bar(tmp_path, monkeypatch):
     # routing by k-means task centroids recovers (nearly) the oracle, far above every static merge
     assert mean("route:centroid") >= 0.9 * mean("oracle")
     assert mean("route:centroid") > max(mean(f"merge:{m}") for m in merges) + 0.3
+    # a LoRA-native merge changes the base: it scores something, and a change of rank at most Σ r was written
+    assert any(rows[f"lora:{m}"] != rows["base"] for m in ("iso_cts", "tsv", "ties"))
     assert (tmp_path / "report" / "scoreboard.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "routing.png").stat().st_size > 10_000
     for t in tasks:

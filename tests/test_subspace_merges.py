@@ -98,3 +98,15 @@ def test_each_merges_a_model_through_the_engine(method, tmp_path):
     torch.testing.assert_close(out[emb], (a[emb] + b[emb]) / 2, atol=1e-6, rtol=0)  # a token table: averaged
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.allclose(out[q], w0[q]) and not torch.allclose(out[q], (a[q] + b[q]) / 2, atol=1e-6)
+
+
+def test_wudi_solved_in_closed_form_is_where_its_loss_is_least():
+    ts = [W0 + low_rank(slice(0, 24), slice(0, 16), 2) * 0.1 for _ in range(3)]  # overlapping tasks
+    deltas = [t - W0 for t in ts]
+    solved = wudi(W0, ts, solve=True, name="x.weight") - W0
+    loss = interference(solved, deltas)
+    assert loss < 1e-3 * interference(sum(deltas), deltas)  # near zero where the sum interferes
+    for _ in range(5):  # no nearby point does better
+        assert interference(solved + 1e-3 * torch.randn(24, 16, generator=g), deltas) >= loss - 1e-6
+    one = low_rank(slice(0, 12), slice(0, 8), 3)
+    torch.testing.assert_close(wudi(W0, [W0 + one], solve=True, name="x.weight"), W0 + one, atol=1e-4, rtol=1e-4)

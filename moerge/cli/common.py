@@ -117,5 +117,8 @@ def _params(items: list[str]) -> dict:
             raise MoergeError(f"--param {item!r}: write NAME=VALUE, e.g. --param density=0.5")
         if name.strip() in out:
             raise MoergeError(f"--param {name.strip()}: given twice; give each parameter once")
-        out[name.strip()] = yaml.safe_load(value)
+        try:
+            out[name.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise MoergeError(f"--param {item!r}: the value is not YAML; give a number, true/false, or a list as [1, 0.5]") from None
     return out

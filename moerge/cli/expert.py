@@ -1,4 +1,4 @@
-"""`moerge expert`: train, extract, combine, gate, embed, show and rebase experts."""
+"""`moerge expert`: train, extract, combine, merge, gate, embed, show and rebase experts."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from moerge.cli.common import (
     LIBRARY,
     THREADS_OPT,
     _library,
+    _params,
     _user_errors,
     out,
 )
@@ -105,6 +106,57 @@ def expert_combine(
     low = min(kept.values())
     out.print(f"wrote {out_dir}: {len(kept)} modules, rank {config['r']}" +
               (f", lowest energy kept {low:.1%}" if rank else " (exact)"), highlight=False)
+
+
+@expert_app.command("merge")
+def expert_merge(
+    experts: list[str] = typer.Argument(..., help="LoRA expert folders of one base, or library://NAME[@V]."),
+    out_dir: Path = typer.Option(..., "--out", help="PEFT LoRA folder to write (with expert.json and moerge_merge.json)."),
+    method: Optional[str] = typer.Option(None, "--method", help="A merge method that works on task vectors: "
+                                         "iso_cts (default), iso_c, tsv, ties, dare_ties, task_arithmetic, linear, ..."),
+    param: Optional[list[str]] = typer.Option(None, "--param", metavar="KEY=VALUE", help="A method parameter, as in a "
+                                              "recipe, VALUE read as YAML (repeatable); per-expert values as a list: weight=[1,0.5]"),
+    space: Optional[str] = typer.Option(None, "--space", help="core (default; exact for iso_c/iso_cts/tsv/linear), "
+                                        "knots, or full (each update materialised)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank of every layer written (default: each layer's exact rank, "
+                                       "at most the experts' ranks summed)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of random methods (DARE, DELLA)."),
+    base: Optional[Path] = typer.Option(None, "--base", help="The experts' base (default: the one their cards name)."),
+    task: Optional[str] = typer.Option(None, "--task", help="The merged expert's task (default: the inputs' tasks joined by +)."),
+    add: Optional[str] = typer.Option(None, "--add", metavar="NAME", help="Also add it to the library under NAME."),
+    search: Optional[str] = typer.Option(None, "--search", metavar="PARAMS", help="First choose these parameters "
+                                         "(comma-separated, e.g. alpha) by the best score on validation rows of --tasks."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="--search: tasks to score on (default: the experts' own "
+                                        "data, from their cards)."),
+    budget: int = typer.Option(8, "--budget", min=1, help="--search: candidate merges to try (the value as given first)."),
+    n: int = typer.Option(30, "--n", min=1, help="--search: validation prompts per task for each candidate."),
+    library: Optional[Path] = LIBRARY,
+    overwrite: bool = typer.Option(False, "--overwrite"),
+    threads: Optional[int] = THREADS_OPT,
+    dtype: Optional[str] = DTYPE_OPT,
+    device: Optional[str] = DEVICE_OPT,
+) -> None:
+    """Merge LoRA experts into one LoRA expert (Iso-CTS, TSV, TIES, ... in their shared core space), with its
+    lineage; --search first tunes alpha (or density, ...) on the experts' own validation rows."""
+    from moerge.api import merge_lora
+
+    with _user_errors():
+        res = merge_lora(experts, out_dir, method=method, params=_params(param or []), space=space, rank=rank, seed=seed, base=base,
+                         task=task, library=library, add=add, overwrite=overwrite, tasks=tasks, budget=budget, n=n,
+                         search=[p.strip() for p in search.split(",") if p.strip()] if search else None, progress=True)
+    ranks = sorted(set(res.ranks.values()))
+    shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    out.print(f"wrote {out_dir}: {len(experts)} experts merged by {res.method} in {res.space} space, {len(res.ranks)} "
+              f"modules, {shown}, lowest energy kept {res.lowest_kept:.1%}, {res.seconds:.1f} s" +
+              (f"; added to the library as {res.report['library_ref']}" if res.report.get("library_ref") else ""),
+              highlight=False)
+    found = res.report.get("search")
+    if found:
+        chosen = ", ".join(f"{k}={v:g}" for k, v in found["best"].items())
+        given = ", ".join(f"{k}={v:g}" for k, v in found["as_given"].items())
+        out.print(f"searched {found['seconds']:.0f} s: {chosen} (validation {found['validation']['best']:.1%}, test "
+                  f"{found['test']['best']:.1%}) against {given} (validation {found['validation']['as_given']:.1%}, test "
+                  f"{found['test']['as_given']:.1%}), on {', '.join(found['tasks'])}", highlight=False)
 
 
 @expert_app.command("gate")

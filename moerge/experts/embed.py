@@ -114,3 +114,35 @@ def with_task_embedding(card: dict, prompts: Sequence[str], *, base: str | os.Pa
     mean, cents = task_centroids(model, tok, prompts)
     entry = {"centroid": mean, "centroids": cents, "centroid_base": folder_fingerprint(base_dir)}
     return card | entry, entry
+
+
+def merged_centroids(cards: list[dict], base_fingerprint: str) -> dict:
+    """The task centroids of an expert merged from experts with these cards: each input's clusters (its
+    ``centroids``, else its ``centroid``) side by side, so a task-level router finds the merged expert for
+    a prompt of any of its tasks, and their mean as ``centroid``. Only what every input recorded on the
+    merged expert's base (``base_fingerprint``; for sentence embedders, with one model) is carried; else
+    nothing, and ``expert embed`` records it."""
+    out: dict = {}
+
+    def clusters(entry: dict) -> list[list[float]] | None:
+        return entry.get("centroids") or ([entry["centroid"]] if entry.get("centroid") else None)
+
+    if cards and all((c.get("centroid_base") or c.get("base_fingerprint")) == base_fingerprint for c in cards):
+        parts = [clusters(c) for c in cards]
+        if all(parts):
+            cents = [row for p in parts for row in p]
+            out = {"centroids": cents, "centroid": _mean(cents)}
+    common = set.intersection(*(set((c.get("embeddings") or {})) for c in cards)) if cards else set()
+    embeddings = {}
+    for key in sorted(common):
+        parts = [clusters(c["embeddings"][key]) for c in cards]
+        if all(parts):
+            cents = [row for p in parts for row in p]
+            embeddings[key] = {"model": cards[0]["embeddings"][key].get("model"), "centroid": _mean(cents), "centroids": cents}
+    if embeddings:
+        out["embeddings"] = embeddings
+    return out
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    return [round(float(v), 5) for v in torch.tensor(rows).mean(0)]

@@ -382,16 +382,20 @@ def check_base(folder: Path, base: TensorSource, config: dict | None = None) -> 
 
 
 def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor], base: str | Path, *,
-                  task: str | None, made_by: str, report: dict, overwrite: bool = False) -> Path:
+                  task: str | None, made_by: str, report: dict, overwrite: bool = False,
+                  card_fields: dict | None = None) -> Path:
     """Write a PEFT adapter folder that moerge produced (not trained): the adapter, ``moerge_<made_by>.json``
     (the report of how it was made) and a complete ``expert.json``, whose base fingerprint makes every
-    later command refuse it on another base. Atomic: the folder appears complete or not at all."""
+    later command refuse it on another base. ``card_fields``: more of the card (task centroids; ``extra``
+    entries join ``made_by``). Atomic: the folder appears complete or not at all."""
     from safetensors.torch import save_file
 
     base_dir = resolve(str(base))
     card = ExpertCard(task=task, adapter="lora", base=str(Path(base_dir).resolve()), base_fingerprint=folder_fingerprint(base_dir),
                       trainable_params=sum(t.numel() for t in tensors.values()), rank=config.get("r"),
                       extra={"made_by": f"moerge expert {made_by}"})
+    for k, v in (card_fields or {}).items():
+        setattr(card, k, card.extra | v if k == "extra" else v)
     with atomic_dir(Path(out_dir), overwrite) as tmp:
         save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -18,12 +18,16 @@ from moerge.methods.registry import Method, Param, register
 from moerge.methods.subspace import average, is_matrix, polar, top
 
 
-def tsv(base: torch.Tensor, tensors: list[torch.Tensor], *, alpha: float = 1.0, name: str | None = None) -> torch.Tensor:
+def tsv(base: torch.Tensor, tensors: list[torch.Tensor], *, alpha: float = 1.0, name: str | None = None,
+        layer_rank: int | None = None) -> torch.Tensor:
+    """``layer_rank``: the layer's rank when ``base`` and ``tensors`` are its changes written in a smaller
+    basis (LoRA experts merged in their core space, ``engine/lora_merge.py``), so each task keeps the
+    share of the layer's rank it would keep in the layer itself."""
     if not is_matrix(base, name):
         return average(base, tensors)
     w0 = base.float()
     deltas = [t.float() - w0 for t in tensors]
-    k = max(1, min(base.shape) // len(deltas))
+    k = max(1, (layer_rank or min(base.shape)) // len(deltas))
     parts = [top(d, k) for d in deltas]
     u = torch.cat([p[0] for p in parts], 1)
     s = torch.cat([p[1] for p in parts])
@@ -37,5 +41,5 @@ register(Method(
     params=(Param("alpha", float, 1.0, low=0.0, help="the merged change's scale (the paper tunes it on validation; 1 keeps one task as it is)"),),
     base="required", min_inputs=1, pretty="TSV-M", reference="https://arxiv.org/abs/2412.00081",
     notes="per layer: each task's top r/T singular directions, stacks orthogonalised; other tensors averaged",
-    extra={"tensor_name": True},
+    extra={"tensor_name": True, "layer_rank": True},
 ))

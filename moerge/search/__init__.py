@@ -90,15 +90,7 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
            progress: bool = False) -> SearchResult:
     """Search the recipe's numeric parameters (``params``: those names only) for the best mean exact
     match on ``tasks`` (validation split, ``n`` prompts each) within ``budget`` candidate merges."""
-    try:
-        import nevergrad as ng
-    except ImportError:
-        raise MoergeError("merge search needs nevergrad: pip install nevergrad") from None
-
-    if budget < 1:
-        raise MoergeError(f"--budget {budget}: give at least 1 candidate to try")
-    if optimizer not in OPTIMIZERS:
-        raise MoergeError(f"--optimizer {optimizer}: use one of {', '.join(OPTIMIZERS)}")
+    check_search(budget, optimizer)
     names = resolve_tasks(tasks)
     r = load_recipe(recipe)
     if isinstance(r, MultiRecipe) or not hasattr(r, "merge_method"):
@@ -119,13 +111,9 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
 
     say(f"searching {len(chosen)} parameter(s) ({', '.join(k.label for k in chosen)}) with {optimizer}, "
         f"{budget} candidates, scored on {n} validation prompts of {', '.join(names)}")
-    param = ng.p.Array(init=[min(k.high, max(k.low, k.value)) for k in chosen],
-                       lower=[k.low for k in chosen], upper=[k.high for k in chosen])
-    param.random_state.seed(seed)
     runner = Runner(_job, ray)
     parallel = max(1, workers) if runner.ray is not None else 1
-    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=parallel)
-    opt.suggest([min(k.high, max(k.low, k.value)) for k in chosen])  # the recipe as written is the first candidate
+    opt = make_optimizer(chosen, budget=budget, optimizer=optimizer, seed=seed, workers=parallel)
     history: list[dict] = []
     seen: dict[tuple, dict] = {}  # knob values (as applied, rounded) -> their score
     best_values, best_score = [k.value for k in chosen], None
@@ -154,10 +142,11 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
                 history.append({"values": values, "score": res["mean"]})
                 if default_score is None:
                     default_score = res["mean"]
-                if best_score is None or res["mean"] > best_score:
+                better = best_score is None or res["mean"] > best_score
+                if better:
                     best_values, best_score = [values[k.label] for k in chosen], res["mean"]
                 say(f"candidate {len(history)}/{budget}: {_fmt(values)} -> {res['mean']:.1%}"
-                    + (" (best)" if res["mean"] == best_score else ""))
+                    + (" (best so far)" if better else ""))
     finally:
         runner.close()
     best = apply(default, chosen, best_values)
@@ -167,6 +156,33 @@ def search(recipe, *, tasks, budget: int = 30, n: int = 50, params: list[str] | 
     default_test = score_recipe(default, names, n_test, "test", lib, stats=stats)["scores"]
     return SearchResult(best, default, best_score, default_score, best_test, default_test, chosen, history, len(seen),
                         time.perf_counter() - start)
+
+
+def check_search(budget: int, optimizer: str) -> None:
+    """nevergrad installed, a budget of at least one candidate, an optimiser it has: one line each."""
+    try:
+        import nevergrad  # noqa: F401
+    except ImportError:
+        raise MoergeError("a search needs nevergrad: pip install nevergrad") from None
+    if budget < 1:
+        raise MoergeError(f"--budget {budget}: give at least 1 candidate to try")
+    if optimizer not in OPTIMIZERS:
+        raise MoergeError(f"--optimizer {optimizer}: use one of {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(chosen: list[Knob], *, budget: int, optimizer: str, seed: int, workers: int = 1, first=()):
+    """A nevergrad optimiser over the knobs' ranges whose first candidates are the values as given, then
+    the points ``first`` (its suggestions are asked last-in, first-out)."""
+    import nevergrad as ng
+
+    start = [min(k.high, max(k.low, k.value)) for k in chosen]
+    param = ng.p.Array(init=start, lower=[k.low for k in chosen], upper=[k.high for k in chosen])
+    param.random_state.seed(seed)
+    opt = ng.optimizers.registry[optimizer](parametrization=param, budget=budget, num_workers=workers)
+    for point in reversed(list(first)):
+        opt.suggest(list(point))
+    opt.suggest(start)
+    return opt
 
 
 def _fmt(values: dict) -> str:
