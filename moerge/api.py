@@ -70,30 +70,37 @@ def merge_lora(experts: list, out_dir: "str | os.PathLike", *, method: str | Non
     ``tasks`` (default: the experts' own data, from their cards) within ``budget`` candidates
     (``search.lora``); what was tried and found goes into the card. Returns the
     :class:`~moerge.engine.lora_merge.LoraMerge` (ranks, energy kept, resolved parameters, ``report``)."""
-    from moerge.engine.lora_merge import DEFAULT_METHOD, merge_lora_folders, open_inputs
+    from moerge.engine.lora_merge import DEFAULT_METHOD, merge_lora_folders, open_inputs, refs_of
+    from moerge.util.files import check_output_dir
 
+    refs = refs_of(experts)
+    search = [search] if isinstance(search, str) else list(search or [])
+    method, space, record, lib = method or DEFAULT_METHOD, space or "core", None, None
     if add:  # a name or library that cannot take the result is refused before the merge, not after
         from moerge.library.store import Library, check_name
 
         check_name(add)
-        Library.open(library)
-    method, space, record = method or DEFAULT_METHOD, space or "core", None
+        lib = Library.open(library)
+        lib.base()  # not a library: one line, now
+    if search or lib is not None:
+        check_output_dir(out_dir, overwrite, inputs=[r for r in refs if not r.startswith("library://")])
+        loaded, cards, base_dir, _ = open_inputs(refs, base, library)
+        if lib is not None:
+            from moerge.io.fingerprint import folder_fingerprint
+
+            if folder_fingerprint(base_dir) != lib.base().fingerprint:
+                raise MoergeError(f"--add {add}: the experts were made on {base_dir}, and the library {lib.root} holds experts "
+                                  f"of {lib.base().path}; add it to a library of their base")
     if search:
         from moerge.search.lora import search_lora
-        from moerge.util.files import check_output_dir
 
-        check_output_dir(out_dir, overwrite)  # before the search's minutes, not after
-        loaded, cards, base_dir, _ = open_inputs([str(e) for e in experts], base, library)
-        found = search_lora(loaded, base_dir, method=method, params=params, tune=list(search), tasks=tasks, cards=cards,
+        found = search_lora(loaded, base_dir, method=method, params=params, tune=search, tasks=tasks, cards=cards,
                             budget=budget, n=n, seed=seed, space=space, rank=rank, progress=progress)
         params, record = dict(params or {}) | found.best, found.record()
-    res = merge_lora_folders(experts, out_dir, method=method, params=params, space=space, rank=rank, seed=seed,
+    res = merge_lora_folders(refs, out_dir, method=method, params=params, space=space, rank=rank, seed=seed,
                              base=base, library=library, task=task, overwrite=overwrite, search=record)
-    if add:
-        from moerge.library.store import Library
-
-        entry = Library.open(library).add(out_dir, add)
-        res.report["library_ref"] = entry.ref
+    if lib is not None:
+        res.report["library_ref"] = lib.add(out_dir, add).ref
     return res
 
 

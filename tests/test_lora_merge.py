@@ -164,6 +164,16 @@ def test_expert_merge_into_a_library_and_from_it(tiny, adapters, tmp_path):
     assert entry.task == "t0+t1"
     assert entry.card["extra"]["merged_from"]["params"] == {"alpha": 2.0, "common": 0.8}  # iso_cts, LoRA defaults
     assert [p["ref"] for p in entry.card["extra"]["merged_from"]["inputs"]] == ["library://e0@1", "library://e1@1"]
+    from moerge.fusion.fuse import plan_fuse  # fusing it beside its inputs would count their skills twice
+
+    notes = " ".join(plan_fuse(lib).notes)
+    assert "both@1 was merged from e0@1, e1@1, fused beside it" in notes
+    # --overwrite never replaces the library, or anything in it
+    for target in (lib.root, lib.root / "blobs"):
+        res = runner.invoke(app, ["expert", "merge", "library://e0", "library://e1", "--library", str(lib.root),
+                                  "--out", str(target), "--overwrite"])
+        assert res.exit_code != 0 and "--overwrite would delete experts" in " ".join(res.output.split()), res.output
+    assert lib.verify() == ([], []) and lib.get("e0").ref == "e0@1"
     torch.testing.assert_close(lib.load("both").updates[next(iter(lib.load("both").updates))].a,
                                load_file(tmp_path / "m" / "adapter_model.safetensors")[
                                    next(k for k in sorted(load_file(tmp_path / "m" / "adapter_model.safetensors")) if "lora_A" in k)])
@@ -187,26 +197,34 @@ def test_expert_merge_refuses_bad_input_in_one_line(tiny, adapters, expert, tmp_
     fails(adapters[0], adapters[1], "--out", str(adapters[1]), "--overwrite", match=str(adapters[1]))
     assert (adapters[1] / "adapter_model.safetensors").read_bytes() == before  # an input is never overwritten
     fails(adapters[0], adapters[1], *out, "--add", "bad name", match="not a valid expert name")
+    fails(adapters[0], *out, match="give two or more LoRA experts")
+    fails(adapters[0], adapters[0], *out, match="are the same expert")
+    fails(adapters[0], adapters[1], *out, "--budget", "3", match="add --search PARAMS")
+    fails(adapters[0], adapters[1], *out, "--method", "isoc", match="did you mean iso_c?")
+    fails(adapters[0], adapters[1], *out, "--method", "task_arithmetic", "--param", "weight=[1,1]", "--search", "weight",
+          match="start it from one number (e.g. --param weight=1)")
     assert not (tmp_path / "o").exists()
 
 
 def test_search_tunes_alpha_on_the_experts_own_validation_rows_and_the_card_records_it(expert, tmp_path):
-    import shutil
-
     from moerge.search.lora import own_tasks
+    from moerge.train.expert import train_expert
 
-    twin = tmp_path / "twin"
-    shutil.copytree(expert, twin)
+    twin = tmp_path / "reverse"
+    train_expert(twin, task="reverse", steps=3, n_train=64, batch_size=16, progress=False)
     assert own_tasks([json.loads((expert / "expert.json").read_text())]) == ["sort"]
     with pytest.raises(MoergeError, match="names no data of its own"):
         own_tasks([{"task": "mine"}])
+    merged = {"task": "sort+reverse", "extra": {"merged_from": {"inputs": [{"task": "sort", "data": "moerge:sort"},
+                                                                             {"task": "reverse", "data": "moerge:reverse"}]}}}
+    assert own_tasks([merged]) == ["sort", "reverse"]  # a merged expert searches on its inputs' data
     res = runner.invoke(app, ["expert", "merge", str(expert), str(twin), "--out", str(tmp_path / "m"), "--method", "iso_c",
                               "--param", "alpha=0.5", "--search", "alpha", "--budget", "3", "--n", "4"])
     assert res.exit_code == 0, res.output
     assert "searched" in res.output and "against alpha=0.5" in res.output
     lineage = json.loads((tmp_path / "m" / "expert.json").read_text())["extra"]["merged_from"]
     found = lineage["search"]
-    assert found["tasks"] == ["sort"] and found["split"] == "validation" and found["tuned"] == ["alpha"]
+    assert found["tasks"] == ["sort", "reverse"] and found["split"] == "validation" and found["tuned"] == ["alpha"]
     assert found["candidates"][0]["values"] == {"alpha": 0.5}  # the value as given is tried first
     assert found["as_given"] == {"alpha": 0.5} and found["validation"]["best"] >= found["validation"]["as_given"]
     assert lineage["params"]["alpha"] == found["best"]["alpha"]  # the expert written is the best candidate

@@ -128,8 +128,10 @@ def expert_merge(
                                          "(comma-separated, e.g. alpha) by the best score on validation rows of --tasks."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="--search: tasks to score on (default: the experts' own "
                                         "data, from their cards)."),
-    budget: int = typer.Option(8, "--budget", min=1, help="--search: candidate merges to try (the value as given first)."),
-    n: int = typer.Option(30, "--n", min=1, help="--search: validation prompts per task for each candidate."),
+    budget: Optional[int] = typer.Option(None, "--budget", min=1, max=50, help="--search: candidate merges to try (the "
+                                         "value as given first; default 8)."),
+    n: Optional[int] = typer.Option(None, "--n", min=1, help="--search: validation prompts per task for each candidate "
+                                    "(default 30)."),
     library: Optional[Path] = LIBRARY,
     overwrite: bool = typer.Option(False, "--overwrite"),
     threads: Optional[int] = THREADS_OPT,
@@ -141,9 +143,15 @@ def expert_merge(
     from moerge.api import merge_lora
 
     with _user_errors():
+        tune = [p.strip() for p in search.split(",") if p.strip()] if search is not None else None
+        if search is not None and not tune:
+            raise MoergeError("--search: name the parameters to tune, e.g. --search alpha")
+        if not tune and (tasks is not None or budget is not None or n is not None):
+            raise MoergeError("--tasks, --budget and --n set the search; add --search PARAMS (e.g. --search alpha)")
         res = merge_lora(experts, out_dir, method=method, params=_params(param or []), space=space, rank=rank, seed=seed, base=base,
-                         task=task, library=library, add=add, overwrite=overwrite, tasks=tasks, budget=budget, n=n,
-                         search=[p.strip() for p in search.split(",") if p.strip()] if search else None, progress=True)
+                         task=task, library=library, add=add, overwrite=overwrite, tasks=tasks,
+                         **({"budget": budget} if budget is not None else {}), **({"n": n} if n is not None else {}),
+                         search=tune, progress=True)
     ranks = sorted(set(res.ranks.values()))
     shown = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
     out.print(f"wrote {out_dir}: {len(experts)} experts merged by {res.method} in {res.space} space, {len(res.ranks)} "

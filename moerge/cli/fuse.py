@@ -59,6 +59,8 @@ def fuse_cmd(
             return
         res = fuse(lib, **kw, progress=not quiet)
     b = res.base
+    for note in res.plan.notes:
+        out.print(note, highlight=False, markup=False)
     out.print(f"fused {len(res.plan.contributions)} contribution(s) on base@{res.plan.parent.version} into {b.ref} "
               f"({res.plan.method}) in {res.seconds:.1f} s: {b.path}", highlight=False, markup=False)
     scores = b.card.get("scores") or {}

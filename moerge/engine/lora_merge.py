@@ -76,13 +76,18 @@ class LoraMerge:
 
 def lora_method(name: str):
     """The registered method ``name``, if LoRA experts can be merged with it; else one line naming those that can."""
-    from moerge.methods.registry import get
+    import difflib
 
-    method = get(name)
+    from moerge.methods.registry import get, names
+
+    if name not in names():
+        near = difflib.get_close_matches(name, METHODS, n=1)
+        raise MoergeError(f"unknown merge method {name!r}{f' (did you mean {near[0]}?)' if near else ''}; LoRA experts "
+                          f"merge with one of: {', '.join(METHODS)}")
     if name not in METHODS:
         raise MoergeError(f"{name!r} cannot merge LoRA experts into a LoRA (it needs a base model to interpolate "
                           f"towards, or data); use one of: {', '.join(METHODS)} (or merge into a model with `moerge merge`)")
-    return method
+    return get(name)
 
 
 def resolve_params(method, params: dict | None, n: int) -> tuple[dict, dict]:
@@ -188,6 +193,11 @@ def merge_lora(experts: list, method: str = DEFAULT_METHOD, params: dict | None 
                      shared | per_input, rank, time.perf_counter() - t0, updates=merged)
 
 
+def refs_of(experts) -> list[str]:
+    """The experts to merge as references (one folder or ``library://`` ref given alone is a list of one)."""
+    return [str(experts)] if isinstance(experts, (str, os.PathLike)) else [str(e) for e in experts]
+
+
 def open_inputs(refs: list[str], base, library):
     """(experts, their cards, the base folder, what each ref pins): folders are loaded against the
     base (their card's, or ``base``), ``library://NAME[@V]`` refs from the library, on one base version."""
@@ -215,18 +225,31 @@ def open_inputs(refs: list[str], base, library):
             entry = lib.get(ref.removeprefix("library://"))
             experts.append(lib.load(entry.ref))
             cards.append(dict(entry.card))
-            pins.append({"ref": f"library://{entry.ref}", "digest": entry.digest, "task": entry.task})
+            pins.append({"ref": f"library://{entry.ref}", "digest": entry.digest, "task": entry.task,
+                         "data": entry.card.get("data")})
             base_dirs.add(str(lib.base(entry.base_version).path))
         else:
+            if (Path(ref) / "config.json").is_file() and not (Path(ref) / "adapter_config.json").is_file():
+                raise MoergeError(f"{ref}: a full fine-tune, not a LoRA adapter; merge fine-tunes into a model with "
+                                  "`moerge merge` (or extract a LoRA first: `moerge expert extract`)")
             if src is None:
                 src = open_source(resolve(str(base if base is not None else lib.base().path)))
             e = load_adapter(ref, src)
             experts.append(e)
             cards.append(read_card(ref))
-            pins.append({"ref": str(Path(ref).resolve()), "digest": e.digest(), "task": cards[-1].get("task")})
+            pins.append({"ref": str(Path(ref).resolve()), "digest": e.digest(), "task": cards[-1].get("task"),
+                         "data": cards[-1].get("data")})
             base_dirs.add(str(Path(resolve(str(base if base is not None else lib.base().path))).resolve()))
     if len(base_dirs) > 1:
         raise MoergeError(f"the experts were made on different bases ({', '.join(sorted(base_dirs))}); merge experts of one base")
+    if len(refs) < 2:
+        raise MoergeError(f"give two or more LoRA experts to merge (one was given: {refs[0]}); a single expert "
+                          "merged alone is only rescaled")
+    first: dict[str, str] = {}
+    for pin in pins:
+        if pin["digest"] in first:
+            raise MoergeError(f"{pin['ref']} and {first[pin['digest']]} are the same expert (the same tensors); give each once")
+        first[pin["digest"]] = pin["ref"]
     return experts, cards, next(iter(base_dirs)), pins
 
 
@@ -245,13 +268,13 @@ def merge_lora_folders(refs: list, out_dir: str | os.PathLike, *, method: str = 
     from moerge.io.fingerprint import folder_fingerprint
     from moerge.util.files import check_output_dir
 
-    check_output_dir(out_dir, overwrite, inputs=[r for r in map(str, refs) if not r.startswith("library://")])
+    check_output_dir(out_dir, overwrite, inputs=[r for r in refs_of(refs) if not r.startswith("library://")])
     if not refs:
         raise MoergeError("give the LoRA experts to merge (folders, or library://NAME)")
-    experts, cards, base_dir, pins = open_inputs([str(r) for r in refs], base, library)
+    experts, cards, base_dir, pins = open_inputs(refs_of(refs), base, library)
     res = merge_lora(experts, method, params, space=space, rank=rank, seed=seed)
-    tasks = [c.get("task") for c in cards]
-    task = task or ("+".join(dict.fromkeys(t for t in tasks if t)) if all(tasks) else None)
+    tasks = [c.get("task") for c in cards]  # a merged input's task is its parts'
+    task = task or ("+".join(dict.fromkeys(p for t in tasks for p in t.split("+"))) if all(tasks) else None)
     lineage = {"method": method, "space": space, "params": res.params, "rank": rank, "seed": seed, "inputs": pins}
     if search is not None:
         lineage["search"] = search

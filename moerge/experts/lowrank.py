@@ -113,7 +113,8 @@ def check_plain_lora(adapters: list, what: str = "combine") -> None:
             raise MoergeError(f"{e.path}: an expert of an MoE base (LoRA on its stacked experts or router): {what} "
                               "writes plain LoRA layers only; merge such experts with `moerge merge` instead")
         if e.kind != "lora" or any(type(u) is not LowRank for u in e.updates.values()):
-            raise MoergeError(f"{e.path}: a {e.kind} expert (or one with modules_to_save); only plain LoRA adapters "
+            kind = {"ia3": "an (IA)³", "dora": "a DoRA", "full": "a full fine-tune"}.get(e.kind, "a LoRA with modules_to_save:")
+            raise MoergeError(f"{e.path}: {kind} expert; only plain LoRA adapters "
                               f"{what} as LoRA factors; merge the others into a model with `moerge merge`")
     if len({bool(e.config.get("fan_in_fan_out")) for e in adapters}) > 1:
         raise MoergeError(f"the adapters disagree on fan_in_fan_out; they cannot be {what}d as one LoRA")

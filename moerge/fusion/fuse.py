@@ -158,7 +158,22 @@ def plan_fuse(library, *, method: str = "average", experts: list[str] | None = N
     fp = FusePlan(lib, parent, entries, name if method not in ALIASES else method, params, list(exclude), excluded, plan, out)
     if name == "linear" and len(entries) == 1:
         fp.notes.append("note: one contribution: the new base is that contribution applied to the base")
+    fp.notes += merged_twice(entries)
     return fp
+
+
+def merged_twice(entries: list) -> list[str]:
+    """Warnings for a contribution merged from others fused beside it (``expert merge``): their skills
+    would count twice in the new base."""
+    refs = {f"library://{e.ref}" for e in entries}
+    lines = []
+    for e in entries:
+        inputs = ((e.card.get("extra") or {}).get("merged_from") or {}).get("inputs") or []
+        also = [p["ref"].removeprefix("library://") for p in inputs if p.get("ref") in refs]
+        if also:
+            lines.append(f"warning: {e.ref} was merged from {', '.join(also)}, fused beside it: their skills count twice; "
+                         f"leave one side out with --experts")
+    return lines
 
 
 def _as_option(message: str, params: dict) -> str:

@@ -27,6 +27,7 @@ from moerge.experts.patch import Patched
 from moerge.search.space import Knob, knobs
 
 SPLIT = "validation"
+MAX_BUDGET = 50  # nevergrad's NGOpt switches to a meta-model at ~100 candidates, which fails on flat scores
 
 
 def own_tasks(cards: list[dict]) -> list[str]:
@@ -36,6 +37,10 @@ def own_tasks(cards: list[dict]) -> list[str]:
 
     names: list[str] = []
     for card in cards:
+        merged = ((card.get("extra") or {}).get("merged_from") or {}).get("inputs")
+        if merged and not card.get("data"):  # a merged expert: its inputs' data, as their cards named it
+            names += [t for t in own_tasks([{"task": p.get("task"), "data": p.get("data")} for p in merged]) if t not in names]
+            continue
         data, task = card.get("data"), card.get("task")
         if data and str(data).startswith("moerge:"):
             found = [t for t in (task or data.removeprefix("moerge:")).split(",") if t]
@@ -98,15 +103,23 @@ def search_lora(experts: list, base_dir, *, method: str, params: dict | None = N
                               f"{', '.join(numeric) or 'none'}")
     if not tune:
         raise MoergeError("name the parameters to search (e.g. alpha, density)")
+    if budget > MAX_BUDGET:
+        raise MoergeError(f"--budget {budget}: a LoRA merge's scale needs tens of candidates, not hundreds; give at most {MAX_BUDGET}")
     params = dict(params or {})
     for name in tune:  # a parameter to tune starts at its value as given, else at its default for LoRA experts
         p = m.param(name)
-        if p is not None and name not in params and not p.required:
-            params[name] = LORA_DEFAULTS.get(method, {}).get(name, p.default)
-    try:  # a value given as text ("1.5") is a number to start from
-        start_at = {k: m.param(k).check(v) for k, v in params.items() if k in tune}
-    except ValueError as e:
-        raise MoergeError(f"{method}: {e}") from None
+        if name not in params:
+            params[name] = 1.0 if p.required else LORA_DEFAULTS.get(method, {}).get(name, p.default)
+    start_at = {}
+    for k in tune:
+        if isinstance(params[k], (list, tuple)):
+            raise MoergeError(f"--search {k}: the search tunes one {k} for every expert; start it from one number "
+                              f"(e.g. --param {k}=1), not a list")
+        try:  # a value given as text ("1.5") is a number to start from
+            start_at[k] = m.param(k).check(params[k])
+        except ValueError as e:
+            raise MoergeError(f"{method}: {k} {e}") from None
+    params |= start_at
     chosen = knobs({"parameters": start_at}, m, tune)
     names = resolve_tasks(tasks) if tasks else own_tasks(cards or [])
     start = time.perf_counter()
@@ -143,28 +156,38 @@ def search_lora(experts: list, base_dir, *, method: str, params: dict | None = N
     asks = 0
     while len(seen) < budget and asks < 20 * budget:
         asks += 1
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            cand = opt.ask()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cand = opt.ask()
+        except Exception as e:  # the optimiser's own model failing on flat scores: keep what was found
+            say(f"the optimiser stopped after {len(seen)} candidates ({type(e).__name__}: {e}); keeping the best so far")
+            break
         values = [round(min(k.high, max(k.low, round(float(v) / q) * q)), 6) for k, v, q in zip(chosen, cand.value, steps)]
+        if not seen:  # the value as given, exactly (not on the grid)
+            values = [k.value for k in chosen]
         key = tuple(values)
         fresh = key not in seen
         if fresh:
             scores, _ = score(values, SPLIT, n)
             seen[key] = sum(scores.values()) / len(scores)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.tell(cand, -seen[key])
-        if not fresh:
-            continue
-        history.append({"values": dict(zip([k.name for k in chosen], values)), "score": round(seen[key], 4)})
-        if default is None:
-            default = (values, seen[key])
-        better = best is None or seen[key] > best[1]
-        if better:
-            best = (values, seen[key])
-        say(f"candidate {len(seen)}/{budget}: " + ", ".join(f"{k.name}={v:g}" for k, v in zip(chosen, values))
-            + f" -> {seen[key]:.1%}" + (" (best so far)" if better else ""))
+            history.append({"values": dict(zip([k.name for k in chosen], values)), "score": round(seen[key], 4)})
+            if default is None:
+                default = (values, seen[key])
+            better = best is None or seen[key] > best[1]
+            if better:
+                best = (values, seen[key])
+            say(f"candidate {len(seen)}/{budget}: " + ", ".join(f"{k.name}={v:g}" for k, v in zip(chosen, values))
+                + f" -> {seen[key]:.1%}" + (" (best so far)" if better else ""))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                opt.tell(cand, -seen[key])
+        except Exception as e:
+            say(f"the optimiser stopped after {len(seen)} candidates ({type(e).__name__}: {e}); keeping the best so far")
+            break
+    if best is None:
+        raise MoergeError(f"the optimiser {optimizer} proposed no candidate; try another --optimizer")
     say("scoring the best and the given value on the test split")
     best_test, _ = score(best[0], "test", n_test or n)
     default_test, _ = score(default[0], "test", n_test or n)

@@ -55,8 +55,26 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False, inputs=())
         raise MoergeError(f"{out}: already exists; pass --overwrite or choose another folder")
     if out.exists() and not out.is_dir():
         raise MoergeError(f"{out}: is a file; choose a folder name for the output")
+    if out.exists():
+        not_precious(out)
     _make_parent(out, "output folder")
     return out
+
+
+def not_precious(out: Path) -> None:
+    """What ``--overwrite`` must never replace, refused in one line: an expert library or anything in
+    it (its catalog and blobs hold every expert), a git repository, and the current folder, the home
+    folder or any folder holding them."""
+    where = out.resolve()
+    for folder in (where, *where.parents):
+        if (folder / "library.json").is_file() and (folder / "catalog.sqlite").exists():
+            what = "is the expert library" if folder == where else f"is inside the expert library {folder}"
+            raise MoergeError(f"{out}: {what}; --overwrite would delete experts; choose another output folder")
+    if (where / ".git").exists():
+        raise MoergeError(f"{out}: holds a git repository; --overwrite would delete it; choose another output folder")
+    for keep in (Path.cwd().resolve(), Path.home().resolve()):
+        if keep == where or where in keep.parents:
+            raise MoergeError(f"{out}: holds {keep}; --overwrite would delete it; choose another output folder")
 
 
 @contextmanager
