@@ -173,11 +173,15 @@ def _eval_plan(tasks, n, lm_eval, limit, num_fewshot, default_tasks: str):
 
 def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.PathLike | None" = None, tasks=None,
              n: int | None = None, lm_eval=None, limit: int | None = None, num_fewshot: int | None = None,
-             device: str | None = None, progress: bool = False) -> Scores:
+             device: str | None = None, progress: bool = False, library: "str | os.PathLike | None" = None) -> Scores:
     """Score a model folder (None: with ``adapter``, the base its card names; else the built-in base),
-    with an expert folder applied, on ``tasks`` (default ``all``: exact match of greedy completions on
+    with an expert applied (a folder, or ``library://NAME[@V]`` of ``library``, on the library's base it
+    was made on), on ``tasks`` (default ``all``: exact match of greedy completions on
     ``n`` test prompts each, default 200) or on lm-eval's tasks (``lm_eval``: every metric), on
     ``device`` (None: the ``--device`` setting; ``auto``: CUDA when there is one)."""
+    import tempfile
+    from pathlib import Path
+
     from moerge.eval import evaluate as exact_match_scores
     from moerge.eval import harness, prompt_counts
     from moerge.experts.card import recorded_base
@@ -186,11 +190,21 @@ def evaluate(model: "str | os.PathLike | None" = None, *, adapter: "str | os.Pat
     from moerge.train.expert import load_expert
 
     names, n, lm_tasks = _eval_plan(tasks, n, lm_eval, limit, num_fewshot, "all")
-    if adapter is not None and model is None:
-        # the base the expert was made on (None: nothing says; the built-in one)
-        model = recorded_base(adapter, "give that base as the MODEL argument")
     where = resolve_device(device)
-    loaded, tok = load_expert(model, adapter, where) if adapter else base_model.load(model, device=where)
+    if adapter is not None and str(adapter).startswith("library://"):
+        from moerge.library import Library
+
+        lib = Library.open(library)
+        entry = lib.get(str(adapter).removeprefix("library://"))
+        model = model if model is not None else lib.base(entry.base_version).path
+        with tempfile.TemporaryDirectory(prefix="moerge-eval-") as d:  # PEFT reads the folder while loading only
+            loaded, tok = load_expert(model, lib.export(entry.ref, Path(d) / entry.name), where)
+        adapter = f"library://{entry.ref}"
+    else:
+        if adapter is not None and model is None:
+            # the base the expert was made on (None: nothing says; the built-in one)
+            model = recorded_base(adapter, "give that base as the MODEL argument")
+        loaded, tok = load_expert(model, adapter, where) if adapter else base_model.load(model, device=where)
     title = f"{model or 'built-in base'}" + (f" + {adapter}" if adapter else "") + ("" if where.type == "cpu" else f" ({where})")
     meta = {"model": str(model or "base"), "adapter": str(adapter) if adapter else None, "device": str(where)}
     if lm_tasks is not None:

@@ -152,7 +152,7 @@ def test_crash_before_registering_leaves_no_base_and_the_next_fusion_recovers(li
 def test_rebase_adapter_and_full_finetune(lib, contribs, tmp_path):
     fuse(lib)
     b1, b2 = weights(base_model.default_base()), weights(lib.base().path)
-    res = rebase(lib, "rev", n_eval=10)
+    res = rebase(lib, "rev", n_eval=10, refit=False)
     assert res.entry.ref == "rev@2" and res.entry.base_version == 2 and (res.from_version, res.to_version) == (1, 2)
     assert res.task == "reverse" and 0 <= res.before <= 1 and 0 <= res.after <= 1
     old, new = lib.tensors("rev@1"), lib.tensors("rev@2")  # an adapter's factors carry over unchanged
@@ -175,6 +175,45 @@ def test_rebase_adapter_and_full_finetune(lib, contribs, tmp_path):
         rebase(lib, "rev@1", to=7)
 
 
+def test_rebase_refits_an_expert_that_lost_skill(lib, tmp_path):
+    """Re-fit: the carried factors trained further on the new base, from their own values, on the
+    expert's own data; decided by what the carried expert keeps of its score."""
+    fuse(lib)
+    new_fp = lib.base().fingerprint
+    forced = rebase(lib, "rev", evaluate=False, refit_steps=3)  # re-fit without measuring: exactly the steps asked
+    assert forced.refit_steps == 3 and forced.before is None and forced.notes == ()
+    old, new = lib.tensors("rev@1"), lib.tensors(forced.entry.ref)
+    assert new.keys() == old.keys() and any(not torch.equal(v, old[k]) for k, v in new.items())
+    card = forced.entry.card
+    assert card["rebased"]["refit_steps"] == 3 and card["centroid_base"] == new_fp and len(card["centroids"]) > 0
+    # measured: re-fitted exactly when the carried expert keeps less than `keep` of its score
+    res = rebase(lib, "rev@1", name="rev_auto", n_eval=10, keep=1.0, refit_steps=2)
+    assert res.carried is not None and res.before is not None
+    assert (res.refit_steps == 2) == (res.carried < res.before)
+    if res.refit_steps:
+        assert res.entry.card["rebased"]["exact_match_carried"] == res.carried
+    assert res.entry.card["rebased"]["exact_match_after"] == res.after
+    # a full fine-tune re-fits as a model
+    full = rebase(lib, "up@1", evaluate=False, refit_steps=2)
+    assert full.refit_steps == 2 and full.entry.kind == "full"
+    with pytest.raises(MoergeError, match="keep 0"):
+        rebase(lib, "rev@1", keep=0)
+    with pytest.raises(MoergeError, match="--refit-steps 0"):
+        rebase(lib, "rev@1", refit_steps=0)
+
+
+def test_rebase_without_data_says_why_it_was_not_refitted(lib, contribs, tmp_path):
+    import shutil
+
+    fuse(lib)
+    folder = tmp_path / "nodata"
+    shutil.copytree(contribs["srt"], folder)
+    card = json.loads((folder / "expert.json").read_text())
+    (folder / "expert.json").write_text(json.dumps(card | {"data": str(tmp_path / "gone.jsonl"), "task": "mine"}))
+    res = rebase(lib, folder, evaluate=False, refit_steps=2)
+    assert res.refit_steps == 0 and len(res.notes) == 1 and "not re-fitted" in res.notes[0] and "gone.jsonl" in res.notes[0]
+
+
 def test_cli_fuse_bases_rebase(lib, tmp_path):
     r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--dry-run"])
     assert r.exit_code == 0 and "2 contribution(s) on base@1 -> base@2" in r.output and not (lib.root / "bases").exists()
@@ -189,8 +228,13 @@ def test_cli_fuse_bases_rebase(lib, tmp_path):
     assert set(card["scores"]["zero_shot"]) == set(card["scores"]["parent_zero_shot"]) == {"reverse", "uppercase"}
     r = runner.invoke(app, ["library", "bases", "--library", str(lib.root)])
     assert r.exit_code == 0 and "base@2" in r.output and "rev@1, up@1" in r.output
-    r = runner.invoke(app, ["expert", "rebase", "rev", "--library", str(lib.root), "--n-eval", "5"])
+    r = runner.invoke(app, ["expert", "rebase", "rev", "--library", str(lib.root), "--n-eval", "5", "--no-refit"])
     assert r.exit_code == 0 and "stored rev@2" in r.output and "reverse:" in r.output, r.output
+    r = runner.invoke(app, ["expert", "rebase", "rev@1", "--name", "rev_b", "--library", str(lib.root), "--no-eval",
+                            "--refit-steps", "2"])
+    assert r.exit_code == 0 and "stored rev_b@1" in r.output and "re-fitted 2 steps (not measured)" in r.output, r.output
+    r = runner.invoke(app, ["expert", "rebase", "rev@1", "--library", str(lib.root), "--keep", "1.5"])
+    assert r.exit_code == 1 and "keep 1.5" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["fuse", "--library", str(lib.root), "--param", "density"])
     assert r.exit_code == 1 and "write NAME=VALUE" in r.output
     r = runner.invoke(app, ["fuse", "--library", str(tmp_path / "nolib")])
@@ -273,6 +317,19 @@ def test_second_round_with_a_relative_library_and_ties(lib, contribs, tmp_path, 
     assert at.is_dir()
 
 
+def test_data_aware_fusion_takes_only_the_contributions(lib, contribs):
+    """RegMean ignores a base: the fused base is the contributions' RegMean merge, with the parent base
+    not slipped in as one more input (which has no data to weigh it by)."""
+    res = fuse(lib, method="regmean")
+    assert res.base.ref == "base@2" and res.base.card["method"] == "regmean"
+    got = weights(res.base.path)
+    a, b = merged(base_model.default_base(), contribs["rev"]), merged(base_model.default_base(), contribs["up"])
+    q = "model.layers.0.self_attn.q_proj.weight"  # a linear layer: a Gram-weighted mix, unlike the plain mean
+    assert not torch.allclose(got[q], (a[q] + b[q]) / 2, atol=1e-6)
+    norm = "model.norm.weight"  # not a linear layer: RegMean averages it
+    torch.testing.assert_close(got[norm], (a[norm] + b[norm]) / 2, atol=1e-6, rtol=1e-5)
+
+
 def test_fuse_option_errors_name_the_option(lib):
     with pytest.raises(MoergeError, match=r"^--param density=abc: must be a number"):
         fuse(lib, method="ties", parameters={"density": "abc"})
@@ -297,6 +354,8 @@ def test_simulate_checks_options_first_and_replaces_only_when_complete(serial, t
         simulate(tmp_path / "s1", method="tiez")
     with pytest.raises(MoergeError, match=r"curves.txt: curves \(--plot\) are drawn as .png"):
         simulate(tmp_path / "s2", plot_file=tmp_path / "curves.txt")
+    with pytest.raises(MoergeError, match=r"--param density=5: must be in \(0, 1\]"):  # before any fine-tune
+        simulate(tmp_path / "s1", method="ties", parameters={"density": 5})
     assert not (tmp_path / "s1").exists() and not (tmp_path / "s2").exists()
     # an --overwrite run that fails leaves the earlier run as it was
     import importlib

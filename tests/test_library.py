@@ -149,6 +149,25 @@ def test_rm_then_gc_frees_blobs_and_cli_flow(lib, experts, tmp_path):
     assert res.returncode == 1 and "not an expert library" in res.stderr
 
 
+def test_eval_scores_a_library_expert_by_its_ref(lib, experts, monkeypatch):
+    """`moerge eval --adapter library://NAME` scores the stored expert on the base it was made on,
+    exactly as its folder scores."""
+    from typer.testing import CliRunner
+
+    from moerge.api import evaluate
+    from moerge.cli import app
+
+    lib.add(experts["rev"], "r")
+    by_ref = evaluate(adapter="library://r", tasks="reverse", n=6, library=lib.root)
+    by_folder = evaluate(adapter=experts["rev"], tasks="reverse", n=6)
+    assert by_ref.scores == by_folder.scores and by_ref.meta["adapter"] == "library://r@1"
+    monkeypatch.setenv("MOERGE_LIBRARY", str(lib.root))
+    res = CliRunner().invoke(app, ["eval", "--adapter", "library://r@1", "--tasks", "reverse", "--n", "4"])
+    assert res.exit_code == 0 and "library://r@1" in res.output, res.output
+    res = CliRunner().invoke(app, ["eval", "--adapter", "library://nope", "--tasks", "reverse", "--n", "4"])
+    assert res.exit_code == 1 and "nope" in res.output and "Traceback" not in res.output
+
+
 def test_recipes_name_library_experts(lib, experts, tmp_path):
     from safetensors.torch import load_file
 

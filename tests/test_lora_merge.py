@@ -147,7 +147,10 @@ def test_expert_merge_writes_a_peft_lora_with_the_dense_merge_s_logits_and_its_l
     # and it is an expert like any other: the base check and a second merge take it
     res = runner.invoke(app, ["expert", "merge", str(out), str(adapters[0]), "--out", str(tmp_path / "again"),
                               "--method", "ties", "--param", "density=0.5", "--space", "knots", "--rank", "3"])
-    assert res.exit_code == 0, res.output and "rank 3" in res.output
+    assert res.exit_code == 0 and "rank 3" in res.output, res.output
+    # a rank above what the core space holds is said, not silently capped
+    res = runner.invoke(app, ["expert", "merge", *map(str, adapters), "--out", str(tmp_path / "big"), "--rank", "99"])
+    assert res.exit_code == 0 and "rank 99: above the experts' combined rank (10" in res.output, res.output
 
 
 def test_expert_merge_into_a_library_and_from_it(tiny, adapters, tmp_path):

@@ -11,6 +11,7 @@ from rich.table import Table
 from moerge.cli.common import (
     DEVICE_OPT,
     DTYPE_OPT,
+    LIBRARY,
     THREADS_OPT,
     _user_errors,
     out,
@@ -26,7 +27,8 @@ FEWSHOT_OPT = typer.Option(None, "--num-fewshot", min=0, help="--lm-eval: few-sh
 def eval_cmd(
     model_dir: Optional[Path] = typer.Argument(None, help="Model folder (default: with --adapter, the base its "
                                                "expert.json names; else the built-in base)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="An expert folder to apply to the model."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="An expert to apply to the model: a folder, or "
+                                          "library://NAME[@V] (on the library's base it was made on)."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="all (default), experts, heldout, task names, JSONL files "
                                         "of your own, or lm-eval:TASK (an lm-eval task by name or YAML path, scored by "
                                         "its first metric), separated by commas."),
@@ -38,6 +40,7 @@ def eval_cmd(
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
     device: Optional[str] = DEVICE_OPT,
+    library: Optional[Path] = LIBRARY,
 ) -> None:
     """Exact-match accuracy of greedy completions on the test split of each task; or, with --lm-eval,
     every metric of lm-eval's tasks."""
@@ -48,7 +51,7 @@ def eval_cmd(
         if json_file:
             output_file(json_file, "scores (--json)", inputs=(model_dir, adapter, tasks, lm_eval_tasks))
         res = evaluate(model_dir, adapter=adapter, tasks=tasks, n=n, lm_eval=lm_eval_tasks, limit=limit,
-                       num_fewshot=num_fewshot, progress=True)
+                       num_fewshot=num_fewshot, progress=True, library=library)
     show_scores(res, json_file)
 
 

@@ -232,21 +232,34 @@ def expert_rebase(
     to: Optional[int] = typer.Option(None, "--to", help="Target base version N of base@N (default: the latest)."),
     name: Optional[str] = typer.Option(None, "--name", help="Store it under this name (default: its own)."),
     n_eval: int = typer.Option(100, "--n-eval", help="Test prompts to measure how much of its skill survives."),
-    no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure (and so re-fit only with --refit-steps)."),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="Train a carried expert that lost skill further on the "
+                               "new base, from its own weights, on its own data."),
+    refit_steps: Optional[int] = typer.Option(None, "--refit-steps", help="Steps of that re-fit (default: a quarter of "
+                                              "its training steps, at least 20); with --no-eval, re-fit without measuring."),
+    keep: float = typer.Option(0.9, "--keep", help="Re-fit when the carried expert keeps less than this share of its score."),
+    seed: int = typer.Option(0, "--seed"),
     library: Optional[Path] = LIBRARY,
     threads: Optional[int] = THREADS_OPT,
     dtype: Optional[str] = DTYPE_OPT,
 ) -> None:
     """Re-apply an expert made on an older base to a newer one (its adapter factors, or a full fine-tune's
-    delta) and store it as its next version; report its skill before and after."""
+    delta), re-fit it there if it lost skill, and store it as its next version; report its skill before and after."""
     from moerge.fusion import rebase
 
     with _user_errors():
-        res = rebase(_library(library), expert, to=to, name=name, n_eval=n_eval, evaluate=not no_eval)
+        res = rebase(_library(library), expert, to=to, name=name, n_eval=n_eval, evaluate=not no_eval, refit=refit,
+                     refit_steps=refit_steps, keep=keep, seed=seed)
     line = f"stored {res.entry.ref}: {res.source} moved from base@{res.from_version} to base@{res.to_version}"
     if res.before is not None:
         kept = f", {res.retained:.0%} retained" if res.retained is not None else ""
-        line += f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on base@{res.to_version}{kept}"
+        via = f" (carried {res.carried:.1%}, re-fitted {res.refit_steps} steps)" if res.refit_steps else ""
+        line += (f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on "
+                 f"base@{res.to_version}{via}{kept}")
+    elif res.refit_steps:
+        line += f"; re-fitted {res.refit_steps} steps (not measured)"
     elif not no_eval:
         line += " (not measured: its task is not a built-in skill and its card names no JSONL data)"
     out.print(line, highlight=False, markup=False)
+    for note in res.notes:
+        out.print(f"note: {note}", highlight=False, markup=False)

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import MoergeError, MoergeWarning
 from moerge.experts.kinds import LowRank
 from moerge.experts.lowrank import check_plain_lora, core_space, factorize, knots_space, peft_lora, refactor
 
@@ -188,6 +189,11 @@ def merge_lora(experts: list, method: str = DEFAULT_METHOD, params: dict | None 
         merged[target], kept[target] = merge_updates(
             updates, m, shared, {k: [v[i] for i in have] for k, v in per_input.items()},
             space=space, name=target, rank=rank, generator=gen)
+    most = max((sum(experts[i].updates[t].rank for i in range(len(experts)) if t in experts[i].updates)
+                for t in merged), default=0)
+    if rank is not None and space != "full" and rank > most:
+        warnings.warn(f"rank {rank}: above the experts' combined rank ({most}, the most any layer of the {space} space "
+                      "holds); each layer is written at its exact rank instead", MoergeWarning, stacklevel=2)
     config, tensors = peft_lora(experts[0].config, merged)
     return LoraMerge(config, tensors, {t: u.rank for t, u in merged.items()}, kept, method, space,
                      shared | per_input, rank, time.perf_counter() - t0, updates=merged)

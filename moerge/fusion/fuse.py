@@ -115,6 +115,24 @@ def check_method(method: str) -> str:
     return name
 
 
+def fusion_recipe(name: str, refs: list[str], parent, params: dict):
+    """The engine recipe that fuses ``refs`` (the contributions) made on the ``parent`` base folder by
+    ``name``, checked; a value the user gave that the engine refuses is told as the option it came from."""
+    method = registry.get(name)
+    # each contribution counts alike: weight 1/K (the average; task arithmetic then adds the mean delta),
+    # for the methods that take a weight
+    weight = {} if "weight" in params or method.param("weight") is None else {"parameters": {"weight": 1.0 / len(refs)}}
+    recipe = {"merge_method": name, "models": [{"model": r, **weight} for r in refs]}
+    if method.base != "ignored":  # the reference point of the methods that read one (task vectors, slerp, ...);
+        recipe["base_model"] = str(parent)  # one that ignores it (linear, RegMean, Fisher) would take it as an input
+    if params:
+        recipe["parameters"] = params
+    try:
+        return load_recipe(recipe)
+    except MoergeError as e:  # the recipe is ours: point at the option the value came from
+        raise MoergeError(_as_option(str(e), params)) from None
+
+
 def plan_fuse(library, *, method: str = "average", experts: list[str] | None = None, exclude: list[str] | tuple = (),
               parameters: dict | None = None, eval_tasks: str | list[str] | None = None, n_eval: int = 100) -> FusePlan:
     """Check everything and plan the merge of the contributions into the next base (nothing written)."""
@@ -130,26 +148,14 @@ def plan_fuse(library, *, method: str = "average", experts: list[str] | None = N
     excluded = _excluded(list(exclude), base_src.names())
     params = dict(parameters or {})
     refs = [f"library://{e.ref}" for e in entries]
-    # each contribution counts alike: weight 1/K (the average; task arithmetic then adds the mean delta),
-    # for the methods that take a weight
-    uses_weight = registry.get(name).param("weight") is not None
-    weight = {} if "weight" in params or not uses_weight else {"parameters": {"weight": 1.0 / len(refs)}}
-    recipe = {"merge_method": name, "dtype": None, "models": [{"model": r, **weight} for r in refs]}
-    if name != "linear":  # the base is the reference point of every other method (task vectors, slerp, ...)
-        recipe["base_model"] = str(parent.path)
-    recipe = {k: v for k, v in recipe.items() if v is not None}
-    if params:
-        recipe["parameters"] = params
-    try:
-        r = load_recipe(recipe)
-    except MoergeError as e:  # the recipe is ours: point at the option the value came from
-        raise MoergeError(_as_option(str(e), params)) from None
+    r = fusion_recipe(name, refs, parent.path, params)
     models = {}
     for e, ref in zip(entries, refs):
         x = lib.load(e.ref)
         if excluded:
             x.updates = {k: v for k, v in x.updates.items() if k not in set(excluded)}
-        models[ref] = Model(ref, parent.path, ExpertAppliedSource(base_src, x, ref), _read_config(parent.path), None, ref)
+        models[ref] = Model(ref, parent.path, ExpertAppliedSource(base_src, x, ref), _read_config(parent.path), None, ref,
+                            e.card)  # its card names its data: what data-aware methods weigh it by
     try:
         plan = Planner(r, models=models, library=lib.root).build()
     except MoergeError as e:

@@ -6,6 +6,12 @@ are and now apply to the new base; a full fine-tune's delta (its tensors minus t
 to the new base's tensors. The result is stored as the next version of the expert, made on the new
 base. How much of its skill survives is measured, not assumed: when its task is a built-in skill or
 its card names its JSONL data, the expert is scored on that task on the old base and on the new one.
+
+Carried factors often do not survive a fused base (on the real model a title-case expert kept a fifth
+of its skill): the base moved under them. Where the expert's data is at hand, a carried expert that
+keeps less than ``keep`` (90 %) of its score is *re-fitted*: trained further on the new base, from its
+own weights, for a fraction of the steps it was trained for (a quarter by default), and scored again.
+Its task centroids are recorded again on the new base, so task-level routers can route to it.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moerge.errors import MoergeError
-from moerge.experts.card import CARD, read_card
+from moerge.experts.card import CARD, ExpertCard, read_card
+from moerge.experts.embed import with_task_embedding
 from moerge.experts.peft_format import load_expert_folder
 from moerge.io.source import open_source
 from moerge.library import Library
 from moerge.lm.generate import exact_match
 from moerge.tasks import examples, skills
 from moerge.tasks.data import read_jsonl, split_of
-from moerge.train.expert import load_expert
+from moerge.tasks.training_data import split_user_data, training_rows
+from moerge.train.expert import load_expert, refit_expert
 
 
 @dataclass
@@ -34,7 +42,10 @@ class RebaseResult:
     to_version: int
     task: str | None
     before: float | None  # exact match on its task, on the old base
-    after: float | None  # ... on the new base
+    after: float | None  # ... on the new base (after the re-fit, if there was one)
+    carried: float | None = None  # ... on the new base with its factors carried over as they were
+    refit_steps: int = 0  # steps of training on the new base (0: carried as it was)
+    notes: tuple[str, ...] = ()
 
     @property
     def retained(self) -> float | None:
@@ -61,10 +72,38 @@ def _score(base_dir: Path, expert_dir: Path, rows) -> float:
     return exact_match(model, tok, rows)
 
 
+def _train_rows(card: dict, n: int, seed: int) -> tuple[list, str | None]:
+    """(rows to re-fit on, why there are none): the expert's own training data, found from its card."""
+    try:
+        rows = training_rows(ExpertCard(**{k: v for k, v in card.items() if k in ExpertCard.__dataclass_fields__}), n, seed)
+    except MoergeError as e:
+        return [], str(e)
+    except TypeError:
+        return [], "its card is not an expert card of `moerge expert train`"
+    if not str(card.get("data", "")).startswith("moerge:"):
+        rows = split_user_data(rows)[0]  # a user's JSONL: never its held-out rows
+    return rows, None
+
+
+REFIT_KEEP = 0.9  # a carried expert keeping less than this share of its score is re-fitted
+REFIT_SHARE = 4  # ... for 1/REFIT_SHARE of the steps it was trained for (at least REFIT_MIN)
+REFIT_MIN = 20
+
+
 def rebase(library, expert: str | Path, *, to: int | None = None, name: str | None = None, n_eval: int = 100,
-           evaluate: bool = True) -> RebaseResult:
+           evaluate: bool = True, refit: bool = True, refit_steps: int | None = None, keep: float = REFIT_KEEP,
+           seed: int = 0) -> RebaseResult:
     """Store ``expert`` (``NAME[@V]`` of the library, or an adapter folder made on one of its bases) as
-    the next version of ``name`` (default: its own name) made on base@``to`` (default: the latest)."""
+    the next version of ``name`` (default: its own name) made on base@``to`` (default: the latest).
+
+    With ``evaluate``, it is scored on its task on both bases; with ``refit`` as well, a carried expert
+    keeping less than ``keep`` of its score is trained further on the new base from its own weights,
+    ``refit_steps`` steps (default: a quarter of its training steps, at least 20) on its own data, and
+    scored again. ``refit_steps`` given without ``evaluate`` re-fits without measuring first."""
+    if not 0 < keep <= 1:
+        raise MoergeError(f"keep {keep}: give the share of its score a carried expert must keep, in (0, 1]")
+    if refit_steps is not None and refit_steps < 1:
+        raise MoergeError(f"--refit-steps {refit_steps}: give a positive number of steps (or --no-refit)")
     lib = library if isinstance(library, Library) else Library.open(library)
     target = lib.base(to)
     with tempfile.TemporaryDirectory(prefix="moerge-rebase-") as d:
@@ -105,14 +144,29 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
         (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
         task = card.get("task")
         rows = _eval_rows(task, card, n_eval) if evaluate else None
-        before = after = None
+        before = after = carried = None
+        notes, steps = [], 0
         if rows:
             before = _score(old.path, src_dir, rows)
-            after = _score(target.path, new_dir, rows)
+            after = carried = _score(target.path, new_dir, rows)
             new_card["rebased"] |= {"exact_match_before": before, "exact_match_after": after, "test_prompts": len(rows)}
-            (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
+        train_rows, why_not = _train_rows(card, 3000, seed) if refit else ([], None)
+        wanted = refit and (refit_steps is not None if before is None else after < keep * before)
+        if wanted and not train_rows:
+            notes.append(f"not re-fitted: {why_not or 'no training rows'}")
+        elif wanted:
+            steps = refit_steps or max(REFIT_MIN, int(card.get("steps") or 0) // REFIT_SHARE)
+            loss = refit_expert(new_dir, target.path, train_rows, steps=steps, lr=card.get("lr"),
+                                batch_size=int(card.get("batch_size") or 64), seed=seed)
+            new_card["rebased"] |= {"refit_steps": steps, "refit_final_loss": round(loss, 4)}
+            if rows:
+                after = _score(target.path, new_dir, rows)
+                new_card["rebased"] |= {"exact_match_carried": carried, "exact_match_after": after}
+        if train_rows:  # routers find it on the new base
+            new_card, _ = with_task_embedding(new_card, [r.prompt for r in train_rows[:256]], base=target.path)
+        (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
         entry = lib.add(new_dir, name, task=task, source=f"{label} rebased from {old.ref} to {target.ref}")
-    return RebaseResult(entry, label, old.version, target.version, task, before, after)
+    return RebaseResult(entry, label, old.version, target.version, task, before, after, carried, steps, tuple(notes))
 
 
 def _rebase_full(src: Path, dst: Path, lib, old, target) -> None:

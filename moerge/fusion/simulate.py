@@ -28,7 +28,7 @@ from pathlib import Path
 from moerge.errors import MoergeError
 from moerge.eval import evaluate, resolve_tasks
 from moerge.experts.card import ADAPTERS, ALIASES
-from moerge.fusion.fuse import check_method, fuse, rescore
+from moerge.fusion.fuse import check_method, fuse, fusion_recipe, rescore
 from moerge.library import Library
 from moerge.lm import base as base_model
 from moerge.tasks import skills
@@ -124,6 +124,9 @@ def simulate(out_dir: str | Path = "fusion-output", *, rounds: int = 5, contribu
         check_figure(plot_file, "curves (--plot)")
     base_dir = base_model.resolve(base)
     base_model.check_model_folder(base_dir, "base")
+    # the fusion's recipe and --param, checked now rather than after the first round's fine-tunes
+    fusion_recipe(check_method(method), [f"library://contribution{k}" for k in range(contributors)], base_dir,
+                  dict(parameters or {}))
     say = (lambda text: console.print(text, highlight=False, markup=False)) if console is not None else (lambda text: None)
     start = time.perf_counter()
 

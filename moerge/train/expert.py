@@ -266,6 +266,30 @@ def _applied(base_dir: Path, expert_dir: Path) -> Path:
     return out
 
 
+def refit_expert(expert_dir: str | os.PathLike, base: str | os.PathLike, rows, *, steps: int, lr: float | None = None,
+                 batch_size: int = 64, seed: int = 0, device: str | None = None) -> float:
+    """Continue training the expert in ``expert_dir`` (an adapter, or a full fine-tune's model folder) on
+    ``base`` for ``steps`` steps of ``rows``, from its own weights, and save it back in place; the final
+    loss is returned. This is how ``expert rebase`` repairs an expert whose factors no longer fit a
+    fused base: a warm start needs a fraction of the steps training from scratch took."""
+    expert_dir = Path(expert_dir)
+    full = not (expert_dir / "adapter_config.json").is_file()
+    dev = resolve_device(device)
+    if full:  # the rebased fine-tune is the model: float32 masters, as train_expert keeps them
+        model, tok = base_model.load(expert_dir, dtype=torch.float32, device=dev)
+    else:
+        from peft import PeftModel
+
+        model, tok = base_model.load(base, device=dev)
+        model = PeftModel.from_pretrained(model, expert_dir, is_trainable=True)  # adapter weights in float32
+        model.to(model_device(model))
+    kind = "full" if full else (read_card(expert_dir).get("adapter") or "lora")
+    stats = train(model, tok, rows, steps=steps, lr=lr or DEFAULT_LR.get(kind, DEFAULT_LR["lora"]),
+                  batch_size=batch_size, seed=seed)
+    model.save_pretrained(expert_dir)  # over the carried weights, in the caller's scratch folder
+    return stats.final_loss
+
+
 def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | None = None, *,
                  prompts: list[str] | None = None, base: str | os.PathLike | None = None) -> dict:
     """Record task centroids in an expert's card, so task-level routers can route to it without its
