@@ -193,6 +193,12 @@ def test_rebase_refits_an_expert_that_lost_skill(lib, tmp_path):
     if res.refit_steps:
         assert res.entry.card["rebased"]["exact_match_carried"] == res.carried
     assert res.entry.card["rebased"]["exact_match_after"] == res.after
+    # chunks of --refit-steps, each followed by a validation score, until it keeps its share: at most
+    # the expert's own training steps (2 here)
+    res = rebase(lib, "rev@1", name="rev_chunks", n_eval=10, keep=1.0, refit_steps=1)
+    if res.refit_steps:
+        history = res.entry.card["rebased"]["refit_validation"]
+        assert 1 <= res.refit_steps <= 2 and len(history) == res.refit_steps
     # a full fine-tune re-fits as a model
     full = rebase(lib, "up@1", evaluate=False, refit_steps=2)
     assert full.refit_steps == 2 and full.entry.kind == "full"

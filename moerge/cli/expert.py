@@ -235,8 +235,9 @@ def expert_rebase(
     no_eval: bool = typer.Option(False, "--no-eval", help="Do not measure (and so re-fit only with --refit-steps)."),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="Train a carried expert that lost skill further on the "
                                "new base, from its own weights, on its own data."),
-    refit_steps: Optional[int] = typer.Option(None, "--refit-steps", help="Steps of that re-fit (default: a quarter of "
-                                              "its training steps, at least 20); with --no-eval, re-fit without measuring."),
+    refit_steps: Optional[int] = typer.Option(None, "--refit-steps", help="Re-fit this many steps at a time until its "
+                                              "validation score is back, at most its own training steps "
+                                              "(default: a quarter of them, at least 20); with --no-eval, once, unmeasured."),
     keep: float = typer.Option(0.9, "--keep", help="Re-fit when the carried expert keeps less than this share of its score."),
     seed: int = typer.Option(0, "--seed"),
     library: Optional[Path] = LIBRARY,
@@ -252,7 +253,7 @@ def expert_rebase(
                      refit_steps=refit_steps, keep=keep, seed=seed)
     line = f"stored {res.entry.ref}: {res.source} moved from base@{res.from_version} to base@{res.to_version}"
     if res.before is not None:
-        kept = f", {res.retained:.0%} retained" if res.retained is not None else ""
+        kept = f", {res.retained:.1%} retained" if res.retained is not None else ""
         via = f" (carried {res.carried:.1%}, re-fitted {res.refit_steps} steps)" if res.refit_steps else ""
         line += (f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on "
                  f"base@{res.to_version}{via}{kept}")

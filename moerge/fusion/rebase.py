@@ -10,7 +10,8 @@ its card names its JSONL data, the expert is scored on that task on the old base
 Carried factors often do not survive a fused base (on the real model a title-case expert kept a fifth
 of its skill): the base moved under them. Where the expert's data is at hand, a carried expert that
 keeps less than ``keep`` (90 %) of its score is *re-fitted*: trained further on the new base, from its
-own weights, for a fraction of the steps it was trained for (a quarter by default), and scored again.
+own weights, a quarter of the steps it was trained for at a time until its validation score is back
+where it was (at most its own training steps), and scored again.
 Its task centroids are recorded again on the new base, so task-level routers can route to it.
 """
 
@@ -54,15 +55,16 @@ class RebaseResult:
         return self.after / self.before
 
 
-def _eval_rows(task: str | None, card: dict, n: int):
-    """Test rows for the expert's task: a built-in skill, or the held-out rows of its JSONL data."""
+def _eval_rows(task: str | None, card: dict, n: int, split: str = "test"):
+    """Rows of ``split`` for the expert's task: a built-in skill's, or those of its JSONL data (a user's
+    file holds out about one prompt in ten for each of validation and test)."""
     if task and all(t in skills.SKILLS for t in task.split(",")):
         names = task.split(",")
-        return [r for t in names for r in examples(t, "test", max(1, n // len(names)))]
+        return [r for t in names for r in examples(t, split, max(1, n // len(names)))]
     data = card.get("data")
     if data and Path(data).is_file():
-
-        rows = [r for r in read_jsonl(data) if split_of(r.prompt) != "train"]
+        held = [r for r in read_jsonl(data) if split_of(r.prompt) != "train"]
+        rows = [r for r in held if split_of(r.prompt) == split] or held  # too few rows: one held-out set for both
         return rows[:n] or None
     return None
 
@@ -86,7 +88,7 @@ def _train_rows(card: dict, n: int, seed: int) -> tuple[list, str | None]:
 
 
 REFIT_KEEP = 0.9  # a carried expert keeping less than this share of its score is re-fitted
-REFIT_SHARE = 4  # ... for 1/REFIT_SHARE of the steps it was trained for (at least REFIT_MIN)
+REFIT_SHARE = 4  # ... in chunks of 1/REFIT_SHARE of the steps it was trained for (at least REFIT_MIN)
 REFIT_MIN = 20
 
 
@@ -98,8 +100,11 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
 
     With ``evaluate``, it is scored on its task on both bases; with ``refit`` as well, a carried expert
     keeping less than ``keep`` of its score is trained further on the new base from its own weights,
-    ``refit_steps`` steps (default: a quarter of its training steps, at least 20) on its own data, and
-    scored again. ``refit_steps`` given without ``evaluate`` re-fits without measuring first."""
+    on its own data, ``refit_steps`` steps at a time (default: a quarter of its training steps, at
+    least 20) until it has its whole validation score back, for at most as many steps as it was
+    trained for, and scored again. Whether to re-fit is read from the carried expert's test score (the
+    one reported); when to stop, from validation rows, so the score reported was not chosen on.
+    ``refit_steps`` given without ``evaluate`` re-fits that many steps once, without measuring."""
     if not 0 < keep <= 1:
         raise MoergeError(f"keep {keep}: give the share of its score a carried expert must keep, in (0, 1]")
     if refit_steps is not None and refit_steps < 1:
@@ -155,13 +160,31 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
         if wanted and not train_rows:
             notes.append(f"not re-fitted: {why_not or 'no training rows'}")
         elif wanted:
-            steps = refit_steps or max(REFIT_MIN, int(card.get("steps") or 0) // REFIT_SHARE)
-            loss = refit_expert(new_dir, target.path, train_rows, steps=steps, lr=card.get("lr"),
-                                batch_size=int(card.get("batch_size") or 64), seed=seed)
+            chunk = refit_steps or max(REFIT_MIN, int(card.get("steps") or 0) // REFIT_SHARE)
+            most = max(chunk, int(card.get("steps") or 0)) if rows else chunk
+            val = _eval_rows(task, card, n_eval, "validation") if rows else None
+            goal = _score(old.path, src_dir, val) if val else None  # its whole score back, not just the bar
+            history = []
+            while steps < most:  # each chunk its own warm-up and decay, on fresh batches
+                k = min(chunk, most - steps)
+                loss = refit_expert(new_dir, target.path, train_rows, steps=k, lr=card.get("lr"),
+                                    batch_size=int(card.get("batch_size") or 64), seed=seed + steps)
+                steps += k
+                if goal is None:
+                    break
+                history.append(_score(target.path, new_dir, val))
+                if history[-1] >= goal:
+                    break
             new_card["rebased"] |= {"refit_steps": steps, "refit_final_loss": round(loss, 4)}
+            if history:
+                new_card["rebased"]["refit_validation"] = history
             if rows:
                 after = _score(target.path, new_dir, rows)
                 new_card["rebased"] |= {"exact_match_carried": carried, "exact_match_after": after}
+                if after < keep * before:
+                    why = " (as many as it was trained for)" if steps >= most else ""
+                    notes.append(f"still below {keep:.0%} of its test score after {steps} steps of re-fitting{why}; "
+                                 "re-fit longer (--refit-steps N), or retrain it on the new base")
         if train_rows:  # routers find it on the new base
             new_card, _ = with_task_embedding(new_card, [r.prompt for r in train_rows[:256]], base=target.path)
         (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
