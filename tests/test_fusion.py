@@ -153,6 +153,7 @@ def test_rebase_adapter_and_full_finetune(lib, contribs, tmp_path):
     fuse(lib)
     b1, b2 = weights(base_model.default_base()), weights(lib.base().path)
     res = rebase(lib, "rev", n_eval=10, refit=False)
+    assert res.entry.card["centroid_base"] == lib.base().fingerprint  # routers reach it on the new base
     assert res.entry.ref == "rev@2" and res.entry.base_version == 2 and (res.from_version, res.to_version) == (1, 2)
     assert res.task == "reverse" and 0 <= res.before <= 1 and 0 <= res.after <= 1
     old, new = lib.tensors("rev@1"), lib.tensors("rev@2")  # an adapter's factors carry over unchanged
@@ -217,7 +218,40 @@ def test_rebase_without_data_says_why_it_was_not_refitted(lib, contribs, tmp_pat
     card = json.loads((folder / "expert.json").read_text())
     (folder / "expert.json").write_text(json.dumps(card | {"data": str(tmp_path / "gone.jsonl"), "task": "mine"}))
     res = rebase(lib, folder, evaluate=False, refit_steps=2)
-    assert res.refit_steps == 0 and len(res.notes) == 1 and "not re-fitted" in res.notes[0] and "gone.jsonl" in res.notes[0]
+    assert res.refit_steps == 0 and "not re-fitted" in res.notes[0] and "gone.jsonl" in res.notes[0]
+    assert "no task centroids on base@2" in res.notes[1] and res.entry.card["rebased"]["notes"] == list(res.notes)
+    # measured, it says why it could not be: the data the card names is gone (not "no JSONL data")
+    res = rebase(lib, folder, name="nodata2", n_eval=5)
+    assert res.before is None and res.notes[0].startswith("not measured: its data") and "gone.jsonl" in res.notes[0]
+    with pytest.raises(MoergeError, match="--n-eval 0"):
+        rebase(lib, folder, n_eval=0)
+    with pytest.raises(MoergeError, match="--refit-steps 3 with --no-refit"):
+        rebase(lib, folder, refit=False, refit_steps=3)
+    with pytest.raises(MoergeError, match="no such expert folder"):
+        rebase(lib, tmp_path / "nope")
+
+
+def test_rebase_scores_a_jsonl_expert_on_its_own_data_even_under_a_skill_s_name(lib, tmp_path):
+    """A user's JSONL task named like a built-in skill is scored on the user's rows, and the rebased
+    card and PEFT config name the new base by its absolute path."""
+    from moerge.tasks import examples
+
+    fuse(lib)
+    rows = examples("reverse", "train", 200) + examples("reverse", "test", 60)
+    data = tmp_path / "sort.jsonl"  # named like the built-in `sort`, holding reversals
+    data.write_text("".join(json.dumps({"prompt": r.prompt, "completion": r.completion}) + "\n" for r in rows))
+    train_expert(tmp_path / "mine", base=lib.base(1).path, data=data, steps=2, batch_size=8, progress=False)
+    from moerge.fusion.rebase import _eval_rows
+
+    got, why = _eval_rows("sort", json.loads((tmp_path / "mine" / "expert.json").read_text()), 100)
+    assert why is None and got
+    prompts = {r.prompt for r in rows}
+    assert all(r.prompt in prompts for r in got)  # the user's rows, not the built-in skill's
+    res = rebase(lib, tmp_path / "mine", n_eval=10, refit=False)
+    card = res.entry.card
+    assert card["base"] == str(lib.base().path.absolute()) and card["rebased"]["test_prompts"] == len(got[:10])
+    out = lib.export(res.entry.ref, tmp_path / "exported")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == card["base"]
 
 
 def test_cli_fuse_bases_rebase(lib, tmp_path):
@@ -339,6 +373,8 @@ def test_data_aware_fusion_takes_only_the_contributions(lib, contribs):
 def test_fuse_option_errors_name_the_option(lib):
     with pytest.raises(MoergeError, match=r"^--param density=abc: must be a number"):
         fuse(lib, method="ties", parameters={"density": "abc"})
+    with pytest.raises(MoergeError, match=r"--param alpha: linear does not use it \(it takes weight"):
+        fuse(lib, method="average", parameters={"alpha": 1.5})
     with pytest.raises(MoergeError, match=r"--experts: empty"):
         fuse(lib, experts=[])
     with pytest.raises(MoergeError, match=r"--experts: rev is given twice"):

@@ -236,8 +236,9 @@ def expert_rebase(
     refit: bool = typer.Option(True, "--refit/--no-refit", help="Train a carried expert that lost skill further on the "
                                "new base, from its own weights, on its own data."),
     refit_steps: Optional[int] = typer.Option(None, "--refit-steps", help="Re-fit this many steps at a time until its "
-                                              "validation score is back, at most its own training steps "
-                                              "(default: a quarter of them, at least 20); with --no-eval, once, unmeasured."),
+                                              "validation score is back, for at most its own training steps or N, "
+                                              "whichever is more (default: a quarter of them, at least 20); with "
+                                              "--no-eval, N steps once, unmeasured."),
     keep: float = typer.Option(0.9, "--keep", help="Re-fit when the carried expert keeps less than this share of its score."),
     seed: int = typer.Option(0, "--seed"),
     library: Optional[Path] = LIBRARY,
@@ -255,12 +256,11 @@ def expert_rebase(
     if res.before is not None:
         kept = f", {res.retained:.1%} retained" if res.retained is not None else ""
         via = f" (carried {res.carried:.1%}, re-fitted {res.refit_steps} steps)" if res.refit_steps else ""
+        n = res.entry.card["rebased"].get("test_prompts")
         line += (f"; {res.task}: {res.before:.1%} on base@{res.from_version} -> {res.after:.1%} on "
-                 f"base@{res.to_version}{via}{kept}")
+                 f"base@{res.to_version}{via}{kept} ({n} test prompts)")
     elif res.refit_steps:
         line += f"; re-fitted {res.refit_steps} steps (not measured)"
-    elif not no_eval:
-        line += " (not measured: its task is not a built-in skill and its card names no JSONL data)"
     out.print(line, highlight=False, markup=False)
     for note in res.notes:
         out.print(f"note: {note}", highlight=False, markup=False)

@@ -119,6 +119,11 @@ def fusion_recipe(name: str, refs: list[str], parent, params: dict):
     """The engine recipe that fuses ``refs`` (the contributions) made on the ``parent`` base folder by
     ``name``, checked; a value the user gave that the engine refuses is told as the option it came from."""
     method = registry.get(name)
+    for key in params:  # a recipe only warns of a parameter its method ignores; a fusion writes a base with it
+        if method.param(key) is None:
+            takes = ", ".join(p.name for p in method.params) or "no parameters"
+            raise MoergeError(f"--param {key}: {name} does not use it (it takes {takes}); a fusion with it would "
+                              "write a base that ignores it")
     # each contribution counts alike: weight 1/K (the average; task arithmetic then adds the mean delta),
     # for the methods that take a weight
     weight = {} if "weight" in params or method.param("weight") is None else {"parameters": {"weight": 1.0 / len(refs)}}

@@ -55,18 +55,21 @@ class RebaseResult:
         return self.after / self.before
 
 
-def _eval_rows(task: str | None, card: dict, n: int, split: str = "test"):
-    """Rows of ``split`` for the expert's task: a built-in skill's, or those of its JSONL data (a user's
-    file holds out about one prompt in ten for each of validation and test)."""
-    if task and all(t in skills.SKILLS for t in task.split(",")):
-        names = task.split(",")
-        return [r for t in names for r in examples(t, split, max(1, n // len(names)))]
-    data = card.get("data")
-    if data and Path(data).is_file():
+def _eval_rows(task: str | None, card: dict, n: int, split: str = "test") -> tuple[list | None, str | None]:
+    """(rows of ``split`` for the expert's task, why there are none): those of the JSONL data its card
+    names (a user's file holds out about one prompt in ten for each of validation and test), else a
+    built-in skill's. The card's own data comes first: a user's task may share a built-in skill's name."""
+    data = str(card.get("data") or "")
+    if data and not data.startswith("moerge:"):
+        if not Path(data).is_file():
+            return None, f"its data {data} is not here"
         held = [r for r in read_jsonl(data) if split_of(r.prompt) != "train"]
         rows = [r for r in held if split_of(r.prompt) == split] or held  # too few rows: one held-out set for both
-        return rows[:n] or None
-    return None
+        return rows[:n] or None, None if rows else f"{data} holds out no rows to score it on"
+    if task and all(t in skills.SKILLS for t in task.split(",")):
+        names = task.split(",")
+        return [r for t in names for r in examples(t, split, max(1, n // len(names)))], None
+    return None, "its task is not a built-in skill and its card names no JSONL data"
 
 
 def _score(base_dir: Path, expert_dir: Path, rows) -> float:
@@ -106,13 +109,21 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
     one reported); when to stop, from validation rows, so the score reported was not chosen on.
     ``refit_steps`` given without ``evaluate`` re-fits that many steps once, without measuring."""
     if not 0 < keep <= 1:
-        raise MoergeError(f"keep {keep}: give the share of its score a carried expert must keep, in (0, 1]")
+        raise MoergeError(f"--keep {keep:g}: give the share of its score a carried expert must keep, in (0, 1] "
+                          "(or --no-refit)")
     if refit_steps is not None and refit_steps < 1:
         raise MoergeError(f"--refit-steps {refit_steps}: give a positive number of steps (or --no-refit)")
+    if refit_steps is not None and not refit:
+        raise MoergeError(f"--refit-steps {refit_steps} with --no-refit: give one or the other")
+    if evaluate and n_eval < 1:
+        raise MoergeError(f"--n-eval {n_eval}: give at least 1 test prompt (or --no-eval)")
     lib = library if isinstance(library, Library) else Library.open(library)
     target = lib.base(to)
     with tempfile.TemporaryDirectory(prefix="moerge-rebase-") as d:
         folder = Path(expert)
+        if not str(expert).startswith("library://") and not folder.is_dir() and ("/" in str(expert) or folder.exists()):
+            raise MoergeError(f"{expert}: no such expert folder (give a folder made on one of {lib.root}'s bases, or "
+                              "a library expert's NAME[@V])")
         if folder.is_dir():  # an adapter folder made on one of the library's bases
             card = read_card(folder)
             made_on = card.get("base_fingerprint")
@@ -135,12 +146,17 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
         new_dir.mkdir()
         if kind == "full":
             _rebase_full(src_dir, new_dir, lib, old, target)
-        else:  # adapter factors apply as they are: only the card's base changes
+        else:  # adapter factors apply as they are: only the base they name changes (card and PEFT config)
             for f in src_dir.iterdir():
                 if f.is_file() and f.name != CARD:
                     (new_dir / f.name).write_bytes(f.read_bytes())
+            config = new_dir / "adapter_config.json"
+            if config.is_file():
+                cfg = json.loads(config.read_text())
+                cfg["base_model_name_or_path"] = str(target.path.absolute())
+                config.write_text(json.dumps(cfg, indent=2) + "\n")
         lineage = dict(card.get("rebased") or {})
-        new_card = dict(card) | {"base": str(target.path), "base_fingerprint": target.fingerprint,
+        new_card = dict(card) | {"base": str(target.path.absolute()), "base_fingerprint": target.fingerprint,
                                  "rebased": {"from": label, "from_base": old.ref, "to_base": target.ref,
                                              "earlier": lineage or None}}
         # computed on the old base, or validated there: not true of the rebased expert
@@ -148,21 +164,23 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
             new_card.pop(k, None)
         (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
         task = card.get("task")
-        rows = _eval_rows(task, card, n_eval) if evaluate else None
-        before = after = carried = None
         notes, steps = [], 0
+        rows, unmeasured = _eval_rows(task, card, n_eval) if evaluate else (None, None)
+        if unmeasured:
+            notes.append(f"not measured: {unmeasured}")
+        before = after = carried = None
         if rows:
             before = _score(old.path, src_dir, rows)
             after = carried = _score(target.path, new_dir, rows)
             new_card["rebased"] |= {"exact_match_before": before, "exact_match_after": after, "test_prompts": len(rows)}
-        train_rows, why_not = _train_rows(card, 3000, seed) if refit else ([], None)
+        train_rows, why_not = _train_rows(card, 3000, seed)  # to re-fit on, and its prompts for the centroids
         wanted = refit and (refit_steps is not None if before is None else after < keep * before)
         if wanted and not train_rows:
             notes.append(f"not re-fitted: {why_not or 'no training rows'}")
         elif wanted:
             chunk = refit_steps or max(REFIT_MIN, int(card.get("steps") or 0) // REFIT_SHARE)
             most = max(chunk, int(card.get("steps") or 0)) if rows else chunk
-            val = _eval_rows(task, card, n_eval, "validation") if rows else None
+            val = _eval_rows(task, card, n_eval, "validation")[0] if rows else None
             goal = _score(old.path, src_dir, val) if val else None  # its whole score back, not just the bar
             history = []
             while steps < most:  # each chunk its own warm-up and decay, on fresh batches
@@ -176,8 +194,8 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
                 if history[-1] >= goal:
                     break
             new_card["rebased"] |= {"refit_steps": steps, "refit_final_loss": round(loss, 4)}
-            if history:
-                new_card["rebased"]["refit_validation"] = history
+            if history:  # the validation scores after each chunk, and the old base's it aimed at
+                new_card["rebased"] |= {"refit_validation": history, "refit_goal_validation": goal}
             if rows:
                 after = _score(target.path, new_dir, rows)
                 new_card["rebased"] |= {"exact_match_carried": carried, "exact_match_after": after}
@@ -187,6 +205,12 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
                                  "re-fit longer (--refit-steps N), or retrain it on the new base")
         if train_rows:  # routers find it on the new base
             new_card, _ = with_task_embedding(new_card, [r.prompt for r in train_rows[:256]], base=target.path)
+        else:
+            notes.append(f"no task centroids on {target.ref} ({why_not}); task-level routers cannot route to it until "
+                         f"they are recorded: moerge library export {name} DIR, moerge expert embed DIR --prompts FILE "
+                         f"--base {target.path}, then add DIR back")
+        if notes:
+            new_card["rebased"]["notes"] = notes
         (new_dir / CARD).write_text(json.dumps(new_card, indent=2) + "\n")
         entry = lib.add(new_dir, name, task=task, source=f"{label} rebased from {old.ref} to {target.ref}")
     return RebaseResult(entry, label, old.version, target.version, task, before, after, carried, steps, tuple(notes))

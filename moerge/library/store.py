@@ -157,7 +157,8 @@ def library_origin(card: dict) -> tuple[str, str] | None:
     lineage = card.get("lineage")
     if "gates_path" in card or "@" not in name or not isinstance(lineage, dict):
         return None
-    return name.partition("@")[0], lineage.get("source") or "DIR"
+    source = lineage.get("source")  # a rebased expert's is a description, and a folder may be gone since
+    return name.partition("@")[0], source if source and Path(source).is_dir() else "DIR"
 
 
 def check_name(name: str) -> str:
@@ -220,7 +221,8 @@ class Library:
         self.root = Path(root)
         meta = self.root / "library.json"
         if not meta.is_file():
-            raise MoergeError(f"{self.root}: not an expert library (no library.json); create one with `moerge library init`")
+            raise MoergeError(f"{self.root}: not an expert library (no library.json); name one with --library DIR (or "
+                              "$MOERGE_LIBRARY), or create one with `moerge library init`")
         self.meta = json.loads(meta.read_text())
         self.blobs = self.root / "blobs"
         self.tmp = self.root / "tmp"

@@ -24,7 +24,8 @@ def _no_centroids(card: dict, embedder: str | None) -> str:
     origin = library_origin(card)
     if origin:
         lib_name, src = origin
-        return (f"expert {name} has {what} in its library card; re-add it with its task's prompts: `moerge library add {src} "
+        export = f"`moerge library export {name} DIR`, then " if src == "DIR" else ""
+        return (f"expert {name} has {what} in its library card; re-add it with its task's prompts: {export}`moerge library add {src} "
                 f"--name {lib_name} --prompts FILE{emb}`, or `moerge expert embed {src} --prompts FILE{emb}` then "
                 f"`moerge library add {src} --name {lib_name}`")
     folder = Path(card["gates_path"]).parent if card.get("gates_path") else "EXPERT_DIR"
