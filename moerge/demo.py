@@ -65,15 +65,17 @@ FEW_SHOT = [("lorahub", None)]
 # each expert on its own skill only (its interference shows in the merges; scoring all ten columns cost
 # as much as training it), validates on 20 prompts per skill (the card's number; 100 took as long as
 # the scoring), and gives the skill it learns slowest (sort_words) three times the steps. Its Fisher
-# takes 32 examples per expert, RegMean 64: the Fisher runs a whole-model backward per example (at 64,
-# 3.4 of a 19-minute demo), RegMean's statistics are batched forwards layer by layer.
+# takes 16 examples per expert, RegMean 64: the Fisher runs a whole-model backward per example (at 64,
+# 3.4 of a 19-minute demo; at 32, 2.4 of a 21.6-minute one), RegMean's statistics are batched forwards
+# layer by layer. LoraHub's few-shot search takes 24 loss evaluations per task instead of 40 (at 40 it
+# took 2.5 of those 21.6 minutes): the demo's 20-minute budget on two cores.
 SETTINGS = {
     "tiny": {"steps": (90, 200), "n_eval": (100, 200), "gate_steps": (15, 100), "batch_size": 64, "lr": None,
              "multitask": (1, 3), "expert_scores": "all", "extra_steps": {}, "task_arithmetic": 1.0, "n_val": 100,
-             "stats_examples": (64, 256), "fisher_examples": (64, 256)},
+             "stats_examples": (64, 256), "fisher_examples": (64, 256), "lorahub_budget": 40},
     "real": {"steps": (40, 40), "n_eval": (20, 30), "gate_steps": (10, 10), "batch_size": 8, "lr": 2e-3,
              "multitask": (2, 3), "expert_scores": "own", "extra_steps": {"sort_words": 3}, "task_arithmetic": 0.4,
-             "n_val": 20, "stats_examples": (32, 64), "fisher_examples": (32, 32)},
+             "n_val": 20, "stats_examples": (32, 64), "fisher_examples": (16, 16), "lorahub_budget": 24},
 }
 
 
@@ -200,6 +202,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
         phase(f"routing with {router}, scoring the routed model")
         t0 = time.perf_counter()
         routed = load_routed(router, experts=list(experts.values()), base=base_dir, top_k=top_k)
+        if router == "lorahub":  # loss evaluations of its few-shot search per task (the real model's are costly)
+            routed.router.budget = cfg["lorahub_budget"]
         scores, routing[router] = evaluate_routed(routed, columns, n=n_eval)
         add_row("oracle" if router == "oracle" else f"route:{router}", scores, time.perf_counter() - t0)
     if note:
@@ -211,7 +215,8 @@ def run_demo(out_dir: str | Path = "demo-output", *, quick: bool = False, json_f
                           "gate_steps": gate_steps, "batch_size": batch, "lr": lr,
                           "extra_steps": cfg["extra_steps"], "expert_scores": cfg["expert_scores"],
                           "task_arithmetic_weight": cfg["task_arithmetic"], "stats_examples": cfg["stats_examples"][pick],
-                          "fisher_examples": cfg["fisher_examples"][pick], "lora_merges": LORA_MERGES}}
+                          "fisher_examples": cfg["fisher_examples"][pick], "lorahub_budget": cfg["lorahub_budget"],
+                          "lora_merges": LORA_MERGES}}
     _print(console, board)
     if json_file:
         write_json(json_file, board)
