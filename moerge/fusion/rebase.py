@@ -182,17 +182,15 @@ def rebase(library, expert: str | Path, *, to: int | None = None, name: str | No
             most = max(chunk, int(card.get("steps") or 0)) if rows else chunk
             val = _eval_rows(task, card, n_eval, "validation")[0] if rows else None
             goal = _score(old.path, src_dir, val) if val else None  # its whole score back, not just the bar
-            history = []
-            while steps < most:  # each chunk its own warm-up and decay, on fresh batches
-                k = min(chunk, most - steps)
-                loss = refit_expert(new_dir, target.path, train_rows, steps=k, lr=card.get("lr"),
-                                    batch_size=int(card.get("batch_size") or 64), seed=seed + steps)
-                steps += k
-                if goal is None:
-                    break
-                history.append(_score(target.path, new_dir, val))
-                if history[-1] >= goal:
-                    break
+            history: list[float] = []
+
+            def back(model, tok) -> bool:  # its validation score after each chunk, in the model as trained
+                history.append(exact_match(model, tok, val))
+                return history[-1] >= goal
+
+            steps, loss = refit_expert(new_dir, target.path, train_rows, steps=chunk, most=most,
+                                       stop=back if goal is not None else None, lr=card.get("lr"),
+                                       batch_size=int(card.get("batch_size") or 64), seed=seed)
             new_card["rebased"] |= {"refit_steps": steps, "refit_final_loss": round(loss, 4)}
             if history:  # the validation scores after each chunk, and the old base's it aimed at
                 new_card["rebased"] |= {"refit_validation": history, "refit_goal_validation": goal}

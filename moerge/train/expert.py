@@ -266,12 +266,15 @@ def _applied(base_dir: Path, expert_dir: Path) -> Path:
     return out
 
 
-def refit_expert(expert_dir: str | os.PathLike, base: str | os.PathLike, rows, *, steps: int, lr: float | None = None,
-                 batch_size: int = 64, seed: int = 0, device: str | None = None) -> float:
+def refit_expert(expert_dir: str | os.PathLike, base: str | os.PathLike, rows, *, steps: int, most: int | None = None,
+                 stop=None, lr: float | None = None, batch_size: int = 64, seed: int = 0,
+                 device: str | None = None) -> tuple[int, float]:
     """Continue training the expert in ``expert_dir`` (an adapter, or a full fine-tune's model folder) on
-    ``base`` for ``steps`` steps of ``rows``, from its own weights, and save it back in place; the final
-    loss is returned. This is how ``expert rebase`` repairs an expert whose factors no longer fit a
-    fused base: a warm start needs a fraction of the steps training from scratch took."""
+    ``base`` from its own weights, ``steps`` steps of ``rows`` at a time (each chunk its own warm-up and
+    decay, on fresh batches) until ``stop(model, tokenizer)`` says so or ``most`` steps (default:
+    ``steps``) are done; save it back in place once. Returns (steps done, final loss). This is how
+    ``expert rebase`` repairs an expert whose factors no longer fit a fused base: a warm start needs a
+    fraction of the steps training from scratch took."""
     expert_dir = Path(expert_dir)
     full = not (expert_dir / "adapter_config.json").is_file()
     dev = resolve_device(device)
@@ -284,10 +287,16 @@ def refit_expert(expert_dir: str | os.PathLike, base: str | os.PathLike, rows, *
         model = PeftModel.from_pretrained(model, expert_dir, is_trainable=True)  # adapter weights in float32
         model.to(model_device(model))
     kind = "full" if full else (read_card(expert_dir).get("adapter") or "lora")
-    stats = train(model, tok, rows, steps=steps, lr=lr or DEFAULT_LR.get(kind, DEFAULT_LR["lora"]),
-                  batch_size=batch_size, seed=seed)
+    done, most = 0, most or steps
+    while done < most:
+        k = min(steps, most - done)
+        stats = train(model, tok, rows, steps=k, lr=lr or DEFAULT_LR.get(kind, DEFAULT_LR["lora"]),
+                      batch_size=batch_size, seed=seed + done)
+        done += k
+        if stop is None or stop(model, tok):  # train() leaves the model in eval mode: stop may generate
+            break
     model.save_pretrained(expert_dir)  # over the carried weights, in the caller's scratch folder
-    return stats.final_loss
+    return done, stats.final_loss
 
 
 def embed_expert(expert_dir: str | os.PathLike, embedder: str | os.PathLike | None = None, *,
